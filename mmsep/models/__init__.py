@@ -1,0 +1,52 @@
+"""PyTorch definitions of every network MMAudioSep uses, and their loaders.
+
+Names are resolved lazily so that ``import mmsep.models`` stays cheap and a missing optional
+dependency (open_clip for CLIP) only matters to the code that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    # flow network, presets, checkpoints
+    "build": "flow",
+    "FlowConfig": "flow",
+    "FLOW_PRESETS": "flow",
+    "MMAudioFlow": "flow",
+    "load_flow": "checkpoint",
+    "detect_flow_config": "checkpoint",
+    "convert_to_separation": "checkpoint",
+    "sample": "sampler",
+    "randomize_": "randomize",
+    "CheckpointError": "io",
+    # audio
+    "MelSpectrogram": "mel",
+    "load_vae": "vae",
+    "build_vae": "vae",
+    "load_vocoder": "bigvgan",
+    "build_vocoder": "bigvgan",
+    # feature encoders
+    "load_clip": "clip",
+    "build_clip": "clip",
+    "load_synchformer": "synchformer",
+    "build_synchformer": "synchformer",
+    # geometry
+    "sequence_lengths": "presets",
+    "AUDIO_MODES": "presets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmsep.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,103 @@
+"""Reading weight files: one place for unwrapping, prefix stripping and clear errors."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+# Keys under which training scripts and releases nest the actual state dict.
+WRAPPER_KEYS = ("ema", "weights", "model", "state_dict", "generator", "module", "net", "params")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used; the message names the file and what is wrong."""
+
+
+def read_state_dict(path: str | os.PathLike, *, what: str = "checkpoint",
+                    wrapper_keys: Iterable[str] = WRAPPER_KEYS) -> dict[str, torch.Tensor]:
+    """Load a tensor dictionary from a .pth/.pt/.ckpt/.bin or .safetensors file.
+
+    Descends through the usual wrappers, strips ``module.`` / ``_orig_mod.`` prefixes and drops
+    non-tensor entries. Raises CheckpointError naming the file for anything unusable.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: {what} not found")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: expected a {what} file, found a directory")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
+            AttributeError, ImportError, TypeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a readable {what} (truncated or not a PyTorch/safetensors file: "
+            f"{detail[:200]})") from exc
+    state = unwrap_state_dict(obj, wrapper_keys)
+    if not state:
+        raise CheckpointError(f"{path}: no tensors found; this is not a {what}")
+    return state
+
+
+def unwrap_state_dict(obj, wrapper_keys: Iterable[str] = WRAPPER_KEYS) -> dict[str, torch.Tensor]:
+    wrapper_keys = tuple(wrapper_keys)
+    while isinstance(obj, Mapping) and not _mostly_tensors(obj):
+        inner = next((obj[k] for k in wrapper_keys if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        return {}
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor) or not isinstance(key, str):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    changed = True
+        state[key] = value
+    return state
+
+
+def _mostly_tensors(obj: Mapping) -> bool:
+    values = list(obj.values())
+    return bool(values) and sum(isinstance(v, torch.Tensor) for v in values) * 2 > len(values)
+
+
+def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     *, what: str = "checkpoint", limit: int = 8) -> None:
+    """Raise one CheckpointError listing missing, unexpected and misshapen tensors."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+        if keys:
+            more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:limit])}{more}")
+    if problems:
+        raise CheckpointError(f"{os.fspath(path)}: does not match the {what}: " + "; ".join(problems))
+
+
+def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                 *, what: str = "checkpoint") -> nn.Module:
+    """Strictly load ``state`` into ``module`` after checking it, with dtypes cast to the module's."""
+    check_state_dict(module, state, path, what=what)
+    module.load_state_dict(dict(state), strict=True)
+    return module

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec(Path("mmsep/__init__.py").read_text().split("\n\n", 1)[1], version)
+
+setup(
+    name="mmsep",
+    version=version["__version__"],
+    description="Deployment package for MMAudioSep: video/text-queried sound separation "
+                "with ONNX Runtime and TensorRT",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mmsep", "mmsep.*"]),
+    package_data={"mmsep.runtime": ["data/*"]},
+    # The runtime needs no torch.
+    install_requires=[
+        "numpy>=1.24",
+        "click>=8.0",
+        "tqdm>=4.60",
+        "regex>=2022.1",
+        "ftfy>=6.0",
+    ],
+    extras_require={
+        # Exporting needs the PyTorch definitions. On CPU-only machines install the pinned torch
+        # first (README) so that pip does not pull a multi-GB CUDA build to satisfy this range.
+        "export": [
+            "torch>=2.4",
+            "open_clip_torch>=2.24",
+            "safetensors>=0.4",
+            "onnx>=1.16",
+            "onnxscript>=0.1",
+            "onnxruntime>=1.18",
+        ],
+        "test": [
+            "pytest>=7",
+            "av>=12",
+            "soundfile>=0.12",
+        ],
+    },
+)
