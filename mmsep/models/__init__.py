@@ -31,6 +31,10 @@ _EXPORTS = {
     "build_clip": "clip",
     "load_synchformer": "synchformer",
     "build_synchformer": "synchformer",
+    # everything of one deployment
+    "Components": "components",
+    "build_components": "components",
+    "load_components": "components",
     # geometry
     "sequence_lengths": "presets",
     "AUDIO_MODES": "presets",

@@ -1,0 +1,145 @@
+"""Every network of one MMAudioSep deployment, loaded from disk or built at random (tiny preset).
+
+Default file names follow the public MMAudio release layout under a weights directory:
+
+    weights/mmaudio_<variant>.pth                  flow network (or a fine-tuned ft.pt, passed as flow=)
+    ext_weights/v1-44.pth, ext_weights/v1-16.pth   mel VAEs
+    ext_weights/synchformer_state_dict.pth         Synchformer
+    ext_weights/DFN5B-CLIP-ViT-H-14-384/           open_clip weights (open_clip_model.safetensors or
+                                                   open_clip_pytorch_model.bin)
+    ext_weights/bigvgan_v2_44khz_128band_512x/     BigVGAN v2 (config.json + bigvgan_generator.pt)
+
+Every path can be given explicitly instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .io import CheckpointError
+
+VAE_FILES = {"16k": "ext_weights/v1-16.pth", "44k": "ext_weights/v1-44.pth"}
+SYNCHFORMER_FILE = "ext_weights/synchformer_state_dict.pth"
+CLIP_DIR = "ext_weights/DFN5B-CLIP-ViT-H-14-384"
+CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+VOCODER_DIR = "ext_weights/bigvgan_v2_44khz_128band_512x"
+
+
+@dataclass
+class Components:
+    """The networks of one deployment, all in eval mode on the CPU."""
+
+    flow: nn.Module
+    vae: nn.Module
+    mel: nn.Module
+    vocoder: nn.Module
+    clip: nn.Module
+    synchformer: nn.Module
+    sources: dict[str, str]  # component name -> file it came from ("random:<seed>" when built)
+
+    @property
+    def config(self):
+        return self.flow.config
+
+
+def build_components(preset: str = "tiny", *, separation: bool = True, duration: float = 8.0,
+                     seed: int = 0) -> Components:
+    """Random-weight components; every weight is randomised (none left at upstream zero-init)."""
+    from .bigvgan import build_vocoder
+    from .clip import build_clip
+    from .flow import build
+    from .mel import MelSpectrogram
+    from .randomize import randomize_
+    from .synchformer import build_synchformer
+    from .vae import build_vae
+
+    flow = build(preset, separation=separation, duration=duration, seed=seed)
+    mode = flow.config.mode
+    if mode != "44k":
+        raise ValueError(f"preset {preset!r} is a {mode} model; random companions are built only "
+                         "for 44.1 kHz presets (the 16 kHz BigVGAN v1 vocoder is not supported)")
+    tiny = flow.config.name == "tiny"
+    parts = {
+        "vae": build_vae(mode, tiny=tiny),
+        "vocoder": build_vocoder(tiny=tiny),
+        "clip": build_clip(tiny=tiny),
+        "synchformer": build_synchformer(tiny=tiny),
+    }
+    for offset, module in enumerate(parts.values(), start=1):
+        randomize_(module, seed=seed + offset)
+        module.eval()
+    return Components(flow=flow.eval(), mel=MelSpectrogram(mode).eval(), **parts,
+                      sources={name: f"random:{seed}" for name in ("flow", *parts)})
+
+
+def load_components(weights_dir: str | os.PathLike | None = None, *,
+                    flow: str | os.PathLike | None = None, variant: str | None = None,
+                    vae: str | os.PathLike | None = None,
+                    vocoder: str | os.PathLike | None = None,
+                    clip: str | os.PathLike | None = None,
+                    synchformer: str | os.PathLike | None = None,
+                    duration: float = 8.0) -> Components:
+    """Load every component from disk.
+
+    ``flow`` is the (fine-tuned) flow checkpoint; without it, ``weights/mmaudio_<variant>.pth``
+    under ``weights_dir``. Companions default to the release layout under ``weights_dir``.
+    A file that is not there raises CheckpointError with the exact path that was looked for.
+    """
+    from .bigvgan import load_vocoder
+    from .checkpoint import load_flow
+    from .clip import load_clip
+    from .mel import MelSpectrogram
+    from .synchformer import load_synchformer
+    from .vae import load_vae
+
+    root = Path(weights_dir) if weights_dir is not None else None
+
+    def default(given, relative: str, what: str) -> Path:
+        if given is not None:
+            return Path(given)
+        if root is None:
+            raise CheckpointError(f"no {what} given: pass its path or a weights directory")
+        return root / relative
+
+    if flow is None and variant is None:
+        raise CheckpointError("no flow checkpoint given: pass flow=<ft.pt> or variant=<name>")
+    flow_path = default(flow, f"weights/mmaudio_{variant}.pth", "flow checkpoint")
+    net = load_flow(flow_path, duration=duration)
+    mode = net.config.mode
+    if mode != "44k":
+        raise CheckpointError(f"{flow_path}: a {mode} model; only 44.1 kHz deployments are "
+                              "supported (the 16 kHz BigVGAN v1 vocoder is not implemented)")
+
+    vae_path = default(vae, VAE_FILES[mode], "VAE checkpoint")
+    sync_path = default(synchformer, SYNCHFORMER_FILE, "Synchformer checkpoint")
+    vocoder_path = default(vocoder, VOCODER_DIR, "BigVGAN v2 directory")
+    clip_path = _clip_file(default(clip, CLIP_DIR, "CLIP weights"))
+    for path, what in ((vae_path, "VAE checkpoint"), (sync_path, "Synchformer checkpoint"),
+                       (vocoder_path, "BigVGAN v2 directory")):
+        if not path.exists():
+            raise CheckpointError(f"{path}: {what} not found")
+
+    parts = {
+        "vae": load_vae(vae_path, mode=mode),
+        "vocoder": load_vocoder(vocoder_path),
+        "clip": load_clip(clip_path),
+        "synchformer": load_synchformer(sync_path),
+    }
+    sources = {"flow": str(flow_path), "vae": str(vae_path), "vocoder": str(vocoder_path),
+               "clip": str(clip_path), "synchformer": str(sync_path)}
+    return Components(flow=net, mel=MelSpectrogram(mode).eval(), **parts, sources=sources)
+
+
+def _clip_file(path: Path) -> Path:
+    if not path.is_dir():
+        if not path.exists():
+            raise CheckpointError(f"{path}: CLIP weights not found")
+        return path
+    for name in CLIP_FILES:
+        if (path / name).exists():
+            return path / name
+    raise CheckpointError(f"{path}: CLIP weights not found (looked for {' or '.join(CLIP_FILES)})")
