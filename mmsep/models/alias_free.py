@@ -114,6 +114,8 @@ class UpSample1d(nn.Module):
 
     def __init__(self, channels: int, ratio: int = 2, kernel_size: int = 12):
         super().__init__()
+        if kernel_size <= ratio:
+            raise ValueError(f"upsampling kernel ({kernel_size}) must be longer than ratio {ratio}")
         self.channels = channels
         self.ratio = ratio
         # Replicate-pad the input by ``pad`` frames, then cut the transposed-conv output back to
@@ -128,7 +130,7 @@ class UpSample1d(nn.Module):
         weight = self.filter.expand(self.channels, -1, -1)
         # Zero-stuffing divides the signal's energy by ``ratio``; the gain restores it.
         x = self.ratio * F.conv_transpose1d(x, weight, stride=self.ratio, groups=self.channels)
-        return x[..., self.crop_left:x.shape[-1] - self.crop_right]
+        return x[..., self.crop_left:-self.crop_right]
 
 
 class DownSample1d(nn.Module):

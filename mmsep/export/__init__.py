@@ -1,0 +1,1 @@
+"""torch -> ONNX per stage, graph checks, ONNX Runtime parity, TensorRT engines, manifest."""

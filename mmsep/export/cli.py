@@ -1,0 +1,146 @@
+"""mmsep-export: a fine-tuned MMAudioSep checkpoint (or the tiny preset) -> a model directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..models.io import CheckpointError
+from .errors import ExportError, UsageError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="Fine-tuned MMAudioSep (or MMAudio generation) flow checkpoint, e.g. ft.pt. "
+                   "Its variant is detected from the tensors.")
+@click.option("--preset", default=None,
+              help="Export a preset with random weights instead of a checkpoint "
+                   "(default when no --checkpoint: tiny, the embedded demo model).")
+@click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory laid out like the MMAudio release (ext_weights/v1-44.pth, "
+                   "ext_weights/synchformer_state_dict.pth, ...), for the companion networks.")
+@click.option("--vae", type=click.Path(path_type=Path), help="VAE checkpoint (overrides --weights-dir).")
+@click.option("--vocoder", type=click.Path(path_type=Path),
+              help="BigVGAN v2 directory with config.json + bigvgan_generator.pt.")
+@click.option("--clip", "clip_path", type=click.Path(path_type=Path),
+              help="open_clip DFN5B ViT-H-14-384 weights file (or its directory).")
+@click.option("--synchformer", type=click.Path(path_type=Path), help="Synchformer state dict.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model directory to write (default: models/<preset>).")
+@click.option("--duration", type=click.FloatRange(2.0, 60.0), default=8.0, show_default=True,
+              help="Window length in seconds; fixes the per-window sequence lengths.")
+@click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Largest batch (windows x requests) of the graphs' optimisation profiles.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --preset weights.")
+@click.option("--force", is_flag=True, help="Replace an existing non-mmsep --out directory.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
+def main(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
+         max_batch, seed, force, quiet, as_json):
+    """Export every MMAudioSep stage to ONNX, check it, and write a self-contained model directory."""
+    try:
+        result = _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out,
+                      duration, max_batch, seed, force, quiet or as_json)
+    except (UsageError, CheckpointError) as exc:
+        click.echo(f"mmsep-export: error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except ExportError as exc:
+        click.echo(f"mmsep-export: export failed: {exc}", err=True)
+        sys.exit(EXIT_INTERNAL)
+    except KeyboardInterrupt:
+        click.echo("mmsep-export: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(_summary(result), indent=2))
+    elif not quiet:
+        _print_summary(result)
+
+
+def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
+         max_batch, seed, force, quiet):
+    import torch
+    from tqdm import tqdm
+
+    from ..models.components import build_components, load_components
+    from .exporter import export_model
+    from .manifest import sha256_file
+
+    if checkpoint is not None and preset is not None:
+        raise UsageError("give either --checkpoint or --preset, not both")
+    log = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    torch.set_grad_enabled(False)
+    if checkpoint is None:
+        preset = preset or "tiny"
+        log(f"building preset {preset!r} with random weights (seed {seed})")
+        try:
+            components = build_components(preset, duration=duration, seed=seed)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        sources = {"preset": preset, "seed": seed}
+    else:
+        if not checkpoint.exists():
+            raise UsageError(f"{checkpoint}: checkpoint not found")
+        log(f"loading {checkpoint}")
+        components = load_components(weights_dir, flow=checkpoint, vae=vae, vocoder=vocoder,
+                                     clip=clip_path, synchformer=synchformer, duration=duration)
+        sources = {name: {"path": path, "sha256": sha256_file(_weights_file(Path(path)))}
+                   for name, path in components.sources.items()}
+    out = out or Path("models") / components.config.name
+
+    def stage_progress(names):
+        return tqdm(names, desc="export", unit="stage", disable=quiet, file=sys.stderr)
+
+    return export_model(components, out, max_batch=max_batch, sources=sources, force=force,
+                        stage_progress=stage_progress, log=log)
+
+
+def _weights_file(path: Path) -> Path:
+    """The file whose hash identifies a component (a vocoder is a directory)."""
+    if path.is_dir():
+        candidates = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".bin",
+                                                                       ".safetensors"))
+        return candidates[0] if candidates else path / "config.json"
+    return path
+
+
+def _summary(result) -> dict:
+    m = result.manifest
+    return {"directory": str(result.directory), "unchanged": result.unchanged,
+            "rebuilt": result.rebuilt, "reused": result.reused,
+            "stages": {name: {"rel_l2": s["parity"]["onnxruntime"]["rel_l2"],
+                              "bytes": sum(f["bytes"] for f in s["files"].values())}
+                       for name, s in m["stages"].items()},
+            "tensorrt": m.get("tensorrt")}
+
+
+def _print_summary(result) -> None:
+    m = result.manifest
+    status = "unchanged (nothing to do)" if result.unchanged else \
+        f"{len(result.rebuilt)} stage(s) exported, {len(result.reused)} reused"
+    click.echo(f"\n{result.directory}: {status}")
+    click.echo(f"{'stage':<13}{'size':>10}  {'ORT vs PyTorch (rel L2)':>24}  {'bound':>7}")
+    for name, s in m["stages"].items():
+        size = sum(f["bytes"] for f in s["files"].values())
+        parity = s["parity"]["onnxruntime"]
+        click.echo(f"{name:<13}{_size(size):>10}  {max(parity['rel_l2'].values()):>24.2e}  "
+                   f"{parity['tolerance']:>7.0e}")
+    trt = m.get("tensorrt") or {}
+    if trt.get("status") == "skipped":
+        click.echo(f"TensorRT engines skipped: {trt.get('reason')}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+if __name__ == "__main__":
+    main()

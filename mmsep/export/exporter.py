@@ -1,0 +1,202 @@
+"""Turn a set of components into a self-contained model directory, atomically and incrementally.
+
+Layout of a model directory:
+    manifest.json              contracts, sources, hashes, validation results (mmsep.export.manifest)
+    <stage>.onnx[.data]        one graph per stage (external data for large graphs)
+    <stage>.<precision>.engine TensorRT engines, when built
+    empty_features.npz         the flow network's learned empty clip/sync/text features
+    bpe_simple_vocab_16e6.txt.gz   CLIP tokenizer vocabulary
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.components import Components
+from ..runtime.tokenizer import VOCAB_FILE
+from ..stages import StageSpec
+from . import manifest as mf
+from .errors import UsageError
+from .onnx_graph import OPSET, check_graph, export_onnx
+from .parity import check_onnxruntime
+from .wrappers import geometry, stage_modules, stage_specs
+
+EMPTY_FEATURES = "empty_features.npz"
+DEFAULT_STEPS = 25
+DEFAULT_CFG = 4.5
+DEFAULT_OVERLAP = 1.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: dict
+    rebuilt: list[str]  # stages exported in this run (empty: the run was a no-op)
+    reused: list[str]
+
+    @property
+    def unchanged(self) -> bool:
+        return not self.rebuilt
+
+
+def export_model(components: Components, out: Path, *, max_batch: int = 4,
+                 sources: dict[str, dict] | None = None, force: bool = False,
+                 stage_progress: Callable | None = None, log: Progress = print,
+                 engine_builder: Callable | None = None) -> ExportResult:
+    """Export every stage of ``components`` into ``out``.
+
+    Stages whose content key (contract, weights, opset, exporter versions) matches the manifest
+    already in ``out`` are reused; when nothing changed the directory is left untouched. The new
+    directory is assembled beside ``out`` and moved into place only when complete.
+    """
+    out = Path(out)
+    previous = _existing(out, force)
+    specs = stage_specs(components, max_batch=max_batch)
+    modules = stage_modules(components)
+    _check_disk(out, modules, specs, previous)
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        stages, rebuilt, reused = {}, [], []
+        names = list(specs)
+        iterator = stage_progress(names) if stage_progress else names
+        for name in iterator:
+            record = _export_stage(name, modules[name], specs[name], tmp, previous, log)
+            (reused if record.pop("_reused") else rebuilt).append(name)
+            stages[name] = record
+        extras = _write_extras(components, tmp)
+        manifest = _manifest(components, specs, stages, extras, sources or {}, max_batch)
+        if engine_builder is not None:
+            manifest["tensorrt"] = engine_builder(tmp, manifest, modules, previous)
+        if previous is not None and not rebuilt and manifest.get("tensorrt", {}).get(
+                "rebuilt", []) == [] and _same_payload(previous, manifest):
+            shutil.rmtree(tmp)
+            previous.pop("_dir")
+            return ExportResult(out, previous, [], reused)
+        mf.write_manifest(tmp, manifest)
+        _swap_into_place(tmp, out)
+        return ExportResult(out, manifest, rebuilt, reused)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _existing(out: Path, force: bool) -> dict | None:
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    previous = mf.read_manifest(out)
+    if previous is None:
+        if any(out.iterdir()) and not force:
+            raise UsageError(f"{out}: exists, is not empty and is not an mmsep model directory; "
+                             "choose another --out or pass --force to replace it")
+        return None
+    return {**previous, "_dir": str(out)}
+
+
+def _export_stage(name: str, module: torch.nn.Module, spec: StageSpec, tmp: Path,
+                  previous: dict | None, log: Progress) -> dict:
+    weights = mf.sha256_state(module)
+    key = mf.stage_key(spec, weights, opset=OPSET)
+    old = (previous or {}).get("stages", {}).get(name)
+    if old and old.get("key") == key and _reuse_files(old["files"], tmp, previous["_dir"]):
+        return {**old, "_reused": True}
+    path = tmp / f"{name}.onnx"
+    started = time.perf_counter()
+    export_onnx(module, spec, path)
+    export_s = time.perf_counter() - started
+    graph = check_graph(path, spec)
+    parity = check_onnxruntime(module, spec, path)
+    files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
+                   p.name.startswith(f"{name}.onnx."))
+    log(f"{name}: exported in {export_s:.1f} s, ONNX Runtime rel L2 {parity.worst:.1e}")
+    return {"key": key, "weights_sha256": weights, "spec": spec.to_json(), "files": {
+        f: {"sha256": mf.sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+        "onnx": path.name, "graph": graph, "parity": {"onnxruntime": parity.to_json()},
+        "export_seconds": round(export_s, 2), "_reused": False}
+
+
+def _reuse_files(files: dict, tmp: Path, old_dir: str) -> bool:
+    """Link the previous run's files into ``tmp`` if they are all intact."""
+    for name, meta in files.items():
+        src = Path(old_dir) / name
+        if not src.is_file() or src.stat().st_size != meta["bytes"] \
+                or mf.sha256_file(src) != meta["sha256"]:
+            return False
+    for name in files:
+        try:
+            os.link(Path(old_dir) / name, tmp / name)
+        except OSError:
+            shutil.copy2(Path(old_dir) / name, tmp / name)
+    return True
+
+
+def _write_extras(components: Components, tmp: Path) -> dict:
+    flow = components.flow
+    clip, sync, text = (f[0].detach().float().numpy() for f in flow.empty_conditions(1))
+    np.savez(tmp / EMPTY_FEATURES, clip_features=clip, sync_features=sync, text_features=text)
+    shutil.copyfile(VOCAB_FILE, tmp / VOCAB_FILE.name)
+    return {role: {"file": name, "sha256": mf.sha256_file(tmp / name)}
+            for role, name in (("empty_features", EMPTY_FEATURES), ("tokenizer", VOCAB_FILE.name))}
+
+
+def _manifest(components: Components, specs: dict[str, StageSpec], stages: dict, extras: dict,
+              sources: dict, max_batch: int) -> dict:
+    c = components.flow.config
+    manifest = mf.new_manifest()
+    manifest["model"] = {
+        "preset": c.name, "separation": c.separation, "mode": c.mode,
+        "sample_rate": c.sample_rate, "window_seconds": c.duration,
+        "window_samples": c.lengths.audio_samples, "latent_shape": [c.latent_seq_len, c.latent_dim],
+        "default_steps": DEFAULT_STEPS, "default_cfg": DEFAULT_CFG,
+        "default_overlap_seconds": DEFAULT_OVERLAP, "max_batch": max_batch,
+        "noise": "x0 = numpy.random.default_rng(seed).standard_normal((B, N, C), float32); "
+                 "generation mode draws the noise mixture next from the same generator",
+    }
+    geo = geometry(components)
+    manifest["geometry"] = {k: v for k, v in geo.__dict__.items() if k != "conditioning"}
+    manifest["geometry"]["conditioning"] = [[n, list(s)] for n, s in geo.conditioning]
+    manifest["sources"] = sources
+    manifest["stage_order"] = list(specs)
+    manifest["stages"] = stages
+    manifest["files"] = extras
+    manifest["opset"] = OPSET
+    return manifest
+
+
+def _same_payload(previous: dict, manifest: dict) -> bool:
+    keys = ("model", "geometry", "sources", "stage_order", "files")
+    return all(previous.get(k) == manifest.get(k) for k in keys) and \
+        {n: s["key"] for n, s in previous["stages"].items()} == \
+        {n: s["key"] for n, s in manifest["stages"].items()}
+
+
+def _check_disk(out: Path, modules: dict, specs: dict, previous: dict | None) -> None:
+    needed = sum(p.numel() * 4 for name in specs for p in modules[name].parameters())
+    needed = int(needed * 1.2) + (64 << 20)
+    parent = out.parent if out.parent.exists() else Path.cwd()
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise UsageError(f"{parent}: insufficient disk space for the export: about "
+                         f"{needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""manifest.json: what a model directory holds, where it came from, and how it was checked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..stages import StageSpec
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 22
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_state(module: torch.nn.Module) -> str:
+    """Content hash of a module's parameters and buffers (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def stage_key(spec: StageSpec, weights_sha: str, *, opset: int) -> str:
+    """Content address of one exported graph: contract, weights, opset and exporter versions."""
+    payload = json.dumps({"spec": spec.to_json(), "weights": weights_sha, "opset": opset,
+                          "torch": torch.__version__, "mmsep": __version__}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def environment() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "machine": platform.machine(), "system": platform.system()}
+
+
+def write_manifest(directory: Path, manifest: dict) -> Path:
+    path = directory / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if data.get("format_version") == FORMAT_VERSION else None
+
+
+def new_manifest() -> dict:
+    return {"format_version": FORMAT_VERSION, "package": "mmsep", "package_version": __version__,
+            "environment": environment()}

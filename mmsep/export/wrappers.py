@@ -1,0 +1,175 @@
+"""One explicit export module per stage graph (no patched forwards).
+
+Each wrapper's forward takes the stage's inputs in contract order and returns its outputs in
+contract order (mmsep.stages.build_stage_specs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.components import Components
+from ..models.flow import Conditions, MMAudioFlow
+from ..models.presets import CLIP_IMAGE_SIZE, SYNC_IMAGE_SIZE, SYNC_SEGMENT_FRAMES, \
+    SYNC_TOKENS_PER_SEGMENT
+from ..stages import Geometry, StageSpec, build_stage_specs
+
+
+class ClipImageStage(nn.Module):
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(frames)
+
+
+class ClipTextStage(nn.Module):
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(tokens)
+
+
+class SyncStage(nn.Module):
+    def __init__(self, synchformer: nn.Module):
+        super().__init__()
+        self.synchformer = synchformer
+
+    def forward(self, segments: torch.Tensor) -> torch.Tensor:
+        return self.synchformer(segments)
+
+
+class _LatentStats(nn.Module):
+    """Holds a copy of the flow network's latent statistics (not the whole network)."""
+
+    def __init__(self, flow: MMAudioFlow):
+        super().__init__()
+        self.register_buffer("latent_mean", flow.latent_mean.detach().clone().float())
+        self.register_buffer("latent_std", flow.latent_std.detach().clone().float())
+
+
+class MixEncoderStage(_LatentStats):
+    def __init__(self, mel: nn.Module, vae: nn.Module, flow: MMAudioFlow):
+        super().__init__(flow)
+        self.mel = mel
+        self.vae = vae
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        latent = self.vae.encode_mean(self.mel(waveform)).transpose(1, 2)  # (B, N, C)
+        return (latent - self.latent_mean) / self.latent_std
+
+
+class VaeDecoderStage(_LatentStats):
+    def __init__(self, vae: nn.Module, flow: MMAudioFlow):
+        super().__init__(flow)
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        z = latent * self.latent_std + self.latent_mean
+        return self.vae.decode(z.transpose(1, 2))
+
+
+class VocoderStage(nn.Module):
+    def __init__(self, vocoder: nn.Module):
+        super().__init__()
+        self.vocoder = vocoder
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.vocoder(mel)
+
+
+class ConditionerStage(nn.Module):
+    """Step-invariant conditioning for both CFG branches, stacked [conditional; unconditional].
+
+    The unconditional branch sees the learned empty CLIP/Synchformer features and
+    ``negative_text_features`` (the runtime passes the learned empty text features when there is
+    no negative prompt, so one graph serves both cases).
+    """
+
+    def __init__(self, flow: MMAudioFlow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, clip_features, sync_features, text_features, negative_text_features):
+        batch = clip_features.shape[0]
+        empty_clip, empty_sync, _ = self.flow.empty_conditions(batch)
+        cond = self.flow.prepare_conditions(clip_features, sync_features, text_features)
+        uncond = self.flow.prepare_conditions(empty_clip, empty_sync, negative_text_features)
+        return tuple(torch.cat([c, u], dim=0) for c, u in zip(cond, uncond))
+
+
+class DenoiserStage(nn.Module):
+    """One Euler step x <- x + dt * (cfg * v_cond + (1 - cfg) * v_uncond), one network call.
+
+    Both CFG branches run as one batch of 2B; both see the same mixture latent.
+    """
+
+    def __init__(self, flow: MMAudioFlow):
+        super().__init__()
+        self.flow = flow
+
+    def step(self, x, mix_latent, t, dt, cfg, conditioning: Conditions):
+        mix = None if mix_latent is None else torch.cat([mix_latent, mix_latent], dim=0)
+        v = self.flow.velocity(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), conditioning,
+                               mix)
+        v_cond, v_uncond = v.unflatten(0, (2, -1)).unbind(0)  # chunk() specialises the batch
+        cfg = cfg[:, None, None]
+        return x + dt[:, None, None] * (cfg * v_cond + (1.0 - cfg) * v_uncond)
+
+    def forward(self, x, mix_latent, t, dt, cfg, cond_clip, cond_sync, cond_text, cond_global_c):
+        return self.step(x, mix_latent, t, dt, cfg,
+                         Conditions(cond_clip, cond_sync, cond_text, cond_global_c))
+
+
+class GenerationDenoiserStage(DenoiserStage):
+    """The denoiser of a generation-only network (no mixture input)."""
+
+    def forward(self, x, t, dt, cfg, cond_clip, cond_sync, cond_text, cond_global_c):
+        return self.step(x, None, t, dt, cfg,
+                         Conditions(cond_clip, cond_sync, cond_text, cond_global_c))
+
+
+def geometry(components: Components) -> Geometry:
+    """Stage geometry of a set of components, read off the networks themselves."""
+    flow = components.flow
+    c = flow.config
+    lengths = c.lengths
+    conditioning = (("clip", (c.clip_seq_len, c.hidden_dim)),
+                    ("sync", (c.latent_seq_len, c.hidden_dim)),
+                    ("text", (c.text_seq_len, c.hidden_dim)),
+                    ("global_c", (c.hidden_dim,)))
+    assert tuple(name for name, _ in conditioning) == Conditions._fields
+    return Geometry(
+        sample_rate=c.sample_rate, window_samples=lengths.audio_samples,
+        latent_len=c.latent_seq_len, latent_dim=c.latent_dim, n_mels=c.audio_mode.n_mels,
+        mel_frames=lengths.mel_frames, clip_len=c.clip_seq_len, clip_dim=c.clip_dim,
+        clip_image_size=CLIP_IMAGE_SIZE, sync_segments=lengths.sync_segments,
+        sync_tokens_per_segment=SYNC_TOKENS_PER_SEGMENT,
+        sync_frames_per_segment=SYNC_SEGMENT_FRAMES, sync_dim=c.sync_dim,
+        sync_image_size=SYNC_IMAGE_SIZE, text_len=c.text_seq_len, text_dim=c.text_dim,
+        separation=c.separation, conditioning=conditioning)
+
+
+def stage_modules(components: Components) -> dict[str, nn.Module]:
+    comp = components
+    modules = {
+        "clip_image": ClipImageStage(comp.clip),
+        "clip_text": ClipTextStage(comp.clip),
+        "sync": SyncStage(comp.synchformer),
+        "conditioner": ConditionerStage(comp.flow),
+        "denoiser": (DenoiserStage if comp.flow.config.separation
+                     else GenerationDenoiserStage)(comp.flow),
+        "vae_decoder": VaeDecoderStage(comp.vae, comp.flow),
+        "vocoder": VocoderStage(comp.vocoder),
+    }
+    if comp.flow.config.separation:
+        modules["mix_encoder"] = MixEncoderStage(comp.mel, comp.vae, comp.flow)
+    return modules
+
+
+def stage_specs(components: Components, *, max_batch: int = 4) -> dict[str, StageSpec]:
+    return build_stage_specs(geometry(components), max_batch=max_batch)

@@ -1,0 +1,200 @@
+"""Flow checkpoints: variant detection, strict loading, loader errors, conversion."""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmsep.models.checkpoint import convert_to_separation, detect_flow_config, load_flow
+from mmsep.models.flow import FLOW_PRESETS, build
+from mmsep.models.io import CheckpointError
+from tests.helpers import rel_l2
+
+
+@functools.cache
+def meta_state(preset, separation: bool) -> dict:
+    with torch.device("meta"):
+        return build(preset, separation=separation).state_dict()
+
+
+def inputs(config, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = config
+    return dict(x=torch.randn(batch, c.latent_seq_len, c.latent_dim, generator=g),
+                t=torch.rand(batch, generator=g),
+                clip_f=torch.randn(batch, c.clip_seq_len, c.clip_dim, generator=g),
+                sync_f=torch.randn(batch, c.sync_seq_len, c.sync_dim, generator=g),
+                text_f=torch.randn(batch, c.text_seq_len, c.text_dim, generator=g))
+
+
+def random_mix(config, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, config.latent_seq_len, config.latent_dim, generator=g)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return {sep: build("tiny", separation=sep, seed=int(sep)).eval() for sep in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def saved(nets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    paths = {}
+    for sep, net in nets.items():
+        paths[sep] = root / f"tiny_{'sep' if sep else 'gen'}.pth"
+        torch.save(net.state_dict(), paths[sep])
+    return paths
+
+
+@pytest.mark.parametrize("separation", [False, True])
+@pytest.mark.parametrize("preset", sorted(FLOW_PRESETS))
+def test_detects_every_variant(preset, separation):
+    config = detect_flow_config(meta_state(preset, separation), "x.pth")
+    assert config == dataclasses.replace(FLOW_PRESETS[preset], separation=separation)
+
+
+def test_v1_and_v2_are_told_apart():
+    v1 = detect_flow_config(meta_state("large_44k", True))
+    v2 = detect_flow_config(meta_state("large_44k_v2", True))
+    assert (v1.name, v1.v2, v2.name, v2.v2) == ("large_44k", False, "large_44k_v2", True)
+
+
+def test_unknown_architecture_is_named():
+    odd = dataclasses.replace(FLOW_PRESETS["tiny"], depth=5, fused_depth=2)
+    with torch.device("meta"):
+        state = build(odd).state_dict()
+    with pytest.raises(CheckpointError, match=r"odd\.pth: hidden size 64 / depth 5 .*matches no "
+                                              r"MMAudio variant"):
+        detect_flow_config(state, "odd.pth")
+
+
+def test_bad_first_conv_and_frequency_size_are_named():
+    state = dict(meta_state("tiny", True))
+    state["audio_input_proj.0.weight"] = torch.empty(64, 50, 7, device="meta")
+    with pytest.raises(CheckpointError, match="f.pth: audio_input_proj.0.weight reads 50 channels"):
+        detect_flow_config(state, "f.pth")
+    state = dict(meta_state("tiny", True))
+    state["t_embed.mlp.0.weight"] = torch.empty(64, 256, device="meta")
+    with pytest.raises(CheckpointError, match="t_embed.mlp.0.weight has 256 input frequencies"):
+        detect_flow_config(state, "f.pth")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("separation", [False, True])
+def test_strict_roundtrip(nets, saved, separation):
+    net = nets[separation]
+    loaded = load_flow(saved[separation])
+    assert loaded.config == net.config and not loaded.training
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(loaded.latent_rot, net.latent_rot)
+    assert torch.equal(loaded.t_embed.freqs, net.t_embed.freqs)
+    a = inputs(net.config)
+    mix = random_mix(net.config, 5) if separation else None
+    assert torch.equal(loaded(**a, x_mix=mix), net(**a, x_mix=mix))
+
+
+def test_load_with_duration(saved):
+    net = load_flow(saved[True], duration=5.0)
+    assert net.config.duration == 5.0
+    assert net.latent_rot.shape[0] == net.config.latent_seq_len == 216
+
+
+@torch.no_grad()
+def test_wrappers_prefixes_and_derived_keys(nets, tmp_path):
+    net = nets[True]
+    sd = net.state_dict()
+    a = inputs(net.config)
+    mix = random_mix(net.config, 1)
+    ref = net(**a, x_mix=mix)
+    variants = {
+        "weights.pth": {"weights": sd, "epoch": 3},
+        "ddp.pth": {"model": {"module." + k: v for k, v in sd.items()}, "step": 10},
+        "compiled.pth": {"_orig_mod." + k: v for k, v in sd.items()},
+        # older upstream checkpoints saved the constant tables too
+        "derived.pth": {**sd, "t_embed.freqs": net.t_embed.freqs, "latent_rot": torch.zeros(3)},
+    }
+    for name, obj in variants.items():
+        torch.save(obj, tmp_path / name)
+        loaded = load_flow(tmp_path / name)
+        assert torch.equal(loaded(**a, x_mix=mix), ref), name
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    assert torch.equal(load_flow(tmp_path / "w.safetensors")(**a, x_mix=mix), ref)
+
+
+@pytest.mark.parametrize("content", ["hello", "these are not weights\n"])
+def test_text_file_is_not_a_checkpoint(tmp_path, content):
+    text = tmp_path / "notes.pth"
+    text.write_text(content)
+    with pytest.raises(CheckpointError, match=r"notes\.pth: not a readable"):
+        load_flow(text)
+
+
+def test_missing_and_truncated(saved, tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope\.pth: .*not found"):
+        load_flow(tmp_path / "nope.pth")
+    data = saved[True].read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pth: not a readable"):
+        load_flow(cut)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    ("delete", r"1 missing: joint_blocks\.0\.text_block\.ffn\.w2\.weight"),
+    ("add", r"1 unexpected: joint_blocks\.0\.extra\.weight"),
+    ("misshape", r"1 misshapen: fused_blocks\.0\.attn\.qkv\.bias \(10,\) != \(192,\)"),
+])
+def test_wrong_variant_tensors(nets, tmp_path, edit, pattern):
+    sd = dict(nets[True].state_dict())
+    if edit == "delete":
+        del sd["joint_blocks.0.text_block.ffn.w2.weight"]
+    elif edit == "add":
+        sd["joint_blocks.0.extra.weight"] = torch.zeros(3)
+    else:
+        sd["fused_blocks.0.attn.qkv.bias"] = torch.zeros(10)
+    path = tmp_path / f"{edit}.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=rf"{edit}\.pth: does not match the tiny separation "
+                                              rf"network: {pattern}"):
+        load_flow(path)
+
+
+def test_unrelated_state_dict(tmp_path):
+    path = tmp_path / "linear.pth"
+    torch.save(torch.nn.Linear(3, 4).state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"linear\.pth: not an MMAudio flow checkpoint: no "
+                                              r"tensor 'final_layer\.conv\.weight' \(found 2 "
+                                              r"tensors: weight, bias\)"):
+        load_flow(path)
+
+
+@torch.no_grad()
+def test_conversion_keeps_generation_for_any_mixture(nets):
+    gen = nets[False]
+    sep = convert_to_separation(gen)
+    assert sep.config == dataclasses.replace(gen.config, separation=True) and not sep.training
+    a = inputs(gen.config)
+    ref = gen(**a)
+    for seed in (1, 2):
+        out = sep(**a, x_mix=random_mix(gen.config, seed))
+        # float rounding only: the 80-channel convolution sums in a different order
+        assert rel_l2(out, ref) < 1e-5
+    w = sep.audio_input_proj[0].weight
+    assert torch.equal(w[:, :40], gen.audio_input_proj[0].weight) and not w[:, 40:].any()
+    with pytest.raises(ValueError, match="already a separation network"):
+        convert_to_separation(sep)
+
+
+def test_conversion_of_a_state_dict(nets):
+    sd = nets[False].state_dict()
+    converted = convert_to_separation(sd)
+    assert converted["audio_input_proj.0.weight"].shape == (64, 80, 7)
+    assert detect_flow_config(converted).separation
+    assert all(torch.equal(converted[k], v) for k, v in sd.items()
+               if k != "audio_input_proj.0.weight")
+    with pytest.raises(ValueError, match="already a tiny separation network"):
+        convert_to_separation(converted)
