@@ -22,7 +22,14 @@ setup(
         "tqdm>=4.60",
         "regex>=2022.1",
         "ftfy>=6.0",
+        "onnxruntime>=1.18",  # or onnxruntime-gpu, which provides the same module
+        "av>=12",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "Pillow>=9.1",
     ],
+    entry_points={"console_scripts": ["mmsep-export=mmsep.export.cli:main",
+                                     "mmsep-run=mmsep.runtime.cli:main"]},
     extras_require={
         # Exporting needs the PyTorch definitions. On CPU-only machines install the pinned torch
         # first (README) so that pip does not pull a multi-GB CUDA build to satisfy this range.

@@ -35,6 +35,7 @@ _EXPORTS = {
     "Components": "components",
     "build_components": "components",
     "load_components": "components",
+    "save_components": "components",
     # geometry
     "sequence_lengths": "presets",
     "AUDIO_MODES": "presets",

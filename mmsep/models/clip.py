@@ -146,3 +146,19 @@ def clip_from_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike
     check_state_dict(clip, state, path, what=WHAT + (" (tiny test model)" if tiny else ""))
     clip.load_state_dict(state, strict=True, assign=True)
     return ClipEncoder(clip).float().eval()
+
+
+def release_state_dict(encoder: ClipEncoder, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The encoder's tensors in open_clip's file layout, as ``load_clip`` reads them.
+
+    open_clip files also hold ``text_projection`` and ``logit_scale``, which neither path here
+    uses; they are filled with seeded random values of the right shapes.
+    """
+    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    with torch.device("meta"):
+        reference = _build_open_clip(tiny=encoder.embed_dim == TINY_CONFIG["embed_dim"])
+    gen = torch.Generator().manual_seed(seed)
+    for key, value in reference.state_dict().items():
+        if key not in state:
+            state[key] = torch.randn(value.shape, generator=gen) * 0.02
+    return state

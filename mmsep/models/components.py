@@ -119,11 +119,11 @@ def load_components(weights_dir: str | os.PathLike | None = None, *,
     vae_path = default(vae, VAE_FILES[mode], "VAE checkpoint")
     sync_path = default(synchformer, SYNCHFORMER_FILE, "Synchformer checkpoint")
     vocoder_path = default(vocoder, VOCODER_DIR, "BigVGAN v2 directory")
-    clip_path = _clip_file(default(clip, CLIP_DIR, "CLIP weights"))
     for path, what in ((vae_path, "VAE checkpoint"), (sync_path, "Synchformer checkpoint"),
                        (vocoder_path, "BigVGAN v2 directory")):
         if not path.exists():
             raise CheckpointError(f"{path}: {what} not found")
+    clip_path = _clip_file(default(clip, CLIP_DIR, "CLIP weights"))
 
     parts = {
         "vae": load_vae(vae_path, mode=mode),
@@ -134,6 +134,44 @@ def load_components(weights_dir: str | os.PathLike | None = None, *,
     sources = {"flow": str(flow_path), "vae": str(vae_path), "vocoder": str(vocoder_path),
                "clip": str(clip_path), "synchformer": str(sync_path)}
     return Components(flow=net, mel=MelSpectrogram(mode).eval(), **parts, sources=sources)
+
+
+def save_components(components: Components, weights_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write every component in the public release layout under ``weights_dir``.
+
+    ``load_components(weights_dir, variant=<preset>)`` reads them back. Used to stage random
+    weights for tests and for trying a deployment before the real weights are at hand.
+    """
+    import json
+
+    import torch
+
+    from .clip import release_state_dict
+
+    root = Path(weights_dir)
+    config = components.flow.config
+    paths = {
+        "flow": root / f"weights/mmaudio_{config.name}.pth",
+        "vae": root / VAE_FILES[config.mode],
+        "synchformer": root / SYNCHFORMER_FILE,
+        "clip": root / CLIP_DIR / CLIP_FILES[0],
+        "vocoder": root / VOCODER_DIR,
+    }
+    for path in paths.values():
+        (path if path.suffix == "" else path.parent).mkdir(parents=True, exist_ok=True)
+    torch.save(components.flow.state_dict(), paths["flow"])
+    torch.save(components.vae.state_dict(), paths["vae"])
+    torch.save({f"vfeat_extractor.{k}": v for k, v in components.synchformer.state_dict().items()},
+               paths["synchformer"])
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in release_state_dict(components.clip).items()},
+              str(paths["clip"]))
+    (paths["vocoder"] / "config.json").write_text(
+        json.dumps(components.vocoder.config.to_dict(), indent=2))
+    torch.save({"generator": components.vocoder.state_dict()},
+               paths["vocoder"] / "bigvgan_generator.pt")
+    return paths
 
 
 def _clip_file(path: Path) -> Path:

@@ -32,5 +32,8 @@ def randomize_(module: nn.Module, seed: int = 0, *, scale: float = 1.0) -> nn.Mo
             values *= 0.1
         elif leaf in ("weight", "gamma", "scale", "gain") or leaf.endswith(("_weight", "_gain")):
             values = 1.0 + 0.1 * values
-        param.copy_(values.to(param.dtype))
+        values = values.to(param.dtype)
+        # randn returns an exact zero a few times per billion draws; nudge those off zero
+        values[values == 0] = 1e-3
+        param.copy_(values)
     return module

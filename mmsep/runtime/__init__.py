@@ -12,6 +12,16 @@ import importlib
 _EXPORTS = {
     "tokenize": "tokenizer",
     "ClipTokenizer": "tokenizer",
+    "Separator": "separator",
+    "SeparationResult": "separator",
+    "ModelDir": "model_dir",
+    "ModelInfo": "model_dir",
+    "create_backend": "backends",
+    "OrtBackend": "backends",
+    "InputError": "errors",
+    "ModelDirError": "errors",
+    "BackendError": "errors",
+    "BackendUnavailable": "errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,502 @@
+"""Reduced-precision (fp16 / bf16) copies of the exported fp32 stage graphs.
+
+TensorRT 11 builds only strongly typed networks (10.x does so with the STRONGLY_TYPED creation
+flag): every tensor's type comes from the ONNX graph, so the mixed precision is decided here, once,
+in the graph. The pass classifies every node as computing in the reduced type or in fp32 and then
+inserts the Casts that make the types agree:
+
+* arithmetic that is numerically sensitive stays fp32, each with a recorded reason:
+  - ``normalization``: LayerNormalization and friends (their statistics overflow fp16);
+  - ``reduction``: ReduceMean/ReduceL2/... (sums of squares overflow fp16: the VAE pixel norm);
+  - ``power``: Pow, Sqrt, Reciprocal (the RMS norms' statistics, x**2 overflows fp16);
+  - ``transcendental``: Sin, Cos, Exp, Log (arguments lose whole radians or overflow in fp16);
+  - ``stage arithmetic``: what a stage wrapper computes itself, outside every network module -
+    the denoiser's guidance mix and Euler update ``x + dt * v`` (x is fp32 and dt * v is a small
+    correction to it), latent (un)normalisation, output L2 normalisation;
+  - ``fp32 inputs``: a pointwise op whose every non-constant float input is already fp32 stays
+    fp32 (e.g. the timestep embedding's ``t * freqs`` on the fp32 input t, whose max_period=1
+    arguments reach 1e4, and the eps-add between a norm's mean and its square root). Without this
+    rule every island boundary would round through the reduced type and back.
+* data movement (Reshape, Transpose, Slice, Concat, Gather, ...) follows the type of its input;
+* everything else (MatMul, Gemm, Conv, the activations, the adaLN modulation, attention logits,
+  softmax) runs in the reduced type; weights used only there are stored in the reduced type.
+
+Softmax is left in the reduced type on purpose: TensorRT's fused attention kernels accumulate it
+in fp32 internally and Casts around it would break the MatMul-Softmax-MatMul fusion; the measured
+parity (tests/export/test_mixed_precision.py) stays well inside the bound without an fp32 softmax.
+
+Nodes are identified by op type and by the torch module scope that the dynamo exporter records in
+``node.metadata_props`` (never by node names). Pointwise fp32 islands cost next to nothing in
+TensorRT, which fuses them (Casts included) into single kernels; the time goes to the MatMuls and
+convolutions, which all run in the reduced type.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..stages import StageSpec
+from .errors import ExportError, GraphCheckError, ParityError
+from .onnx_graph import EXTERNAL_DATA_BYTES, check_graph, tensorrt_operator_table
+from .parity import PARITY_BATCH, ParityResult, relative_l2, torch_reference
+
+FLOAT = TensorProto.FLOAT
+PRECISIONS = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+_TRT_TYPE = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16"}
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+# op type -> reason it computes in fp32
+FP32_OPS = {
+    **dict.fromkeys(("LayerNormalization", "GroupNormalization", "InstanceNormalization",
+                     "BatchNormalization", "LpNormalization", "MeanVarianceNormalization",
+                     "RMSNormalization"), "normalization"),
+    **dict.fromkeys(("ReduceMean", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare",
+                     "ReduceLogSum", "ReduceLogSumExp", "ReduceProd", "CumSum"), "reduction"),
+    **dict.fromkeys(("Pow", "Sqrt", "Reciprocal"), "power"),
+    **dict.fromkeys(("Sin", "Cos", "Tan", "Exp", "Log"), "transcendental"),
+    # their output type comes from an attribute, not from the inputs: left as exported
+    **dict.fromkeys(("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                     "EyeLike", "Multinomial", "Bernoulli"), "typed by attribute"),
+}
+STAGE_ARITHMETIC = "stage arithmetic"
+FP32_INPUTS = "fp32 inputs"
+
+# ops that only move, select or replicate values: they take the type of their data input
+DATA_MOVEMENT = frozenset((
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split", "Concat", "Gather",
+    "GatherND", "GatherElements", "Expand", "Flatten", "Identity", "Tile", "Pad", "Resize",
+    "DepthToSpace", "SpaceToDepth", "ReverseSequence", "ScatterND", "ScatterElements"))
+# elementwise ops (the "fp32 inputs" rule applies to these)
+POINTWISE = frozenset((
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt", "Reciprocal", "Pow", "Exp", "Log", "Sin",
+    "Cos", "Tan", "Erf", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Elu", "Selu", "Softplus",
+    "HardSigmoid", "Clip", "Max", "Min", "Where", "Floor", "Ceil", "Round", "Sign", "Mod",
+    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Gelu", "Mish"))
+# inputs of any type: no Cast is ever needed in front of these
+_ANY_INPUT = frozenset(("Cast", "Shape", "Size", "CastLike"))
+# float inputs whose type is fixed whatever the data type (Resize roi and scales)
+_FIXED_FP32_INPUTS = {"Resize": (1, 2)}
+
+
+@dataclass(frozen=True)
+class Decision:
+    dtype: int | None  # FLOAT or the reduced type; None: the node touches no float tensor
+    reason: str | None  # why the node stays fp32 (None: reduced type, or follows its input)
+
+
+def convert_graph(src: Path, dst: Path, spec: StageSpec, precision: str = "fp16") -> dict:
+    """Write a ``precision`` copy of the fp32 graph ``src`` to ``dst``; returns a summary.
+
+    Float inputs and outputs stay fp32 (Casts at the boundary); weights used only by
+    reduced-precision nodes are stored in the reduced type; the fp32 islands are counted in the
+    summary by reason. The result passes onnx.checker, the stage contract check and the TensorRT
+    operator/type check. Graphs with external data are read and written with external data.
+    """
+    src, dst = Path(src), Path(dst)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if not src.is_file():
+        raise ExportError(f"stage {spec.name}: {src} does not exist")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"stage {spec.name}: refusing to overwrite the fp32 graph {src} in place")
+    low = PRECISIONS[precision]
+    model = onnx.load(str(src), load_external_data=True)
+    if model.functions or _has_subgraphs(model.graph):
+        raise ExportError(f"stage {spec.name}: {src.name} has local functions or subgraphs, which "
+                          "the mixed-precision pass does not handle")
+    types = _element_types(model)
+    decisions = plan(model, low, types)
+    _check_tensorrt_types(model, decisions, spec)
+    stats = _rewrite(model, decisions, types, low)
+    model.metadata_props.append(onnx.StringStringEntryProto(key="mmsep.precision", value=precision))
+    _save_atomically(model, dst)
+    graph_summary = check_graph(dst, spec)
+
+    compute = [(n.op_type, d) for n, d in zip(stats["nodes"], decisions)
+               if d.dtype is not None and n.op_type not in DATA_MOVEMENT | _ANY_INPUT
+               and n.op_type != "Constant"]
+    return {
+        "precision": precision, "source": src.name, "file": dst.name,
+        "nodes": len(decisions), "casts_inserted": stats["casts"],
+        "fp32_nodes": dict(sorted(Counter(d.reason for _, d in compute
+                                          if d.dtype == FLOAT).items())),
+        "fp32_operators": dict(sorted(Counter(op for op, d in compute if d.dtype == FLOAT).items())),
+        "reduced_operators": dict(sorted(Counter(op for op, d in compute if d.dtype == low).items())),
+        "weights": stats["weights"], "graph": graph_summary,
+    }
+
+
+# ---- planning --------------------------------------------------------------------------------
+
+def plan(model: onnx.ModelProto, low: int, types: dict[str, int]) -> list[Decision]:
+    """The compute type of every node of ``model.graph`` (same order), decided in graph order."""
+    graph = model.graph
+    constant = {i.name for i in graph.initializer}
+    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    produced: dict[str, int] = {i.name: FLOAT for i in graph.input if types.get(i.name) == FLOAT}
+    decisions = []
+    for node in graph.node:
+        floats = [x for x in node.input if x and types.get(x) == FLOAT]
+        if not floats and not any(types.get(o) == FLOAT for o in node.output):
+            decisions.append(Decision(None, None))  # shape arithmetic, indices, masks
+            continue
+        decision = _decide(node, [x for x in floats if x not in constant], produced, low)
+        decisions.append(decision)
+        for out in node.output:
+            if types.get(out) == FLOAT:
+                produced[out] = decision.dtype
+    return decisions
+
+
+def _decide(node, variable_inputs: list[str], produced: dict[str, int], low: int) -> Decision:
+    op = node.op_type
+    if op in FP32_OPS:
+        return Decision(FLOAT, FP32_OPS[op])
+    if _is_stage_arithmetic(node):
+        return Decision(FLOAT, STAGE_ARITHMETIC)
+    if op in DATA_MOVEMENT or op in _ANY_INPUT or op == "Constant":
+        # follow the data; constant data (e.g. a table gathered from) goes to the reduced type
+        kinds = {produced.get(x, low) for x in variable_inputs}
+        return Decision(FLOAT if kinds == {FLOAT} else low, None)
+    if op in POINTWISE and all(produced.get(x) == FLOAT for x in variable_inputs):
+        return Decision(FLOAT, FP32_INPUTS)
+    return Decision(low, None)
+
+
+def _is_stage_arithmetic(node) -> bool:
+    """True for ops of the stage wrapper's own code (not inside any submodule's forward)."""
+    classes = _metadata_list(node, "pkg.torch.onnx.class_hierarchy")
+    # [wrapper class, aten op]: the op sits directly in the wrapper, or in a method it calls that
+    # is not a submodule's forward (e.g. the additions of MMAudioFlow.velocity itself)
+    return len(classes) == 2 and classes[0].startswith("mmsep.export.wrappers.")
+
+
+def _metadata_list(node, key: str) -> list[str]:
+    for entry in node.metadata_props:
+        if entry.key == key:
+            try:
+                value = ast.literal_eval(entry.value)
+            except (ValueError, SyntaxError):
+                return []
+            return list(value) if isinstance(value, (list, tuple)) else []
+    return []
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor name (graph I/O, value_info, initializers, constants)."""
+    types: dict[str, int] = {}
+    graph = model.graph
+
+    def record(values):
+        for v in values:
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+                types[v.name] = v.type.tensor_type.elem_type
+
+    record(graph.input)
+    record(graph.output)
+    record(graph.value_info)
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    if any(o and o not in types for n in graph.node for o in n.output):
+        # the dynamo exporter records value_info for every tensor; fall back to inference
+        inferred = onnx.shape_inference.infer_shapes(_weightless(model))
+        record(inferred.graph.value_info)
+        record(inferred.graph.output)
+    missing = [o for n in graph.node for o in n.output if o and o not in types]
+    if missing:
+        raise ExportError(f"cannot infer the element type of {len(missing)} tensor(s), "
+                          f"e.g. {missing[0]!r}")
+    return types
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without tensor payloads (shape inference needs only dims and types)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for init in copy.graph.initializer:
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                      "external_data"):
+            init.ClearField(field)
+        init.data_location = TensorProto.DEFAULT
+    return copy
+
+
+def _has_subgraphs(graph) -> bool:
+    return any(a.HasField("g") or len(a.graphs) for n in graph.node for a in n.attribute)
+
+
+# ---- rewriting -------------------------------------------------------------------------------
+
+class _Names:
+    """Fresh tensor and node names that collide with nothing in the graph."""
+
+    def __init__(self, graph):
+        self.taken = {x for n in graph.node for x in (*n.input, *n.output, n.name)}
+        self.taken |= {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+
+def _rewrite(model: onnx.ModelProto, decisions: list[Decision], types: dict[str, int],
+             low: int) -> dict:
+    """Apply ``decisions``: retype weights and constants, insert Casts, keep fp32 graph outputs."""
+    graph = model.graph
+    nodes = [_copy(n) for n in graph.node]
+    decision_of = {id(n): d for n, d in zip(nodes, decisions)}
+    names = _Names(graph)
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+
+    def wanted(node, index: int) -> int | None:
+        """The type ``node`` needs at input ``index`` (None: any type / not a float input)."""
+        name = node.input[index]
+        if not name or types.get(name) != FLOAT or node.op_type in _ANY_INPUT:
+            return None
+        if index in _FIXED_FP32_INPUTS.get(node.op_type, ()):
+            return FLOAT
+        return decision_of[id(node)].dtype
+
+    def wanted_by_consumers(name: str) -> set:
+        return {wanted(n, i) for n in consumers.get(name, ()) for i, x in enumerate(n.input)
+                if x == name} - {None}
+
+    # constants (initializers, Constant nodes) are stored in the reduced type when every consumer
+    # computes in it; otherwise they stay fp32 and get a Cast where a consumer needs one
+    dtype: dict[str, int] = {i.name: FLOAT for i in graph.input if types.get(i.name) == FLOAT}
+    weight_bytes, clamped = Counter(), 0
+    for init in graph.initializer:
+        if init.data_type != FLOAT:
+            continue
+        if wanted_by_consumers(init.name) == {low}:
+            array, n_clamped = _to_low(numpy_helper.to_array(init), low)
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+            clamped += n_clamped
+            dtype[init.name] = low
+        else:
+            dtype[init.name] = FLOAT
+        weight_bytes[_TRT_TYPE[dtype[init.name]].lower()] += _nbytes(init)
+    for node in nodes:
+        if node.op_type == "Constant" and types.get(node.output[0]) == FLOAT:
+            lower = wanted_by_consumers(node.output[0]) == {low}
+            decision_of[id(node)] = Decision(low if lower else FLOAT, None)
+            if lower:
+                clamped += _lower_constant(node, low)
+
+    rewritten, casts = [], {}
+
+    def cast(name: str, to: int) -> str:
+        if (name, to) not in casts:
+            out = names(f"{name}_{_TRT_TYPE[to].lower()}")
+            rewritten.append(helper.make_node("Cast", [name], [out], to=to, name=names(f"cast_{out}")))
+            casts[name, to] = out
+        return casts[name, to]
+
+    for node in nodes:
+        decision = decision_of[id(node)]
+        for i, name in enumerate(node.input):
+            want = wanted(node, i)
+            if want is not None and dtype.get(name, want) != want:
+                node.input[i] = cast(name, want)
+        if decision.dtype is not None:
+            if node.op_type == "Cast" and _attr(node, "to") == FLOAT:
+                _set_attr(node, "to", decision.dtype)
+            if node.op_type == "ConstantOfShape" and decision.dtype == low:
+                clamped += _lower_constant(node, low)
+            for out in node.output:
+                if types.get(out) == FLOAT:
+                    dtype[out] = decision.dtype
+        rewritten.append(node)
+
+    # graph outputs keep their fp32 contract: the producer writes a renamed tensor, a Cast the output
+    renames = {o.name: names(f"{o.name}_{_TRT_TYPE[low].lower()}") for o in graph.output
+               if types.get(o.name) == FLOAT and dtype.get(o.name) != FLOAT}
+    if renames:
+        for node in rewritten:
+            node.input[:] = [renames.get(x, x) for x in node.input]
+            node.output[:] = [renames.get(x, x) for x in node.output]
+        for outer, inner in renames.items():
+            rewritten.append(helper.make_node("Cast", [inner], [outer], to=FLOAT,
+                                              name=names(f"cast_{outer}")))
+            dtype[inner] = low
+    graph.ClearField("node")
+    graph.node.extend(rewritten)
+    for vi in graph.value_info:  # keep the recorded shapes, fix the element types
+        vi.name = renames.get(vi.name, vi.name)
+        if vi.name in dtype and vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.elem_type = dtype[vi.name]
+    weights = {f"{k}_bytes": int(v) for k, v in sorted(weight_bytes.items())}
+    if low == TensorProto.FLOAT16:
+        weights["clamped_to_fp16_range"] = int(clamped)
+    return {"casts": len(casts) + len(renames), "weights": weights, "nodes": nodes}
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _to_low(array: np.ndarray, low: int) -> tuple[np.ndarray, int]:
+    """fp32 values in the reduced type (fp16 saturates at +-65504; returns how many did)."""
+    array = np.asarray(array, dtype=np.float32)
+    if low == TensorProto.FLOAT16:
+        too_big = int(np.count_nonzero(np.abs(array) > _FP16_MAX))
+        return np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16), too_big
+    import ml_dtypes  # an onnx dependency; numpy has no bfloat16
+
+    return array.astype(ml_dtypes.bfloat16), 0
+
+
+def _lower_constant(node, low: int) -> int:
+    """Store the float value of a Constant / ConstantOfShape node in the reduced type."""
+    for attr in node.attribute:
+        if attr.name == "value" and attr.t.data_type == FLOAT:
+            array, clamped = _to_low(numpy_helper.to_array(attr.t), low)
+            attr.t.CopyFrom(numpy_helper.from_array(array, attr.t.name))
+            return clamped
+        if attr.name in ("value_float", "value_floats"):
+            values = np.array(attr.f if attr.name == "value_float" else list(attr.floats),
+                              dtype=np.float32)
+            array, clamped = _to_low(values, low)
+            node.ClearField("attribute")
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(array)))
+            return clamped
+    return 0
+
+
+def _attr(node, name: str):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return None
+
+
+def _set_attr(node, name: str, value: int) -> None:
+    for a in node.attribute:
+        if a.name == name:
+            a.i = value
+
+
+# ---- checks and I/O --------------------------------------------------------------------------
+
+def _check_tensorrt_types(model: onnx.ModelProto, decisions: list[Decision],
+                          spec: StageSpec) -> None:
+    """Every node must compute in a type the TensorRT ONNX parser supports for its operator."""
+    table = tensorrt_operator_table()["operators"]
+    for node, decision in zip(model.graph.node, decisions):
+        if decision.dtype is None or node.op_type in _ANY_INPUT or node.domain not in ("", "ai.onnx"):
+            continue
+        row = table.get(node.op_type)
+        if row is not None and _TRT_TYPE[decision.dtype] not in row["types"]:
+            raise GraphCheckError(
+                f"stage {spec.name}: node {node.name!r} ({node.op_type}) would compute in "
+                f"{_TRT_TYPE[decision.dtype]}, which the TensorRT ONNX parser does not support "
+                f"for {node.op_type} ({', '.join(row['types'])})")
+
+
+def _save_atomically(model: onnx.ModelProto, dst: Path) -> None:
+    """Write ``dst`` (and ``dst.data`` for large graphs) via a temporary directory + rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        external = sum(_nbytes(i) for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
+        data_name = f"{dst.name}.data"
+        onnx.save_model(model, str(tmp / dst.name), save_as_external_data=external,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        if external:
+            os.replace(tmp / data_name, dst.parent / data_name)
+        else:
+            (dst.parent / data_name).unlink(missing_ok=True)
+        os.replace(tmp / dst.name, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nbytes(init) -> int:
+    itemsize = {FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2}.get(init.data_type, 8)
+    return int(np.prod(init.dims, dtype=np.int64)) * itemsize
+
+
+# ---- parity on ONNX Runtime (CPU) ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SkippedCheck:
+    """A parity check that could not run here, with the reason (never reported as passed)."""
+
+    stage: str
+    backend: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "skipped": self.reason}
+
+
+def check_reduced_precision(module, spec: StageSpec, path: Path, precision: str = "fp16", *,
+                            batch: int = PARITY_BATCH, seed: int = 1,
+                            raise_on_failure: bool = True) -> ParityResult | SkippedCheck:
+    """ONNX Runtime (CPU) on the reduced-precision graph vs the PyTorch fp32 module.
+
+    Relative L2 per output at ``batch`` (not the export batch); the bound is
+    ``spec.reduced_precision_tolerance``. ONNX Runtime's CPU provider computes ops without an
+    fp16 kernel in fp32 between fp16 tensors, so this checks the graph's rounding (weights,
+    activations, fp32 islands) rather than GPU fp16 arithmetic; the engine check does the latter.
+    Returns a SkippedCheck when ONNX Runtime cannot run the graph on the CPU (bf16 graphs).
+    """
+    import onnxruntime as ort
+
+    from .example_inputs import example_inputs
+
+    backend = f"onnxruntime-cpu-{precision}"
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types (NOT_IMPLEMENTED, ...)
+        if precision == "bf16":
+            first = str(exc).splitlines()[0][:200]
+            return SkippedCheck(spec.name, backend, f"ONNX Runtime {ort.__version__} cannot run "
+                                f"this bf16 graph on the CPU ({first})")
+        raise ExportError(f"stage {spec.name}: ONNX Runtime cannot load {Path(path).name}: "
+                          f"{str(exc).splitlines()[0][:300]}") from exc
+    inputs = example_inputs(spec, batch, seed=seed)
+    expected = torch_reference(module, spec, inputs)
+    try:
+        got = session.run(list(spec.output_names), {k: v.numpy() for k, v in inputs.items()})
+    except Exception as exc:
+        if precision == "bf16":
+            return SkippedCheck(spec.name, backend, f"ONNX Runtime {ort.__version__} cannot run "
+                                f"this bf16 graph on the CPU ({str(exc).splitlines()[0][:200]})")
+        raise ExportError(f"stage {spec.name}: ONNX Runtime failed on {Path(path).name}: "
+                          f"{str(exc).splitlines()[0][:300]}") from exc
+    errors = {}
+    for name, value in zip(spec.output_names, got):
+        want_shape = spec.tensor(name).concrete(batch)
+        if value.shape != want_shape:
+            raise ParityError(f"stage {spec.name}: {precision} graph output {name} has shape "
+                              f"{value.shape}, contract says {want_shape} at batch {batch}")
+        errors[name] = relative_l2(value, expected[name])
+    result = ParityResult(spec.name, backend, batch, errors, spec.reduced_precision_tolerance)
+    if raise_on_failure and not result.passed:
+        worst = max(errors, key=errors.get)
+        raise ParityError(f"stage {spec.name}: {precision} graph output {worst} differs from "
+                          f"PyTorch fp32 by relative L2 {errors[worst]:.2e} > "
+                          f"{spec.reduced_precision_tolerance:.0e}")
+    return result

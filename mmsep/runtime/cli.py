@@ -1,0 +1,215 @@
+"""mmsep-run: separate (or generate) the audio of a video / text query with a model directory.
+
+Exit codes: 0 success, 2 bad input or usage (the message names the file or option), 1 internal
+failure, 130 interrupted. Outputs are written to a temporary file beside the target and renamed
+into place only when complete, so a failed or interrupted run leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PROG = "mmsep-run"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_dir", type=click.Path(path_type=Path),
+              default=Path("models/tiny"), show_default=True,
+              help="Model directory written by mmsep-export.")
+@click.option("--video", type=click.Path(path_type=Path),
+              help="Video of the target source (any container/codec FFmpeg decodes). Without "
+                   "--mix its audio track is the mixture.")
+@click.option("--mix", type=click.Path(path_type=Path),
+              help="Mixture to separate: wav/flac/ogg, or any media file with an audio track.")
+@click.option("--text", "texts", multiple=True,
+              help="Text description of the target source. Repeat for several targets: one "
+                   "output per text, all computed in one batch.")
+@click.option("--negative-text", help="Text for the unconditional guidance branch "
+                                      "(what the output should not sound like).")
+@click.option("--generate", is_flag=True,
+              help="Ignore any audio track and generate audio for the query from a noise "
+                   "mixture (also the mode when there is no mixture and no video).")
+@click.option("--duration", type=click.FloatRange(0.1, 36000.0),
+              help="Length in seconds of generated audio without a video (default: one window).")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Output audio file (default: <input name>_separated.<format> in the current "
+                   "directory). With several --text: <stem>_<k><suffix>, k = 0, 1, ... in "
+                   "--text order.")
+@click.option("--format", "fmt", type=click.Choice(["wav", "flac"]),
+              help="Output format (default: from the --output suffix, else wav).")
+@click.option("--subtype", type=click.Choice(["PCM_16", "PCM_24", "FLOAT"]), default="PCM_16",
+              show_default=True, help="Output sample format (FLOAT needs wav).")
+@click.option("--steps", type=click.IntRange(1, 1000),
+              help="Euler steps (default: the model's, 25).")
+@click.option("--cfg", type=click.FloatRange(0.0, 100.0),
+              help="Classifier-free guidance strength (default: the model's, 4.5).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+              help="Noise seed: x0 = numpy.random.default_rng(seed).standard_normal(...).")
+@click.option("--overlap", type=float,
+              help="Overlap of consecutive windows in seconds, 0 to half a window "
+                   "(default: the model's, 1 s).")
+@click.option("--max-batch", type=click.IntRange(1, 1024),
+              help="Most (window, text) items per batch (default: the model's max batch).")
+@click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
+              default="auto", show_default=True,
+              help="Inference backend; auto picks ONNX Runtime CUDA when available, else CPU.")
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--mux", type=click.Path(path_type=Path),
+              help="Also write this video file (e.g. out.mp4): the input video stream copied "
+                   "without re-encoding plus the separated audio as AAC (one track per text).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary: outputs, backend, per-stage seconds, audio duration, "
+                   "real-time factor.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or summary output.")
+def cli(model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
+        steps, cfg, seed, overlap, max_batch, backend, threads, mux, as_json, quiet):
+    """Separate the sound of a video / text query from a mixture (or generate it) with an
+    exported MMAudioSep model, without PyTorch."""
+    summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
+                  negative_text=negative_text, generate=generate, duration=duration,
+                  output=output, fmt=fmt, subtype=subtype, steps=steps, cfg=cfg, seed=seed,
+                  overlap=overlap, max_batch=max_batch, backend=backend, threads=threads,
+                  mux_path=mux, show_progress=not (quiet or as_json))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        outs = ", ".join(summary["outputs"] + ([summary["mux"]] if summary.get("mux") else []))
+        click.echo(f"wrote {outs} ({summary['audio_seconds']:.2f} s of audio, "
+                   f"{summary['mode']}, {summary['backend']}, real-time factor "
+                   f"{summary['real_time_factor']:.3f})", err=True)
+
+
+def run(*, model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
+        steps, cfg, seed, overlap, max_batch, backend, threads, mux_path,
+        show_progress) -> dict:
+    from .audio import write_audio
+    from .errors import InputError
+    from .separator import Separator
+
+    total_started = time.perf_counter()
+    if mux_path is not None and video is None:
+        raise InputError("--mux needs --video (the video stream to copy)")
+    if video is not None and not Path(video).exists():
+        raise InputError(f"{video}: file not found")
+    if mix is not None and not Path(mix).exists():
+        raise InputError(f"{mix}: file not found")
+    paths = _output_paths(output, fmt, len(texts), mix, video)
+    fmt = fmt or (paths[0].suffix[1:].lower() if paths[0].suffix.lower() in (".wav", ".flac")
+                  else "wav")
+    if fmt == "flac" and subtype == "FLOAT":
+        raise InputError("FLAC cannot store FLOAT samples; use --subtype PCM_16 or PCM_24")
+    for path in [*paths, *([Path(mux_path)] if mux_path else [])]:
+        if not path.parent.is_dir():
+            raise InputError(f"{path}: output directory {path.parent} does not exist")
+
+    started = time.perf_counter()
+    sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap, threads=threads)
+    load_s = time.perf_counter() - started
+    with sep:
+        bar = None
+
+        def progress(done, total):
+            nonlocal bar
+            if not show_progress or total < 2:
+                return
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, desc=PROG, unit="batch", file=sys.stderr, leave=False)
+            bar.update(done - bar.n)
+
+        try:
+            result = sep.process(mix=mix, video=video, text=texts or None,
+                                 negative_text=negative_text, steps=steps, cfg=cfg, seed=seed,
+                                 generate=generate, duration=duration, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        started = time.perf_counter()
+        for path, stem in zip(paths, result.audio):
+            write_audio(path, stem, result.sample_rate, format=fmt, subtype=subtype)
+        write_s = time.perf_counter() - started
+        mux_s = 0.0
+        if mux_path is not None:
+            from .mux import mux
+
+            started = time.perf_counter()
+            mux(video, result.audio, result.sample_rate, mux_path, titles=texts)
+            mux_s = time.perf_counter() - started
+    total_s = time.perf_counter() - total_started
+    timings = {"load": load_s, **result.timings, "write": write_s, "mux": mux_s,
+               "total": total_s}
+    return {
+        "outputs": [str(p) for p in paths], "mux": str(mux_path) if mux_path else None,
+        "model": str(model_dir), "backend": sep.backend_name, "mode": result.mode,
+        "sample_rate": result.sample_rate, "audio_seconds": result.duration,
+        "windows": result.windows, "items": result.items, "batches": result.batches,
+        "steps": steps or sep.info.default_steps,
+        "cfg": sep.info.default_cfg if cfg is None else cfg, "seed": seed,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        # processing seconds per second of audio (below 1: faster than real time)
+        "real_time_factor": round(total_s / max(result.duration, 1e-9), 4),
+    }
+
+
+def _output_paths(output, fmt, n_texts, mix, video) -> list[Path]:
+    if output is None:
+        source = mix or video
+        stem = Path(source).stem if source is not None else "generated"
+        output = Path(f"{stem}_separated.{fmt or 'wav'}")
+    output = Path(output)
+    if not output.suffix:
+        output = output.with_suffix(f".{fmt or 'wav'}")
+    if n_texts <= 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{k}{output.suffix}") for k in range(n_texts)]
+
+
+def main(argv=None) -> None:
+    """Console entry point: one-line errors, exit codes 0/1/2/130, never a traceback."""
+    from .errors import BackendError, InputError
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    quiet = "--quiet" in args or "-q" in args
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not quiet:
+            click.echo(f"{PROG}: warning: {message}", err=True)
+
+    warnings.showwarning = show
+    try:
+        cli.main(args=args, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.Exit as exc:  # --help
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo(f"{PROG}: interrupted; nothing was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:  # bad usage: unknown option, value out of range, ...
+        click.echo(f"{PROG}: error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(EXIT_USAGE)
+    except InputError as exc:
+        click.echo(f"{PROG}: error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        click.echo(f"{PROG}: interrupted; nothing was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except BackendError as exc:
+        click.echo(f"{PROG}: internal error: {exc}", err=True)
+        sys.exit(EXIT_INTERNAL)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        click.echo(f"{PROG}: internal error: {type(exc).__name__}: "
+                   f"{' '.join(str(exc).split())}", err=True)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

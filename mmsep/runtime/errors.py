@@ -1,0 +1,24 @@
+"""Error types of the runtime; the CLI maps them to exit codes (2: bad input, 1: internal)."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Something the user gave is unusable: a missing or corrupt file, an empty text, an option
+    out of range. The message is one line and names the file or option."""
+
+
+class ModelDirError(InputError):
+    """The model directory is missing, incomplete, tampered with or of another format."""
+
+
+class BackendUnavailable(InputError):
+    """The requested backend cannot run on this machine or in this build."""
+
+
+class BackendError(RuntimeError):
+    """A stage graph failed to load or run; the message names the stage."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"stage {stage!r}: {message}")
+        self.stage = stage

@@ -1,0 +1,186 @@
+"""A model directory written by ``mmsep-export``: manifest, stage graphs, empty features.
+
+Loading checks, in order: the directory and its manifest exist, the manifest is of a format this
+runtime reads, every stage the model needs is described, and every file the manifest lists is
+present with the recorded size and SHA-256 (a mismatch means the directory was tampered with or
+copied incompletely). Each failure is one ModelDirError naming the directory and the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..stages import StageSpec
+from .errors import ModelDirError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 22
+_COMMON_STAGES = ("clip_image", "clip_text", "sync", "conditioner", "denoiser", "vae_decoder",
+                  "vocoder")
+_EMPTY_KEYS = ("clip_features", "sync_features", "text_features")
+# Synchformer's frame rate and segment stride: constants of MMAudio, not recorded in the manifest.
+SYNC_FPS = 25.0
+SYNC_SEGMENT_STRIDE = 8
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model facts the runtime needs (manifest ``model`` and ``geometry``)."""
+
+    preset: str
+    separation: bool
+    sample_rate: int
+    window_seconds: float
+    window_samples: int
+    latent_shape: tuple[int, int]
+    default_steps: int
+    default_cfg: float
+    default_overlap_seconds: float
+    max_batch: int
+    clip_len: int
+    clip_image_size: int
+    sync_segments: int
+    sync_frames_per_segment: int
+    sync_tokens_per_segment: int
+    sync_image_size: int
+    text_len: int
+
+    @property
+    def clip_fps(self) -> float:
+        return self.clip_len / self.window_seconds
+
+    @property
+    def sync_frames(self) -> int:
+        """Sync-rate frames of one window (segments overlap by half a segment)."""
+        return (self.sync_segments - 1) * self.sync_stride + self.sync_frames_per_segment
+
+    @property
+    def sync_stride(self) -> int:
+        return SYNC_SEGMENT_STRIDE
+
+    @property
+    def sync_fps(self) -> float:
+        return SYNC_FPS
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelDir:
+    """A checked model directory. ``verify=False`` skips the hashes (sizes are still checked)."""
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelDirError(f"model directory {self.path} does not exist "
+                                "(create one with mmsep-export)")
+        if not self.path.is_dir():
+            raise ModelDirError(f"model directory {self.path} is not a directory")
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise ModelDirError(f"{self.path}: no {MANIFEST}; not an mmsep model directory "
+                                "(create one with mmsep-export)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelDirError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        if not isinstance(manifest, dict):
+            raise ModelDirError(f"{manifest_path}: not an mmsep manifest")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelDirError(f"{manifest_path}: format version {version!r} is not supported by "
+                                f"this runtime (reads version {FORMAT_VERSION}); re-export the "
+                                "model with a matching mmsep-export")
+        self.manifest = manifest
+        try:
+            self.info = _model_info(manifest)
+            self.specs = {name: StageSpec.from_json(stage["spec"])
+                          for name, stage in manifest["stages"].items()}
+            self._files = {name: stage["files"] for name, stage in manifest["stages"].items()}
+            self._onnx = {name: stage["onnx"] for name, stage in manifest["stages"].items()}
+            self._extras = {role: entry["file"] for role, entry in manifest["files"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelDirError(f"{manifest_path}: incomplete manifest (bad or missing {exc})") \
+                from None
+        needed = _COMMON_STAGES + (("mix_encoder",) if self.info.separation else ())
+        missing = [name for name in needed if name not in self.specs]
+        if missing:
+            raise ModelDirError(f"{manifest_path}: no stage {', '.join(missing)} in the manifest")
+        for role in ("empty_features", "tokenizer"):
+            if role not in self._extras:
+                raise ModelDirError(f"{manifest_path}: no {role} file in the manifest")
+        self._check_files(verify)
+        self._empty: dict[str, np.ndarray] | None = None
+
+    # -- files ---------------------------------------------------------------------------------
+    def _check_files(self, verify: bool) -> None:
+        listed: list[tuple[str, str, int | None]] = []
+        for files in self._files.values():
+            listed += [(name, meta["sha256"], meta.get("bytes")) for name, meta in files.items()]
+        listed += [(entry["file"], entry["sha256"], entry.get("bytes"))
+                   for entry in self.manifest["files"].values()]
+        for name, sha, size in listed:
+            path = self.path / name
+            if not path.is_file():
+                raise ModelDirError(f"{self.path}: missing file {name} (incomplete model "
+                                    "directory; re-export or copy it again)")
+            if size is not None and path.stat().st_size != size:
+                raise ModelDirError(f"{path}: {path.stat().st_size} bytes, the manifest says "
+                                    f"{size} (tampered or incomplete)")
+            if verify and sha256_file(path) != sha:
+                raise ModelDirError(f"{path}: SHA-256 does not match the manifest "
+                                    "(tampered or incomplete)")
+
+    def onnx_path(self, stage: str) -> Path:
+        return self.path / self._onnx[stage]
+
+    @property
+    def tokenizer_vocab(self) -> Path:
+        return self.path / self._extras["tokenizer"]
+
+    def empty_features(self) -> dict[str, np.ndarray]:
+        """The learned empty clip (Tc, Dc), sync (Ts, Ds) and text (77, Dt) features."""
+        if self._empty is None:
+            path = self.path / self._extras["empty_features"]
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    empty = {key: np.ascontiguousarray(data[key], dtype=np.float32)
+                             for key in _EMPTY_KEYS}
+            except (OSError, KeyError, ValueError) as exc:
+                raise ModelDirError(f"{path}: unreadable empty features ({exc})") from None
+            spec = self.specs["conditioner"]
+            for key, value in empty.items():
+                want = spec.tensor(key).concrete(1)[1:]
+                if value.shape != want:
+                    raise ModelDirError(f"{path}: {key} has shape {value.shape}, the conditioner "
+                                        f"expects {want}")
+            self._empty = empty
+        return self._empty
+
+
+def _model_info(manifest: dict) -> ModelInfo:
+    model, geo = manifest["model"], manifest["geometry"]
+    return ModelInfo(
+        preset=str(model.get("preset", "")), separation=bool(model["separation"]),
+        sample_rate=int(model["sample_rate"]), window_seconds=float(model["window_seconds"]),
+        window_samples=int(model["window_samples"]),
+        latent_shape=(int(model["latent_shape"][0]), int(model["latent_shape"][1])),
+        default_steps=int(model["default_steps"]), default_cfg=float(model["default_cfg"]),
+        default_overlap_seconds=float(model["default_overlap_seconds"]),
+        max_batch=int(model["max_batch"]), clip_len=int(geo["clip_len"]),
+        clip_image_size=int(geo["clip_image_size"]), sync_segments=int(geo["sync_segments"]),
+        sync_frames_per_segment=int(geo["sync_frames_per_segment"]),
+        sync_tokens_per_segment=int(geo["sync_tokens_per_segment"]),
+        sync_image_size=int(geo["sync_image_size"]), text_len=int(geo["text_len"]))

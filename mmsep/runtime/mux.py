@@ -1,0 +1,99 @@
+"""Put separated audio next to the original video: the video stream is copied packet for packet
+(no re-encoding), each audio stem becomes an AAC track. Written atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_output
+from .errors import InputError
+
+_CHUNK_SECONDS = 0.5  # audio is encoded in chunks interleaved with the video packets
+
+
+def mux(video: str | os.PathLike, tracks: np.ndarray, sample_rate: int,
+        out: str | os.PathLike, *, titles: Sequence[str | None] = (),
+        bitrate: int = 192_000) -> Path:
+    """Copy ``video``'s first video stream into ``out`` and add ``tracks`` (n, L) float32 as AAC.
+
+    The original audio tracks are not carried over. ``titles`` name the new tracks.
+    """
+    import av
+
+    out = Path(out)
+    tracks = np.atleast_2d(np.asarray(tracks, np.float32))
+    try:
+        source = av.open(str(video))
+    except (av.FFmpegError, OSError) as exc:
+        raise InputError(f"{video}: unreadable video ({exc})") from None
+    with source, atomic_output(out) as tmp:
+        vin = next((s for s in source.streams if s.type == "video"), None)
+        if vin is None:
+            raise InputError(f"{video}: has no video stream to mux")
+        try:
+            sink = av.open(str(tmp), "w", format=_format_for(out))
+        except (av.FFmpegError, ValueError) as exc:
+            raise InputError(f"{out}: cannot write this container ({exc})") from None
+        with sink:
+            vout = sink.add_stream_from_template(vin)
+            encoders = []
+            for k, track in enumerate(tracks):
+                stream = sink.add_stream("aac", rate=sample_rate)
+                stream.layout = "mono"
+                stream.bit_rate = bitrate
+                title = titles[k] if k < len(titles) else None
+                if title:
+                    stream.metadata["title"] = title
+                encoders.append(_AacTrack(stream, np.clip(track, -1.0, 1.0), sample_rate))
+            for packet in source.demux(vin):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                until = (float(packet.dts * packet.time_base)
+                         if packet.time_base is not None else None)
+                for enc in encoders:
+                    for apacket in enc.encode_until(until):
+                        sink.mux(apacket)
+                packet.stream = vout
+                sink.mux(packet)
+            for enc in encoders:
+                for apacket in enc.encode_until(None):
+                    sink.mux(apacket)
+    return out
+
+
+class _AacTrack:
+    def __init__(self, stream, samples: np.ndarray, sample_rate: int):
+        self.stream, self.samples, self.rate = stream, samples, sample_rate
+        self.position = 0
+        self.flushed = False
+
+    def encode_until(self, seconds: float | None):
+        """Packets for the samples up to ``seconds`` (all and the encoder flush for None)."""
+        import av
+
+        end = self.samples.size if seconds is None else \
+            min(self.samples.size, int((seconds + _CHUNK_SECONDS) * self.rate))
+        step = int(_CHUNK_SECONDS * self.rate)
+        while self.position < end:
+            chunk = self.samples[self.position:min(end, self.position + step)]
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk[None]), format="fltp",
+                                               layout="mono")
+            frame.sample_rate = self.rate
+            frame.pts = self.position
+            frame.time_base = Fraction(1, self.rate)
+            self.position += chunk.size
+            yield from self.stream.encode(frame)
+        if seconds is None and not self.flushed:
+            self.flushed = True
+            yield from self.stream.encode(None)
+
+
+def _format_for(path: Path) -> str | None:
+    # the temporary name keeps the suffix, but be explicit for the common containers
+    return {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}.get(
+        path.suffix.lower())

@@ -1,0 +1,352 @@
+"""``Separator``: a model directory + a backend -> separated (or generated) audio.
+
+One request = one mixture (or none), an optional video and one or more text queries. It is cut
+into windows (``windows.py``); every (window, text) pair is one batch item, ordered window-major:
+item ``w * n_texts + k`` is window ``w`` with text ``k``. Items run in batches of at most
+``max_batch``. For seed ``s`` the initial noise of all items is
+``rng = numpy.random.default_rng(s); x0 = rng.standard_normal((items, N, C), dtype=float32)``,
+and in generation mode (a separation model with no mixture at all) the noise mixture latent is
+the generator's next draw of the same shape, fed to the denoiser as its mixture latent.
+
+Conditions: a window with video uses its CLIP and Synchformer features, without video the learned
+empty ones (both); no text means the learned empty text features; the unconditional branch uses
+the negative text's features, or the empty text features when there is no negative text.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import audio as audio_io
+from .backends import create_backend
+from .errors import InputError
+from .model_dir import ModelDir
+from .tokenizer import ClipTokenizer
+from .video import VideoGeometry, VideoSource, WindowFrames
+from .windows import CrossfadeJoiner, WindowPlan
+
+TIMING_KEYS = ("decode", "features", "mix_encode", "conditioning", "sampling", "vae_decode",
+               "vocode")
+_TEXT_CACHE_SIZE = 256
+
+
+@dataclass
+class SeparationResult:
+    audio: np.ndarray  # float32 (n_texts, length)
+    sample_rate: int
+    mode: str  # "separation" or "generation"
+    windows: int
+    items: int
+    batches: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage group
+    latents: np.ndarray | None = None  # (items, N, C) final latents, window-major, if kept
+
+    @property
+    def duration(self) -> float:
+        return self.audio.shape[-1] / self.sample_rate
+
+
+class Separator:
+    """Loads a model directory once (sessions, tokenizer, empty features) and serves requests.
+
+    ``backend``: "auto" (ONNX Runtime CUDA when available, else CPU), "ort-cpu", "ort-cuda" or
+    "trt"; ``backend_name`` tells which one runs. ``max_batch`` bounds the items per batch
+    (default: the manifest's), ``overlap`` is the window overlap in seconds (default: the
+    manifest's, 1 s). ``threads`` sets ONNX Runtime's intra-op threads (0: its default).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike = "models/tiny", backend: str = "auto", *,
+                 max_batch: int | None = None, overlap: float | None = None, threads: int = 0,
+                 verify: bool = True):
+        self.model = ModelDir(model_dir, verify=verify)
+        self.info = info = self.model.info
+        self.max_batch = info.max_batch if max_batch is None else max_batch
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise InputError(f"max batch must be a positive integer, got {max_batch!r}")
+        self.overlap = info.default_overlap_seconds if overlap is None else float(overlap)
+        limit = info.window_seconds / 2
+        if not 0.0 <= self.overlap <= limit:
+            raise InputError(f"overlap must be between 0 and {limit:g} s (half a window), "
+                             f"got {overlap!r}")
+        self._empty = self.model.empty_features()
+        self._tokenizer = ClipTokenizer(self.model.tokenizer_vocab)
+        self._texts: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.backend = create_backend(self.model, backend, threads=threads)
+        self.backend_name = self.backend.name
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def __enter__(self) -> Separator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.info.sample_rate
+
+    # -- public API ----------------------------------------------------------------------------
+    def separate(self, mix=None, video=None, text: str | Sequence[str] | None = None,
+                 negative_text: str | None = None, steps: int | None = None,
+                 cfg: float | None = None, seed: int = 0, **options) -> np.ndarray:
+        """Separated audio, float32 at ``sample_rate``: (length,) for one text (or none),
+        (n_texts, length) when ``text`` is a list (one stem per text, all in one batch).
+
+        ``mix``: path of an audio/media file, or samples at ``sample_rate`` ((L,) or
+        (L, channels), float in [-1, 1]). ``video``: path, or uint8 RGB frames (T, H, W, 3) with
+        ``video_fps=``. With video and no mix the video's audio track is the mixture; with no
+        mixture at all (or ``generate=True``) the model generates from a noise mixture, for
+        ``duration=`` seconds (default: the video's length, else one window). Other options are
+        those of ``process``.
+        """
+        result = self.process(mix=mix, video=video, text=text, negative_text=negative_text,
+                              steps=steps, cfg=cfg, seed=seed, **options)
+        return result.audio if isinstance(text, (list, tuple)) else result.audio[0]
+
+    def process(self, mix=None, video=None, text: str | Sequence[str] | None = None,
+                negative_text: str | None = None, steps: int | None = None,
+                cfg: float | None = None, seed: int = 0, *, video_fps: float | None = None,
+                generate: bool = False, duration: float | None = None,
+                keep_latents: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> SeparationResult:
+        """Run one request; returns audio (n_texts, length) with timings and counts.
+
+        ``progress(done, total)`` is called after each batch. ``keep_latents`` keeps the final
+        latents of every item (window-major) in the result, for checks against a reference.
+        """
+        info = self.info
+        steps = info.default_steps if steps is None else steps
+        cfg = info.default_cfg if cfg is None else cfg
+        _check_options(steps, cfg, seed)
+        texts = _texts(text)
+        if negative_text is not None:
+            negative_text = _one_text(negative_text, "negative text")
+        timings = dict.fromkeys(TIMING_KEYS, 0.0)
+
+        started = time.perf_counter()
+        source = self._video_source(video, video_fps)
+        mixture = self._mixture(mix, source, generate)
+        timings["decode"] += time.perf_counter() - started
+
+        sr = info.sample_rate
+        if mixture is not None:
+            length = mixture.size
+        elif duration is not None:
+            if not (isinstance(duration, (int, float)) and math.isfinite(duration)
+                    and duration >= audio_io.MIN_SECONDS):
+                raise InputError(f"duration must be at least {audio_io.MIN_SECONDS} s, "
+                                 f"got {duration!r}")
+            length = round(duration * sr)
+        elif source is not None:
+            length = round(source.duration * sr)
+            if length < audio_io.MIN_SECONDS * sr:
+                raise InputError(f"{source.name}: video is {source.duration:.3f} s long; the "
+                                 f"minimum is {audio_io.MIN_SECONDS} s")
+        else:
+            length = info.window_samples
+        plan = WindowPlan(length, info.window_samples, round(self.overlap * sr), sr)
+        n_texts, n_windows = len(texts), plan.count
+        items = n_windows * n_texts
+        shape = (items, *info.latent_shape)
+        rng = np.random.default_rng(seed)
+        x0 = rng.standard_normal(shape, dtype=np.float32)
+        noise_mix = (rng.standard_normal(shape, dtype=np.float32)
+                     if mixture is None and info.separation else None)
+
+        started = time.perf_counter()
+        text_features = self._text_batch([*texts, negative_text])
+        negative = text_features.pop()
+        timings["features"] += time.perf_counter() - started
+
+        frames = None
+        if source is not None:
+            frames = WindowFrames(source, plan.start_seconds, self._video_geometry())
+        joiners = [CrossfadeJoiner(plan) for _ in texts]
+        pieces: list[list[np.ndarray]] = [[] for _ in texts]
+        latents = np.empty(shape, np.float32) if keep_latents else None
+        windows: dict[int, dict[str, np.ndarray]] = {}
+        batches = math.ceil(items / self.max_batch)
+        for b in range(batches):
+            first, last = b * self.max_batch, min(items, (b + 1) * self.max_batch)
+            members = [divmod(i, n_texts) for i in range(first, last)]  # (window, text)
+            needed = sorted({w for w, _ in members})
+            windows = {w: windows[w] for w in needed if w in windows}  # keep a straddling one
+            new = [w for w in needed if w not in windows]
+            for w in new:
+                windows[w] = self._window_features(frames, timings)
+            if mixture is not None:
+                self._encode_windows(mixture, plan, new, windows, timings)
+            audio, x1 = self._run_batch(members, windows, text_features, negative, x0[first:last],
+                                        None if noise_mix is None else noise_mix[first:last],
+                                        steps, cfg, timings)
+            if latents is not None:
+                latents[first:last] = x1
+            for (w, k), wave in zip(members, audio):
+                pieces[k].append(joiners[k].push(wave))
+            if progress is not None:
+                progress(b + 1, batches)
+        out = np.stack([np.concatenate(p) for p in pieces])
+        mode = "separation" if mixture is not None else "generation"
+        return SeparationResult(out, sr, mode, n_windows, items, batches, timings, latents)
+
+    def text_features(self, text: str | None) -> np.ndarray:
+        """CLIP text features (77, Dt) of ``text`` (cached), or the learned empty ones for None."""
+        return self._text_batch([text])[0]
+
+    def _text_batch(self, texts: list[str | None]) -> list[np.ndarray]:
+        missing = list(dict.fromkeys(t for t in texts if t is not None and t not in self._texts))
+        for chunk in range(0, len(missing), self.max_batch):
+            group = missing[chunk:chunk + self.max_batch]
+            features = self.backend.run("clip_text", {"tokens": self._tokenizer(group)})
+            for t, f in zip(group, features["text_features"]):
+                self._texts[t] = f
+        out = []
+        for t in texts:
+            if t is None:
+                out.append(self._empty["text_features"])
+            else:
+                self._texts.move_to_end(t)
+                out.append(self._texts[t])
+        while len(self._texts) > max(_TEXT_CACHE_SIZE, len(texts)):
+            self._texts.popitem(last=False)
+        return out
+
+    # -- inputs --------------------------------------------------------------------------------
+    def _video_source(self, video, fps) -> VideoSource | None:
+        if video is None:
+            return None
+        if isinstance(video, (str, os.PathLike)):
+            return VideoSource(video)
+        return VideoSource.from_array(video, fps)
+
+    def _mixture(self, mix, source: VideoSource | None, generate: bool) -> np.ndarray | None:
+        sr = self.info.sample_rate
+        if generate:
+            if mix is not None:
+                raise InputError("a mixture was given together with generate; drop one of them")
+            return None
+        if not self.info.separation:
+            if mix is not None:
+                raise InputError(f"{self.model.path}: a generation-only model takes no mixture")
+            return None
+        if mix is not None:
+            if isinstance(mix, (str, os.PathLike)):
+                samples, name = audio_io.read_audio(mix, sr), str(mix)
+            else:
+                name = "mixture array"
+                samples = audio_io.prepare(np.asarray(mix), sr, sr, name=name)
+        elif source is not None:
+            decoded = None if source.path is None else audio_io.read_audio_track(source.path)
+            if decoded is None:
+                raise InputError(f"{source.name}: no mixture given and the video has no audio "
+                                 "track to separate; give a mixture (--mix), or generate audio "
+                                 "for the video (--generate)")
+            name = f"{source.name} (audio track)"
+            samples = audio_io.prepare(decoded[0], decoded[1], sr, name=name)
+        else:
+            return None  # nothing to separate: generation mode
+        audio_io.check_mixture(samples, sr, name=name)
+        return samples
+
+    def _video_geometry(self) -> VideoGeometry:
+        i = self.info
+        return VideoGeometry(clip_fps=i.clip_fps, clip_frames=i.clip_len,
+                             clip_size=i.clip_image_size, sync_fps=i.sync_fps,
+                             sync_frames=i.sync_frames, sync_size=i.sync_image_size,
+                             segment_frames=i.sync_frames_per_segment,
+                             segment_stride=i.sync_stride)
+
+    # -- stages --------------------------------------------------------------------------------
+    def _window_features(self, frames: WindowFrames | None, timings) -> dict[str, np.ndarray]:
+        if frames is None:
+            return {"clip_features": self._empty["clip_features"],
+                    "sync_features": self._empty["sync_features"]}
+        started = time.perf_counter()
+        clip_in, segments = frames.next_window()
+        timings["decode"] += time.perf_counter() - started
+        started = time.perf_counter()
+        clip = self.backend.run("clip_image", {"frames": clip_in})["clip_features"]
+        sync = self.backend.run("sync", {"segments": segments})["sync_features"]
+        timings["features"] += time.perf_counter() - started
+        return {"clip_features": clip, "sync_features": sync.reshape(-1, sync.shape[-1])}
+
+    def _encode_windows(self, mixture, plan: WindowPlan, new: list[int], windows, timings):
+        started = time.perf_counter()
+        for chunk in range(0, len(new), self.max_batch):
+            ws = new[chunk:chunk + self.max_batch]
+            wave = np.stack([plan.cut(mixture, w) for w in ws])
+            latent = self.backend.run("mix_encoder", {"waveform": wave})["mix_latent"]
+            for w, lat in zip(ws, latent):
+                windows[w]["mix_latent"] = lat
+        timings["mix_encode"] += time.perf_counter() - started
+
+    def _run_batch(self, members, windows, text_features, negative, x0, noise_mix, steps, cfg,
+                   timings):
+        backend = self.backend
+        started = time.perf_counter()
+        inputs = {
+            "clip_features": np.stack([windows[w]["clip_features"] for w, _ in members]),
+            "sync_features": np.stack([windows[w]["sync_features"] for w, _ in members]),
+            "text_features": np.stack([text_features[k] for _, k in members]),
+            "negative_text_features": np.repeat(negative[None], len(members), axis=0),
+        }
+        conditioning = backend.run("conditioner", inputs, on_device=True)
+        timings["conditioning"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        if noise_mix is not None:
+            mix_latent = noise_mix
+        elif self.info.separation:
+            mix_latent = np.stack([windows[w]["mix_latent"] for w, _ in members])
+        else:
+            mix_latent = None
+        x1 = backend.sample(x0, mix_latent, conditioning, steps, cfg)
+        timings["sampling"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        mel = backend.run("vae_decoder", {"latent": x1}, on_device=True)["mel"]
+        timings["vae_decode"] += time.perf_counter() - started
+        started = time.perf_counter()
+        audio = backend.run("vocoder", {"mel": mel})["waveform"]
+        timings["vocode"] += time.perf_counter() - started
+        return audio, backend.to_host(x1)
+
+
+def _check_options(steps, cfg, seed) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not \
+            1 <= steps <= 1000:
+        raise InputError(f"steps must be an integer between 1 and 1000, got {steps!r}")
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float, np.floating)) or \
+            not math.isfinite(cfg) or not 0.0 <= cfg <= 100.0:
+        raise InputError(f"cfg must be a number between 0 and 100, got {cfg!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def _one_text(text, what: str = "text") -> str:
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError(f"{what} is empty")
+    return text
+
+
+def _texts(text) -> list[str | None]:
+    if text is None:
+        return [None]
+    if isinstance(text, str):
+        return [_one_text(text)]
+    texts = list(text)
+    if not texts:
+        raise InputError("the list of texts is empty")
+    return [_one_text(t) for t in texts]

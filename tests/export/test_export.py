@@ -1,0 +1,222 @@
+"""mmsep-export end to end on the tiny preset: graphs, parity, manifest, reuse, errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import mmsep
+from mmsep.export import exporter as exporter_module
+from mmsep.export.errors import UsageError
+from mmsep.export.exporter import export_model
+from mmsep.export.manifest import FORMAT_VERSION, sha256_file
+from mmsep.export.onnx_graph import check_graph, tensorrt_operator_table
+from mmsep.export.wrappers import stage_specs
+from mmsep.models import build_components, save_components
+from mmsep.stages import STAGE_ORDER, StageSpec
+
+SILENT = dict(log=lambda msg: None)
+
+
+def _manifest(directory):
+    return json.loads((directory / "manifest.json").read_text())
+
+
+def test_every_stage_exported_checked_and_hashed(tiny_model_dir):
+    manifest = _manifest(tiny_model_dir)
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["package_version"] == mmsep.__version__
+    assert manifest["stage_order"] == list(STAGE_ORDER)
+    supported = {op for op, row in tensorrt_operator_table()["operators"].items() if row["supported"]}
+    for name in STAGE_ORDER:
+        stage = manifest["stages"][name]
+        spec = StageSpec.from_json(stage["spec"])
+        path = tiny_model_dir / stage["onnx"]
+        onnx.checker.check_model(str(path))
+        # names, dtypes and fixed axes match the contract; only the batch axis is symbolic
+        check_graph(path, spec)
+        for file, meta in stage["files"].items():
+            assert sha256_file(tiny_model_dir / file) == meta["sha256"], file
+        parity = stage["parity"]["onnxruntime"]
+        assert parity["passed"] and parity["batch"] == 3
+        assert max(parity["rel_l2"].values()) <= 1e-4
+        assert set(stage["graph"]["operators"]) <= supported, name
+
+
+def test_manifest_describes_the_model(tiny_model_dir):
+    manifest = _manifest(tiny_model_dir)
+    model = manifest["model"]
+    assert model["sample_rate"] == 44100 and model["window_samples"] == 353280
+    assert model["latent_shape"] == [345, 40] and model["separation"] is True
+    assert (model["default_steps"], model["default_cfg"]) == (25, 4.5)
+    assert manifest["sources"] == {"preset": "tiny", "seed": 0}
+    for role in ("empty_features", "tokenizer"):
+        meta = manifest["files"][role]
+        assert sha256_file(tiny_model_dir / meta["file"]) == meta["sha256"]
+    # the manifest's contracts are exactly the package's for these components
+    components = build_components("tiny", seed=0)
+    expected = stage_specs(components, max_batch=model["max_batch"])
+    assert {n: StageSpec.from_json(s["spec"]) for n, s in manifest["stages"].items()} == expected
+    empty = np.load(tiny_model_dir / "empty_features.npz")
+    clip, sync, text = (f[0].detach().numpy() for f in components.flow.empty_conditions(1))
+    np.testing.assert_array_equal(empty["text_features"], text)
+    np.testing.assert_array_equal(empty["clip_features"], clip)
+    np.testing.assert_array_equal(empty["sync_features"], sync)
+
+
+def test_onnx_graph_matches_module_at_another_batch(tiny_model_dir):
+    """Independent of the exporter's own check: run the denoiser graph at batch 1 by hand."""
+    import onnxruntime as ort
+
+    from mmsep.export.example_inputs import example_inputs
+    from mmsep.export.wrappers import stage_modules
+
+    components = build_components("tiny", seed=0)
+    spec = stage_specs(components)["denoiser"]
+    module = stage_modules(components)["denoiser"]
+    inputs = example_inputs(spec, 1, seed=7)
+    with torch.no_grad():
+        expected = module(*inputs.values()).numpy()
+        # the graph does one CFG Euler step: check the algebra against two plain network calls
+        flow = components.flow
+        conds = [inputs[f"cond_{f}"] for f in ("clip", "sync", "text", "global_c")]
+        from mmsep.models.flow import Conditions
+
+        v_c = flow.velocity(inputs["x"], inputs["t"], Conditions(*(c[:1] for c in conds)),
+                            inputs["mix_latent"])
+        v_u = flow.velocity(inputs["x"], inputs["t"], Conditions(*(c[1:] for c in conds)),
+                            inputs["mix_latent"])
+        manual = inputs["x"] + 0.04 * (4.5 * v_c - 3.5 * v_u)
+    np.testing.assert_allclose(expected, manual.numpy(), rtol=1e-4, atol=1e-5)
+    session = ort.InferenceSession(str(tiny_model_dir / "denoiser.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
+
+
+def test_rerun_is_a_noop_and_changed_weights_rebuild_only_their_stages(tiny_model_dir, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    components = build_components("tiny", seed=0)
+    result = export_model(components, out, sources={"preset": "tiny", "seed": 0}, **SILENT)
+    assert result.unchanged and result.rebuilt == []
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    with torch.no_grad():
+        components.vocoder.conv_post.weight.mul_(1.5)
+    result = export_model(components, out, sources={"preset": "tiny", "seed": 0}, **SILENT)
+    assert result.rebuilt == ["vocoder"]
+    assert set(result.reused) == set(STAGE_ORDER) - {"vocoder"}
+    manifest = _manifest(out)
+    assert manifest["stages"]["vocoder"]["files"]["vocoder.onnx"]["sha256"] == \
+        sha256_file(out / "vocoder.onnx")
+    assert not list(tmp_path.glob(".tiny.*"))
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+    real = exporter_module.check_onnxruntime
+
+    def interrupt_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exporter_module, "check_onnxruntime", interrupt_on_third)
+    components = build_components("tiny", seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(components, tmp_path / "tiny", **SILENT)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_foreign_nonempty_out(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not empty and is not an mmsep model directory"):
+        export_model(build_components("tiny", seed=0), out, **SILENT)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_insufficient_disk(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(exporter_module.shutil, "disk_usage",
+                        lambda path: usage._replace(free=1024))
+    with pytest.raises(UsageError, match="insufficient disk space"):
+        export_model(build_components("tiny", seed=0), tmp_path / "tiny", **SILENT)
+    assert not (tmp_path / "tiny").exists()
+
+
+# ---- the command line --------------------------------------------------------------------
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mmsep.export.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """Tiny random weights in the MMAudio release layout, separation and generation."""
+    root = tmp_path_factory.mktemp("weights")
+    save_components(build_components("tiny", seed=3), root / "sep")
+    save_components(build_components("tiny", separation=False, seed=4), root / "gen")
+    return root
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tiny_weights, tmp_path):
+    text_file = tmp_path / "notes.pth"
+    text_file.write_text("not a checkpoint")
+    vae_as_flow = tiny_weights / "sep/ext_weights/v1-44.pth"
+    cases = [
+        (("--checkpoint", tmp_path / "missing.pt"), "missing.pt: checkpoint not found"),
+        (("--checkpoint", text_file, "--weights-dir", tiny_weights / "sep"),
+         "notes.pth: not a readable"),
+        (("--checkpoint", vae_as_flow, "--weights-dir", tiny_weights / "sep"), "v1-44.pth"),
+        (("--checkpoint", tiny_weights / "sep/weights/mmaudio_tiny.pth",
+          "--weights-dir", tmp_path / "empty"),
+         str(tmp_path / "empty" / "ext_weights" / "v1-44.pth") + ": VAE checkpoint not found"),
+        (("--preset", "nonesuch"), "nonesuch"),
+        (("--preset", "tiny", "--checkpoint", text_file), "either --checkpoint or --preset"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        proc = _cli(*args, "--out", out, "--quiet")
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not out.exists()
+        assert not list(tmp_path.glob(".out.*"))
+
+
+def test_cli_foreign_out_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    proc = _cli("--preset", "tiny", "--out", out, "--quiet")
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert (out / "x").exists()
+
+
+def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights, tmp_path):
+    out = tmp_path / "gen"
+    proc = _cli("--checkpoint", tiny_weights / "gen/weights/mmaudio_tiny.pth",
+                "--weights-dir", tiny_weights / "gen", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert set(summary["stages"]) == set(STAGE_ORDER) - {"mix_encoder"}
+    manifest = _manifest(out)
+    assert manifest["model"]["separation"] is False
+    denoiser_inputs = [t["name"] for t in manifest["stages"]["denoiser"]["spec"]["inputs"]]
+    assert "mix_latent" not in denoiser_inputs
+    flow_file = tiny_weights / "gen/weights/mmaudio_tiny.pth"
+    assert manifest["sources"]["flow"]["sha256"] == sha256_file(flow_file)
+    assert all(s["parity"]["onnxruntime"]["passed"] for s in manifest["stages"].values())

@@ -1,0 +1,124 @@
+"""Torch-free video preprocessing against the PyTorch reference (mmsep.models.video_reference)."""
+
+import numpy as np
+import pytest
+
+from mmsep.runtime.errors import InputError
+from mmsep.runtime.video import VideoGeometry, VideoSource, WindowFrames, sync_image
+from tests.runtime.media import decode_rgb
+
+reference = pytest.importorskip("mmsep.models.video_reference")
+
+WINDOW = 2.0
+
+
+def geometry(window: float = WINDOW) -> VideoGeometry:
+    sync_count = int(window * 25)
+    segments = (sync_count - 16) // 8 + 1
+    return VideoGeometry(clip_fps=8, clip_frames=int(window * 8), clip_size=384, sync_fps=25,
+                         sync_frames=(segments - 1) * 8 + 16, sync_size=224, segment_frames=16,
+                         segment_stride=8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> np.ndarray:
+    """Per-frame PSNR in dB (inf where identical) of (T, ...) arrays."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(peak ** 2 / mse)
+
+
+def reference_window(frames, times, start, g: VideoGeometry):
+    clip = reference.clip_frames(frames, times, WINDOW, start=start).numpy()
+    sync = reference.sync_frames(frames, times, WINDOW, start=start).numpy()[:g.sync_frames]
+    index = np.arange(g.segments)[:, None] * 8 + np.arange(16)[None, :]
+    return clip, sync[index]
+
+
+@pytest.mark.parametrize("name,starts", [("av", [0.0, 1.0, 1.98, 2.5]),
+                                         ("pcm", [0.0, 0.5, 2.5])])
+def test_matches_reference_psnr(media, name, starts):
+    """Per-frame PSNR of the runtime's CLIP and Synchformer inputs against the reference."""
+    path = media[name]
+    frames, times = decode_rgb(path)
+    g = geometry()
+    windows = WindowFrames(VideoSource(path), starts, g)
+    worst = np.inf
+    for start in starts:
+        clip, segments = windows.next_window()
+        ref_clip, ref_segments = reference_window(frames, times, start, g)
+        assert clip.shape == ref_clip.shape == (16, 3, 384, 384) and clip.dtype == np.float32
+        assert segments.shape == ref_segments.shape == (5, 16, 3, 224, 224)
+        assert 0.0 <= clip.min() and clip.max() <= 1.0
+        assert -1.0 <= segments.min() and segments.max() <= 1.0
+        clip_psnr = psnr(clip, ref_clip, 1.0)
+        sync_psnr = psnr(segments.reshape(-1, 3, 224, 224), ref_segments.reshape(-1, 3, 224, 224),
+                         2.0)
+        worst = min(worst, clip_psnr.min(), sync_psnr.min())
+        # PIL and torch's uint8 bicubic round differently on a few pixels (one or two grey
+        # levels); a wrong frame or a misplaced crop would differ by far more
+        assert np.abs(clip - ref_clip).max() <= 2.5 / 255
+        assert np.abs(segments - ref_segments).max() <= 5.0 / 255
+    print(f"{name}: worst per-frame PSNR vs reference {worst:.1f} dB")
+    assert worst >= 35.0
+
+
+def test_decodes_each_frame_once_and_only_as_far_as_needed(media):
+    path = media["av"]  # 3.5 s at 30 fps = 105 frames
+    windows = WindowFrames(VideoSource(path), [0.0, 1.0, 2.0], geometry())
+    windows.next_window()
+    # window 0 needs frames up to its last sync target (47 / 25 s): ~57 frames, not 105
+    assert 55 <= windows.decoded <= 62
+    assert windows._clip.slots[0] is None and windows._sync.slots[0] is None
+    windows.next_window()
+    windows.next_window()
+    assert windows.decoded == 105
+    with pytest.raises(IndexError):
+        windows.next_window()
+
+
+def test_array_input_equals_file_input(media):
+    frames, times = decode_rgb(media["av"])
+    np.testing.assert_allclose(times, np.arange(len(times)) / 30, atol=1e-4)
+    a = WindowFrames(VideoSource.from_array(frames, 30), [0.0, 1.2], geometry())
+    b = WindowFrames(VideoSource(media["av"]), [0.0, 1.2], geometry())
+    for _ in range(2):
+        for x, y in zip(a.next_window(), b.next_window()):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_portrait_crop_matches_reference_offsets():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (301, 200, 3), dtype=np.uint8)
+    out = sync_image(image, 224)
+    h, w = reference.short_side_size(301, 200)
+    top, left = reference.centre_crop_offsets(h, w)
+    torch = pytest.importorskip("torch")
+    ref = reference.resize_uint8(torch.from_numpy(image).permute(2, 0, 1)[None], (h, w))[0]
+    ref = ref.permute(1, 2, 0).numpy()[top:top + 224, left:left + 224]
+    assert out.shape == (224, 224, 3)
+    assert np.abs(out.astype(int) - ref).max() <= 1
+
+
+def test_bad_videos(tmp_path, media):
+    with pytest.raises(InputError, match="file not found"):
+        VideoSource(tmp_path / "nope.mp4")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00not a video at all" * 50)
+    with pytest.raises(InputError, match="junk.mp4: unreadable video"):
+        VideoSource(junk)
+    from tests.runtime.media import tones
+    import soundfile as sf
+
+    wav = tmp_path / "audio.wav"
+    sf.write(wav, tones(0.5, 8000), 8000)
+    with pytest.raises(InputError, match="audio.wav: has no video stream"):
+        VideoSource(wav)
+    with pytest.raises(InputError, match="uint8 RGB"):
+        VideoSource.from_array(np.zeros((3, 8, 8), np.uint8), 25)
+    with pytest.raises(InputError, match="frame rate"):
+        VideoSource.from_array(np.zeros((3, 8, 8, 3), np.uint8), None)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(media["av"].read_bytes()[:3000])
+    with pytest.raises(InputError, match="truncated.mp4"):
+        source = VideoSource(truncated)
+        WindowFrames(source, [0.0], geometry()).next_window()
