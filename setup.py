@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mmsep", "mmsep.*"]),
-    package_data={"mmsep.runtime": ["data/*"]},
+    package_data={"mmsep.runtime": ["data/*"], "mmsep.export": ["data/*.json"]},
     # The runtime needs no torch.
     install_requires=[
         "numpy>=1.24",
@@ -41,10 +41,11 @@ setup(
             "onnxscript>=0.1",
             "onnxruntime>=1.18",
         ],
+        # independent references used by the tests: librosa's mel filters, scipy's FIR design
         "test": [
             "pytest>=7",
-            "av>=12",
-            "soundfile>=0.12",
+            "librosa>=0.10",
+            "scipy>=1.10",
         ],
     },
 )

@@ -1,5 +1,7 @@
 import pytest
 
+from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
+
 
 @pytest.fixture(autouse=True)
 def _seed_torch():
@@ -12,13 +14,19 @@ def _seed_torch():
     yield
 
 
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """The tiny preset exported once per test session (about a minute on 2 cores)."""
+    """The tiny preset (random weights, seed 0, 2 s windows) exported once per test session."""
+    pytest.importorskip("torch", reason="exporting the test model needs torch")
+    import torch
+
     from mmsep.export.exporter import export_model
     from mmsep.models import build_components
 
     out = tmp_path_factory.mktemp("models") / "tiny"
-    export_model(build_components("tiny", seed=0), out, sources={"preset": "tiny", "seed": 0},
-                 log=lambda msg: None)
+    with torch.no_grad():
+        export_model(build_components("tiny", duration=TINY_WINDOW_SECONDS, seed=TINY_SEED), out,
+                     sources={"preset": "tiny", "seed": TINY_SEED}, log=lambda msg: None)
     return out

@@ -2,6 +2,11 @@
 
 import numpy as np
 
+# The shared test model (tests/conftest.py) uses 2 s windows: every code path is the same as at
+# 8 s, at a quarter of the cost.
+TINY_WINDOW_SECONDS = 2.0
+TINY_SEED = 0
+
 
 def rel_l2(a, b) -> float:
     """Relative L2 error of ``a`` against the reference ``b`` (computed in float64)."""

@@ -129,8 +129,11 @@ def read_audio_track(path: Path) -> tuple[np.ndarray, int] | None:
 
 
 def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, *,
-                format: str = "wav", subtype: str = "PCM_16") -> Path:
-    """Write mono ``audio`` (L,) atomically; PCM subtypes are clipped to [-1, 1] first."""
+                format: str = "wav", subtype: str = "PCM_16", atomic: bool = True) -> Path:
+    """Write mono ``audio`` (L,); PCM subtypes are clipped to [-1, 1] first.
+
+    ``atomic``: write a temporary file beside ``path`` and rename it into place when complete
+    (False when the caller manages the temporary file itself)."""
     import soundfile as sf
 
     path = Path(path)
@@ -143,6 +146,10 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, *,
         raise InputError("FLAC cannot store FLOAT samples; use --subtype PCM_16 or PCM_24")
     if subtype != "FLOAT":
         audio = np.clip(audio, -1.0, 1.0)
+    if not atomic:
+        sf.write(str(path), np.asarray(audio, np.float32), sample_rate, format=fmt,
+                 subtype=subtype)
+        return path
     with atomic_output(path) as tmp:
         sf.write(str(tmp), np.asarray(audio, np.float32), sample_rate, format=fmt,
                  subtype=subtype)

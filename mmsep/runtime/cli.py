@@ -7,6 +7,7 @@ into place only when complete, so a failed or interrupted run leaves no output b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -39,9 +40,9 @@ PROG = "mmsep-run"
 @click.option("--duration", type=click.FloatRange(0.1, 36000.0),
               help="Length in seconds of generated audio without a video (default: one window).")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Output audio file (default: <input name>_separated.<format> in the current "
-                   "directory). With several --text: <stem>_<k><suffix>, k = 0, 1, ... in "
-                   "--text order.")
+              help="Output audio file (default: <mix or video name>_separated.<format>, or "
+                   "generated.<format>, in the current directory). With several --text: "
+                   "<stem>_<k><suffix>, k = 0, 1, ... in --text order.")
 @click.option("--format", "fmt", type=click.Choice(["wav", "flac"]),
               help="Output format (default: from the --output suffix, else wav).")
 @click.option("--subtype", type=click.Choice(["PCM_16", "PCM_24", "FLOAT"]), default="PCM_16",
@@ -62,6 +63,9 @@ PROG = "mmsep-run"
               help="Inference backend; auto picks ONNX Runtime CUDA when available, else CPU.")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the SHA-256 check of the model files at load (sizes are still "
+                   "checked); saves seconds on multi-GB models.")
 @click.option("--mux", type=click.Path(path_type=Path),
               help="Also write this video file (e.g. out.mp4): the input video stream copied "
                    "without re-encoding plus the separated audio as AAC (one track per text).")
@@ -70,14 +74,14 @@ PROG = "mmsep-run"
                    "real-time factor.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary output.")
 def cli(model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
-        steps, cfg, seed, overlap, max_batch, backend, threads, mux, as_json, quiet):
+        steps, cfg, seed, overlap, max_batch, backend, threads, no_verify, mux, as_json, quiet):
     """Separate the sound of a video / text query from a mixture (or generate it) with an
     exported MMAudioSep model, without PyTorch."""
     summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
                   negative_text=negative_text, generate=generate, duration=duration,
                   output=output, fmt=fmt, subtype=subtype, steps=steps, cfg=cfg, seed=seed,
                   overlap=overlap, max_batch=max_batch, backend=backend, threads=threads,
-                  mux_path=mux, show_progress=not (quiet or as_json))
+                  verify=not no_verify, mux_path=mux, show_progress=not (quiet or as_json))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -88,8 +92,9 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
 
 
 def run(*, model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
-        steps, cfg, seed, overlap, max_batch, backend, threads, mux_path,
-        show_progress) -> dict:
+        steps, cfg, seed, overlap, max_batch, backend, threads, verify=True, mux_path=None,
+        show_progress=True) -> dict:
+    from .atomic import atomic_output
     from .audio import write_audio
     from .errors import InputError
     from .separator import Separator
@@ -111,7 +116,8 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
             raise InputError(f"{path}: output directory {path.parent} does not exist")
 
     started = time.perf_counter()
-    sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap, threads=threads)
+    sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap, threads=threads,
+                    verify=verify)
     load_s = time.perf_counter() - started
     with sep:
         bar = None
@@ -133,17 +139,23 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
         finally:
             if bar is not None:
                 bar.close()
-        started = time.perf_counter()
-        for path, stem in zip(paths, result.audio):
-            write_audio(path, stem, result.sample_rate, format=fmt, subtype=subtype)
-        write_s = time.perf_counter() - started
-        mux_s = 0.0
-        if mux_path is not None:
-            from .mux import mux
-
+        # every output goes to a temporary file first; all are renamed into place together
+        # at the end, so a failure or Ctrl-C anywhere leaves none of them behind
+        with contextlib.ExitStack() as outputs:
             started = time.perf_counter()
-            mux(video, result.audio, result.sample_rate, mux_path, titles=texts)
-            mux_s = time.perf_counter() - started
+            for path, stem in zip(paths, result.audio):
+                tmp = outputs.enter_context(atomic_output(path))
+                write_audio(tmp, stem, result.sample_rate, format=fmt, subtype=subtype,
+                            atomic=False)
+            write_s = time.perf_counter() - started
+            mux_s = 0.0
+            if mux_path is not None:
+                from .mux import mux
+
+                started = time.perf_counter()
+                tmp = outputs.enter_context(atomic_output(mux_path))
+                mux(video, result.audio, result.sample_rate, tmp, titles=texts, atomic=False)
+                mux_s = time.perf_counter() - started
     total_s = time.perf_counter() - total_started
     timings = {"load": load_s, **result.timings, "write": write_s, "mux": mux_s,
                "total": total_s}
@@ -163,8 +175,8 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
 def _output_paths(output, fmt, n_texts, mix, video) -> list[Path]:
     if output is None:
         source = mix or video
-        stem = Path(source).stem if source is not None else "generated"
-        output = Path(f"{stem}_separated.{fmt or 'wav'}")
+        name = f"{Path(source).stem}_separated" if source is not None else "generated"
+        output = Path(f"{name}.{fmt or 'wav'}")
     output = Path(output)
     if not output.suffix:
         output = output.with_suffix(f".{fmt or 'wav'}")

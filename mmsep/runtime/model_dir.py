@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +159,7 @@ class ModelDir:
                 with np.load(path, allow_pickle=False) as data:
                     empty = {key: np.ascontiguousarray(data[key], dtype=np.float32)
                              for key in _EMPTY_KEYS}
-            except (OSError, KeyError, ValueError) as exc:
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
                 raise ModelDirError(f"{path}: unreadable empty features ({exc})") from None
             spec = self.specs["conditioner"]
             for key, value in empty.items():

@@ -18,27 +18,37 @@ _CHUNK_SECONDS = 0.5  # audio is encoded in chunks interleaved with the video pa
 
 def mux(video: str | os.PathLike, tracks: np.ndarray, sample_rate: int,
         out: str | os.PathLike, *, titles: Sequence[str | None] = (),
-        bitrate: int = 192_000) -> Path:
+        bitrate: int = 192_000, atomic: bool = True) -> Path:
     """Copy ``video``'s first video stream into ``out`` and add ``tracks`` (n, L) float32 as AAC.
 
-    The original audio tracks are not carried over. ``titles`` name the new tracks.
+    The original audio tracks are not carried over. ``titles`` name the new tracks. ``atomic``:
+    write beside ``out`` and rename when complete (False when the caller manages that).
     """
+    out = Path(out)
+    if not atomic:
+        _mux(video, tracks, sample_rate, out, out, titles, bitrate)
+        return out
+    with atomic_output(out) as tmp:
+        _mux(video, tracks, sample_rate, tmp, out, titles, bitrate)
+    return out
+
+
+def _mux(video, tracks, sample_rate, path: Path, target: Path, titles, bitrate) -> None:
     import av
 
-    out = Path(out)
     tracks = np.atleast_2d(np.asarray(tracks, np.float32))
     try:
         source = av.open(str(video))
     except (av.FFmpegError, OSError) as exc:
         raise InputError(f"{video}: unreadable video ({exc})") from None
-    with source, atomic_output(out) as tmp:
+    with source:
         vin = next((s for s in source.streams if s.type == "video"), None)
         if vin is None:
             raise InputError(f"{video}: has no video stream to mux")
         try:
-            sink = av.open(str(tmp), "w", format=_format_for(out))
+            sink = av.open(str(path), "w", format=_format_for(target))
         except (av.FFmpegError, ValueError) as exc:
-            raise InputError(f"{out}: cannot write this container ({exc})") from None
+            raise InputError(f"{target}: cannot write this container ({exc})") from None
         with sink:
             vout = sink.add_stream_from_template(vin)
             encoders = []
@@ -63,7 +73,6 @@ def mux(video: str | os.PathLike, tracks: np.ndarray, sample_rate: int,
             for enc in encoders:
                 for apacket in enc.encode_until(None):
                     sink.mux(apacket)
-    return out
 
 
 class _AacTrack:

@@ -139,6 +139,9 @@ class Separator:
         timings["decode"] += time.perf_counter() - started
 
         sr = info.sample_rate
+        if mixture is not None and duration is not None:
+            raise InputError("duration sets the length of generated audio; with a mixture the "
+                             "output has the mixture's length")
         if mixture is not None:
             length = mixture.size
         elif duration is not None:

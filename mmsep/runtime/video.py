@@ -262,13 +262,14 @@ class WindowFrames:
         g = self.geometry
         clip = np.stack(clip_images).transpose(0, 3, 1, 2).astype(np.float32)
         clip *= np.float32(1.0 / 255)
-        frames = np.stack(sync_images).transpose(0, 3, 1, 2).astype(np.float32)
-        frames *= np.float32(1.0 / 255)
-        frames -= np.float32(0.5)
-        frames /= np.float32(0.5)
+        # gather the overlapping segments while still uint8, then convert once
         index = (np.arange(g.segments)[:, None] * g.segment_stride
                  + np.arange(g.segment_frames)[None, :])
-        return clip, frames[index]
+        segments = np.stack(sync_images)[index].transpose(0, 1, 4, 2, 3).astype(np.float32)
+        segments *= np.float32(1.0 / 255)
+        segments -= np.float32(0.5)
+        segments /= np.float32(0.5)
+        return clip, segments
 
 
 def _one_line(exc: BaseException) -> str:

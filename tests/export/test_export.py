@@ -19,8 +19,15 @@ from mmsep.export.onnx_graph import check_graph, tensorrt_operator_table
 from mmsep.export.wrappers import stage_specs
 from mmsep.models import build_components, save_components
 from mmsep.stages import STAGE_ORDER, StageSpec
+from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
 
 SILENT = dict(log=lambda msg: None)
+SOURCES = {"preset": "tiny", "seed": TINY_SEED}
+
+
+def _tiny(**kwargs):
+    """The components of the shared test model (tests/conftest.py)."""
+    return build_components("tiny", duration=TINY_WINDOW_SECONDS, seed=TINY_SEED, **kwargs)
 
 
 def _manifest(directory):
@@ -51,15 +58,18 @@ def test_every_stage_exported_checked_and_hashed(tiny_model_dir):
 def test_manifest_describes_the_model(tiny_model_dir):
     manifest = _manifest(tiny_model_dir)
     model = manifest["model"]
-    assert model["sample_rate"] == 44100 and model["window_samples"] == 353280
-    assert model["latent_shape"] == [345, 40] and model["separation"] is True
+    # 2 s windows: ceil(2 * 44100 / 1024) = 87 latents of 1024 samples
+    assert model["sample_rate"] == 44100 and model["window_samples"] == 87 * 1024
+    assert model["latent_shape"] == [87, 40] and model["separation"] is True
     assert (model["default_steps"], model["default_cfg"]) == (25, 4.5)
-    assert manifest["sources"] == {"preset": "tiny", "seed": 0}
+    assert manifest["sources"] == SOURCES
+    geometry = manifest["geometry"]
+    assert (geometry["clip_len"], geometry["sync_segments"], geometry["mel_frames"]) == (16, 5, 174)
     for role in ("empty_features", "tokenizer"):
         meta = manifest["files"][role]
         assert sha256_file(tiny_model_dir / meta["file"]) == meta["sha256"]
     # the manifest's contracts are exactly the package's for these components
-    components = build_components("tiny", seed=0)
+    components = _tiny()
     expected = stage_specs(components, max_batch=model["max_batch"])
     assert {n: StageSpec.from_json(s["spec"]) for n, s in manifest["stages"].items()} == expected
     empty = np.load(tiny_model_dir / "empty_features.npz")
@@ -76,7 +86,7 @@ def test_onnx_graph_matches_module_at_another_batch(tiny_model_dir):
     from mmsep.export.example_inputs import example_inputs
     from mmsep.export.wrappers import stage_modules
 
-    components = build_components("tiny", seed=0)
+    components = _tiny()
     spec = stage_specs(components)["denoiser"]
     module = stage_modules(components)["denoiser"]
     inputs = example_inputs(spec, 1, seed=7)
@@ -103,14 +113,14 @@ def test_rerun_is_a_noop_and_changed_weights_rebuild_only_their_stages(tiny_mode
     out = tmp_path / "tiny"
     shutil.copytree(tiny_model_dir, out)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    components = build_components("tiny", seed=0)
-    result = export_model(components, out, sources={"preset": "tiny", "seed": 0}, **SILENT)
+    components = _tiny()
+    result = export_model(components, out, sources=SOURCES, **SILENT)
     assert result.unchanged and result.rebuilt == []
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
     with torch.no_grad():
         components.vocoder.conv_post.weight.mul_(1.5)
-    result = export_model(components, out, sources={"preset": "tiny", "seed": 0}, **SILENT)
+    result = export_model(components, out, sources=SOURCES, **SILENT)
     assert result.rebuilt == ["vocoder"]
     assert set(result.reused) == set(STAGE_ORDER) - {"vocoder"}
     manifest = _manifest(out)
@@ -130,7 +140,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(exporter_module, "check_onnxruntime", interrupt_on_third)
-    components = build_components("tiny", seed=0)
+    components = _tiny()
     with pytest.raises(KeyboardInterrupt):
         export_model(components, tmp_path / "tiny", **SILENT)
     assert list(tmp_path.iterdir()) == []
@@ -141,7 +151,7 @@ def test_refuses_foreign_nonempty_out(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="not empty and is not an mmsep model directory"):
-        export_model(build_components("tiny", seed=0), out, **SILENT)
+        export_model(_tiny(), out, **SILENT)
     assert (out / "notes.txt").read_text() == "mine"
 
 
@@ -150,7 +160,7 @@ def test_insufficient_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(exporter_module.shutil, "disk_usage",
                         lambda path: usage._replace(free=1024))
     with pytest.raises(UsageError, match="insufficient disk space"):
-        export_model(build_components("tiny", seed=0), tmp_path / "tiny", **SILENT)
+        export_model(_tiny(), tmp_path / "tiny", **SILENT)
     assert not (tmp_path / "tiny").exists()
 
 
@@ -209,7 +219,7 @@ def test_cli_foreign_out_needs_force(tmp_path):
 def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights, tmp_path):
     out = tmp_path / "gen"
     proc = _cli("--checkpoint", tiny_weights / "gen/weights/mmaudio_tiny.pth",
-                "--weights-dir", tiny_weights / "gen", "--out", out, "--json")
+                "--weights-dir", tiny_weights / "gen", "--out", out, "--json", "--duration", 2)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert set(summary["stages"]) == set(STAGE_ORDER) - {"mix_encoder"}

@@ -16,15 +16,6 @@ from tests.helpers import rel_l2
 UPSTREAM_PARAMS = {"small_16k": 157_283_644, "large_44k_v2": 1_030_575_608}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tiny-preset ops: intra-op threads on a shared 2-core runner cost 3x more than they give
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def count(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 

@@ -13,15 +13,6 @@ from mmsep.models.io import CheckpointError
 from tests.helpers import rel_l2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tiny-preset ops: intra-op threads on a shared 2-core runner cost 3x more than they give
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def meta_state(preset, separation: bool) -> dict:
     with torch.device("meta"):

@@ -10,15 +10,6 @@ from mmsep.models.sampler import initial_noise, sample
 from tests.helpers import rel_l2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tiny-preset ops: intra-op threads on a shared 2-core runner cost 3x more than they give
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def net():
     return build("tiny", separation=True, seed=0).eval()

@@ -14,32 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.media import make_video
-
-WINDOW_SECONDS = 2.0
-SEED = 0
+from mmsep.runtime.example import make_video
+from tests.helpers import TINY_WINDOW_SECONDS as WINDOW_SECONDS
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(request) -> Path:
     given = os.environ.get("MMSEP_TEST_MODEL_DIR")
     if given:
         path = Path(given)
         model = json.loads((path / "manifest.json").read_text())["model"]
         assert model["preset"] == "tiny" and model["window_seconds"] == WINDOW_SECONDS, \
-            f"MMSEP_TEST_MODEL_DIR must hold the tiny preset exported with --duration {WINDOW_SECONDS}"
+            "MMSEP_TEST_MODEL_DIR must hold the tiny preset exported with " \
+            f"--duration {WINDOW_SECONDS}"
         return path
-    pytest.importorskip("torch", reason="exporting the test model needs torch")
-    import torch
-
-    from mmsep.export.exporter import export_model
-    from mmsep.models import build_components
-
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    with torch.no_grad():
-        export_model(build_components("tiny", duration=WINDOW_SECONDS, seed=SEED), out,
-                     log=lambda message: None)
-    return out
+    return request.getfixturevalue("tiny_model_dir")  # tests/conftest.py: exported once
 
 
 @pytest.fixture(scope="session")

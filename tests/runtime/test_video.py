@@ -106,7 +106,7 @@ def test_bad_videos(tmp_path, media):
     junk.write_bytes(b"\x00not a video at all" * 50)
     with pytest.raises(InputError, match="junk.mp4: unreadable video"):
         VideoSource(junk)
-    from tests.runtime.media import tones
+    from mmsep.runtime.example import tones
     import soundfile as sf
 
     wav = tmp_path / "audio.wav"

@@ -1,0 +1,138 @@
+"""Audio reading (soundfile and PyAV), downmix, resampling, mixture checks, atomic writing."""
+
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mmsep.runtime import audio
+from mmsep.runtime.errors import InputError
+
+SR = 44100
+
+
+def sine(freq, seconds, rate, amp=0.5):
+    t = np.arange(int(seconds * rate)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt,subtype,suffix", [("WAV", "PCM_16", ".wav"),
+                                                ("FLAC", "PCM_24", ".flac"),
+                                                ("OGG", "VORBIS", ".ogg")])
+def test_read_formats_downmix_and_resample(tmp_path, fmt, subtype, suffix):
+    rate = 48000
+    left, right = sine(1000, 1.0, rate, 0.4), sine(1000, 1.0, rate, 0.2)
+    path = tmp_path / f"stereo{suffix}"
+    sf.write(path, np.stack([left, right], axis=1), rate, format=fmt, subtype=subtype)
+    out = audio.read_audio(path, SR)
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert abs(out.size - SR) <= 1
+    # mean of the channels, resampled: a 1 kHz sine of amplitude 0.3 at 44.1 kHz
+    expected = sine(1000, 1.0, SR, 0.3)[:out.size]
+    core = slice(2000, out.size - 2000)  # away from the resampler's edges
+    tol = 2e-3 if fmt != "OGG" else 2e-2  # Vorbis is lossy
+    assert np.max(np.abs(out[core] - expected[core])) < tol
+
+
+def test_media_audio_track_via_pyav(media):
+    out = audio.read_audio(media["av"], SR)  # AAC in MP4: not a libsndfile format
+    assert abs(out.size / SR - 3.5) < 0.1
+    spectrum = np.abs(np.fft.rfft(out[:SR]))
+    freqs = np.fft.rfftfreq(SR, 1 / SR)
+    peaks = sorted(freqs[np.argsort(spectrum)[-2:]])
+    np.testing.assert_allclose(peaks, [330, 550], atol=2)  # both channels' tones survive
+    pcm = audio.read_audio(media["pcm"], SR)  # PCM in MKV
+    assert abs(pcm.size / SR - 1.5) < 0.05
+
+
+def test_no_audio_track_and_corrupt_files(tmp_path, media):
+    with pytest.raises(InputError, match="silent.mp4: has no audio track"):
+        audio.read_audio(media["silent_video"], SR)
+    with pytest.raises(InputError, match="file not found"):
+        audio.read_audio(tmp_path / "missing.wav", SR)
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 10)
+    with pytest.raises(InputError, match="junk.wav"):
+        audio.read_audio(junk, SR)
+    text = tmp_path / "notes.txt"
+    text.write_text("not audio\n" * 100)
+    # FFmpeg opens text as ANSI art (a video stream), so this one has no audio track
+    with pytest.raises(InputError, match="notes.txt: (unreadable media file|has no audio track)"):
+        audio.read_audio(text, SR)
+
+
+def test_clipping_warns_and_clips(tmp_path):
+    data = sine(440, 0.5, SR, 1.5)
+    path = tmp_path / "loud.wav"
+    sf.write(path, data, SR, subtype="FLOAT")
+    with pytest.warns(UserWarning, match=r"loud.wav: \d+ samples outside \[-1, 1\] were clipped"):
+        out = audio.read_audio(path, SR)
+    assert out.max() == 1.0 and out.min() == -1.0
+
+
+def test_nan_rejected(tmp_path):
+    data = sine(440, 0.5, SR)
+    data[100] = np.nan
+    data[200] = np.inf
+    path = tmp_path / "nan.wav"
+    sf.write(path, data, SR, subtype="FLOAT")
+    with pytest.raises(InputError, match="nan.wav: 2 NaN or infinite audio samples"):
+        audio.read_audio(path, SR)
+
+
+def test_mixture_checks():
+    with pytest.raises(InputError, match=r"0\.050 s long; the minimum is 0\.1 s"):
+        audio.check_mixture(sine(440, 0.05, SR), SR, name="m")
+    with pytest.raises(InputError, match="silent"):
+        audio.check_mixture(np.zeros(SR, np.float32), SR, name="m")
+    with pytest.raises(InputError, match="silent"):
+        audio.check_mixture(np.full(SR, 1e-6, np.float32), SR, name="m")
+    audio.check_mixture(sine(440, 0.1, SR, 1e-3), SR, name="m")
+
+
+def test_array_prepare():
+    stereo = np.stack([sine(440, 0.2, SR), -sine(440, 0.2, SR)], axis=1)
+    assert not audio.prepare(stereo, SR, SR, name="a").any()  # opposite channels cancel
+    with pytest.raises(InputError, match="floating point"):
+        audio.prepare(np.zeros(10, np.int16), SR, SR, name="a")
+    with pytest.raises(InputError, match="shape"):
+        audio.prepare(np.zeros((2, 2, 2), np.float32), SR, SR, name="a")
+
+
+@pytest.mark.parametrize("fmt,subtype", [("wav", "PCM_16"), ("wav", "FLOAT"), ("flac", "PCM_24")])
+def test_write_atomic(tmp_path, fmt, subtype):
+    data = sine(440, 0.3, SR, 1.2)
+    path = tmp_path / f"out.{fmt}"
+    audio.write_audio(path, data, SR, format=fmt, subtype=subtype)
+    back, rate = sf.read(path, dtype="float32")
+    assert rate == SR and back.shape == data.shape
+    if subtype == "FLOAT":
+        np.testing.assert_array_equal(back, data)
+    else:  # PCM is clipped, not wrapped around
+        assert back.max() <= 1.0 and back.min() >= -1.0
+        np.testing.assert_allclose(back, np.clip(data, -1, 1), atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_write_interrupted_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "out.wav"
+
+    def broken(file, *args, **kwargs):
+        with open(file, "wb") as fh:
+            fh.write(b"RIFF partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sf, "write", broken)
+    with pytest.raises(KeyboardInterrupt):
+        audio.write_audio(path, sine(440, 0.1, SR), SR)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flac_float_rejected(tmp_path):
+    with pytest.raises(InputError, match="FLAC cannot store FLOAT"):
+        audio.write_audio(tmp_path / "x.flac", np.zeros(10, np.float32), SR, format="flac",
+                          subtype="FLOAT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not list(tmp_path.iterdir())

@@ -1,0 +1,103 @@
+"""ONNX Runtime backend: IO-binding runs against plain sessions, the device loop, errors."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from mmsep.runtime.backends import OrtBackend, create_backend, cuda_available
+from mmsep.runtime.errors import BackendError, BackendUnavailable
+from mmsep.runtime.model_dir import ModelDir
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return ModelDir(model_dir)
+
+
+@pytest.fixture(scope="module")
+def backend(model):
+    with OrtBackend(model, "cpu") as b:
+        yield b
+
+
+def random_inputs(spec, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in spec.inputs:
+        shape = t.concrete(batch)
+        out[t.name] = (rng.integers(0, 1000, shape) if t.dtype == "int64"
+                       else rng.standard_normal(shape).astype(np.float32))
+    return out
+
+
+@pytest.mark.parametrize("stage,batch", [("conditioner", 3), ("denoiser", 2),
+                                         ("vae_decoder", 1), ("clip_text", 2)])
+def test_run_matches_a_plain_session(model, backend, stage, batch):
+    spec = model.specs[stage]
+    inputs = random_inputs(spec, batch)
+    plain = ort.InferenceSession(str(model.onnx_path(stage)), providers=["CPUExecutionProvider"])
+    want = dict(zip(spec.output_names, plain.run(None, inputs)))
+    got = backend.run(stage, inputs)
+    for name in spec.output_names:
+        assert got[name].shape == spec.tensor(name).concrete(batch)
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    # device values chain into the next run and come back unchanged
+    on_device = backend.run(stage, inputs, on_device=True)
+    for name in spec.output_names:
+        np.testing.assert_array_equal(backend.to_host(on_device[name]), got[name])
+
+
+def test_sample_equals_a_host_loop(model, backend):
+    spec = model.specs["denoiser"]
+    batch, steps, cfg = 2, 3, 2.5
+    inputs = random_inputs(model.specs["conditioner"], batch, seed=1)
+    conditioning = backend.run("conditioner", inputs)
+    rng = np.random.default_rng(2)
+    x0 = rng.standard_normal(spec.tensor("x").concrete(batch)).astype(np.float32)
+    mix = rng.standard_normal(x0.shape).astype(np.float32)
+    x = x0
+    for i in range(steps):
+        x = backend.run("denoiser", {**conditioning, "x": x, "mix_latent": mix,
+                                     "t": np.full(batch, i / steps, np.float32),
+                                     "dt": np.full(batch, 1 / steps, np.float32),
+                                     "cfg": np.full(batch, cfg, np.float32)})["x_next"]
+    device_cond = backend.run("conditioner", inputs, on_device=True)
+    got = backend.to_host(backend.sample(x0, mix, device_cond, steps, cfg))
+    np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, x0)
+
+
+def test_input_errors_name_the_stage(backend, model):
+    inputs = random_inputs(model.specs["vae_decoder"], 1)
+    with pytest.raises(BackendError, match=r"stage 'vae_decoder': input 'latent' has shape "
+                                           r"\(1, 86, 40\), expected \(1, 87, 40\)"):
+        backend.run("vae_decoder", {"latent": inputs["latent"][:, :86]})
+    with pytest.raises(BackendError, match="stage 'vae_decoder': input 'latent' is float64"):
+        backend.run("vae_decoder", {"latent": inputs["latent"].astype(np.float64)})
+    with pytest.raises(BackendError, match=r"stage 'vae_decoder': inputs missing \['latent'\]"):
+        backend.run("vae_decoder", {"mel": inputs["latent"]})
+    with pytest.raises(BackendError, match="stage 'nope': this model has no such stage"):
+        backend.run("nope", {})
+
+
+def test_broken_graph_is_reported_with_its_stage(model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    (copy / "vocoder.onnx").write_bytes(b"\x00" * (copy / "vocoder.onnx").stat().st_size)
+    with OrtBackend(ModelDir(copy, verify=False), "cpu") as b:
+        with pytest.raises(BackendError, match="stage 'vocoder': cannot load vocoder.onnx"):
+            b.run("vocoder", {"mel": np.zeros((1, 128, 174), np.float32)})
+
+
+def test_backend_selection(model):
+    with pytest.raises(BackendUnavailable, match="TensorRT backend not available in this build"):
+        create_backend(model, "trt")
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        create_backend(model, "tpu")
+    auto = create_backend(model, "auto")
+    assert auto.name == ("ort-cuda" if cuda_available() else "ort-cpu")
+    if not cuda_available():
+        with pytest.raises(BackendUnavailable, match="CUDA provider is not available"):
+            create_backend(model, "ort-cuda")

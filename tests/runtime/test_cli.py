@@ -1,0 +1,215 @@
+"""mmsep-run: outputs, --mux, --json, naming; every bad input -> exit 2, one line, no output."""
+
+import json
+import shutil
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mmsep.runtime.cli import main
+from mmsep.runtime.example import tones
+
+SR = 44100
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def video_packets(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [(bytes(p), p.pts, p.is_keyframe) for p in container.demux(stream)
+                if p.dts is not None], stream.codec_context.name
+
+
+def test_video_text_mux_json(model_dir, media, tmp_path, capsys):
+    out, muxed = tmp_path / "dog.wav", tmp_path / "dog.mp4"
+    code, stdout, stderr = run_cli(["--model", model_dir, "--video", media["av"], "--text",
+                                    "a dog", "--steps", 1, "-o", out, "--mux", muxed, "--json"],
+                                   capsys)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["outputs"] == [str(out)] and summary["mux"] == str(muxed)
+    assert summary["backend"] == "ort-cpu" and summary["mode"] == "separation"
+    assert set(summary["timings_s"]) >= {"load", "decode", "features", "conditioning",
+                                         "sampling", "vae_decode", "vocode", "write", "total"}
+    assert summary["real_time_factor"] > 0 and summary["windows"] == 3
+    audio, rate = sf.read(out, dtype="float32")
+    assert rate == SR and audio.size == round(summary["audio_seconds"] * SR)
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+    # the video stream is copied packet for packet, the separated audio added as AAC
+    original, codec = video_packets(media["av"])
+    copied, copied_codec = video_packets(muxed)
+    assert copied_codec == codec and len(copied) == len(original)
+    assert [p[0] for p in copied] == [p[0] for p in original]
+    assert [p[2] for p in copied] == [p[2] for p in original]
+    with av.open(str(muxed)) as container:
+        (stream,) = container.streams.audio
+        assert stream.codec_context.name == "aac" and stream.rate == SR
+        # the MP4 muxer stores the title in the track's name
+        assert "a dog" in (stream.metadata.get("title"), stream.metadata.get("name"))
+        decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)])
+    assert abs(decoded.size - audio.size) < 4096  # AAC frames round up; priming is trimmed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dog.mp4", "dog.wav"]
+
+
+def test_multi_text_naming_flac_and_default_names(model_dir, tmp_path, capsys, monkeypatch):
+    mix = tmp_path / "street.wav"
+    sf.write(mix, tones(1.2, 48000), 48000)
+    code, _, stderr = run_cli(["--model", model_dir, "--mix", mix, "--text", "car", "--text",
+                               "bird", "--steps", 1, "-o", tmp_path / "sep.flac",
+                               "--subtype", "PCM_24", "--quiet"], capsys)
+    assert code == 0 and stderr == ""
+    for k in (0, 1):
+        info = sf.info(tmp_path / f"sep_{k}.flac")
+        assert info.format == "FLAC" and info.subtype == "PCM_24" and info.samplerate == SR
+        assert info.frames == round(1.2 * SR)
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli(["--model", model_dir, "--mix", mix, "--steps", 1], capsys)
+    assert code == 0 and "wrote street_separated.wav" in stderr
+    code, _, _ = run_cli(["--model", model_dir, "--text", "wind", "--duration", 0.3, "--steps",
+                          1, "-q"], capsys)
+    assert code == 0 and sf.info(tmp_path / "generated.wav").frames == round(0.3 * SR)
+
+
+def _tampered(model_dir, tmp_path):
+    copy = tmp_path / "tampered"
+    shutil.copytree(model_dir, copy)
+    data = bytearray((copy / "vocoder.onnx").read_bytes())
+    data[100] ^= 1
+    (copy / "vocoder.onnx").write_bytes(bytes(data))
+    return copy
+
+
+def _incomplete(model_dir, tmp_path):
+    copy = tmp_path / "incomplete"
+    shutil.copytree(model_dir, copy)
+    (copy / "sync.onnx").unlink()
+    return copy
+
+
+def _wav(tmp_path, name, data):
+    path = tmp_path / name
+    sf.write(path, data, SR, subtype="FLOAT")
+    return path
+
+
+BAD = {
+    "missing video": (lambda t, m: ["--video", t / "nope.mp4"], "nope.mp4: file not found"),
+    "corrupt video": (lambda t, m: ["--video", _junk(t)], "junk.mp4: unreadable"),
+    "truncated video": (lambda t, m: ["--video", _truncated(t, m)], "cut.mp4"),
+    "audio as video": (lambda t, m: ["--video", _wav(t, "a.wav", tones(1, SR))],
+                       "a.wav: has no video stream"),
+    "no audio track": (lambda t, m: ["--video", m["silent_video"]], "no audio track"),
+    "missing mix": (lambda t, m: ["--mix", t / "nope.wav"], "nope.wav: file not found"),
+    "empty text": (lambda t, m: ["--mix", _wav(t, "a.wav", tones(1, SR)), "--text", " "],
+                   "text is empty"),
+    "nan mix": (lambda t, m: ["--mix", _wav(t, "n.wav", np.full(SR, np.nan, np.float32))],
+                "NaN or infinite"),
+    "silent mix": (lambda t, m: ["--mix", _wav(t, "s.wav", np.zeros(SR, np.float32))],
+                   "silent"),
+    "short mix": (lambda t, m: ["--mix", _wav(t, "s.wav", tones(0.05, SR))],
+                  "minimum is 0.1 s"),
+    "no model": (lambda t, m: ["--model", t / "none", "--text", "x"], "does not exist"),
+    "tampered model": (lambda t, m: ["--model", _tampered(m["model"], t), "--text", "x"],
+                       "tampered or incomplete"),
+    "incomplete model": (lambda t, m: ["--model", _incomplete(m["model"], t), "--text", "x"],
+                         "missing file sync.onnx"),
+    "steps": (lambda t, m: ["--text", "x", "--steps", 0], "--steps"),
+    "cfg": (lambda t, m: ["--text", "x", "--cfg", -1], "--cfg"),
+    "seed": (lambda t, m: ["--text", "x", "--seed", -1], "--seed"),
+    "overlap": (lambda t, m: ["--text", "x", "--overlap", 1.5], "overlap must be between"),
+    "max batch": (lambda t, m: ["--text", "x", "--max-batch", 0], "--max-batch"),
+    "flac float": (lambda t, m: ["--text", "x", "--format", "flac", "--subtype", "FLOAT"],
+                   "FLAC cannot store FLOAT"),
+    "trt": (lambda t, m: ["--text", "x", "--backend", "trt"],
+            "TensorRT backend not available in this build"),
+    "mux without video": (lambda t, m: ["--text", "x", "--mux", t / "o.mp4"],
+                          "--mux needs --video"),
+    "unknown option": (lambda t, m: ["--text", "x", "--bogus"], "No such option"),
+    "missing out dir": (lambda t, m: ["--text", "x", "-o", t / "no" / "o.wav"],
+                        "does not exist"),
+}
+
+
+def _junk(tmp_path):
+    path = tmp_path / "junk.mp4"
+    path.write_bytes(b"\x00\x01garbage" * 100)
+    return path
+
+
+def _truncated(tmp_path, media):
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(media["av"].read_bytes()[:4000])
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exit_2_one_line_no_output(case, model_dir, media, tmp_path, capsys):
+    make_args, message = BAD[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = make_args(inputs, {**media, "model": model_dir})
+    if "--model" not in args:
+        args = ["--model", model_dir, *args]
+    if "-o" not in args:
+        args += ["-o", out_dir / "out.wav"]
+    code, stdout, stderr = run_cli([*args, "--steps", 1] if "--steps" not in args else args,
+                                   capsys)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmsep-run: error: "), stderr
+    assert message in lines[0]
+    assert "Traceback" not in stderr and stdout == ""
+    assert list(out_dir.iterdir()) == []
+
+
+def test_internal_failure_exit_1(model_dir, tmp_path, capsys, monkeypatch):
+    from mmsep.runtime.backends import OrtBackend
+    from mmsep.runtime.errors import BackendError
+
+    def fail(self, stage, inputs, on_device=False):
+        raise BackendError(stage, "ONNX Runtime failed: out of memory")
+
+    monkeypatch.setattr(OrtBackend, "run", fail)
+    code, _, stderr = run_cli(["--model", model_dir, "--text", "x", "--steps", 1, "-o",
+                               tmp_path / "o.wav"], capsys)
+    assert code == 1
+    assert stderr.strip() == "mmsep-run: internal error: stage 'clip_text': ONNX Runtime " \
+                             "failed: out of memory"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["processing", "muxing"])
+def test_ctrl_c_leaves_nothing(where, model_dir, media, tmp_path, capsys, monkeypatch):
+    if where == "processing":
+        from mmsep.runtime.separator import Separator
+
+        def interrupt(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Separator, "process", interrupt)
+    else:
+        from mmsep.runtime import mux
+
+        original = mux._AacTrack.encode_until
+
+        def interrupt(self, seconds):
+            if seconds is not None and seconds > 1.0:
+                raise KeyboardInterrupt  # after the wav and part of the mp4 were written
+            return original(self, seconds)
+
+        monkeypatch.setattr(mux._AacTrack, "encode_until", interrupt)
+    code, _, stderr = run_cli(["--model", model_dir, "--video", media["av"], "--steps", 1,
+                               "-o", tmp_path / "o.wav", "--mux", tmp_path / "o.mp4"], capsys)
+    assert code == 130 and "interrupted; nothing was written" in stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,87 @@
+"""Model directory checks: each broken directory gives one clear ModelDirError."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mmsep.runtime.errors import ModelDirError
+from mmsep.runtime.model_dir import ModelDir
+
+
+@pytest.fixture
+def copy(model_dir, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(model_dir, out)
+    return out
+
+
+def test_loads_the_exported_directory(model_dir):
+    model = ModelDir(model_dir)
+    info = model.info
+    assert info.separation and info.sample_rate == 44100 and info.window_seconds == 2.0
+    assert info.clip_len == 16 and info.clip_fps == 8 and info.sync_frames == 48
+    assert info.latent_shape == (87, 40) and info.window_samples == 87 * 1024
+    assert set(model.specs) >= {"clip_image", "clip_text", "sync", "mix_encoder", "conditioner",
+                                "denoiser", "vae_decoder", "vocoder"}
+    empty = model.empty_features()
+    assert empty["clip_features"].shape == (16, 64)
+    assert empty["sync_features"].shape == (40, 48)
+    assert empty["text_features"].shape == (77, 64)
+    assert all(np.isfinite(v).all() and v.any() for v in empty.values())
+
+
+def test_missing_directory_and_manifest(tmp_path):
+    with pytest.raises(ModelDirError, match="does not exist"):
+        ModelDir(tmp_path / "nope")
+    with pytest.raises(ModelDirError, match="no manifest.json; not an mmsep model directory"):
+        ModelDir(tmp_path)
+
+
+def test_bad_manifest(copy):
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelDirError, match="unreadable manifest"):
+        ModelDir(copy)
+
+
+def test_incompatible_format_version(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match="format version 99 is not supported"):
+        ModelDir(copy)
+
+
+def test_incomplete_manifest(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["stages"]["vocoder"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match="no stage vocoder"):
+        ModelDir(copy)
+
+
+def test_missing_file(copy):
+    (copy / "vocoder.onnx").unlink()
+    with pytest.raises(ModelDirError, match="missing file vocoder.onnx"):
+        ModelDir(copy)
+
+
+def test_tampered_file(copy):
+    path = copy / "denoiser.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match=r"denoiser.onnx: SHA-256 does not match the manifest "
+                                            r"\(tampered or incomplete\)"):
+        ModelDir(copy)
+    ModelDir(copy, verify=False)  # sizes still match: only the hash check catches it
+
+
+def test_truncated_file(copy):
+    path = copy / "empty_features.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelDirError, match="empty_features.npz: SHA-256 does not match"):
+        ModelDir(copy)
+    with pytest.raises(ModelDirError, match="empty_features.npz: unreadable empty features"):
+        ModelDir(copy, verify=False).empty_features()

@@ -1,0 +1,63 @@
+"""The runtime never imports torch: a whole mmsep-run request in a process where torch is blocked
+and every attempt to import it is recorded."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import builtins, importlib, importlib.abc, json, pkgutil, sys
+
+attempts = []
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            attempts.append(name)
+            raise ImportError(f"torch is blocked in this test ({name})")
+        return None
+
+real_import = builtins.__import__
+
+def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and (name == "torch" or name.startswith("torch.")):
+        attempts.append(name)
+    return real_import(name, globals, locals, fromlist, level)
+
+sys.meta_path.insert(0, Blocker())
+builtins.__import__ = recording_import
+sys.modules["torch"] = None
+
+import mmsep.runtime
+modules = [m.name for m in pkgutil.iter_modules(mmsep.runtime.__path__)]
+for name in modules:
+    importlib.import_module(f"mmsep.runtime.{name}")
+for name in mmsep.runtime.__all__:
+    getattr(mmsep.runtime, name)
+
+from mmsep.runtime.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+loaded = sorted(m for m, v in sys.modules.items()
+                if v is not None and (m == "torch" or m.startswith("torch.")))
+print(json.dumps({"code": code, "attempts": attempts, "loaded": loaded, "modules": modules}))
+"""
+
+
+def test_runtime_runs_without_torch(model_dir, media, tmp_path):
+    out, muxed = tmp_path / "o.wav", tmp_path / "o.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, "--model", str(model_dir), "--video", str(media["av"]),
+         "--text", "a dog", "--steps", "1", "-o", str(out), "--mux", str(muxed), "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0, proc.stderr
+    assert report["attempts"] == [] and report["loaded"] == []
+    assert {"separator", "backends", "video", "audio", "cli", "mux"} <= set(report["modules"])
+    assert out.is_file() and muxed.is_file()

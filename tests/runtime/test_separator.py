@@ -1,0 +1,208 @@
+"""Separator end to end on the tiny model (ORT CPU), and against the PyTorch reference sampler."""
+
+import numpy as np
+import pytest
+
+from mmsep.runtime import Separator
+from mmsep.runtime.errors import InputError
+from mmsep.runtime.example import tones
+from tests.helpers import TINY_SEED as SEED
+from tests.helpers import rel_l2
+from tests.runtime.media import decode_rgb
+
+SR = 44100
+STEPS = 2
+
+
+def check_audio(audio, length, stems=None):
+    assert audio.dtype == np.float32
+    assert audio.shape == ((length,) if stems is None else (stems, length))
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+
+def test_video_only_uses_the_audio_track(separator, media):
+    result = separator.process(video=media["av"], steps=STEPS)
+    mixture_len = result.audio.shape[-1]
+    assert abs(mixture_len / SR - 3.5) < 0.1  # the AAC track's length
+    assert result.mode == "separation" and result.windows == 3
+    check_audio(result.audio[0], mixture_len)
+    assert set(result.timings) >= {"decode", "features", "conditioning", "sampling",
+                                   "vae_decode", "vocode"}
+
+
+def test_text_only_and_video_plus_text(separator, media):
+    mix = tones(1.7, SR)
+    check_audio(separator.separate(mix=mix, text="a dog barking", steps=STEPS), mix.size)
+    both = separator.separate(mix=mix, video=media["pcm"], text="a dog barking", steps=STEPS)
+    check_audio(both, mix.size)
+
+
+def test_multi_text_one_batch_and_seeds(separator):
+    mix = tones(1.0, SR)  # shorter than a window: padded, output trimmed
+    result = separator.process(mix=mix, text=["a dog", "rain on a roof"], steps=STEPS, seed=5)
+    assert result.items == 2 and result.batches == 1 and result.windows == 1
+    check_audio(result.audio, mix.size, stems=2)
+    assert not np.allclose(result.audio[0], result.audio[1])
+    again = separator.separate(mix=mix, text=["a dog", "rain on a roof"], steps=STEPS, seed=5)
+    np.testing.assert_array_equal(again, result.audio)
+    other = separator.separate(mix=mix, text="a dog", steps=STEPS, seed=6)
+    assert not np.allclose(other, result.audio[0])
+
+
+def test_generation_modes(separator, media):
+    text_only = separator.process(text="birds singing", steps=STEPS)
+    assert text_only.mode == "generation"
+    check_audio(text_only.audio[0], separator.info.window_samples)
+    timed = separator.process(text="birds singing", steps=STEPS, duration=0.5)
+    check_audio(timed.audio[0], round(0.5 * SR))
+    for_video = separator.process(video=media["silent_video"], generate=True, steps=STEPS)
+    assert for_video.mode == "generation"
+    frames, _ = decode_rgb(media["silent_video"])  # 25 fps: the video lasts len(frames) / 25 s
+    check_audio(for_video.audio[0], round(len(frames) / 25 * SR))
+
+
+def test_long_input_streams_windows_in_batches(separator):
+    mix = tones(5.0, SR)  # 2 s windows, 1 s overlap: 4 windows
+    seen = []
+    sep = Separator(separator.model.path, "ort-cpu", max_batch=3)
+    result = sep.process(mix=mix, steps=1, progress=lambda done, total: seen.append((done, total)))
+    assert result.windows == 4 and result.batches == 2
+    assert seen == [(1, 2), (2, 2)]
+    check_audio(result.audio[0], mix.size)
+
+
+def test_text_features_are_cached(separator):
+    a = separator.text_features("a cached query")
+    assert separator.text_features("a cached query") is a
+    assert separator.text_features(None) is separator.model.empty_features()["text_features"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(text=""), "text is empty"),
+    (dict(text=[]), "list of texts is empty"),
+    (dict(text=["ok", "  "]), "text is empty"),
+    (dict(negative_text=""), "negative text is empty"),
+    (dict(steps=0), "steps must be an integer between 1 and 1000"),
+    (dict(cfg=float("nan")), "cfg must be a number"),
+    (dict(seed=-1), "seed must be a non-negative integer"),
+    (dict(duration=0.01), "duration must be at least 0.1 s"),
+    (dict(mix=np.zeros(SR, np.float32)), "mixture array: mixture is silent"),
+    (dict(mix=tones(0.05, SR)), "minimum is 0.1 s"),
+    (dict(mix=np.full(SR, np.nan, np.float32)), "NaN or infinite"),
+    (dict(mix=tones(1.0, SR), generate=True), "mixture was given together with generate"),
+    (dict(mix=tones(1.0, SR), duration=1.0), "duration sets the length of generated audio"),
+    (dict(video=np.zeros((4, 8, 8, 3), np.uint8)), "positive frame rate"),
+])
+def test_bad_requests(separator, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        separator.process(**kwargs)
+
+
+def test_video_without_audio_needs_a_mixture(separator, media):
+    with pytest.raises(InputError, match="silent.mp4: no mixture given and the video has no audio"):
+        separator.process(video=media["silent_video"])
+
+
+def test_bad_options(model_dir):
+    with pytest.raises(InputError, match=r"overlap must be between 0 and 1 s"):
+        Separator(model_dir, "ort-cpu", overlap=1.5)
+    with pytest.raises(InputError, match="max batch"):
+        Separator(model_dir, "ort-cpu", max_batch=0)
+
+
+# -- against the PyTorch reference ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    torch = pytest.importorskip("torch")
+    import json
+
+    from mmsep.export.manifest import sha256_state
+    from mmsep.export.wrappers import MixEncoderStage, stage_modules
+    from mmsep.models import build_components
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    comps = build_components("tiny", duration=manifest["model"]["window_seconds"], seed=SEED)
+    # the reference networks are the exported ones
+    assert sha256_state(stage_modules(comps)["denoiser"]) == \
+        manifest["stages"]["denoiser"]["weights_sha256"]
+    torch.set_grad_enabled(False)
+    yield comps, MixEncoderStage(comps.mel, comps.vae, comps.flow).eval()
+    torch.set_grad_enabled(True)
+
+
+def _windows(length, window, overlap):
+    hop = window - overlap
+    count = 1 if length <= window else 1 + -(-(length - window) // hop)
+    return [w * hop for w in range(count)]
+
+
+def _reference_latents(reference, *, mix, texts, seed, steps, cfg, video=None, generation=False):
+    import torch
+
+    from mmsep.models.sampler import initial_noise, sample
+    from mmsep.models import video_reference as vr
+    from mmsep.runtime import tokenize
+
+    comps, mix_encoder = reference
+    config = comps.flow.config
+    window = config.lengths.audio_samples
+    starts = _windows(mix.size if mix is not None else window, window, SR)  # 1 s overlap
+    items = [(w, k) for w in range(len(starts)) for k in range(len(texts))]  # window-major
+    x0, noise_mix = initial_noise(len(items), config, seed)
+    text_f = comps.clip.encode_text(torch.from_numpy(tokenize(texts)))
+    conditions = {"text_f": torch.stack([text_f[k] for _, k in items])}
+    if generation:
+        x_mix = noise_mix
+    else:
+        waves = [np.pad(mix[s:s + window], (0, max(0, s + window - mix.size))) for s in starts]
+        latents = mix_encoder(torch.from_numpy(np.stack(waves)))
+        x_mix = torch.stack([latents[w] for w, _ in items])
+    if video is not None:
+        frames, times = decode_rgb(video)
+        clip_f, sync_f = [], []
+        for s in starts:
+            start, duration = s / SR, config.duration
+            clip_f.append(comps.clip.encode_image(vr.clip_frames(frames, times, duration,
+                                                                 start=start)))
+            sync = vr.sync_frames(frames, times, duration, start=start)
+            segments = config.lengths.sync_segments
+            index = torch.arange(segments)[:, None] * 8 + torch.arange(16)[None, :]
+            sync_f.append(comps.synchformer(sync[index]).flatten(0, 1))
+        conditions["clip_f"] = torch.stack([clip_f[w] for w, _ in items])
+        conditions["sync_f"] = torch.stack([sync_f[w] for w, _ in items])
+    return sample(comps.flow, x0, conditions, x_mix=x_mix, steps=steps, cfg=cfg).numpy()
+
+
+def test_matches_reference_text_multi_window(model_dir, reference):
+    """3 windows x 2 texts = 6 items in batches of 4 (window 1's items straddle two batches)."""
+    mix = tones(3.5, SR, seed=3)
+    sep = Separator(model_dir, "ort-cpu", max_batch=4)
+    texts = ["a dog barking", "rain"]
+    result = sep.process(mix=mix, text=texts, steps=3, cfg=4.5, seed=7, keep_latents=True)
+    assert result.items == 6 and result.batches == 2
+    want = _reference_latents(reference, mix=mix, texts=texts, seed=7, steps=3, cfg=4.5)
+    err = rel_l2(result.latents, want)
+    print(f"runtime vs PyTorch reference, final latents, text x 3 windows: rel L2 {err:.2e}")
+    assert err < 1e-3
+
+
+def test_matches_reference_video_and_text(model_dir, reference, media):
+    mix = tones(2.6, SR, seed=4)
+    sep = Separator(model_dir, "ort-cpu")
+    result = sep.process(mix=mix, video=media["av"], text="engine", steps=2, cfg=3.0, seed=1,
+                         keep_latents=True)
+    want = _reference_latents(reference, mix=mix, texts=["engine"], seed=1, steps=2, cfg=3.0,
+                              video=media["av"])
+    err = rel_l2(result.latents, want)
+    print(f"runtime vs PyTorch reference, final latents, video + text: rel L2 {err:.2e}")
+    assert err < 1e-3
+
+
+def test_matches_reference_generation(separator, reference):
+    result = separator.process(text="thunder", steps=2, cfg=4.5, seed=3, keep_latents=True)
+    assert result.mode == "generation"
+    want = _reference_latents(reference, mix=None, texts=["thunder"], seed=3, steps=2, cfg=4.5,
+                              generation=True)
+    err = rel_l2(result.latents, want)
+    print(f"runtime vs PyTorch reference, final latents, generation: rel L2 {err:.2e}")
+    assert err < 1e-3
