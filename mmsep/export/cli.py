@@ -37,15 +37,32 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 @click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Largest batch (windows x requests) of the graphs' optimisation profiles.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --preset weights.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
+              show_default=True, help="TensorRT engine precision (strongly typed: fp16/bf16 engines "
+                                      "are built from mixed-precision copies of the graphs).")
+@click.option("--engines/--no-engines", default=True, show_default=True,
+              help="Build TensorRT engines when TensorRT and a CUDA GPU are present.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="TensorRT timing cache file (default: one per TensorRT version and GPU under "
+                   "~/.cache/mmsep).")
+@click.option("--engines-only", "engines_only", type=click.Path(file_okay=False, path_type=Path),
+              help="Build the engines of an existing model directory (on the target GPU machine); "
+                   "each engine is checked against the directory's fp32 ONNX graph.")
 @click.option("--force", is_flag=True, help="Replace an existing non-mmsep --out directory.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def main(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
-         max_batch, seed, force, quiet, as_json):
+         max_batch, seed, precision, engines, timing_cache, engines_only, force, quiet, as_json):
     """Export every MMAudioSep stage to ONNX, check it, and write a self-contained model directory."""
+    quiet = quiet or as_json
+    engine_options = dict(precision=precision, timing_cache=timing_cache, quiet=quiet)
     try:
-        result = _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out,
-                      duration, max_batch, seed, force, quiet or as_json)
+        if engines_only is not None:
+            result = _engines_only(engines_only, **engine_options)
+        else:
+            result = _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer,
+                          out, duration, max_batch, seed, force, quiet,
+                          engine_options if engines else None)
     except (UsageError, CheckpointError) as exc:
         click.echo(f"mmsep-export: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -62,7 +79,7 @@ def main(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
 
 
 def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
-         max_batch, seed, force, quiet):
+         max_batch, seed, force, quiet, engine_options):
     import torch
     from tqdm import tqdm
 
@@ -72,7 +89,7 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
 
     if checkpoint is not None and preset is not None:
         raise UsageError("give either --checkpoint or --preset, not both")
-    log = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    log = _log(quiet)
     torch.set_grad_enabled(False)
     if checkpoint is None:
         preset = preset or "tiny"
@@ -95,8 +112,88 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     def stage_progress(names):
         return tqdm(names, desc="export", unit="stage", disable=quiet, file=sys.stderr)
 
+    builder, skipped = _engine_builder(engine_options, log)
     return export_model(components, out, max_batch=max_batch, sources=sources, force=force,
-                        stage_progress=stage_progress, log=log)
+                        stage_progress=stage_progress, log=log, engine_builder=builder,
+                        engines_skipped=skipped)
+
+
+def _log(quiet: bool):
+    from tqdm import tqdm
+
+    return (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+
+
+def _engine_builder(options: dict | None, log):
+    """(builder, reason skipped): engines are built only where TensorRT and a GPU are usable."""
+    if options is None:
+        return None, "--no-engines"
+    from .tensorrt_build import build_engines, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        return None, reason
+
+    def build(directory, manifest, modules, previous):
+        return build_engines(directory, manifest, modules, precision=options["precision"],
+                             timing_cache=options["timing_cache"], progress=log,
+                             previous=previous)
+
+    return build, None
+
+
+class _OnnxReference:
+    """A stage's fp32 ONNX graph on ONNX Runtime (CPU), callable like its PyTorch module.
+
+    --engines-only has no checkpoint at hand: the fp32 graph, itself checked against PyTorch at
+    export time, is the reference for the engine parity check.
+    """
+
+    def __init__(self, path: Path, spec):
+        import onnxruntime as ort
+
+        self.spec = spec
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def parameters(self):
+        return iter(())
+
+    def eval(self):
+        return self
+
+    def to(self, device):
+        return self
+
+    def __call__(self, *inputs):
+        import torch
+
+        device = inputs[0].device
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.spec.input_names, inputs)}
+        outs = [torch.from_numpy(o).to(device) for o in self.session.run(None, feeds)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _engines_only(directory: Path, *, precision, timing_cache, quiet):
+    from ..stages import StageSpec
+    from .exporter import ExportResult
+    from .manifest import read_manifest, write_manifest
+    from .tensorrt_build import build_engines, unavailable_reason
+
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise UsageError(f"{directory}: not an mmsep model directory (no readable manifest.json "
+                         "of this format version)")
+    reason = unavailable_reason()
+    if reason is not None:
+        raise UsageError(f"cannot build TensorRT engines on this machine: {reason}")
+    references = {name: _OnnxReference(directory / stage["onnx"], StageSpec.from_json(stage["spec"]))
+                  for name, stage in manifest["stages"].items()}
+    previous = {**manifest, "_dir": str(directory)}
+    manifest["tensorrt"] = build_engines(directory, manifest, references, precision=precision,
+                                         timing_cache=timing_cache, progress=_log(quiet),
+                                         previous=previous)
+    write_manifest(directory, manifest)
+    return ExportResult(directory, manifest, [], list(manifest["stages"]))
 
 
 def _weights_file(path: Path) -> Path:
@@ -132,6 +229,13 @@ def _print_summary(result) -> None:
     trt = m.get("tensorrt") or {}
     if trt.get("status") == "skipped":
         click.echo(f"TensorRT engines skipped: {trt.get('reason')}")
+    elif trt.get("status") == "built":
+        click.echo(f"TensorRT {trt['version']} {trt['precision']} engines for {trt['gpu']} "
+                   f"(sm{trt['compute_capability']}):")
+        for name, engine in trt["engines"].items():
+            parity = engine["parity"]
+            click.echo(f"  {name:<13}{_size(engine['bytes']):>10}  "
+                       f"{max(parity['rel_l2'].values()):>24.2e}  {parity['tolerance']:>7.0e}")
 
 
 def _size(n: int) -> str:

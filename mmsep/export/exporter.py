@@ -52,12 +52,15 @@ class ExportResult:
 def export_model(components: Components, out: Path, *, max_batch: int = 4,
                  sources: dict[str, dict] | None = None, force: bool = False,
                  stage_progress: Callable | None = None, log: Progress = print,
-                 engine_builder: Callable | None = None) -> ExportResult:
+                 engine_builder: Callable | None = None,
+                 engines_skipped: str = "not requested") -> ExportResult:
     """Export every stage of ``components`` into ``out``.
 
     Stages whose content key (contract, weights, opset, exporter versions) matches the manifest
     already in ``out`` are reused; when nothing changed the directory is left untouched. The new
     directory is assembled beside ``out`` and moved into place only when complete.
+    ``engine_builder(tmp_dir, manifest, modules, previous)`` returns the manifest's "tensorrt"
+    section; without one, that section records ``engines_skipped`` as the reason.
     """
     out = Path(out)
     previous = _existing(out, force)
@@ -80,8 +83,10 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
         manifest = _manifest(components, specs, stages, extras, sources or {}, max_batch)
         if engine_builder is not None:
             manifest["tensorrt"] = engine_builder(tmp, manifest, modules, previous)
-        if previous is not None and not rebuilt and manifest.get("tensorrt", {}).get(
-                "rebuilt", []) == [] and _same_payload(previous, manifest):
+        else:
+            manifest["tensorrt"] = {"status": "skipped", "reason": engines_skipped}
+        if previous is not None and not rebuilt and not manifest["tensorrt"].get("rebuilt") \
+                and _same_payload(previous, manifest):
             shutil.rmtree(tmp)
             previous.pop("_dir")
             return ExportResult(out, previous, [], reused)
@@ -181,7 +186,14 @@ def _same_payload(previous: dict, manifest: dict) -> bool:
     keys = ("model", "geometry", "sources", "stage_order", "files")
     return all(previous.get(k) == manifest.get(k) for k in keys) and \
         {n: s["key"] for n, s in previous["stages"].items()} == \
-        {n: s["key"] for n, s in manifest["stages"].items()}
+        {n: s["key"] for n, s in manifest["stages"].items()} and \
+        _engine_keys(previous) == _engine_keys(manifest)
+
+
+def _engine_keys(manifest: dict) -> tuple:
+    section = manifest.get("tensorrt") or {}
+    engines = section.get("engines", {})
+    return section.get("status"), section.get("reason"), {n: e["key"] for n, e in engines.items()}
 
 
 def _check_disk(out: Path, modules: dict, specs: dict, previous: dict | None) -> None:

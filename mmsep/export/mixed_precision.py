@@ -10,9 +10,10 @@ inserts the Casts that make the types agree:
   - ``reduction``: ReduceMean/ReduceL2/... (sums of squares overflow fp16: the VAE pixel norm);
   - ``power``: Pow, Sqrt, Reciprocal (the RMS norms' statistics, x**2 overflows fp16);
   - ``transcendental``: Sin, Cos, Exp, Log (arguments lose whole radians or overflow in fp16);
-  - ``stage arithmetic``: what a stage wrapper computes itself, outside every network module -
-    the denoiser's guidance mix and Euler update ``x + dt * v`` (x is fp32 and dt * v is a small
-    correction to it), latent (un)normalisation, output L2 normalisation;
+  - ``stage arithmetic``: what a stage wrapper computes itself, outside every submodule's
+    forward (including methods it calls, such as MMAudioFlow.velocity or encode_text) - the
+    denoiser's guidance mix and Euler update ``x + dt * v`` (x is fp32 and dt * v is a small
+    correction to it), the conditioning sums, latent (un)normalisation, output L2 normalisation;
   - ``fp32 inputs``: a pointwise op whose every non-constant float input is already fp32 stays
     fp32 (e.g. the timestep embedding's ``t * freqs`` on the fp32 input t, whose max_period=1
     arguments reach 1e4, and the eps-add between a norm's mean and its square root). Without this
@@ -21,9 +22,16 @@ inserts the Casts that make the types agree:
 * everything else (MatMul, Gemm, Conv, the activations, the adaLN modulation, attention logits,
   softmax) runs in the reduced type; weights used only there are stored in the reduced type.
 
-Softmax is left in the reduced type on purpose: TensorRT's fused attention kernels accumulate it
-in fp32 internally and Casts around it would break the MatMul-Softmax-MatMul fusion; the measured
-parity (tests/export/test_mixed_precision.py) stays well inside the bound without an fp32 softmax.
+What is needed was measured on the tiny denoiser (one Euler step, cfg 4.5, every op rounding to
+fp16 as on a GPU - onnx's reference evaluator; see check_reduced_precision): all islands 5.7e-4
+relative L2, no islands 7.0e-2. The timestep embedding alone makes the difference (its Mul/Sin/Cos
+in fp16: 7.0e-2); the Euler/guidance arithmetic in fp16 adds a little (7.3e-4); an fp32 softmax
+or fp32 RoPE changes nothing (5.6e-4 / 5.7e-4), so both stay in the reduced type: the rotary
+tables are computed in fp32 at export and only their cos/sin values are stored, and TensorRT's
+fused attention accumulates the softmax in fp32 internally, and Casts around the softmax could get
+in the way of its MatMul-Softmax-MatMul fusion. Norms, reductions and powers change little at the
+tiny preset's scale but stay fp32 because fp16 statistics (sums of squares) overflow at real
+activation magnitudes; TensorRT's own builder warns that fp16 LayerNorm may overflow.
 
 Nodes are identified by op type and by the torch module scope that the dynamo exporter records in
 ``node.metadata_props`` (never by node names). Pointwise fp32 islands cost next to nothing in
@@ -49,6 +57,7 @@ from .errors import ExportError, GraphCheckError, ParityError
 from .onnx_graph import EXTERNAL_DATA_BYTES, check_graph, tensorrt_operator_table
 from .parity import PARITY_BATCH, ParityResult, relative_l2, torch_reference
 
+PASS_VERSION = 1  # bump when the island rules change: it is part of every engine's key
 FLOAT = TensorProto.FLOAT
 PRECISIONS = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 _TRT_TYPE = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16"}
@@ -93,17 +102,21 @@ class Decision:
     reason: str | None  # why the node stays fp32 (None: reduced type, or follows its input)
 
 
-def convert_graph(src: Path, dst: Path, spec: StageSpec, precision: str = "fp16") -> dict:
+def convert_graph(src: Path, dst: Path, spec: StageSpec, precision: str = "fp16", *,
+                  islands: bool = True) -> dict:
     """Write a ``precision`` copy of the fp32 graph ``src`` to ``dst``; returns a summary.
 
     Float inputs and outputs stay fp32 (Casts at the boundary); weights used only by
     reduced-precision nodes are stored in the reduced type; the fp32 islands are counted in the
     summary by reason. The result passes onnx.checker, the stage contract check and the TensorRT
     operator/type check. Graphs with external data are read and written with external data.
+    ``islands=False`` converts every float op (a diagnostic baseline: it shows what the fp32
+    islands buy; the denoiser then misses the bound).
     """
     src, dst = Path(src), Path(dst)
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"unknown precision {precision!r}; expected one of "
+                         f"{', '.join(PRECISIONS)}")
     if not src.is_file():
         raise ExportError(f"stage {spec.name}: {src} does not exist")
     if dst.exists() and dst.resolve() == src.resolve():
@@ -114,57 +127,95 @@ def convert_graph(src: Path, dst: Path, spec: StageSpec, precision: str = "fp16"
         raise ExportError(f"stage {spec.name}: {src.name} has local functions or subgraphs, which "
                           "the mixed-precision pass does not handle")
     types = _element_types(model)
-    decisions = plan(model, low, types)
+    decisions = plan(model, low, types, islands=islands)
     _check_tensorrt_types(model, decisions, spec)
     stats = _rewrite(model, decisions, types, low)
     model.metadata_props.append(onnx.StringStringEntryProto(key="mmsep.precision", value=precision))
     _save_atomically(model, dst)
     graph_summary = check_graph(dst, spec)
+    strict = _strict_types(dst)
+    if strict != "ok" and precision == "fp16":
+        raise GraphCheckError(f"stage {spec.name}: the fp16 graph fails ONNX type inference: "
+                              f"{strict}")
 
     compute = [(n.op_type, d) for n, d in zip(stats["nodes"], decisions)
                if d.dtype is not None and n.op_type not in DATA_MOVEMENT | _ANY_INPUT
                and n.op_type != "Constant"]
+
+    def histogram(items) -> dict:
+        return dict(sorted(Counter(items).items()))
+
     return {
         "precision": precision, "source": src.name, "file": dst.name,
         "nodes": len(decisions), "casts_inserted": stats["casts"],
-        "fp32_nodes": dict(sorted(Counter(d.reason for _, d in compute
-                                          if d.dtype == FLOAT).items())),
-        "fp32_operators": dict(sorted(Counter(op for op, d in compute if d.dtype == FLOAT).items())),
-        "reduced_operators": dict(sorted(Counter(op for op, d in compute if d.dtype == low).items())),
-        "weights": stats["weights"], "graph": graph_summary,
+        "fp32_nodes": histogram(d.reason for _, d in compute if d.dtype == FLOAT),
+        "fp32_operators": histogram(op for op, d in compute if d.dtype == FLOAT),
+        "reduced_operators": histogram(op for op, d in compute if d.dtype == low),
+        "weights": stats["weights"], "graph": graph_summary, "strict_onnx_types": strict,
+        # without the exporter's module scopes the "stage arithmetic" islands cannot be found
+        "nodes_with_module_scope": sum(bool(_metadata_list(n, "pkg.torch.onnx.class_hierarchy"))
+                                       for n in stats["nodes"]),
     }
 
 
 # ---- planning --------------------------------------------------------------------------------
 
-def plan(model: onnx.ModelProto, low: int, types: dict[str, int]) -> list[Decision]:
-    """The compute type of every node of ``model.graph`` (same order), decided in graph order."""
+def plan(model: onnx.ModelProto, low: int, types: dict[str, int], *,
+         islands: bool = True) -> list[Decision]:
+    """The compute type of every node of ``model.graph`` (same order).
+
+    Computing nodes are decided in graph order from their op, scope and inputs. Constant data
+    (Constant nodes and ops on constants only, e.g. an Unsqueeze of a frequency table or a sum of
+    two position tables that the exporter did not fold) takes the type its consumers want,
+    decided backwards, so an fp32 island never reads a constant that went through the reduced
+    type and weights used only in the reduced type are stored in it. Sensitive ops (FP32_OPS) on
+    constants stay fp32 like any other.
+    """
     graph = model.graph
     constant = {i.name for i in graph.initializer}
-    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     produced: dict[str, int] = {i.name: FLOAT for i in graph.input if types.get(i.name) == FLOAT}
-    decisions = []
-    for node in graph.node:
+    decisions: list[Decision] = []
+    constant_nodes = []
+    for index, node in enumerate(graph.node):
         floats = [x for x in node.input if x and types.get(x) == FLOAT]
         if not floats and not any(types.get(o) == FLOAT for o in node.output):
             decisions.append(Decision(None, None))  # shape arithmetic, indices, masks
             continue
-        decision = _decide(node, [x for x in floats if x not in constant], produced, low)
+        if node.op_type == "Constant" or (node.op_type not in FP32_OPS
+                                          and all(x in constant for x in node.input if x)):
+            constant.update(node.output)
+            constant_nodes.append(index)
+            decisions.append(Decision(low, None))  # placeholder, decided below
+            continue
+        decision = _decide(node, [x for x in floats if x not in constant], produced, low,
+                           islands)
         decisions.append(decision)
         for out in node.output:
             if types.get(out) == FLOAT:
                 produced[out] = decision.dtype
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for x in node.input:
+            consumers.setdefault(x, []).append(index)
+    for index in reversed(constant_nodes):
+        wants = {decisions[c].dtype for out in graph.node[index].output
+                 for c in consumers.get(out, ()) if graph.node[c].op_type not in _ANY_INPUT}
+        decisions[index] = Decision(FLOAT if FLOAT in wants else low, None)
     return decisions
 
 
-def _decide(node, variable_inputs: list[str], produced: dict[str, int], low: int) -> Decision:
+def _decide(node, variable_inputs: list[str], produced: dict[str, int], low: int,
+            islands: bool) -> Decision:
     op = node.op_type
-    if op in FP32_OPS:
+    if op in FP32_OPS and (islands or FP32_OPS[op] == "typed by attribute"):
         return Decision(FLOAT, FP32_OPS[op])
+    if not islands:
+        return Decision(low, None)
     if _is_stage_arithmetic(node):
         return Decision(FLOAT, STAGE_ARITHMETIC)
-    if op in DATA_MOVEMENT or op in _ANY_INPUT or op == "Constant":
-        # follow the data; constant data (e.g. a table gathered from) goes to the reduced type
+    if op == "Cast" and not variable_inputs:
+        return Decision(FLOAT, None)  # integers -> float: exact in fp32, not in fp16 (> 2048)
+    if op in DATA_MOVEMENT or op in _ANY_INPUT:
         kinds = {produced.get(x, low) for x in variable_inputs}
         return Decision(FLOAT if kinds == {FLOAT} else low, None)
     if op in POINTWISE and all(produced.get(x) == FLOAT for x in variable_inputs):
@@ -291,19 +342,14 @@ def _rewrite(model: onnx.ModelProto, decisions: list[Decision], types: dict[str,
         else:
             dtype[init.name] = FLOAT
         weight_bytes[_TRT_TYPE[dtype[init.name]].lower()] += _nbytes(init)
-    for node in nodes:
-        if node.op_type == "Constant" and types.get(node.output[0]) == FLOAT:
-            lower = wanted_by_consumers(node.output[0]) == {low}
-            decision_of[id(node)] = Decision(low if lower else FLOAT, None)
-            if lower:
-                clamped += _lower_constant(node, low)
 
     rewritten, casts = [], {}
 
     def cast(name: str, to: int) -> str:
         if (name, to) not in casts:
             out = names(f"{name}_{_TRT_TYPE[to].lower()}")
-            rewritten.append(helper.make_node("Cast", [name], [out], to=to, name=names(f"cast_{out}")))
+            rewritten.append(helper.make_node("Cast", [name], [out], to=to,
+                                              name=names(f"cast_{out}")))
             casts[name, to] = out
         return casts[name, to]
 
@@ -316,14 +362,15 @@ def _rewrite(model: onnx.ModelProto, decisions: list[Decision], types: dict[str,
         if decision.dtype is not None:
             if node.op_type == "Cast" and _attr(node, "to") == FLOAT:
                 _set_attr(node, "to", decision.dtype)
-            if node.op_type == "ConstantOfShape" and decision.dtype == low:
+            if node.op_type in ("Constant", "ConstantOfShape") and decision.dtype == low:
                 clamped += _lower_constant(node, low)
             for out in node.output:
                 if types.get(out) == FLOAT:
                     dtype[out] = decision.dtype
         rewritten.append(node)
 
-    # graph outputs keep their fp32 contract: the producer writes a renamed tensor, a Cast the output
+    # graph outputs keep their fp32 contract: the producer writes a renamed tensor, a Cast the
+    # output
     renames = {o.name: names(f"{o.name}_{_TRT_TYPE[low].lower()}") for o in graph.output
                if types.get(o.name) == FLOAT and dtype.get(o.name) != FLOAT}
     if renames:
@@ -353,11 +400,13 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
 
 
 def _to_low(array: np.ndarray, low: int) -> tuple[np.ndarray, int]:
-    """fp32 values in the reduced type (fp16 saturates at +-65504; returns how many did)."""
+    """fp32 values in the reduced type; finite values beyond fp16's range saturate at +-65504
+    (returns how many did). Infinities (e.g. causal attention masks) stay infinite."""
     array = np.asarray(array, dtype=np.float32)
     if low == TensorProto.FLOAT16:
-        too_big = int(np.count_nonzero(np.abs(array) > _FP16_MAX))
-        return np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16), too_big
+        too_big = np.isfinite(array) & (np.abs(array) > _FP16_MAX)
+        saturated = np.where(too_big, np.sign(array) * _FP16_MAX, array)
+        return saturated.astype(np.float16), int(np.count_nonzero(too_big))
     import ml_dtypes  # an onnx dependency; numpy has no bfloat16
 
     return array.astype(ml_dtypes.bfloat16), 0
@@ -400,7 +449,8 @@ def _check_tensorrt_types(model: onnx.ModelProto, decisions: list[Decision],
     """Every node must compute in a type the TensorRT ONNX parser supports for its operator."""
     table = tensorrt_operator_table()["operators"]
     for node, decision in zip(model.graph.node, decisions):
-        if decision.dtype is None or node.op_type in _ANY_INPUT or node.domain not in ("", "ai.onnx"):
+        if decision.dtype is None or node.op_type in _ANY_INPUT \
+                or node.domain not in ("", "ai.onnx"):
             continue
         row = table.get(node.op_type)
         if row is not None and _TRT_TYPE[decision.dtype] not in row["types"]:
@@ -408,6 +458,20 @@ def _check_tensorrt_types(model: onnx.ModelProto, decisions: list[Decision],
                 f"stage {spec.name}: node {node.name!r} ({node.op_type}) would compute in "
                 f"{_TRT_TYPE[decision.dtype]}, which the TensorRT ONNX parser does not support "
                 f"for {node.op_type} ({', '.join(row['types'])})")
+
+
+def _strict_types(path: Path) -> str:
+    """"ok", or why the graph fails ONNX's strict type/shape inference at its opset.
+
+    bf16 graphs fail it at opset 18 (Conv, ConvTranspose, AveragePool, Sin and Cos accept bf16
+    only from opset 22); TensorRT's parser checks types against its own importers, not the ONNX
+    schemas, and builds them, but ONNX Runtime refuses to load them.
+    """
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        return str(exc).splitlines()[0][:300]
+    return "ok"
 
 
 def _save_atomically(model: onnx.ModelProto, dst: Path) -> None:
@@ -450,16 +514,24 @@ class SkippedCheck:
 
 
 def check_reduced_precision(module, spec: StageSpec, path: Path, precision: str = "fp16", *,
-                            batch: int = PARITY_BATCH, seed: int = 1,
+                            batch: int = PARITY_BATCH, seed: int = 1, emulate: bool = False,
                             raise_on_failure: bool = True) -> ParityResult | SkippedCheck:
-    """ONNX Runtime (CPU) on the reduced-precision graph vs the PyTorch fp32 module.
+    """The reduced-precision graph on the CPU vs the PyTorch fp32 module.
 
     Relative L2 per output at ``batch`` (not the export batch); the bound is
-    ``spec.reduced_precision_tolerance``. ONNX Runtime's CPU provider computes ops without an
-    fp16 kernel in fp32 between fp16 tensors, so this checks the graph's rounding (weights,
-    activations, fp32 islands) rather than GPU fp16 arithmetic; the engine check does the latter.
-    Returns a SkippedCheck when ONNX Runtime cannot run the graph on the CPU (bf16 graphs).
+    ``spec.reduced_precision_tolerance``; raises ParityError beyond it (unless
+    ``raise_on_failure`` is False).
+
+    By default the graph runs on ONNX Runtime's CPU provider. That provider has fp16 kernels for
+    few ops: it computes the others in fp32 and removes the Cast pairs it inserts between them, so
+    chains of pointwise ops skip their intermediate fp16 rounding and the figure is optimistic.
+    ``emulate=True`` runs onnx's reference evaluator instead (numpy: every op rounds its output
+    to the graph's types, as a GPU kernel does) - faithful but slow, for small graphs; it also
+    runs bf16 graphs, which ONNX Runtime refuses: without ``emulate`` a bf16 graph gives a
+    SkippedCheck with ONNX Runtime's reason instead of a number.
     """
+    if emulate:
+        return _check_emulated(module, spec, Path(path), precision, batch, seed, raise_on_failure)
     import onnxruntime as ort
 
     from .example_inputs import example_inputs
@@ -473,7 +545,8 @@ def check_reduced_precision(module, spec: StageSpec, path: Path, precision: str 
         if precision == "bf16":
             first = str(exc).splitlines()[0][:200]
             return SkippedCheck(spec.name, backend, f"ONNX Runtime {ort.__version__} cannot run "
-                                f"this bf16 graph on the CPU ({first})")
+                                f"this bf16 graph on the CPU ({first}); emulate=True runs it "
+                                "with the ONNX reference evaluator")
         raise ExportError(f"stage {spec.name}: ONNX Runtime cannot load {Path(path).name}: "
                           f"{str(exc).splitlines()[0][:300]}") from exc
     inputs = example_inputs(spec, batch, seed=seed)
@@ -486,8 +559,32 @@ def check_reduced_precision(module, spec: StageSpec, path: Path, precision: str 
                                 f"this bf16 graph on the CPU ({str(exc).splitlines()[0][:200]})")
         raise ExportError(f"stage {spec.name}: ONNX Runtime failed on {Path(path).name}: "
                           f"{str(exc).splitlines()[0][:300]}") from exc
+    return _compare(spec, precision, backend, batch, got, expected, raise_on_failure)
+
+
+def _check_emulated(module, spec: StageSpec, path: Path, precision: str, batch: int, seed: int,
+                    raise_on_failure: bool) -> ParityResult:
+    from onnx.reference import ReferenceEvaluator
+
+    from .example_inputs import example_inputs
+
+    inputs = example_inputs(spec, batch, seed=seed)
+    expected = torch_reference(module, spec, inputs)
+    try:
+        evaluator = ReferenceEvaluator(str(path))
+        got = evaluator.run(list(spec.output_names), {k: v.numpy() for k, v in inputs.items()})
+    except Exception as exc:  # the evaluator raises many types
+        raise ExportError(f"stage {spec.name}: the ONNX reference evaluator failed on "
+                          f"{path.name}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    return _compare(spec, precision, f"onnx-reference-{precision}", batch, got, expected,
+                    raise_on_failure)
+
+
+def _compare(spec: StageSpec, precision: str, backend: str, batch: int, got, expected: dict,
+             raise_on_failure: bool) -> ParityResult:
     errors = {}
     for name, value in zip(spec.output_names, got):
+        value = np.asarray(value)
         want_shape = spec.tensor(name).concrete(batch)
         if value.shape != want_shape:
             raise ParityError(f"stage {spec.name}: {precision} graph output {name} has shape "

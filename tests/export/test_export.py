@@ -16,6 +16,7 @@ from mmsep.export.errors import UsageError
 from mmsep.export.exporter import export_model
 from mmsep.export.manifest import FORMAT_VERSION, sha256_file
 from mmsep.export.onnx_graph import check_graph, tensorrt_operator_table
+from mmsep.export.tensorrt_build import unavailable_reason
 from mmsep.export.wrappers import stage_specs
 from mmsep.models import build_components, save_components
 from mmsep.stages import STAGE_ORDER, StageSpec
@@ -230,3 +231,21 @@ def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights,
     flow_file = tiny_weights / "gen/weights/mmaudio_tiny.pth"
     assert manifest["sources"]["flow"]["sha256"] == sha256_file(flow_file)
     assert all(s["parity"]["onnxruntime"]["passed"] for s in manifest["stages"].values())
+    reason = unavailable_reason()
+    if reason is not None:  # the ONNX part is complete and the manifest says why engines are not
+        assert summary["tensorrt"] == {"status": "skipped", "reason": reason}
+        assert manifest["tensorrt"] == summary["tensorrt"]
+
+
+def test_cli_engines_only_needs_tensorrt_and_a_model_directory(tiny_model_dir, tmp_path):
+    proc = _cli("--engines-only", tmp_path)
+    assert proc.returncode == 2 and "not an mmsep model directory" in proc.stderr
+    reason = unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present: the gpu tests build engines")
+    before = (tiny_model_dir / "manifest.json").read_bytes()
+    proc = _cli("--engines-only", tiny_model_dir)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("mmsep-export: error: cannot build TensorRT engines on this "
+                                   f"machine: {reason}")
+    assert (tiny_model_dir / "manifest.json").read_bytes() == before

@@ -1,0 +1,295 @@
+"""TensorRT engines: real builds on a GPU (marked gpu), the control flow on a fake TensorRT."""
+
+import importlib.util
+import json
+import shutil
+import types
+
+import onnx
+import pytest
+import torch
+
+from mmsep.export import tensorrt_build as tb
+from mmsep.export.wrappers import stage_modules, stage_specs
+from mmsep.models import build_components
+from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
+
+
+def _tiny():
+    """The components of tests/conftest.py's tiny_model_dir."""
+    return build_components("tiny", duration=TINY_WINDOW_SECONDS, seed=TINY_SEED)
+
+
+# ---- without TensorRT ------------------------------------------------------------------------
+
+def test_unavailable_reason_is_a_clear_sentence():
+    reason = tb.unavailable_reason()
+    if importlib.util.find_spec("tensorrt") is None:
+        assert reason.startswith("TensorRT is not installed (import tensorrt failed")
+    else:
+        assert reason is None or "CUDA" in reason or "TensorRT" in reason
+
+
+def test_build_engines_skips_with_the_reason(tmp_path):
+    reason = tb.unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present: the gpu tests build real engines")
+    section = tb.build_engines(tmp_path, {"stage_order": [], "stages": {}}, {})
+    assert section == {"status": "skipped", "reason": reason}
+    assert not list(tmp_path.iterdir())
+
+
+# ---- a fake TensorRT: checks the calls, flags and error handling of build_engine --------------
+
+def fake_tensorrt(*, strongly_typed_flag=True, parse_ok=True, build_ok=True, version="10.13.0"):
+    calls = {"shapes": {}, "cleared": [], "pool": None, "flags": None, "cache_in": None}
+
+    class _Severity:
+        INTERNAL_ERROR, ERROR, WARNING, INFO = range(4)
+
+    class ILogger:
+        Severity = _Severity
+
+        def __init__(self):
+            pass
+
+    class Error:
+        def __init__(self, index):
+            self.index = index
+
+        def node(self):
+            return self.index
+
+        def node_name(self):
+            return f"node_{self.index}"
+
+        def node_operator(self):
+            return "Conv"
+
+        def desc(self):
+            return f"unsupported thing {self.index}"
+
+    class Tensor:
+        def __init__(self, name):
+            self.name = name
+
+    class Network:
+        def __init__(self):
+            self.inputs, self.outputs = [], []
+
+        num_inputs = property(lambda self: len(self.inputs))
+        num_outputs = property(lambda self: len(self.outputs))
+
+        def get_input(self, i):
+            return Tensor(self.inputs[i])
+
+        def get_output(self, i):
+            return Tensor(self.outputs[i])
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.num_errors = network, 0
+
+        def parse_from_file(self, path):
+            if not parse_ok:
+                self.num_errors = 2
+                return False
+            graph = onnx.load(path, load_external_data=False).graph
+            self.network.inputs = [v.name for v in graph.input]
+            self.network.outputs = [v.name for v in graph.output]
+            return True
+
+        def get_error(self, i):
+            return Error(i)
+
+    class Cache:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def serialize(self):
+            return b"cache:" + self.blob
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            calls["pool"] = (pool, size)
+
+        def clear_flag(self, flag):
+            calls["cleared"].append(flag)
+
+        def add_optimization_profile(self, profile):
+            return 0
+
+        def create_timing_cache(self, blob):
+            calls["cache_in"] = bytes(blob)
+            return None if blob.startswith(b"garbage") else Cache(bytes(blob))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def set_shape(self, name, low, opt, high):
+            calls["shapes"][name] = (tuple(low), tuple(opt), tuple(high))
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            calls["flags"] = flags
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            if not build_ok:
+                self.logger.log(_Severity.ERROR, "out of workspace")
+                return None
+            return b"ENGINE"
+
+    flags = types.SimpleNamespace(**({"STRONGLY_TYPED": 0} if strongly_typed_flag else {}))
+    trt = types.SimpleNamespace(
+        __version__=version, ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser,
+        NetworkDefinitionCreationFlag=flags, MemoryPoolType=types.SimpleNamespace(WORKSPACE="ws"),
+        BuilderFlag=types.SimpleNamespace(TF32="tf32"))
+    return trt, calls
+
+
+@pytest.fixture(scope="module")
+def vocoder_spec():
+    return stage_specs(_tiny())["vocoder"]
+
+
+def test_build_engine_strongly_typed_with_profile_and_cache(monkeypatch, tmp_path, vocoder_spec,
+                                                           tiny_model_dir):
+    trt, calls = fake_tensorrt()
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    cache = tmp_path / "cache" / "timing.cache"
+    record = tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec,
+                             tmp_path / "vocoder.fp32.engine", timing_cache=cache,
+                             workspace_bytes=1 << 30)
+    assert calls["flags"] == 1  # 1 << STRONGLY_TYPED
+    assert calls["pool"] == ("ws", 1 << 30)
+    assert calls["cleared"] == ["tf32"]  # an fp32 graph is built without TF32
+    spec = vocoder_spec
+    assert calls["shapes"] == {"mel": tuple(spec.inputs[0].concrete(b) for b in
+                                            (spec.min_batch, spec.opt_batch, spec.max_batch))}
+    assert (tmp_path / "vocoder.fp32.engine").read_bytes() == b"ENGINE"
+    assert record["file"] == "vocoder.fp32.engine" and record["bytes"] == 6
+    assert record["timing_cache"] == "new" and cache.read_bytes() == b"cache:"
+    # the second build loads the saved cache
+    record = tb.build_engine(tiny_model_dir / "vocoder.onnx", spec, tmp_path / "v.engine",
+                             timing_cache=cache)
+    assert record["timing_cache"] == "loaded" and calls["cache_in"] == b"cache:"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "v.engine",
+                                                          "vocoder.fp32.engine"]
+
+
+def test_build_engine_without_the_flag_and_with_a_bad_cache(monkeypatch, tmp_path, vocoder_spec,
+                                                            tiny_model_dir):
+    trt, calls = fake_tensorrt(strongly_typed_flag=False, version="12.0.0")
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"garbage from another version")
+    record = tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec, tmp_path / "e.engine",
+                             timing_cache=cache)
+    assert calls["flags"] == 0  # strongly typed is the only mode there
+    assert record["timing_cache"] == "replaced (unreadable)"
+
+
+def test_parser_errors_are_all_reported_with_the_stage(monkeypatch, tmp_path, vocoder_spec,
+                                                       tiny_model_dir):
+    trt, _ = fake_tensorrt(parse_ok=False)
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    with pytest.raises(tb.EngineBuildError) as info:
+        tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec, tmp_path / "e.engine",
+                        timing_cache=tmp_path / "c")
+    message = str(info.value)
+    assert message.startswith(
+        "stage vocoder: TensorRT's ONNX parser rejected vocoder.onnx (2 error")
+    assert "node 0 'node_0' (Conv): unsupported thing 0" in message
+    assert "node 1 'node_1' (Conv): unsupported thing 1" in message
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_build_raises_and_writes_nothing(monkeypatch, tmp_path, vocoder_spec,
+                                                tiny_model_dir):
+    trt, _ = fake_tensorrt(build_ok=False)
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    expected = "stage vocoder: TensorRT could not build the engine: out of workspace"
+    with pytest.raises(tb.EngineBuildError, match=expected):
+        tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec, tmp_path / "e.engine",
+                        timing_cache=tmp_path / "c")
+    assert not list(tmp_path.iterdir())
+
+
+def test_old_tensorrt_is_refused(monkeypatch):
+    trt, _ = fake_tensorrt(version="8.6.1")
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    assert tb.unavailable_reason() == ("TensorRT 8.6.1 is too old: strongly typed builds need "
+                                       "10.0 or newer")
+
+
+def test_engine_key_covers_graph_precision_and_machine():
+    info = {"version": "10.13.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    base = tb.engine_key({"key": "abc"}, "fp16", info)
+    assert base == tb.engine_key({"key": "abc"}, "fp16", dict(info))
+    for changed in (tb.engine_key({"key": "abd"}, "fp16", info),
+                    tb.engine_key({"key": "abc"}, "bf16", info),
+                    tb.engine_key({"key": "abc"}, "fp16", {**info, "version": "11.1.0"}),
+                    tb.engine_key({"key": "abc"}, "fp16", {**info, "gpu": "NVIDIA H200"}),
+                    tb.engine_key({"key": "abc"}, "fp16", {**info, "compute_capability": "8.0"})):
+        assert changed != base
+
+
+# ---- real engines ----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_tiny_engines_build_and_match_pytorch(request, tmp_path):
+    reason = tb.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    tiny_model_dir = request.getfixturevalue("tiny_model_dir")  # exported only when needed
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    modules = stage_modules(_tiny())
+    messages = []
+    section = tb.build_engines(model_dir, manifest, modules, precision="fp16",
+                               timing_cache=tmp_path / "timing.cache", progress=messages.append)
+    assert section["status"] == "built", section
+    assert section["compute_capability"] == "{}.{}".format(*torch.cuda.get_device_capability())
+    assert set(section["engines"]) == set(manifest["stage_order"]) == set(section["rebuilt"])
+    for name, engine in section["engines"].items():
+        assert engine["parity"]["passed"], (name, engine["parity"])
+        assert engine["parity"]["tolerance"] == 1e-2 and (model_dir / engine["file"]).is_file()
+        assert (model_dir / f"{name}.fp16.onnx").is_file()
+    # a second run with the first as "previous" reuses every engine
+    again = tb.build_engines(model_dir, manifest, modules, precision="fp16",
+                             timing_cache=tmp_path / "timing.cache",
+                             previous={"tensorrt": section, "_dir": str(model_dir)})
+    assert again["rebuilt"] == [] and all(e["reused"] for e in again["engines"].values())
+
+
+@pytest.mark.gpu
+def test_tiny_fp32_engine_is_tight(request, tmp_path):
+    reason = tb.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    tiny_model_dir = request.getfixturevalue("tiny_model_dir")
+    components = _tiny()
+    specs, modules = stage_specs(components), stage_modules(components)
+    for name in ("denoiser", "vocoder"):
+        engine = tmp_path / f"{name}.fp32.engine"
+        tb.build_engine(tiny_model_dir / f"{name}.onnx", specs[name], engine,
+                        timing_cache=tmp_path / "timing.cache")
+        result = tb.check_engine(modules[name], specs[name], engine,
+                                 tolerance=tb.FP32_ENGINE_TOLERANCE)
+        assert result.passed, (name, result.errors)
