@@ -7,7 +7,7 @@ export a new name, add ``"Name": "submodule"``.
 
 from __future__ import annotations
 
-import importlib
+from mmsep._lazy import lazy_exports
 
 _EXPORTS = {
     "tokenize": "tokenizer",
@@ -27,14 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mmsep.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,0 +1,25 @@
+"""Lazy package exports: a name is imported from its submodule on first use (torch-free)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+
+def lazy_exports(package: str, table: dict[str, str], namespace: dict
+                 ) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+    """(__getattr__, __dir__) for ``package`` whose public names live in the submodules of
+    ``table`` (name -> submodule); resolved values are cached in ``namespace``."""
+
+    def __getattr__(name: str):
+        module = table.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return sorted(set(namespace) | set(table))
+
+    return __getattr__, __dir__
