@@ -28,27 +28,24 @@ MAGNITUDE_EPS = 1e-9  # added to re^2 + im^2 before the square root, as upstream
 LOG_FLOOR = 1e-5  # mel energies are clamped here before the log
 
 
+# Slaney's auditory-toolbox mel scale: linear below 1 kHz, logarithmic above.
+_SLANEY_HZ_PER_MEL = 200.0 / 3
+_SLANEY_MIN_LOG_HZ = 1000.0
+_SLANEY_MIN_LOG_MEL = _SLANEY_MIN_LOG_HZ / _SLANEY_HZ_PER_MEL
+_SLANEY_LOG_STEP = np.log(6.4) / 27.0
+
+
 def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
-    """Slaney's auditory-toolbox mel scale: linear below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, dtype=np.float64)
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    log_step = np.log(6.4) / 27.0
-    mel = hz / f_sp
-    high = hz >= min_log_hz
-    return np.where(high, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / log_step,
-                    mel)
+    log_part = np.log(np.maximum(hz, _SLANEY_MIN_LOG_HZ) / _SLANEY_MIN_LOG_HZ) / _SLANEY_LOG_STEP
+    return np.where(hz >= _SLANEY_MIN_LOG_HZ, _SLANEY_MIN_LOG_MEL + log_part,
+                    hz / _SLANEY_HZ_PER_MEL)
 
 
 def _mel_to_hz_slaney(mel: np.ndarray) -> np.ndarray:
     mel = np.asarray(mel, dtype=np.float64)
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    log_step = np.log(6.4) / 27.0
-    return np.where(mel >= min_log_mel, min_log_hz * np.exp(log_step * (mel - min_log_mel)),
-                    f_sp * mel)
+    log_part = _SLANEY_MIN_LOG_HZ * np.exp(_SLANEY_LOG_STEP * (mel - _SLANEY_MIN_LOG_MEL))
+    return np.where(mel >= _SLANEY_MIN_LOG_MEL, log_part, _SLANEY_HZ_PER_MEL * mel)
 
 
 def slaney_mel_filterbank(sample_rate: float, n_fft: int, n_mels: int, f_min: float = 0.0,
