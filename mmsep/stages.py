@@ -14,6 +14,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+# Version of manifest.json and of the stage contracts it carries; the runtime reads only this one.
+MANIFEST_FORMAT_VERSION = 2
+
 Dim = int | str
 _SYMBOL = re.compile(r"^(?:(\d+)\*)?batch$")
 
@@ -118,6 +121,9 @@ def build_stage_specs(g: Geometry, *, max_batch: int = 4) -> dict[str, StageSpec
     """The eight stage contracts for one model geometry (DESIGN.md, "Stages and their graphs")."""
     f32, i64 = "float32", "int64"
     latent = ("batch", g.latent_len, g.latent_dim)
+    # The denoiser takes both CFG branches stacked [conditional; unconditional] on one axis.
+    one_branch_conditioning = tuple(TensorSpec(f"cond_{name}", f32, ("batch", *shape))
+                                    for name, shape in g.conditioning)
     branch_conditioning = tuple(TensorSpec(f"cond_{name}", f32, ("2*batch", *shape))
                                 for name, shape in g.conditioning)
     common = dict(max_batch=max_batch, opt_batch=min(2, max_batch))
@@ -141,14 +147,13 @@ def build_stage_specs(g: Geometry, *, max_batch: int = 4) -> dict[str, StageSpec
                   (TensorSpec("waveform", f32, ("batch", g.window_samples)),),
                   (TensorSpec("mix_latent", f32, latent),), **common),
         StageSpec("conditioner",
-                  "clip/sync/text (+ negative text) features -> step-invariant conditioning; "
-                  "conditional branch first, unconditional branch second, on the leading axis",
+                  "clip/sync/text features -> step-invariant conditioning of one CFG branch "
+                  "(the runtime computes the unconditional branch once and stacks it second)",
                   (TensorSpec("clip_features", f32, ("batch", g.clip_len, g.clip_dim)),
                    TensorSpec("sync_features", f32, ("batch", g.sync_segments * g.sync_tokens_per_segment,
                                                      g.sync_dim)),
-                   TensorSpec("text_features", f32, ("batch", g.text_len, g.text_dim)),
-                   TensorSpec("negative_text_features", f32, ("batch", g.text_len, g.text_dim))),
-                  branch_conditioning, **common),
+                   TensorSpec("text_features", f32, ("batch", g.text_len, g.text_dim))),
+                  one_branch_conditioning, **common),
         StageSpec("denoiser", "one Euler step with classifier-free guidance, both branches batched",
                   (TensorSpec("x", f32, latent),
                    *((TensorSpec("mix_latent", f32, latent),) if g.separation else ()),

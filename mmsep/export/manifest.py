@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..stages import StageSpec
+from ..stages import MANIFEST_FORMAT_VERSION as FORMAT_VERSION, StageSpec
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 _CHUNK = 1 << 22
 
 

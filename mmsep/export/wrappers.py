@@ -83,23 +83,19 @@ class VocoderStage(nn.Module):
 
 
 class ConditionerStage(nn.Module):
-    """Step-invariant conditioning for both CFG branches, stacked [conditional; unconditional].
+    """Step-invariant conditioning of one CFG branch.
 
-    The unconditional branch sees the learned empty CLIP/Synchformer features and
-    ``negative_text_features`` (the runtime passes the learned empty text features when there is
-    no negative prompt, so one graph serves both cases).
+    The runtime runs it on the query features for the conditional branch, and once per model load
+    on the learned empty features (or once per request with a negative text) for the
+    unconditional branch, which the denoiser takes stacked second.
     """
 
     def __init__(self, flow: MMAudioFlow):
         super().__init__()
         self.flow = flow
 
-    def forward(self, clip_features, sync_features, text_features, negative_text_features):
-        batch = clip_features.shape[0]
-        empty_clip, empty_sync, _ = self.flow.empty_conditions(batch)
-        cond = self.flow.prepare_conditions(clip_features, sync_features, text_features)
-        uncond = self.flow.prepare_conditions(empty_clip, empty_sync, negative_text_features)
-        return tuple(torch.cat([c, u], dim=0) for c, u in zip(cond, uncond))
+    def forward(self, clip_features, sync_features, text_features):
+        return tuple(self.flow.prepare_conditions(clip_features, sync_features, text_features))
 
 
 class DenoiserStage(nn.Module):

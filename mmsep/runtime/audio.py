@@ -4,36 +4,43 @@ Reading tries soundfile first (WAV, FLAC, OGG, ... through libsndfile) and PyAV 
 (the audio track of an MP4, MP3, M4A, ...). Channels are averaged to mono and the result is
 resampled to the model rate with soxr at its very-high-quality setting.
 
-Mixture checks (``check_mixture``): NaN/Inf samples are rejected; samples outside [-1, 1] are
-clipped with a warning; a mixture shorter than MIN_SECONDS or whose peak is below SILENCE_PEAK
-(-100 dBFS) is rejected.
+Mixture checks: NaN/Inf samples are rejected; samples outside [-1, 1] are clipped with a warning;
+a mixture shorter than MIN_SECONDS or whose peak is below SILENCE_PEAK (-100 dBFS) is rejected.
+
+Long files are not held in memory: ``MixtureStream`` scans a file once for what the checks and
+the window plan need (length at the model rate, peak, non-finite and out-of-range counts), then
+decodes it again block by block and hands out one window at a time, holding at most a window plus
+one decoded block. ``AudioWriter`` appends output samples to a file as they are produced.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_output
 from .errors import InputError
+from .windows import WindowPlan
 
 MIN_SECONDS = 0.1
 SILENCE_PEAK = 1e-5  # -100 dBFS: below the LSB of 16-bit audio
 FORMATS = {"wav": "WAV", "flac": "FLAC"}
 SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
+BLOCK_FRAMES = 1 << 16  # source frames decoded at a time by MixtureStream
+QUALITY = "VHQ"
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
     """Mono float32 samples of the audio file (or a media file's first audio track) at
-    ``sample_rate``. Values outside [-1, 1] are clipped with a warning; NaN/Inf are rejected."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file")
+    ``sample_rate``. Values outside [-1, 1] are clipped with a warning; NaN/Inf are rejected.
+    The whole file is held in memory: for long files use ``MixtureStream``."""
+    path = _existing_file(path)
     decoded = _read_soundfile(path)
     if decoded is None:
         decoded = read_audio_track(path)
@@ -47,7 +54,7 @@ def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str) -> n
     """Downmixed (``samples`` (L,) or (L, channels)), checked, clipped and resampled audio."""
     samples = np.asarray(samples)
     if samples.ndim == 2:
-        samples = samples.mean(axis=1, dtype=np.float64)
+        samples = _downmix(samples)
     elif samples.ndim != 1:
         raise InputError(f"{name}: audio must be (samples,) or (samples, channels), "
                          f"got shape {samples.shape}")
@@ -56,16 +63,13 @@ def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str) -> n
                          f"got {samples.dtype}")
     samples = samples.astype(np.float32, copy=False)
     if not np.all(np.isfinite(samples)):
-        bad = int(np.count_nonzero(~np.isfinite(samples)))
-        raise InputError(f"{name}: {bad} NaN or infinite audio samples")
-    over = int(np.count_nonzero(np.abs(samples) > 1.0))
-    if over:
-        warnings.warn(f"{name}: {over} samples outside [-1, 1] were clipped", stacklevel=3)
+        _reject_nonfinite(int(np.count_nonzero(~np.isfinite(samples))), name)
+    _warn_clipped(int(np.count_nonzero(np.abs(samples) > 1.0)), name, stacklevel=4)
     samples = np.clip(samples, -1.0, 1.0)
     if rate != sample_rate and samples.size:
         import soxr
 
-        samples = soxr.resample(samples, rate, sample_rate, quality="VHQ")
+        samples = soxr.resample(samples, rate, sample_rate, quality=QUALITY)
         # a resampler may overshoot full-scale content by a little; that is not clipping input
         samples = np.clip(samples, -1.0, 1.0)
     return np.ascontiguousarray(samples, dtype=np.float32)
@@ -73,22 +77,205 @@ def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str) -> n
 
 def check_mixture(samples: np.ndarray, sample_rate: int, *, name: str) -> None:
     """Reject a mixture that is too short or silent (message states the limit)."""
-    seconds = samples.size / sample_rate
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    _check_length_and_peak(samples.size, peak, sample_rate, name)
+
+
+def resampled_length(frames: int, rate: int, sample_rate: int) -> int:
+    """Samples soxr makes of ``frames`` at ``rate`` resampled to ``sample_rate``:
+    ``floor(frames * sample_rate / rate + 1/2)``, exactly (one-shot and streamed alike)."""
+    if rate == sample_rate:
+        return frames
+    return math.floor(Fraction(frames * sample_rate, rate) + Fraction(1, 2))
+
+
+class ArrayMixture:
+    """A mixture already in memory (model-rate samples), behind the ``MixtureStream`` interface."""
+
+    def __init__(self, samples: np.ndarray, sample_rate: int, *, name: str = "mixture array"):
+        self.samples = prepare(samples, sample_rate, sample_rate, name=name)
+        self.sample_rate, self.name = sample_rate, name
+        self.length = self.samples.size
+
+    def check(self) -> None:
+        check_mixture(self.samples, self.sample_rate, name=self.name)
+
+    def windows(self, plan: WindowPlan) -> Iterator[tuple[int, np.ndarray]]:
+        """(w, samples (window,)) for every window of ``plan``, in order."""
+        _check_plan(plan, self)
+        return ((w, plan.cut(self.samples, w)) for w in range(plan.count))
+
+
+class MixtureStream:
+    """A mixture file read in two passes, never whole.
+
+    Construction decodes the file once (soundfile, else PyAV's first audio track) to count its
+    frames and non-finite samples, samples outside [-1, 1] and the peak: NaN/Inf are rejected
+    and clipping is warned about here, ``check()`` rejects a too-short or silent mixture, so all
+    of that happens before any work. ``windows(plan)`` decodes it again in blocks, downmixes,
+    clips, resamples with a streaming soxr resampler and yields the windows in order, equal to
+    ``plan.cut(read_audio(path, sample_rate), w)``. ``max_held`` is the largest number of
+    model-rate samples it has buffered (a window plus one resampled block).
+
+    ``media``: read the file with PyAV only (a video's audio track). The silence check uses the
+    peak before resampling.
+    """
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int, *, name: str | None = None,
+                 media: bool = False, block: int = BLOCK_FRAMES):
+        self.path = _existing_file(path)
+        self.name = str(self.path) if name is None else name
+        self.sample_rate, self.block = sample_rate, block
+        self.max_held = 0
+        self._info = None if media else _soundfile_info(self.path)
+        if self._info is not None:
+            self.source_rate = int(self._info.samplerate)
+        else:
+            rate = _audio_track_rate(self.path)
+            if rate is None:
+                raise InputError(f"{self.path}: has no audio track")
+            self.source_rate = rate
+        frames = nonfinite = over = 0
+        peak = 0.0
+        for block_samples in self._blocks():
+            frames += block_samples.size
+            finite = np.isfinite(block_samples)
+            if not finite.all():
+                nonfinite += int(block_samples.size - np.count_nonzero(finite))
+                block_samples = block_samples[finite]
+            if block_samples.size:
+                magnitude = np.abs(block_samples)
+                over += int(np.count_nonzero(magnitude > 1.0))
+                peak = max(peak, float(magnitude.max()))
+        if nonfinite:
+            _reject_nonfinite(nonfinite, self.name)
+        _warn_clipped(over, self.name, stacklevel=3)
+        self.source_frames = frames
+        self.peak = min(peak, 1.0)  # the samples are clipped before use
+        self.length = resampled_length(frames, self.source_rate, sample_rate)
+
+    def check(self) -> None:
+        _check_length_and_peak(self.length, self.peak, self.sample_rate, self.name)
+
+    def windows(self, plan: WindowPlan) -> Iterator[tuple[int, np.ndarray]]:
+        """(w, samples (window,)) for every window of ``plan``, decoded as they are needed."""
+        _check_plan(plan, self)
+        return self._windows(plan)
+
+    def _windows(self, plan: WindowPlan) -> Iterator[tuple[int, np.ndarray]]:
+        chunks = self._resampled()
+        held = np.zeros(0, np.float32)  # model-rate samples [held_start, held_start + size)
+        held_start = 0
+        for w in range(plan.count):
+            start = w * plan.hop
+            end = min(start + plan.window, self.length)
+            fresh, have = [], held_start + held.size
+            while have < end:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    raise InputError(f"{self.name}: the file changed while it was being read")
+                fresh.append(chunk)
+                have += chunk.size
+            if fresh:
+                held = np.concatenate([held, *fresh])
+            self.max_held = max(self.max_held, held.size)
+            window = np.zeros(plan.window, np.float32)
+            window[:end - start] = held[start - held_start:end - held_start]
+            yield w, window
+            drop = min((w + 1) * plan.hop, held_start + held.size) - held_start
+            held, held_start = held[drop:], held_start + drop
+        chunks.close()
+
+    def _resampled(self) -> Iterator[np.ndarray]:
+        """Clipped model-rate samples in chunks of about one block."""
+        if self.source_rate == self.sample_rate:
+            for block_samples in self._blocks():
+                yield np.clip(block_samples, -1.0, 1.0)
+            return
+        import soxr
+
+        resampler = soxr.ResampleStream(self.source_rate, self.sample_rate, 1, dtype="float32",
+                                        quality=QUALITY)
+        for block_samples in self._blocks():
+            out = resampler.resample_chunk(np.clip(block_samples, -1.0, 1.0), last=False)
+            if out.size:
+                yield np.clip(out, -1.0, 1.0)
+        out = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        if out.size:
+            yield np.clip(out, -1.0, 1.0)
+
+    def _blocks(self) -> Iterator[np.ndarray]:
+        """Downmixed float32 samples at the source rate, about ``block`` frames at a time."""
+        if self._info is not None:
+            yield from _soundfile_blocks(self.path, self._info, self.block)
+            return
+        pending, size = [], 0
+        for frame in _audio_track_frames(self.path):
+            pending.append(frame)
+            size += frame.size
+            if size >= self.block:
+                yield np.concatenate(pending)
+                pending, size = [], 0
+        if pending:
+            yield np.concatenate(pending)
+
+
+def _check_plan(plan: WindowPlan, mixture) -> None:
+    if plan.length != mixture.length or plan.sample_rate != mixture.sample_rate:
+        raise ValueError(f"the plan ({plan.length} samples at {plan.sample_rate} Hz) does not "
+                         f"cover the mixture ({mixture.length} at {mixture.sample_rate} Hz)")
+
+
+def _check_length_and_peak(length: int, peak: float, sample_rate: int, name: str) -> None:
+    seconds = length / sample_rate
     if seconds < MIN_SECONDS:
         raise InputError(f"{name}: mixture is {seconds:.3f} s long; the minimum is "
                          f"{MIN_SECONDS} s")
-    if float(np.max(np.abs(samples))) < SILENCE_PEAK:
+    if peak < SILENCE_PEAK:
         raise InputError(f"{name}: mixture is silent (peak below -100 dBFS); there is nothing "
                          "to separate")
+
+
+def _reject_nonfinite(count: int, name: str) -> None:
+    raise InputError(f"{name}: {count} NaN or infinite audio samples")
+
+
+def _warn_clipped(count: int, name: str, *, stacklevel: int) -> None:
+    if count:
+        warnings.warn(f"{name}: {count} samples outside [-1, 1] were clipped",
+                      stacklevel=stacklevel)
+
+
+def _downmix(samples: np.ndarray) -> np.ndarray:
+    """(L, channels) -> (L,) float32, the channel mean taken in float64."""
+    return samples.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    return path
+
+
+def _soundfile_info(path: Path):
+    """libsndfile's description of ``path``, or None when it is not a format libsndfile knows."""
+    import soundfile as sf
+
+    try:
+        return sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return None  # try FFmpeg
 
 
 def _read_soundfile(path: Path) -> tuple[np.ndarray, int] | None:
     import soundfile as sf
 
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, TypeError):
-        return None  # not a format libsndfile knows: try FFmpeg
+    info = _soundfile_info(path)
+    if info is None:
+        return None
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
@@ -96,36 +283,87 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int] | None:
     return data, int(rate)
 
 
+def _soundfile_blocks(path: Path, info, block: int) -> Iterator[np.ndarray]:
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(str(path)) as f:
+            while True:
+                data = f.read(block, dtype="float32", always_2d=True)
+                if not len(data):
+                    return
+                yield _downmix(data)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{path}: corrupt {info.format} audio ({_one_line(exc)})") from None
+
+
 def read_audio_track(path: Path) -> tuple[np.ndarray, int] | None:
     """(samples (L, channels) float32, rate) of the first audio stream via PyAV, or None when
     the file has no audio stream."""
+    rate = _audio_track_rate(path)
+    if rate is None:
+        return None
+    chunks = list(_audio_track_frames(path))
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return samples[:, None], rate
+
+
+def _open_media(path: Path):
     import av
 
     try:
-        container = av.open(str(path))
+        return av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: unreadable media file ({_one_line(exc)})") from None
-    with container:
-        stream = next((s for s in container.streams if s.type == "audio"), None)
+
+
+def _first_audio_stream(container):
+    return next((s for s in container.streams if s.type == "audio"), None)
+
+
+def _audio_track_rate(path: Path) -> int | None:
+    """Sample rate of the first audio stream, None when there is no audio stream."""
+    with _open_media(path) as container:
+        stream = _first_audio_stream(container)
         if stream is None:
             return None
-        stream.thread_type = "AUTO"
         rate = stream.rate or stream.codec_context.sample_rate
+    if not rate:
+        raise InputError(f"{path}: audio track has no sample rate")
+    return int(rate)
+
+
+def _audio_track_frames(path: Path) -> Iterator[np.ndarray]:
+    """The first audio stream decoded frame by frame, each frame's channels averaged (float32)."""
+    import av
+
+    with _open_media(path) as container:
+        stream = _first_audio_stream(container)
+        if stream is None:
+            return
+        stream.thread_type = "AUTO"
         # planar float at the source rate and layout; resampling is soxr's job, downmixing ours
         converter = av.AudioResampler(format="fltp")
-        chunks: list[np.ndarray] = []
         try:
             for frame in container.decode(stream):
                 for out in converter.resample(frame):
-                    chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))
+                    yield out.to_ndarray().mean(axis=0, dtype=np.float32)
             for out in converter.resample(None):
-                chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))
+                yield out.to_ndarray().mean(axis=0, dtype=np.float32)
         except (av.FFmpegError, ValueError) as exc:
             raise InputError(f"{path}: corrupt audio track ({_one_line(exc)})") from None
-    if not rate:
-        raise InputError(f"{path}: audio track has no sample rate")
-    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    return samples[:, None], int(rate)
+
+
+def _format_and_subtype(format: str, subtype: str) -> str:
+    """libsndfile's name of ``format``, after checking the pair."""
+    fmt = FORMATS.get(format.lower())
+    if fmt is None:
+        raise InputError(f"unknown output format {format!r}; choose wav or flac")
+    if subtype not in SUBTYPES:
+        raise InputError(f"unknown sample format {subtype!r}; choose one of {', '.join(SUBTYPES)}")
+    if fmt == "FLAC" and subtype == "FLOAT":
+        raise InputError("FLAC cannot store FLOAT samples; use --subtype PCM_16 or PCM_24")
+    return fmt
 
 
 def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, *,
@@ -137,13 +375,7 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, *,
     import soundfile as sf
 
     path = Path(path)
-    fmt = FORMATS.get(format.lower())
-    if fmt is None:
-        raise InputError(f"unknown output format {format!r}; choose wav or flac")
-    if subtype not in SUBTYPES:
-        raise InputError(f"unknown sample format {subtype!r}; choose one of {', '.join(SUBTYPES)}")
-    if fmt == "FLAC" and subtype == "FLOAT":
-        raise InputError("FLAC cannot store FLOAT samples; use --subtype PCM_16 or PCM_24")
+    fmt = _format_and_subtype(format, subtype)
     if subtype != "FLOAT":
         audio = np.clip(audio, -1.0, 1.0)
     if not atomic:
@@ -154,6 +386,44 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, *,
         sf.write(str(tmp), np.asarray(audio, np.float32), sample_rate, format=fmt,
                  subtype=subtype)
     return path
+
+
+class AudioWriter:
+    """A mono wav/flac file written piece by piece (``write``); PCM subtypes are clipped.
+
+    Not atomic by itself: open it on ``atomic_output``'s temporary path and close it before
+    that renames the file. ``frames`` counts the samples written so far.
+    """
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int, *, format: str = "wav",
+                 subtype: str = "PCM_16", name: str | None = None):
+        import soundfile as sf
+
+        self.path = Path(path)
+        fmt = _format_and_subtype(format, subtype)
+        self._clip = subtype != "FLOAT"
+        self.frames = 0
+        try:
+            self._file = sf.SoundFile(str(self.path), "w", samplerate=sample_rate, channels=1,
+                                      subtype=subtype, format=fmt)
+        except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+            raise InputError(f"{name or self.path}: cannot write ({_one_line(exc)})") from None
+
+    def write(self, samples: np.ndarray) -> None:
+        samples = np.asarray(samples, np.float32)
+        if self._clip:
+            samples = np.clip(samples, -1.0, 1.0)
+        self._file.write(samples)
+        self.frames += samples.size
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> AudioWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -4,15 +4,20 @@ The protocol is small: ``run(stage, inputs) -> outputs`` with numpy arrays in an
 context-manager lifecycle (``close`` releases sessions). ``run(..., on_device=True)`` returns the
 backend's device values instead of numpy arrays; such values can be passed back as inputs of a
 later ``run``, so a pipeline keeps intermediate tensors where the backend computes (GPU memory for
-ONNX Runtime CUDA) and copies to the host only what it needs there. ``sample`` is the Euler + CFG
-loop written on top of that: one denoiser launch per step, no host round trip inside the loop.
+ONNX Runtime CUDA) and copies to the host only what it needs there. ``condition`` runs the
+conditioner for the conditional branch and stacks the cached unconditional branch after it, as the
+denoiser takes them. ``sample`` is the Euler + CFG loop written on top of that: one denoiser launch
+per step, no host round trip inside the loop.
 
 Backends:
     ort-cpu   ONNX Runtime, CPUExecutionProvider.
     ort-cuda  ONNX Runtime, CUDAExecutionProvider (needs onnxruntime-gpu and a CUDA device);
               IO binding keeps every intermediate tensor on the GPU.
-    trt       TensorRT engines: not part of this build.
-    auto      the fastest available: ort-cuda when its provider loads, else ort-cpu.
+    trt       the model directory's TensorRT engines through pycuda (tensorrt_backend.py);
+              refused when they were built for another GPU or TensorRT version.
+    auto      the fastest available: trt, then ort-cuda, then ort-cpu; a faster backend that
+              cannot be used is skipped with a warning saying why (except when its software is
+              simply not installed).
 
 Every failure is raised with the stage named (BackendError), or as BackendUnavailable when a
 backend cannot be used at all.
@@ -39,6 +44,9 @@ class Backend(Protocol):
 
     def run(self, stage: str, inputs: Mapping[str, Any], *,
             on_device: bool = False) -> dict[str, Any]: ...
+
+    def condition(self, inputs: Mapping[str, np.ndarray],
+                  uncond: Mapping[str, np.ndarray]) -> dict[str, Any]: ...
 
     def sample(self, x0: np.ndarray, mix_latent: Any, conditioning: Mapping[str, Any],
                steps: int, cfg: float) -> Any: ...
@@ -188,6 +196,20 @@ class OrtBackend:
             return value
         return np.array(value.numpy(), copy=True)
 
+    def condition(self, inputs: Mapping[str, np.ndarray],
+                  uncond: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Both CFG branches' conditioning for the denoiser: the conditioner's output for
+        ``inputs`` (batch B), then ``uncond`` (batch 1, one branch's conditioning) repeated B times.
+
+        The two halves are joined on the host (once per batch, outside the step loop) and placed
+        on the device for CUDA.
+        """
+        cond = self.run("conditioner", inputs)
+        stacked = stack_branches(cond, uncond)
+        if self.device == "cpu":
+            return stacked
+        return {name: self.upload(value) for name, value in stacked.items()}
+
     def sample(self, x0: np.ndarray, mix_latent: Any, conditioning: Mapping[str, Any],
                steps: int, cfg: float):
         """Euler from t=0 to 1 in ``steps`` steps with guidance ``cfg``; returns a device value.
@@ -211,6 +233,20 @@ class OrtBackend:
         return x
 
 
+def stack_branches(cond: Mapping[str, np.ndarray],
+                   uncond: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """[conditional; unconditional] on the leading axis, the unconditional batch-1 conditioning
+    repeated to the conditional batch."""
+    out = {}
+    for name, value in cond.items():
+        other = uncond[name]
+        if other.shape[0] != 1 or other.shape[1:] != value.shape[1:]:
+            raise BackendError("conditioner", f"unconditional {name!r} has shape {other.shape}, "
+                                              f"expected (1, {', '.join(map(str, value.shape[1:]))})")
+        out[name] = np.concatenate([value, np.broadcast_to(other, value.shape)])
+    return out
+
+
 def _device(backend: OrtBackend, value: Any):
     return value if isinstance(value, backend._ort.OrtValue) else backend.upload(value)
 
@@ -225,8 +261,10 @@ def _check_inputs(spec: StageSpec, inputs: Mapping[str, Any]) -> None:
     for tensor in spec.inputs:
         value = inputs[tensor.name]
         shape = tuple(value.shape() if callable(value.shape) else value.shape)
-        dtype = (str(value.dtype) if isinstance(value, np.ndarray) else
-                 _ORT_TYPES.get(value.data_type(), value.data_type()))
+        if hasattr(value, "data_type"):  # an OrtValue
+            dtype = _ORT_TYPES.get(value.data_type(), value.data_type())
+        else:  # a numpy array or a TensorRT DeviceArray
+            dtype = str(np.dtype(value.dtype))
         if dtype != tensor.dtype:
             raise BackendError(spec.name, f"input {tensor.name!r} is {dtype}, "
                                           f"expected {tensor.dtype}")
@@ -248,17 +286,21 @@ def _one_line(exc: BaseException) -> str:
 
 
 def create_backend(model: ModelDir, name: str = "auto", *, threads: int = 0):
-    """The backend called ``name`` (one of BACKENDS) for ``model``; ``auto`` picks ort-cuda when
-    its provider loads and ort-cpu otherwise. The chosen backend's ``name`` says which."""
+    """The backend called ``name`` (one of BACKENDS) for ``model``; ``auto`` tries trt, ort-cuda
+    and ort-cpu in that order. The chosen backend's ``name`` says which."""
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "trt":
-        raise BackendUnavailable("TensorRT backend not available in this build; use "
-                                 "--backend ort-cuda or ort-cpu")
+        from .tensorrt_backend import TrtBackend
+
+        return TrtBackend(model)
     if name == "ort-cpu":
         return OrtBackend(model, "cpu", threads=threads)
     if name == "ort-cuda":
         return OrtBackend(model, "cuda", threads=threads)
+    trt = _auto_tensorrt(model)
+    if trt is not None:
+        return trt
     if cuda_available():
         try:
             return OrtBackend(model, "cuda", threads=threads)
@@ -266,3 +308,18 @@ def create_backend(model: ModelDir, name: str = "auto", *, threads: int = 0):
             warnings.warn(f"ONNX Runtime CUDA is listed but did not start ({exc}); using the CPU",
                           RuntimeWarning, stacklevel=2)
     return OrtBackend(model, "cpu", threads=threads)
+
+
+def _auto_tensorrt(model: ModelDir):
+    """The TensorRT backend when its software, a GPU and matching engines are all there; else
+    None, with a warning when the reason is worth knowing (engines present but unusable)."""
+    from .tensorrt_backend import TrtBackend, tensorrt_importable
+
+    if not tensorrt_importable() or (model.manifest.get("tensorrt") or {}).get("status") != "built":
+        return None
+    try:
+        return TrtBackend(model)
+    except (BackendUnavailable, BackendError) as exc:
+        warnings.warn(f"not using the TensorRT engines: {exc}; falling back to ONNX Runtime",
+                      RuntimeWarning, stacklevel=3)
+        return None

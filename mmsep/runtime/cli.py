@@ -1,8 +1,9 @@
 """mmsep-run: separate (or generate) the audio of a video / text query with a model directory.
 
 Exit codes: 0 success, 2 bad input or usage (the message names the file or option), 1 internal
-failure, 130 interrupted. Outputs are written to a temporary file beside the target and renamed
-into place only when complete, so a failed or interrupted run leaves no output behind.
+failure, 130 interrupted. Outputs are written to a temporary file beside the target as the
+windows are joined (a long output is never held whole) and renamed into place only when complete,
+so a failed or interrupted run leaves no output behind.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
         steps, cfg, seed, overlap, max_batch, backend, threads, verify=True, mux_path=None,
         show_progress=True) -> dict:
     from .atomic import atomic_output
-    from .audio import write_audio
+    from .audio import AudioWriter
     from .errors import InputError
     from .separator import Separator
 
@@ -119,7 +120,23 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap, threads=threads,
                     verify=verify)
     load_s = time.perf_counter() - started
-    with sep:
+    write_s = mux_s = 0.0
+    # every output goes to a temporary file first, written as the windows are joined (no
+    # full-length copy is held); all are renamed into place together at the end, so a failure
+    # or Ctrl-C anywhere leaves none of them behind
+    with sep, contextlib.ExitStack() as outputs:
+        writers = []
+        for path in paths:
+            tmp = outputs.enter_context(atomic_output(path))
+            writers.append(outputs.enter_context(
+                AudioWriter(tmp, sep.sample_rate, format=fmt, subtype=subtype, name=path)))
+
+        def sink(k, samples):
+            nonlocal write_s
+            started = time.perf_counter()
+            writers[k].write(samples)
+            write_s += time.perf_counter() - started
+
         bar = None
 
         def progress(done, total):
@@ -135,40 +152,38 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
         try:
             result = sep.process(mix=mix, video=video, text=texts or None,
                                  negative_text=negative_text, steps=steps, cfg=cfg, seed=seed,
-                                 generate=generate, duration=duration, progress=progress)
+                                 generate=generate, duration=duration, progress=progress,
+                                 sink=sink)
         finally:
             if bar is not None:
                 bar.close()
-        # every output goes to a temporary file first; all are renamed into place together
-        # at the end, so a failure or Ctrl-C anywhere leaves none of them behind
-        with contextlib.ExitStack() as outputs:
-            started = time.perf_counter()
-            for path, stem in zip(paths, result.audio):
-                tmp = outputs.enter_context(atomic_output(path))
-                write_audio(tmp, stem, result.sample_rate, format=fmt, subtype=subtype,
-                            atomic=False)
-            write_s = time.perf_counter() - started
-            mux_s = 0.0
-            if mux_path is not None:
-                from .mux import mux
+        started = time.perf_counter()
+        for writer in writers:
+            writer.close()  # complete the files: --mux reads them back
+        write_s += time.perf_counter() - started
+        frames = writers[0].frames
+        if mux_path is not None:
+            from .mux import mux
 
-                started = time.perf_counter()
-                tmp = outputs.enter_context(atomic_output(mux_path))
-                mux(video, result.audio, result.sample_rate, tmp, titles=texts, atomic=False)
-                mux_s = time.perf_counter() - started
+            started = time.perf_counter()
+            tmp = outputs.enter_context(atomic_output(mux_path))
+            mux(video, [w.path for w in writers], result.sample_rate, tmp, titles=texts,
+                atomic=False)
+            mux_s = time.perf_counter() - started
     total_s = time.perf_counter() - total_started
+    audio_seconds = frames / result.sample_rate
     timings = {"load": load_s, **result.timings, "write": write_s, "mux": mux_s,
                "total": total_s}
     return {
         "outputs": [str(p) for p in paths], "mux": str(mux_path) if mux_path else None,
         "model": str(model_dir), "backend": sep.backend_name, "mode": result.mode,
-        "sample_rate": result.sample_rate, "audio_seconds": result.duration,
+        "sample_rate": result.sample_rate, "audio_seconds": audio_seconds,
         "windows": result.windows, "items": result.items, "batches": result.batches,
         "steps": steps or sep.info.default_steps,
         "cfg": sep.info.default_cfg if cfg is None else cfg, "seed": seed,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         # processing seconds per second of audio (below 1: faster than real time)
-        "real_time_factor": round(total_s / max(result.duration, 1e-9), 4),
+        "real_time_factor": round(total_s / max(audio_seconds, 1e-9), 4),
     }
 
 

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..stages import StageSpec
+from ..stages import MANIFEST_FORMAT_VERSION as FORMAT_VERSION, StageSpec
 from .errors import ModelDirError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 _CHUNK = 1 << 22
 _COMMON_STAGES = ("clip_image", "clip_text", "sync", "conditioner", "denoiser", "vae_decoder",
                   "vocoder")

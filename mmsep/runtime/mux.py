@@ -1,10 +1,15 @@
 """Put separated audio next to the original video: the video stream is copied packet for packet
-(no re-encoding), each audio stem becomes an AAC track. Written atomically."""
+(no re-encoding), each audio stem becomes an AAC track. Written atomically.
+
+The stems can be arrays or audio files; files are read in half-second blocks as the encoder needs
+them, so muxing a long output does not load it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,10 +21,11 @@ from .errors import InputError
 _CHUNK_SECONDS = 0.5  # audio is encoded in chunks interleaved with the video packets
 
 
-def mux(video: str | os.PathLike, tracks: np.ndarray, sample_rate: int,
-        out: str | os.PathLike, *, titles: Sequence[str | None] = (),
+def mux(video: str | os.PathLike, tracks: np.ndarray | Sequence[str | os.PathLike],
+        sample_rate: int, out: str | os.PathLike, *, titles: Sequence[str | None] = (),
         bitrate: int = 192_000, atomic: bool = True) -> Path:
-    """Copy ``video``'s first video stream into ``out`` and add ``tracks`` (n, L) float32 as AAC.
+    """Copy ``video``'s first video stream into ``out`` and add ``tracks`` as AAC: float32
+    samples (n, L), or the paths of n mono audio files at ``sample_rate``.
 
     The original audio tracks are not carried over. ``titles`` name the new tracks. ``atomic``:
     write beside ``out`` and rename when complete (False when the caller manages that).
@@ -36,7 +42,8 @@ def mux(video: str | os.PathLike, tracks: np.ndarray, sample_rate: int,
 def _mux(video, tracks, sample_rate, path: Path, target: Path, titles, bitrate) -> None:
     import av
 
-    tracks = np.atleast_2d(np.asarray(tracks, np.float32))
+    if isinstance(tracks, np.ndarray):
+        tracks = list(np.atleast_2d(np.asarray(tracks, np.float32)))
     try:
         source = av.open(str(video))
     except (av.FFmpegError, OSError) as exc:
@@ -49,17 +56,18 @@ def _mux(video, tracks, sample_rate, path: Path, target: Path, titles, bitrate) 
             sink = av.open(str(path), "w", format=_format_for(target))
         except (av.FFmpegError, ValueError) as exc:
             raise InputError(f"{target}: cannot write this container ({exc})") from None
-        with sink:
+        with sink, contextlib.ExitStack() as readers:
             vout = sink.add_stream_from_template(vin)
             encoders = []
             for k, track in enumerate(tracks):
+                samples = readers.enter_context(_samples(track, sample_rate))
                 stream = sink.add_stream("aac", rate=sample_rate)
                 stream.layout = "mono"
                 stream.bit_rate = bitrate
                 title = titles[k] if k < len(titles) else None
                 if title:
                     stream.metadata["title"] = title
-                encoders.append(_AacTrack(stream, np.clip(track, -1.0, 1.0), sample_rate))
+                encoders.append(_AacTrack(stream, samples, sample_rate))
             for packet in source.demux(vin):
                 if packet.dts is None:  # the demuxer's end-of-stream marker
                     continue
@@ -75,8 +83,40 @@ def _mux(video, tracks, sample_rate, path: Path, target: Path, titles, bitrate) 
                     sink.mux(apacket)
 
 
+@contextlib.contextmanager
+def _samples(track, sample_rate: int) -> Iterator[_Samples]:
+    if isinstance(track, np.ndarray):
+        yield _Samples(track.size, lambda start, stop: np.asarray(track[start:stop], np.float32))
+        return
+    import soundfile as sf
+
+    try:
+        f = sf.SoundFile(str(track))
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise InputError(f"{track}: unreadable audio ({exc})") from None
+    with f:
+        if f.samplerate != sample_rate or f.channels != 1:
+            raise InputError(f"{track}: expected mono audio at {sample_rate} Hz, got "
+                             f"{f.channels} channel(s) at {f.samplerate} Hz")
+
+        def read(start, stop):
+            if f.tell() != start:
+                f.seek(start)
+            return f.read(stop - start, dtype="float32")
+
+        yield _Samples(f.frames, read)
+
+
+@dataclass(frozen=True)
+class _Samples:
+    """A mono track of ``size`` samples; ``read(start, stop)`` returns samples [start, stop)."""
+
+    size: int
+    read: Callable[[int, int], np.ndarray]
+
+
 class _AacTrack:
-    def __init__(self, stream, samples: np.ndarray, sample_rate: int):
+    def __init__(self, stream, samples: _Samples, sample_rate: int):
         self.stream, self.samples, self.rate = stream, samples, sample_rate
         self.position = 0
         self.flushed = False
@@ -89,7 +129,8 @@ class _AacTrack:
             min(self.samples.size, int((seconds + _CHUNK_SECONDS) * self.rate))
         step = int(_CHUNK_SECONDS * self.rate)
         while self.position < end:
-            chunk = self.samples[self.position:min(end, self.position + step)]
+            chunk = np.clip(self.samples.read(self.position, min(end, self.position + step)),
+                            -1.0, 1.0)
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk[None]), format="fltp",
                                                layout="mono")
             frame.sample_rate = self.rate

@@ -9,8 +9,11 @@ and in generation mode (a separation model with no mixture at all) the noise mix
 the generator's next draw of the same shape, fed to the denoiser as its mixture latent.
 
 Conditions: a window with video uses its CLIP and Synchformer features, without video the learned
-empty ones (both); no text means the learned empty text features; the unconditional branch uses
-the negative text's features, or the empty text features when there is no negative text.
+empty ones (both); no text means the learned empty text features. The unconditional branch uses the
+learned empty CLIP/Synchformer features and the negative text's features, or the empty text
+features when there is no negative text. It is the same for every item of a request: its
+conditioning is computed once when the model loads (and once per distinct negative text, cached)
+and stacked after the conditional branch for the denoiser.
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from .windows import CrossfadeJoiner, WindowPlan
 TIMING_KEYS = ("decode", "features", "mix_encode", "conditioning", "sampling", "vae_decode",
                "vocode")
 _TEXT_CACHE_SIZE = 256
+_NEGATIVE_CACHE_SIZE = 16
 
 
 @dataclass
 class SeparationResult:
-    audio: np.ndarray  # float32 (n_texts, length)
+    audio: np.ndarray | None  # float32 (n_texts, length); None when a sink took it
+    length: int  # output samples per text
     sample_rate: int
     mode: str  # "separation" or "generation"
     windows: int
@@ -50,7 +55,7 @@ class SeparationResult:
 
     @property
     def duration(self) -> float:
-        return self.audio.shape[-1] / self.sample_rate
+        return self.length / self.sample_rate
 
 
 class Separator:
@@ -80,6 +85,8 @@ class Separator:
         self._texts: OrderedDict[str, np.ndarray] = OrderedDict()
         self.backend = create_backend(self.model, backend, threads=threads)
         self.backend_name = self.backend.name
+        self._uncond: OrderedDict[str | None, dict[str, np.ndarray]] = OrderedDict()
+        self._unconditional(None)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> Separator:
@@ -109,6 +116,8 @@ class Separator:
         ``duration=`` seconds (default: the video's length, else one window). Other options are
         those of ``process``.
         """
+        if "sink" in options:
+            raise TypeError("separate() returns the audio; use process(sink=...) to stream it")
         result = self.process(mix=mix, video=video, text=text, negative_text=negative_text,
                               steps=steps, cfg=cfg, seed=seed, **options)
         return result.audio if isinstance(text, (list, tuple)) else result.audio[0]
@@ -118,11 +127,16 @@ class Separator:
                 cfg: float | None = None, seed: int = 0, *, video_fps: float | None = None,
                 generate: bool = False, duration: float | None = None,
                 keep_latents: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> SeparationResult:
+                progress: Callable[[int, int], None] | None = None,
+                sink: Callable[[int, np.ndarray], None] | None = None) -> SeparationResult:
         """Run one request; returns audio (n_texts, length) with timings and counts.
 
         ``progress(done, total)`` is called after each batch. ``keep_latents`` keeps the final
         latents of every item (window-major) in the result, for checks against a reference.
+        ``sink(k, samples)``: hand the output over as it is produced instead of collecting it;
+        it is called in order with each run of finalised samples of text ``k`` (float32, not
+        clipped) as the windows are joined, and the result's ``audio`` is then None. A mixture
+        file is read in blocks, never whole, so with a sink memory does not grow with length.
         """
         info = self.info
         steps = info.default_steps if steps is None else steps
@@ -143,7 +157,7 @@ class Separator:
             raise InputError("duration sets the length of generated audio; with a mixture the "
                              "output has the mixture's length")
         if mixture is not None:
-            length = mixture.size
+            length = mixture.length
         elif duration is not None:
             if not (isinstance(duration, (int, float)) and math.isfinite(duration)
                     and duration >= audio_io.MIN_SECONDS):
@@ -167,13 +181,16 @@ class Separator:
                      if mixture is None and info.separation else None)
 
         started = time.perf_counter()
-        text_features = self._text_batch([*texts, negative_text])
-        negative = text_features.pop()
+        text_features = self._text_batch(texts)
         timings["features"] += time.perf_counter() - started
+        started = time.perf_counter()
+        uncond = self._unconditional(negative_text)
+        timings["conditioning"] += time.perf_counter() - started
 
         frames = None
         if source is not None:
             frames = WindowFrames(source, plan.start_seconds, self._video_geometry())
+        cuts = None if mixture is None else mixture.windows(plan)
         joiners = [CrossfadeJoiner(plan) for _ in texts]
         pieces: list[list[np.ndarray]] = [[] for _ in texts]
         latents = np.empty(shape, np.float32) if keep_latents else None
@@ -187,24 +204,47 @@ class Separator:
             new = [w for w in needed if w not in windows]
             for w in new:
                 windows[w] = self._window_features(frames, timings)
-            if mixture is not None:
-                self._encode_windows(mixture, plan, new, windows, timings)
-            audio, x1 = self._run_batch(members, windows, text_features, negative, x0[first:last],
+            if cuts is not None:
+                self._encode_windows(cuts, new, windows, timings)
+            audio, x1 = self._run_batch(members, windows, text_features, uncond, x0[first:last],
                                         None if noise_mix is None else noise_mix[first:last],
                                         steps, cfg, timings)
             if latents is not None:
                 latents[first:last] = x1
             for (w, k), wave in zip(members, audio):
-                pieces[k].append(joiners[k].push(wave))
+                piece = joiners[k].push(wave)
+                if sink is None:
+                    pieces[k].append(piece)
+                elif piece.size:
+                    sink(k, piece)
             if progress is not None:
                 progress(b + 1, batches)
-        out = np.stack([np.concatenate(p) for p in pieces])
+        out = None if sink is not None else np.stack([np.concatenate(p) for p in pieces])
         mode = "separation" if mixture is not None else "generation"
-        return SeparationResult(out, sr, mode, n_windows, items, batches, timings, latents)
+        return SeparationResult(out, length, sr, mode, n_windows, items, batches, timings,
+                                latents)
 
     def text_features(self, text: str | None) -> np.ndarray:
         """CLIP text features (77, Dt) of ``text`` (cached), or the learned empty ones for None."""
         return self._text_batch([text])[0]
+
+    def _unconditional(self, negative_text: str | None) -> dict[str, np.ndarray]:
+        """Unconditional-branch conditioning (batch 1): learned empty video features with the
+        negative text's features, or with the empty text features for None (kept for the life
+        of the Separator; negative texts in a small LRU cache)."""
+        cached = self._uncond.get(negative_text)
+        if cached is None:
+            empty = self._empty
+            cached = self.backend.run("conditioner", {
+                "clip_features": empty["clip_features"][None],
+                "sync_features": empty["sync_features"][None],
+                "text_features": self.text_features(negative_text)[None]})
+            self._uncond[negative_text] = cached
+            while len(self._uncond) > _NEGATIVE_CACHE_SIZE:
+                oldest = next(k for k in self._uncond if k is not None)
+                del self._uncond[oldest]
+        self._uncond.move_to_end(negative_text)
+        return cached
 
     def _text_batch(self, texts: list[str | None]) -> list[np.ndarray]:
         missing = list(dict.fromkeys(t for t in texts if t is not None and t not in self._texts))
@@ -232,7 +272,9 @@ class Separator:
             return VideoSource(video)
         return VideoSource.from_array(video, fps)
 
-    def _mixture(self, mix, source: VideoSource | None, generate: bool) -> np.ndarray | None:
+    def _mixture(self, mix, source: VideoSource | None, generate: bool):
+        """The checked mixture (``audio.ArrayMixture`` or, for files, ``audio.MixtureStream``),
+        or None for generation."""
         sr = self.info.sample_rate
         if generate:
             if mix is not None:
@@ -244,22 +286,20 @@ class Separator:
             return None
         if mix is not None:
             if isinstance(mix, (str, os.PathLike)):
-                samples, name = audio_io.read_audio(mix, sr), str(mix)
+                mixture = audio_io.MixtureStream(mix, sr)
             else:
-                name = "mixture array"
-                samples = audio_io.prepare(np.asarray(mix), sr, sr, name=name)
+                mixture = audio_io.ArrayMixture(np.asarray(mix), sr)
         elif source is not None:
-            decoded = None if source.path is None else audio_io.read_audio_track(source.path)
-            if decoded is None:
+            if source.path is None or not source.has_audio:
                 raise InputError(f"{source.name}: no mixture given and the video has no audio "
                                  "track to separate; give a mixture (--mix), or generate audio "
                                  "for the video (--generate)")
-            name = f"{source.name} (audio track)"
-            samples = audio_io.prepare(decoded[0], decoded[1], sr, name=name)
+            mixture = audio_io.MixtureStream(source.path, sr, media=True,
+                                             name=f"{source.name} (audio track)")
         else:
             return None  # nothing to separate: generation mode
-        audio_io.check_mixture(samples, sr, name=name)
-        return samples
+        mixture.check()
+        return mixture
 
     def _video_geometry(self) -> VideoGeometry:
         i = self.info
@@ -283,17 +323,26 @@ class Separator:
         timings["features"] += time.perf_counter() - started
         return {"clip_features": clip, "sync_features": sync.reshape(-1, sync.shape[-1])}
 
-    def _encode_windows(self, mixture, plan: WindowPlan, new: list[int], windows, timings):
-        started = time.perf_counter()
+    def _encode_windows(self, cuts, new: list[int], windows, timings):
+        """Mixture latents of the ``new`` windows; ``cuts`` yields (w, samples) in window order
+        and is read (decoding the file as far as needed) only here."""
         for chunk in range(0, len(new), self.max_batch):
             ws = new[chunk:chunk + self.max_batch]
-            wave = np.stack([plan.cut(mixture, w) for w in ws])
+            started = time.perf_counter()
+            wave = []
+            for w in ws:
+                got, samples = next(cuts)
+                assert got == w, f"mixture window {got} read for window {w}"
+                wave.append(samples)
+            wave = np.stack(wave)
+            timings["decode"] += time.perf_counter() - started
+            started = time.perf_counter()
             latent = self.backend.run("mix_encoder", {"waveform": wave})["mix_latent"]
             for w, lat in zip(ws, latent):
                 windows[w]["mix_latent"] = lat
-        timings["mix_encode"] += time.perf_counter() - started
+            timings["mix_encode"] += time.perf_counter() - started
 
-    def _run_batch(self, members, windows, text_features, negative, x0, noise_mix, steps, cfg,
+    def _run_batch(self, members, windows, text_features, uncond, x0, noise_mix, steps, cfg,
                    timings):
         backend = self.backend
         started = time.perf_counter()
@@ -301,9 +350,8 @@ class Separator:
             "clip_features": np.stack([windows[w]["clip_features"] for w, _ in members]),
             "sync_features": np.stack([windows[w]["sync_features"] for w, _ in members]),
             "text_features": np.stack([text_features[k] for _, k in members]),
-            "negative_text_features": np.repeat(negative[None], len(members), axis=0),
         }
-        conditioning = backend.run("conditioner", inputs, on_device=True)
+        conditioning = backend.condition(inputs, uncond)
         timings["conditioning"] += time.perf_counter() - started
 
         started = time.perf_counter()

@@ -136,3 +136,32 @@ def test_flac_float_rejected(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("rate,target", [(48000, SR), (8000, 16000), (SR, 16000), (22050, SR),
+                                         (SR, SR)])
+def test_resampled_length_is_what_soxr_makes(rate, target):
+    import soxr
+
+    for frames in (1, 2, 7, 4799, 4800, 12345):
+        made = soxr.resample(np.zeros(frames, np.float32), rate, target, quality="VHQ").size
+        assert audio.resampled_length(frames, rate, target) == (frames if rate == target
+                                                                 else made)
+
+
+@pytest.mark.parametrize("fmt,subtype", [("wav", "PCM_16"), ("flac", "PCM_24"), ("wav", "FLOAT")])
+def test_writer_in_pieces_equals_one_write(tmp_path, fmt, subtype):
+    data = sine(440, 0.7, SR, 1.3)
+    audio.write_audio(tmp_path / f"whole.{fmt}", data, SR, format=fmt, subtype=subtype)
+    with audio.AudioWriter(tmp_path / f"pieces.{fmt}", SR, format=fmt, subtype=subtype) as out:
+        for start in range(0, data.size, 5000):
+            out.write(data[start:start + 5000])
+    assert out.frames == data.size
+    whole, _ = sf.read(tmp_path / f"whole.{fmt}", dtype="float32")
+    pieces, rate = sf.read(tmp_path / f"pieces.{fmt}", dtype="float32")
+    assert rate == SR
+    np.testing.assert_array_equal(pieces, whole)
+    with pytest.raises(InputError, match="FLAC cannot store FLOAT"):
+        audio.AudioWriter(tmp_path / "x.flac", SR, format="flac", subtype="FLOAT")
+    with pytest.raises(InputError, match="o.wav: cannot write"):
+        audio.AudioWriter(tmp_path / "missing" / "x.wav", SR, name="o.wav")

@@ -1,6 +1,7 @@
 """mmsep-run: outputs, --mux, --json, naming; every bad input -> exit 2, one line, no output."""
 
 import json
+import re
 import shutil
 
 import av
@@ -129,8 +130,7 @@ BAD = {
     "max batch": (lambda t, m: ["--text", "x", "--max-batch", 0], "--max-batch"),
     "flac float": (lambda t, m: ["--text", "x", "--format", "flac", "--subtype", "FLOAT"],
                    "FLAC cannot store FLOAT"),
-    "trt": (lambda t, m: ["--text", "x", "--backend", "trt"],
-            "TensorRT backend not available in this build"),
+    "trt": (lambda t, m: ["--text", "x", "--backend", "trt"], "TensorRT is not installed"),
     "mux without video": (lambda t, m: ["--text", "x", "--mux", t / "o.mp4"],
                           "--mux needs --video"),
     "unknown option": (lambda t, m: ["--text", "x", "--bogus"], "No such option"),
@@ -184,8 +184,9 @@ def test_internal_failure_exit_1(model_dir, tmp_path, capsys, monkeypatch):
     code, _, stderr = run_cli(["--model", model_dir, "--text", "x", "--steps", 1, "-o",
                                tmp_path / "o.wav"], capsys)
     assert code == 1
-    assert stderr.strip() == "mmsep-run: internal error: stage 'clip_text': ONNX Runtime " \
-                             "failed: out of memory"
+    # the first stage to run is the model's own business; the message names it
+    assert re.fullmatch(r"mmsep-run: internal error: stage '\w+': ONNX Runtime failed: out of "
+                        r"memory", stderr.strip()), stderr
     assert list(tmp_path.iterdir()) == []
 
 

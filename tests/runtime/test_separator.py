@@ -77,6 +77,25 @@ def test_text_features_are_cached(separator):
     assert separator.text_features(None) is separator.model.empty_features()["text_features"]
 
 
+def test_unconditional_branch_is_computed_once_per_load(model_dir):
+    sep = Separator(model_dir, "ort-cpu")
+    batches = []
+    run = sep.backend.run
+
+    def counting(stage, inputs, **kw):
+        if stage == "conditioner":
+            batches.append(inputs["text_features"].shape[0])
+        return run(stage, inputs, **kw)
+
+    sep.backend.run = counting
+    sep.process(text=["rain", "wind"], duration=1.0, steps=1)
+    sep.process(text="rain", duration=1.0, steps=1)
+    assert batches == [2, 1]  # the conditional branch only; the empty branch came from the load
+    sep.process(text="rain", negative_text="speech", duration=1.0, steps=1)
+    sep.process(text="rain", negative_text="speech", duration=1.0, steps=1)
+    assert batches == [2, 1, 1, 1, 1]  # a negative text adds one batch-1 run, then is cached
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(text=""), "text is empty"),
     (dict(text=[]), "list of texts is empty"),
@@ -136,7 +155,8 @@ def _windows(length, window, overlap):
     return [w * hop for w in range(count)]
 
 
-def _reference_latents(reference, *, mix, texts, seed, steps, cfg, video=None, generation=False):
+def _reference_latents(reference, *, mix, texts, seed, steps, cfg, video=None, generation=False,
+                       negative_text=None):
     import torch
 
     from mmsep.models.sampler import initial_noise, sample
@@ -170,7 +190,10 @@ def _reference_latents(reference, *, mix, texts, seed, steps, cfg, video=None, g
             sync_f.append(comps.synchformer(sync[index]).flatten(0, 1))
         conditions["clip_f"] = torch.stack([clip_f[w] for w, _ in items])
         conditions["sync_f"] = torch.stack([sync_f[w] for w, _ in items])
-    return sample(comps.flow, x0, conditions, x_mix=x_mix, steps=steps, cfg=cfg).numpy()
+    negative = (None if negative_text is None else
+                comps.clip.encode_text(torch.from_numpy(tokenize([negative_text]))))
+    return sample(comps.flow, x0, conditions, x_mix=x_mix, steps=steps, cfg=cfg,
+                  negative_text_f=negative).numpy()
 
 
 def test_matches_reference_text_multi_window(model_dir, reference):
@@ -190,11 +213,12 @@ def test_matches_reference_video_and_text(model_dir, reference, media):
     mix = tones(2.6, SR, seed=4)
     sep = Separator(model_dir, "ort-cpu")
     result = sep.process(mix=mix, video=media["av"], text="engine", steps=2, cfg=3.0, seed=1,
-                         keep_latents=True)
+                         negative_text="speech", keep_latents=True)
     want = _reference_latents(reference, mix=mix, texts=["engine"], seed=1, steps=2, cfg=3.0,
-                              video=media["av"])
+                              video=media["av"], negative_text="speech")
     err = rel_l2(result.latents, want)
-    print(f"runtime vs PyTorch reference, final latents, video + text: rel L2 {err:.2e}")
+    print(f"runtime vs PyTorch reference, final latents, video + text + negative text: "
+          f"rel L2 {err:.2e}")
     assert err < 1e-3
 
 
