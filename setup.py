@@ -41,6 +41,13 @@ setup(
             "onnxscript>=0.1",
             "onnxruntime>=1.18",
         ],
+        # the runtime's TensorRT backend (NVIDIA GPU machines); cuda-python captures the
+        # denoiser loop as a CUDA graph and is optional
+        "tensorrt": [
+            "tensorrt>=10",
+            "pycuda>=2022.1",
+            "cuda-python>=12",
+        ],
         # independent references used by the tests: librosa's mel filters, scipy's FIR design
         "test": [
             "pytest>=7",

@@ -61,7 +61,9 @@ PROG = "mmsep-run"
               help="Most (window, text) items per batch (default: the model's max batch).")
 @click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
               default="auto", show_default=True,
-              help="Inference backend; auto picks ONNX Runtime CUDA when available, else CPU.")
+              help="Inference backend; auto picks the fastest usable one: the model's TensorRT "
+                   "engines (when built for this GPU and TensorRT version), then ONNX Runtime "
+                   "CUDA, then ONNX Runtime CPU, and says which.")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: its default).")
 @click.option("--no-verify", is_flag=True,

@@ -85,6 +85,12 @@ class Separator:
         self._texts: OrderedDict[str, np.ndarray] = OrderedDict()
         self.backend = create_backend(self.model, backend, threads=threads)
         self.backend_name = self.backend.name
+        limit = getattr(self.backend, "max_batch", None)  # fixed engine profiles
+        if limit is not None and self.max_batch > limit:
+            self.backend.close()
+            raise InputError(f"max batch {self.max_batch} exceeds what the {self.backend_name} "
+                             f"engines were built for ({limit}); lower it or rebuild the engines "
+                             "with a larger --max-batch")
         self._uncond: OrderedDict[str | None, dict[str, np.ndarray]] = OrderedDict()
         self._unconditional(None)
 

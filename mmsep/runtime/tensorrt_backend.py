@@ -206,6 +206,11 @@ class TrtBackend:
         self._allocations.clear()
         self._context.pop()
 
+    @property
+    def max_batch(self) -> int:
+        """The largest batch of windows the engines' optimisation profiles accept."""
+        return self.model.info.max_batch
+
     # -- memory --------------------------------------------------------------------------------
     def alloc(self, nbytes: int):
         allocation = self._cuda.mem_alloc(max(int(nbytes), 1))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mmsep.runtime import Separator
-from mmsep.runtime.errors import BackendError, BackendUnavailable, ModelDirError
+from mmsep.runtime.errors import BackendError, BackendUnavailable, InputError, ModelDirError
 from mmsep.runtime.example import tones
 from mmsep.runtime.model_dir import sha256_file
 from mmsep.runtime.tensorrt_backend import engine_refusal
@@ -154,6 +154,9 @@ def test_tampered_engine_is_refused(gpu, trt_dir, tmp_path):
 
 
 def test_batch_beyond_the_profile_is_a_clear_error(gpu, trt_dir):
+    with pytest.raises(InputError, match="max batch 5 exceeds what the trt engines were built "
+                                         r"for \(4\)"):
+        Separator(trt_dir, "trt", max_batch=5)
     with Separator(trt_dir, "trt") as sep:
         spec = sep.model.specs["vae_decoder"]
         latent = np.zeros(spec.tensor("latent").concrete(spec.max_batch + 1), np.float32)
