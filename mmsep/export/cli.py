@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,13 @@ def main(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     except KeyboardInterrupt:
         click.echo("mmsep-export: interrupted; nothing was written", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug or an environment failure: one line, exit 1
+        if os.environ.get("MMSEP_TRACEBACK"):
+            raise
+        click.echo(f"mmsep-export: internal error: {type(exc).__name__}: "
+                   f"{' '.join(str(exc).split())[:400]} (nothing was written; set "
+                   "MMSEP_TRACEBACK=1 to see where)", err=True)
+        sys.exit(EXIT_INTERNAL)
     if as_json:
         click.echo(json.dumps(_summary(result), indent=2))
     elif not quiet:

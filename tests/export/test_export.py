@@ -249,3 +249,22 @@ def test_cli_engines_only_needs_tensorrt_and_a_model_directory(tiny_model_dir, t
     assert proc.stderr.strip() == ("mmsep-export: error: cannot build TensorRT engines on this "
                                    f"machine: {reason}")
     assert (tiny_model_dir / "manifest.json").read_bytes() == before
+
+
+def test_cli_internal_error_is_one_line_with_exit_code_1(tmp_path):
+    """An unexpected exception (here: the exporter fails inside) is one line, exit 1, no output."""
+    script = ("import sys, mmsep.export.cli as cli, mmsep.export.exporter as exporter\n"
+              "def broken(*a, **k):\n"
+              "    raise RuntimeError('simulated\\nfailure')\n"
+              "exporter.export_model = broken\n"
+              "sys.argv = ['mmsep-export', '--preset', 'tiny', '--out', sys.argv[1]]\n"
+              "cli.main()\n")
+    out = tmp_path / "tiny"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "mmsep-export: internal error: RuntimeError: simulated failure (nothing was written; set "
+        "MMSEP_TRACEBACK=1 to see where)")
+    assert not out.exists()
