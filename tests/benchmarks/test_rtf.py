@@ -1,0 +1,128 @@
+"""benchmarks/rtf.py in quick mode on the tiny test model: exit codes, JSON schema, table, and a
+hand check of the FLOP counter. No timing is asserted."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the benchmark's baseline needs torch")
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "rtf.py"
+STAGES = ("decode", "features", "mix_encode", "conditioning", "sampling", "vae_decode", "vocode")
+
+
+def run_rtf(*args, cwd):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def _check_summary(entry):
+    assert set(entry) == {"median", "p90"}
+    assert _positive(entry["median"]) and _positive(entry["p90"])
+    assert entry["p90"] >= entry["median"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "out.json"
+    result = run_rtf("--model", tiny_model_dir, "--backend", "ort-cpu", "--quick",
+                     "--threads", "2", "--cache-dir", tmp / "cache", "--json", out, cwd=tmp)
+    return result, out
+
+
+def test_quick_run_writes_schema(quick_run, tiny_model_dir):
+    result, out = quick_run
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["schema"] == "mmsep-benchmark/1"
+    assert {"cpu", "cores", "gpu", "driver"} <= set(report["machine"])
+    assert {"python", "numpy", "onnxruntime", "torch", "tensorrt", "mmsep"} <= \
+        set(report["versions"])
+    model = report["model"]
+    assert model["preset"] == "tiny" and model["window_seconds"] == 2.0
+    assert model["dir"] == str(tiny_model_dir) and model["precision"] == "fp32"
+    settings = report["settings"]
+    assert (settings["repeats"], settings["warmup"], settings["steps"]) == (2, 1, 4)
+    assert _positive(report["matrix_tflops"]["cpu_fp32"])
+    flops = report["flops"]["model"]
+    assert flops["denoiser_step"] > 0 and flops["clip_image"] > 0 and flops["clip_frames"] == 16
+
+    [row] = report["results"]
+    assert row["backend"] == "ort-cpu" and row["batch"] == 1 and row["duration"] == 2.0
+    assert row["audio_seconds"] == row["batch"] * row["duration"]
+    for name in ("candidate", "baseline"):
+        side = row[name]
+        assert set(side["stages"]) == set(STAGES)
+        for entry in side["stages"].values():
+            _check_summary(entry)
+        _check_summary(side["end_to_end"])
+        e2e = side["end_to_end"]["median"]
+        assert side["rtf"] == pytest.approx(e2e / row["audio_seconds"])
+        assert side["throughput"] == pytest.approx(row["audio_seconds"] / e2e)
+        assert _positive(side["peak_rss_mb"]) and side["peak_gpu_mb"] is None
+        denoiser = side["denoiser"]
+        assert denoiser["flops"] == flops["denoiser_step"] * 4 * row["windows"] * row["batch"]
+        assert denoiser["seconds"] == side["stages"]["sampling"]["median"]
+    for key in (*STAGES, "end_to_end"):
+        base = row["baseline"]["stages"].get(key, row["baseline"]["end_to_end"])
+        cand = row["candidate"]["stages"].get(key, row["candidate"]["end_to_end"])
+        assert row["speedup"][key] == pytest.approx(base["median"] / cand["median"])
+    # same weights, inputs and noise in both pipelines: the same audio
+    assert 0 <= row["output_rel_l2"] < 1e-3
+    clip = report["clip_image"]["ort-cpu"]
+    assert clip["speedup"] == pytest.approx(clip["baseline"]["median"] /
+                                            clip["candidate"]["median"])
+
+
+def test_quick_run_prints_table(quick_run):
+    result, _ = quick_run
+    assert "ort-cpu (fp32) vs baseline torch (fp32)" in result.stdout
+    for key in (*STAGES, "end_to_end"):
+        assert key in result.stdout
+
+
+def test_missing_model_dir(tmp_path):
+    out = tmp_path / "out.json"
+    result = run_rtf("--model", tmp_path / "nope", "--quick", "--json", out, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("durations", ["8,abc", "0.2", "nan"])
+def test_bad_durations(tmp_path, durations):
+    result = run_rtf("--model", tmp_path, "--durations", durations, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--durations" in result.stderr
+
+
+def test_flop_counter_by_hand():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.flops import count_flops
+
+    linear = torch.nn.Linear(48, 80)
+    assert count_flops(linear, torch.zeros(6, 48)) == 2 * 6 * 48 * 80
+    b, h, length, kv, d = 2, 3, 17, 11, 8
+    q, k, v = torch.zeros(b, h, length, d), torch.zeros(b, h, kv, d), torch.zeros(b, h, kv, d)
+    attention = torch.nn.functional.scaled_dot_product_attention
+    assert count_flops(attention, q, k, v) == 2 * (2 * b * h * length * kv * d)
+
+
+def test_flops_on_meta_equal_flops_on_cpu():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.flops import config_flops, denoiser_step_flops
+    from mmsep.models.flow import build
+
+    net = build("tiny", separation=True, duration=2.0, seed=0)
+    counted = config_flops(net.config, tiny_clip=True)
+    assert counted["denoiser_step"] == denoiser_step_flops(net)
