@@ -225,6 +225,8 @@ class Separator:
                     sink(k, piece)
             if progress is not None:
                 progress(b + 1, batches)
+        if frames is not None:
+            frames.close()
         out = None if sink is not None else np.stack([np.concatenate(p) for p in pieces])
         mode = "separation" if mixture is not None else "generation"
         return SeparationResult(out, length, sr, mode, n_windows, items, batches, timings,

@@ -12,6 +12,10 @@ Memory stays bounded for long videos: every decoded frame is converted to RGB an
 most once per stream, and only when some window selects it; decoding runs only as far as the
 window being assembled needs, and a window's images are released once it has been handed out.
 
+Resizing is most of the preprocessing time (PIL releases the GIL while it resamples), so it runs
+on a small thread pool while decoding goes on, with a bounded number of frames in flight; the
+result is the same as resizing one frame after the other.
+
 A video can also be given as an array: uint8 RGB frames of shape (T, H, W, 3) plus a frame rate
 (``VideoSource.from_array``); frame ``i`` then has timestamp ``i / fps``.
 """
@@ -19,7 +23,9 @@ A video can also be given as an array: uint8 RGB frames of shape (T, H, W, 3) pl
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +182,7 @@ class _Stream:
         self.sorted = targets.reshape(-1)[self.order]
         self.next = 0
         self.count = count
-        self.slots: list[list[np.ndarray | None]] = [[None] * count for _ in range(windows)]
+        self.slots: list[list[Future | None]] = [[None] * count for _ in range(windows)]
         # the last target of each window: the window is complete once it is resolved
         self.last = targets.max(axis=1)
 
@@ -188,7 +194,7 @@ class _Stream:
         self.next = max(self.next, stop)
         return taken
 
-    def fill(self, flat: list[int], image: np.ndarray) -> None:
+    def fill(self, flat: list[int], image: Future) -> None:
         for index in flat:
             window, k = divmod(index, self.count)
             self.slots[window][k] = image
@@ -219,6 +225,25 @@ class WindowFrames:
             from av.video.reformatter import VideoReformatter
 
             self._reformatter = VideoReformatter()
+        workers = max(1, min(8, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mmsep-resize")
+        self._in_flight: deque[Future] = deque()
+        self._max_in_flight = 2 * workers  # full-resolution frames held by pending resizes
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, resize_fn, pixels: np.ndarray, size: int) -> Future:
+        while len(self._in_flight) >= self._max_in_flight:
+            self._in_flight.popleft().result()
+        future = self._pool.submit(resize_fn, pixels, size)
+        self._in_flight.append(future)
+        return future
 
     def _advance(self) -> bool:
         """Decode one frame and resolve the targets it reaches; False at the end."""
@@ -242,9 +267,9 @@ class WindowFrames:
             return
         pixels = rgb(frame, self._reformatter)
         if clip:
-            self._clip.fill(clip, clip_image(pixels, self.geometry.clip_size))
+            self._clip.fill(clip, self._submit(clip_image, pixels, self.geometry.clip_size))
         if sync:
-            self._sync.fill(sync, sync_image(pixels, self.geometry.sync_size))
+            self._sync.fill(sync, self._submit(sync_image, pixels, self.geometry.sync_size))
 
     def next_window(self) -> tuple[np.ndarray, np.ndarray]:
         w = self._window
@@ -255,8 +280,8 @@ class WindowFrames:
             self._advance()
         # a frame exactly at the last target may also resolve later targets of equal time;
         # everything up to `needed` is resolved once a frame has reached it
-        clip_images = self._clip.slots[w]
-        sync_images = self._sync.slots[w]
+        clip_images = [image.result() for image in self._clip.slots[w]]
+        sync_images = [image.result() for image in self._sync.slots[w]]
         self._clip.slots[w] = self._sync.slots[w] = None  # release this window's references
         self._window += 1
         g = self.geometry
