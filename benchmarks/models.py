@@ -46,7 +46,7 @@ def _export(components, out: Path, sources: dict, log) -> None:
 def components_for(manifest: dict, *, checkpoint=None, weights_dir=None):
     """The PyTorch components of a model directory's manifest ("sources")."""
     from mmsep.models import build_components, load_components
-    from mmsep.runtime.model_dir import sha256_file
+    from mmsep.model_files import sha256_file
 
     sources = manifest.get("sources") or {}
     window = float(manifest["model"]["window_seconds"])

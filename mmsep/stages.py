@@ -14,9 +14,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-# Version of manifest.json and of the stage contracts it carries; the runtime reads only this one.
-MANIFEST_FORMAT_VERSION = 2
-
 Dim = int | str
 _SYMBOL = re.compile(r"^(?:(\d+)\*)?batch$")
 

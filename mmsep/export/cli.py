@@ -93,7 +93,7 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
 
     from ..models.components import build_components, load_components
     from .exporter import export_model
-    from .manifest import sha256_file
+    from ..model_files import sha256_file
 
     if checkpoint is not None and preset is not None:
         raise UsageError("give either --checkpoint or --preset, not both")

@@ -22,6 +22,7 @@ import torch
 
 from ..models.components import Components
 from ..runtime.tokenizer import VOCAB_FILE
+from ..model_files import sha256_file
 from ..stages import StageSpec
 from . import manifest as mf
 from .errors import UsageError
@@ -129,7 +130,7 @@ def _export_stage(name: str, module: torch.nn.Module, spec: StageSpec, tmp: Path
                    p.name.startswith(f"{name}.onnx."))
     log(f"{name}: exported in {export_s:.1f} s, ONNX Runtime rel L2 {parity.worst:.1e}")
     return {"key": key, "weights_sha256": weights, "spec": spec.to_json(), "files": {
-        f: {"sha256": mf.sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+        f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
         "onnx": path.name, "graph": graph, "parity": {"onnxruntime": parity.to_json()},
         "export_seconds": round(export_s, 2), "_reused": False}
 
@@ -139,7 +140,7 @@ def _reuse_files(files: dict, tmp: Path, old_dir: str) -> bool:
     for name, meta in files.items():
         src = Path(old_dir) / name
         if not src.is_file() or src.stat().st_size != meta["bytes"] \
-                or mf.sha256_file(src) != meta["sha256"]:
+                or sha256_file(src) != meta["sha256"]:
             return False
     for name in files:
         try:
@@ -154,7 +155,7 @@ def _write_extras(components: Components, tmp: Path) -> dict:
     clip, sync, text = (f[0].detach().float().numpy() for f in flow.empty_conditions(1))
     np.savez(tmp / EMPTY_FEATURES, clip_features=clip, sync_features=sync, text_features=text)
     shutil.copyfile(VOCAB_FILE, tmp / VOCAB_FILE.name)
-    return {role: {"file": name, "sha256": mf.sha256_file(tmp / name)}
+    return {role: {"file": name, "sha256": sha256_file(tmp / name)}
             for role, name in (("empty_features", EMPTY_FEATURES), ("tokenizer", VOCAB_FILE.name))}
 
 

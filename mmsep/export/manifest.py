@@ -11,18 +11,9 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..stages import MANIFEST_FORMAT_VERSION as FORMAT_VERSION, StageSpec
-
-MANIFEST = "manifest.json"
-_CHUNK = 1 << 22
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+from ..model_files import MANIFEST
+from ..model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
+from ..stages import StageSpec
 
 
 def sha256_state(module: torch.nn.Module) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..stages import StageSpec
 from .errors import ExportError, ParityError
 from .example_inputs import example_inputs
-from .manifest import sha256_file
+from ..model_files import sha256_file
 from .mixed_precision import PASS_VERSION, PRECISIONS, convert_graph
 from .parity import PARITY_BATCH, ParityResult, relative_l2
 

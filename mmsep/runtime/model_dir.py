@@ -8,7 +8,6 @@ copied incompletely). Each failure is one ModelDirError naming the directory and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -17,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..stages import MANIFEST_FORMAT_VERSION as FORMAT_VERSION, StageSpec
+from ..model_files import MANIFEST, sha256_file
+from ..model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
+from ..stages import StageSpec
 from .errors import ModelDirError
 
-MANIFEST = "manifest.json"
-_CHUNK = 1 << 22
 _COMMON_STAGES = ("clip_image", "clip_text", "sync", "conditioner", "denoiser", "vae_decoder",
                   "vocoder")
 _EMPTY_KEYS = ("clip_features", "sync_features", "text_features")
@@ -68,14 +67,6 @@ class ModelInfo:
     @property
     def sync_fps(self) -> float:
         return SYNC_FPS
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ModelDir:

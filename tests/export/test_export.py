@@ -14,7 +14,8 @@ import mmsep
 from mmsep.export import exporter as exporter_module
 from mmsep.export.errors import UsageError
 from mmsep.export.exporter import export_model
-from mmsep.export.manifest import FORMAT_VERSION, sha256_file
+from mmsep.model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
+from mmsep.model_files import sha256_file
 from mmsep.export.onnx_graph import check_graph, tensorrt_operator_table
 from mmsep.export.tensorrt_build import unavailable_reason
 from mmsep.export.wrappers import stage_specs

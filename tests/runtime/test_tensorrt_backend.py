@@ -15,7 +15,7 @@ import pytest
 from mmsep.runtime import Separator
 from mmsep.runtime.errors import BackendError, BackendUnavailable, InputError, ModelDirError
 from mmsep.runtime.example import tones
-from mmsep.runtime.model_dir import sha256_file
+from mmsep.model_files import sha256_file
 from mmsep.runtime.tensorrt_backend import engine_refusal
 from tests.runtime.fake_gpu import FakeGpu
 
