@@ -15,6 +15,7 @@ one decoded block. ``AudioWriter`` appends output samples to a file as they are 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output
-from .errors import InputError
+from .errors import InputError, one_line
 from .windows import WindowPlan
 
 MIN_SECONDS = 0.1
@@ -279,7 +280,7 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int] | None:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-        raise InputError(f"{path}: corrupt {info.format} audio ({_one_line(exc)})") from None
+        raise InputError(f"{path}: corrupt {info.format} audio ({one_line(exc)})") from None
     return data, int(rate)
 
 
@@ -294,7 +295,7 @@ def _soundfile_blocks(path: Path, info, block: int) -> Iterator[np.ndarray]:
                     return
                 yield _downmix(data)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-        raise InputError(f"{path}: corrupt {info.format} audio ({_one_line(exc)})") from None
+        raise InputError(f"{path}: corrupt {info.format} audio ({one_line(exc)})") from None
 
 
 def read_audio_track(path: Path) -> tuple[np.ndarray, int] | None:
@@ -314,7 +315,7 @@ def _open_media(path: Path):
     try:
         return av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: unreadable media file ({_one_line(exc)})") from None
+        raise InputError(f"{path}: unreadable media file ({one_line(exc)})") from None
 
 
 def _first_audio_stream(container):
@@ -351,7 +352,7 @@ def _audio_track_frames(path: Path) -> Iterator[np.ndarray]:
             for out in converter.resample(None):
                 yield out.to_ndarray().mean(axis=0, dtype=np.float32)
         except (av.FFmpegError, ValueError) as exc:
-            raise InputError(f"{path}: corrupt audio track ({_one_line(exc)})") from None
+            raise InputError(f"{path}: corrupt audio track ({one_line(exc)})") from None
 
 
 def _format_and_subtype(format: str, subtype: str) -> str:
@@ -372,19 +373,11 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, *,
 
     ``atomic``: write a temporary file beside ``path`` and rename it into place when complete
     (False when the caller manages the temporary file itself)."""
-    import soundfile as sf
-
     path = Path(path)
-    fmt = _format_and_subtype(format, subtype)
-    if subtype != "FLOAT":
-        audio = np.clip(audio, -1.0, 1.0)
-    if not atomic:
-        sf.write(str(path), np.asarray(audio, np.float32), sample_rate, format=fmt,
-                 subtype=subtype)
-        return path
-    with atomic_output(path) as tmp:
-        sf.write(str(tmp), np.asarray(audio, np.float32), sample_rate, format=fmt,
-                 subtype=subtype)
+    _format_and_subtype(format, subtype)  # a bad option is reported before any file exists
+    with (atomic_output(path) if atomic else contextlib.nullcontext(path)) as target, \
+            AudioWriter(target, sample_rate, format=format, subtype=subtype, name=str(path)) as out:
+        out.write(audio)
     return path
 
 
@@ -407,7 +400,7 @@ class AudioWriter:
             self._file = sf.SoundFile(str(self.path), "w", samplerate=sample_rate, channels=1,
                                       subtype=subtype, format=fmt)
         except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-            raise InputError(f"{name or self.path}: cannot write ({_one_line(exc)})") from None
+            raise InputError(f"{name or self.path}: cannot write ({one_line(exc)})") from None
 
     def write(self, samples: np.ndarray) -> None:
         samples = np.asarray(samples, np.float32)
@@ -424,9 +417,3 @@ class AudioWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _one_line(exc: BaseException) -> str:
-    # FFmpeg errors carry the errno and path in str(); their strerror is the readable part
-    text = getattr(exc, "strerror", None) or str(exc)
-    return " ".join(str(text).split())[:300]

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..stages import StageSpec
-from .errors import BackendError, BackendUnavailable
+from .errors import BackendError, BackendUnavailable, one_line
 from .model_dir import ModelDir
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
@@ -134,7 +134,7 @@ class OrtBackend:
             session = ort.InferenceSession(str(path), options, providers=self._providers())
         except Exception as exc:  # ORT raises its own pybind exception types
             raise BackendError(stage, f"cannot load {path.name} with ONNX Runtime "
-                                      f"({_one_line(exc)})") from None
+                                      f"({one_line(exc, 400)})") from None
         if self.device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendUnavailable(f"ONNX Runtime could not start its CUDA provider for stage "
                                      f"{stage!r} (providers: {session.get_providers()})")
@@ -176,7 +176,7 @@ class OrtBackend:
             session.run_with_iobinding(binding)
             values = binding.get_outputs()
         except Exception as exc:
-            raise BackendError(stage, f"ONNX Runtime failed: {_one_line(exc)}") from None
+            raise BackendError(stage, f"ONNX Runtime failed: {one_line(exc, 400)}") from None
         if on_device:
             return dict(zip(spec.output_names, values))
         # copy: the returned arrays must not alias buffers ONNX Runtime may reuse
@@ -189,7 +189,7 @@ class OrtBackend:
             return self._ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
         except Exception as exc:
             raise BackendError("upload", f"cannot place a {array.dtype} {array.shape} tensor on "
-                                         f"{self.device}: {_one_line(exc)}") from None
+                                         f"{self.device}: {one_line(exc, 400)}") from None
 
     def to_host(self, value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):
@@ -237,22 +237,28 @@ def stack_branches(cond: Mapping[str, np.ndarray],
                    uncond: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """[conditional; unconditional] on the leading axis, the unconditional batch-1 conditioning
     repeated to the conditional batch."""
-    out = {}
-    for name, value in cond.items():
-        other = uncond[name]
-        if other.shape[0] != 1 or other.shape[1:] != value.shape[1:]:
-            raise BackendError("conditioner", f"unconditional {name!r} has shape {other.shape}, "
-                                              f"expected (1, {', '.join(map(str, value.shape[1:]))})")
-        out[name] = np.concatenate([value, np.broadcast_to(other, value.shape)])
-    return out
+    return {name: np.concatenate([value, np.broadcast_to(
+        unconditional_half(uncond, name, value.shape[1:]), value.shape)])
+        for name, value in cond.items()}
+
+
+def unconditional_half(uncond: Mapping[str, np.ndarray], name: str,
+                       item: tuple[int, ...]) -> np.ndarray:
+    """``uncond[name]``, checked to be one item (1, *item) of a conditioning tensor."""
+    other = np.asarray(uncond[name])
+    if other.shape != (1, *item):
+        raise BackendError("conditioner", f"unconditional {name!r} has shape {other.shape}, "
+                                          f"expected {(1, *item)}")
+    return other
 
 
 def _device(backend: OrtBackend, value: Any):
     return value if isinstance(value, backend._ort.OrtValue) else backend.upload(value)
 
 
-def _check_inputs(spec: StageSpec, inputs: Mapping[str, Any]) -> None:
-    """Names, dtypes and shapes against the stage contract, with one consistent batch."""
+def _check_inputs(spec: StageSpec, inputs: Mapping[str, Any]) -> int:
+    """Names, dtypes and shapes against the stage contract, with one consistent batch; returns
+    that batch."""
     missing = [n for n in spec.input_names if n not in inputs]
     extra = [n for n in inputs if n not in spec.input_names]
     if missing or extra:
@@ -274,15 +280,11 @@ def _check_inputs(spec: StageSpec, inputs: Mapping[str, Any]) -> None:
         if shape != want:
             raise BackendError(spec.name, f"input {tensor.name!r} has shape {shape}, "
                                           f"expected {want}")
+    return batch or 0
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64",
               "tensor(float16)": "float16", "tensor(int32)": "int32"}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def create_backend(model: ModelDir, name: str = "auto", *, threads: int = 0):

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters."""
+    # FFmpeg errors carry the errno and path in str(); their strerror is the readable part
+    text = " ".join(str(getattr(exc, "strerror", None) or exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class InputError(ValueError):
     """Something the user gave is unusable: a missing or corrupt file, an empty text, an option
     out of range. The message is one line and names the file or option."""

@@ -61,10 +61,8 @@ def make_video(path: Path, seconds: float, *, fps: int = 25, size=(96, 128),
             frame = av.VideoFrame.from_ndarray(pattern_frame(i, height, width), format="rgb24")
             frame.pts = i
             frame.time_base = Fraction(1, fps)
-            for packet in video.encode(frame):
-                out.mux(packet)
-        for packet in video.encode(None):
-            out.mux(packet)
+            _encode(out, video, frame)
+        _encode(out, video, None)
         if stream is not None:
             left = tones(seconds, sample_rate, freqs=(330.0,), seed=1)
             right = tones(seconds, sample_rate, freqs=(550.0,), seed=2)
@@ -78,11 +76,15 @@ def make_video(path: Path, seconds: float, *, fps: int = 25, size=(96, 128),
                 frame.sample_rate = sample_rate
                 frame.pts = start
                 frame.time_base = Fraction(1, sample_rate)
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-            for packet in stream.encode(None):
-                out.mux(packet)
+                _encode(out, stream, frame)
+            _encode(out, stream, None)
     return path
+
+
+def _encode(container, stream, frame) -> None:
+    """Encode ``frame`` (None: flush the encoder) and write its packets."""
+    for packet in stream.encode(frame):
+        container.mux(packet)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -85,14 +85,17 @@ class Separator:
         self._texts: OrderedDict[str, np.ndarray] = OrderedDict()
         self.backend = create_backend(self.model, backend, threads=threads)
         self.backend_name = self.backend.name
-        limit = getattr(self.backend, "max_batch", None)  # fixed engine profiles
-        if limit is not None and self.max_batch > limit:
-            self.backend.close()
-            raise InputError(f"max batch {self.max_batch} exceeds what the {self.backend_name} "
-                             f"engines were built for ({limit}); lower it or rebuild the engines "
-                             "with a larger --max-batch")
         self._uncond: OrderedDict[str | None, dict[str, np.ndarray]] = OrderedDict()
-        self._unconditional(None)
+        try:
+            limit = getattr(self.backend, "max_batch", None)  # fixed engine profiles
+            if limit is not None and self.max_batch > limit:
+                raise InputError(f"max batch {self.max_batch} exceeds what the "
+                                 f"{self.backend_name} engines were built for ({limit}); lower "
+                                 "it or rebuild the engines with a larger --max-batch")
+            self._unconditional(None)
+        except BaseException:
+            self.backend.close()  # GPU sessions and buffers are not left to the collector
+            raise
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> Separator:

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from ..stages import StageSpec
-from .backends import _check_inputs
-from .errors import BackendError, BackendUnavailable, ModelDirError
-from .model_dir import ModelDir, sha256_file
+from .backends import _check_inputs, unconditional_half
+from .errors import BackendError, BackendUnavailable, ModelDirError, one_line
+from ..model_files import sha256_file
+from .model_dir import ModelDir
 
 _GRAPH_CACHE_SIZE = 8
 
@@ -103,7 +104,7 @@ def device_info(device_id: int = 0) -> dict:
         major, minor = device.compute_capability()
         name = device.name()
     except cuda.Error as exc:
-        raise BackendUnavailable(f"CUDA is not usable here ({_one_line(exc)})") from None
+        raise BackendUnavailable(f"CUDA is not usable here ({one_line(exc)})") from None
     return {"version": trt.__version__, "gpu": name, "compute_capability": f"{major}.{minor}"}
 
 
@@ -148,7 +149,7 @@ class _Stage:
             self._buffers[name] = buf
         return int(buf[0])
 
-    def call(self, name: str, ok, what: str) -> None:
+    def call(self, ok, what: str) -> None:
         if not ok:
             raise BackendError(self.spec.name, f"TensorRT could not {what}")
 
@@ -220,9 +221,7 @@ class TrtBackend:
     def max_bytes(self, spec: StageSpec, name: str) -> int:
         """Bytes of tensor ``name`` at the profile's largest batch (the denoiser's latent
         buffers also serve the sampler; its conditioning buffers hold both branches)."""
-        tensor = spec.tensor(name) if name in spec.input_names + spec.output_names else None
-        if tensor is None:
-            raise KeyError(name)
+        tensor = spec.tensor(name)
         shape = tensor.concrete(spec.max_batch)
         return int(np.prod(shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
 
@@ -284,16 +283,13 @@ class TrtBackend:
                 raise BackendError(spec.name, f"engine tensor {tensor.name!r} is {dtype}, the "
                                               f"contract says {tensor.dtype}")
 
-    def _bind(self, st: _Stage, inputs: Mapping[str, Any], keep: list,
+    def _bind(self, st: _Stage, inputs: Mapping[str, Any], batch: int, keep: list,
               outputs: Mapping[str, int] | None = None) -> dict[str, DeviceArray]:
-        """Bind inputs (host arrays are copied into the stage's buffers, device arrays bound in
-        place) and outputs (the stage's buffers unless ``outputs`` gives addresses)."""
+        """Bind checked ``inputs`` of ``batch`` (host arrays are copied into the stage's buffers,
+        device arrays bound in place) and the outputs (the stage's buffers unless ``outputs``
+        gives addresses)."""
         spec, context = st.spec, st.context
-        batch = _batch_of(spec, inputs)
-        if batch > spec.max_batch:
-            raise BackendError(spec.name, f"batch {batch} exceeds the engine's optimisation "
-                                          f"profile (max {spec.max_batch}); lower --max-batch or "
-                                          "rebuild the engines with a larger --max-batch")
+        _check_profile(spec, batch)
         for tensor in spec.inputs:
             value = inputs[tensor.name]
             if isinstance(value, DeviceArray):
@@ -301,10 +297,9 @@ class TrtBackend:
             else:
                 ptr = st.buffer(tensor.name, np.asarray(value).nbytes)
                 self._put(ptr, value, keep)
-            st.call(tensor.name, context.set_input_shape(tensor.name, tuple(value.shape)),
+            st.call(context.set_input_shape(tensor.name, tuple(value.shape)),
                     f"set the shape of input {tensor.name!r} to {tuple(value.shape)}")
-            st.call(tensor.name, context.set_tensor_address(tensor.name, ptr),
-                    f"bind input {tensor.name!r}")
+            st.call(context.set_tensor_address(tensor.name, ptr), f"bind input {tensor.name!r}")
         bound = {}
         for tensor in spec.outputs:
             shape = tuple(int(d) for d in context.get_tensor_shape(tensor.name))
@@ -314,21 +309,19 @@ class TrtBackend:
             dtype = np.dtype(tensor.dtype)
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             ptr = outputs[tensor.name] if outputs else st.buffer(tensor.name, nbytes)
-            st.call(tensor.name, context.set_tensor_address(tensor.name, ptr),
-                    f"bind output {tensor.name!r}")
+            st.call(context.set_tensor_address(tensor.name, ptr), f"bind output {tensor.name!r}")
             bound[tensor.name] = DeviceArray(ptr, shape, dtype)
         return bound
 
     def _enqueue(self, st: _Stage) -> None:
-        st.call("", st.context.execute_async_v3(self._stream.handle), "enqueue the engine")
+        st.call(st.context.execute_async_v3(self._stream.handle), "enqueue the engine")
 
     # -- the Backend protocol ------------------------------------------------------------------
     def run(self, stage: str, inputs: Mapping[str, Any], *,
             on_device: bool = False) -> dict[str, Any]:
         st = self._stage(stage)
-        _check_inputs(st.spec, inputs)
         keep: list = []
-        bound = self._bind(st, inputs, keep)
+        bound = self._bind(st, inputs, _check_inputs(st.spec, inputs), keep)
         self._enqueue(st)
         if on_device:
             self._stream.synchronize()  # stage timings stay honest; no later launch is waiting
@@ -348,23 +341,19 @@ class TrtBackend:
         """The conditioner writes the conditional branch straight into the first half of the
         denoiser's conditioning buffers; the cached unconditional branch fills the second."""
         st = self._stage("conditioner")
-        _check_inputs(st.spec, inputs)
         denoiser = self._stage("denoiser")
-        batch = _batch_of(st.spec, inputs)
+        batch = _check_inputs(st.spec, inputs)
         targets, stacked, keep = {}, {}, []
         for tensor in st.spec.outputs:
             item = tensor.concrete(1)[1:]
-            other = np.asarray(uncond[tensor.name])
-            if other.shape != (1, *item):
-                raise BackendError("conditioner", f"unconditional {tensor.name!r} has shape "
-                                                  f"{other.shape}, expected {(1, *item)}")
+            other = unconditional_half(uncond, tensor.name, item)
             half = batch * int(np.prod(item, dtype=np.int64)) * 4
             ptr = denoiser.buffer(tensor.name, 2 * half)
             targets[tensor.name] = ptr
             self._put(ptr + half, np.broadcast_to(other, (batch, *item)).astype(np.float32),
                       keep)
             stacked[tensor.name] = DeviceArray(ptr, (2 * batch, *item), np.dtype(np.float32))
-        self._bind(st, inputs, keep, outputs=targets)
+        self._bind(st, inputs, batch, keep, outputs=targets)
         self._enqueue(st)
         self._stream.synchronize()
         return stacked
@@ -376,9 +365,7 @@ class TrtBackend:
         st = self._stage("denoiser")
         spec = st.spec
         batch = x0.shape[0]
-        if batch > spec.max_batch:
-            raise BackendError("denoiser", f"batch {batch} exceeds the engine's optimisation "
-                                           f"profile (max {spec.max_batch})")
+        _check_profile(spec, batch)
         keep: list = []
         fixed: dict[str, Any] = dict(conditioning)
         if "mix_latent" in spec.input_names:
@@ -413,9 +400,9 @@ class TrtBackend:
                 step[name] = (value.ptr, value.shape)
             for name, (ptr, shape) in step.items():
                 if shape is not None:
-                    st.call(name, st.context.set_input_shape(name, tuple(shape)),
+                    st.call(st.context.set_input_shape(name, tuple(shape)),
                             f"set the shape of input {name!r}")
-                st.call(name, st.context.set_tensor_address(name, ptr), f"bind {name!r}")
+                st.call(st.context.set_tensor_address(name, ptr), f"bind {name!r}")
 
         def enqueue_steps():
             for i in range(steps):
@@ -481,12 +468,8 @@ def _check(rt, result: tuple, what: str) -> None:
         raise BackendError("denoiser", f"CUDA could not {what} ({err!r})")
 
 
-def _batch_of(spec: StageSpec, inputs: Mapping[str, Any]) -> int:
-    first = spec.inputs[0]
-    return tuple(inputs[first.name].shape)[0] // first.batch_multiple
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
-
-
+def _check_profile(spec: StageSpec, batch: int) -> None:
+    if batch > spec.max_batch:
+        raise BackendError(spec.name, f"batch {batch} exceeds the engine's optimisation profile "
+                                      f"(max {spec.max_batch}); lower --max-batch or rebuild the "
+                                      "engines with a larger --max-batch")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 TIME_TOLERANCE = 1e-6  # seconds; a frame this close below a target still reaches it
 
@@ -78,7 +78,7 @@ class VideoSource:
         except InputError:
             raise
         except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-            raise InputError(f"{self.path}: unreadable video ({_one_line(exc)})") from None
+            raise InputError(f"{self.path}: unreadable video ({one_line(exc)})") from None
 
     @classmethod
     def from_array(cls, frames: np.ndarray, fps: float, *, name: str = "video array"):
@@ -118,7 +118,7 @@ class VideoSource:
                     time = frame.time
                     yield (index / rate if time is None else float(time)), frame
         except (av.FFmpegError, ValueError) as exc:
-            raise InputError(f"{self.path}: corrupt video stream ({_one_line(exc)})") from None
+            raise InputError(f"{self.path}: corrupt video stream ({one_line(exc)})") from None
 
 
 def rgb(frame, reformatter=None) -> np.ndarray:
@@ -295,9 +295,3 @@ class WindowFrames:
         segments -= np.float32(0.5)
         segments /= np.float32(0.5)
         return clip, segments
-
-
-def _one_line(exc: BaseException) -> str:
-    # FFmpeg errors carry the errno and path in str(); their strerror is the readable part
-    text = getattr(exc, "strerror", None) or str(exc)
-    return " ".join(str(text).split())[:300]
