@@ -6,126 +6,36 @@ with ``on_device=True`` are ``DeviceArray`` views of those buffers: valid until 
 runs again, which is all a request's pipeline needs (each output is consumed by the next stage).
 
 Every tensor TensorRT reads or writes is bound at a 256-byte aligned address (setTensorAddress
-refuses anything else): each buffer is an allocation of its own, and the per-step times and the
-dt/cfg scalars of the sampling loop sit in aligned slots of theirs. The loop keeps the latent in
-two device buffers used in turn; its step times are uploaded once per request. Where cuda-python is
-installed the whole loop is captured as one CUDA graph per (batch, steps, buffer addresses) and
-replayed for later requests (cuda_graphs.py); where it is not, or where the capture fails, the
-steps are enqueued one by one. Host data crosses through page-locked staging buffers, allocated
-once per destination and reused, so the asynchronous copies really are asynchronous.
+refuses anything else): each buffer is an allocation of its own, and the step times and the dt/cfg
+scalars of the sampling loop sit in aligned slots. The loop keeps the latent in two device buffers
+used in turn. Where cuda-python is installed the whole loop is captured as one CUDA graph per
+(batch, steps, buffer addresses) and replayed for later requests (cuda_graphs.py); where it is
+not, or where the capture fails, the steps are enqueued one by one. Copies go through page-locked
+staging buffers (cuda_memory.py); engine compatibility is decided in tensorrt_env.py.
 
 The CUDA context (the device's primary context) is current only while a backend method runs, on
 the thread that calls it, and is popped in a ``finally``: nothing is left on pycuda's context stack
 when a caller forgets ``close``, uses another thread, or hits a CUDA error.
-
-Engines are specific to the TensorRT version and the GPU they were built with. The manifest's
-"tensorrt" section records both; ``engine_refusal`` compares them with this machine and says why
-the engines cannot be used (``create_backend`` falls back to ONNX Runtime under ``auto``).
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..model_files import sha256_file
 from ..stages import StageSpec
 from .backends import _check_inputs, unconditional_half
 from .cuda_graphs import StepGraphs, import_cudart
+from .cuda_memory import CudaMemory, DeviceArray, aligned
 from .errors import BackendError, BackendUnavailable, ModelDirError, one_line
-from ..model_files import sha256_file
 from .model_dir import ModelDir
+from .tensorrt_env import device_info, engine_refusal, import_gpu_stack, tensorrt_importable
 
-ALIGNMENT = 256  # bytes; IExecutionContext::setTensorAddress refuses less aligned addresses
-
-
-def aligned(nbytes: int) -> int:
-    """``nbytes`` rounded up to a multiple of ALIGNMENT."""
-    return -(-int(nbytes) // ALIGNMENT) * ALIGNMENT
-
-
-@dataclass(frozen=True)
-class DeviceArray:
-    """A float32/int64 tensor in GPU memory at ``ptr`` (owned by the backend)."""
-
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-def _import_gpu_stack():
-    """(tensorrt, pycuda.driver) or BackendUnavailable saying what is missing."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise BackendUnavailable(f"TensorRT is not installed ({exc}); use --backend ort-cuda "
-                                 "or ort-cpu") from None
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        raise BackendUnavailable(f"pycuda is not installed ({exc}); pip install pycuda, or use "
-                                 "--backend ort-cuda or ort-cpu") from None
-    return tensorrt, cuda
-
-
-def tensorrt_importable() -> bool:
-    """Whether tensorrt and pycuda can be imported (without importing them)."""
-    from importlib.util import find_spec
-
-    return all(_found(name, find_spec) for name in ("tensorrt", "pycuda"))
-
-
-def _found(name: str, find_spec) -> bool:
-    if name in sys.modules:
-        return sys.modules[name] is not None
-    try:
-        return find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def device_info(device_id: int = 0) -> dict:
-    """TensorRT version, GPU name and compute capability of this machine (BackendUnavailable
-    when TensorRT, pycuda or a CUDA device is missing)."""
-    trt, cuda = _import_gpu_stack()
-    try:
-        cuda.init()
-        count = cuda.Device.count()
-        if device_id >= count:
-            raise BackendUnavailable(f"no CUDA device {device_id} (this machine has {count})")
-        device = cuda.Device(device_id)
-        major, minor = device.compute_capability()
-        name = device.name()
-    except cuda.Error as exc:
-        raise BackendUnavailable(f"CUDA is not usable here ({one_line(exc)})") from None
-    return {"version": trt.__version__, "gpu": name, "compute_capability": f"{major}.{minor}"}
-
-
-def engine_refusal(section: Mapping | None, here: Mapping) -> str | None:
-    """Why the manifest's engines (its "tensorrt" section) cannot run on the machine described
-    by ``here`` (``device_info()``), or None when they can."""
-    if not section or section.get("status") != "built":
-        reason = (section or {}).get("reason", "no engines recorded")
-        return (f"this model directory has no TensorRT engines ({reason}); build them on this "
-                "machine with mmsep-export --engines-only DIR")
-    if section.get("version") != here["version"]:
-        return (f"the engines were built with TensorRT {section.get('version')} and this machine "
-                f"has TensorRT {here['version']}; rebuild them with mmsep-export --engines-only")
-    if str(section.get("compute_capability")) != here["compute_capability"] or \
-            section.get("gpu") != here["gpu"]:
-        return (f"the engines were built for {section.get('gpu')} (compute capability "
-                f"{section.get('compute_capability')}) and this GPU is {here['gpu']} (compute "
-                f"capability {here['compute_capability']}); rebuild them with "
-                "mmsep-export --engines-only")
-    return None
+__all__ = ["DeviceArray", "TrtBackend", "device_info", "engine_refusal", "tensorrt_importable"]
 
 
 class _Stage:
@@ -146,9 +56,8 @@ class _Stage:
         buf = self._buffers.get(name)
         if buf is None or buf[1] < nbytes:
             size = max(nbytes, self._backend.max_bytes(self.spec, name))
-            buf = (self._backend.alloc(size), size)
-            self._buffers[name] = buf
-        return int(buf[0])
+            buf = self._buffers[name] = (self._backend.memory.alloc(size), size)
+        return buf[0]
 
     def call(self, ok, what: str) -> None:
         if not ok:
@@ -180,7 +89,7 @@ class TrtBackend:
         refusal = engine_refusal(model.manifest.get("tensorrt"), here)
         if refusal:
             raise BackendUnavailable(f"{model.path}: {refusal}")
-        trt, cuda = _import_gpu_stack()
+        trt, cuda = import_gpu_stack()
         self._trt, self._cuda = trt, cuda
         self.model = model
         self.device_info = here
@@ -189,14 +98,13 @@ class TrtBackend:
         self._graphs = StepGraphs(import_cudart() if cuda_graphs else None, "denoiser")
         self._context = cuda.Device(device_id).retain_primary_context()
         self._stages: dict[str, _Stage] = {}
-        self._allocations: list = []
-        self._staging: dict[Any, np.ndarray] = {}
         self._closed = False
         self._load()
 
     @_in_context
     def _load(self) -> None:
-        self._stream = self._cuda.Stream()
+        self.memory = CudaMemory(self._cuda)
+        self._stream = self.memory.stream
         self._runtime = self._trt.Runtime(self._trt.Logger(self._trt.Logger.ERROR))
         try:
             for stage in self.model.specs:  # every engine loaded once, up front: fail fast
@@ -241,8 +149,7 @@ class TrtBackend:
     def _release(self) -> None:
         self._graphs.close()
         self._stages.clear()
-        self._allocations.clear()
-        self._staging.clear()
+        self.memory.release()
 
     @property
     def max_batch(self) -> int:
@@ -250,11 +157,6 @@ class TrtBackend:
         return self.model.info.max_batch
 
     # -- memory --------------------------------------------------------------------------------
-    def alloc(self, nbytes: int):
-        allocation = self._cuda.mem_alloc(max(int(nbytes), 1))
-        self._allocations.append(allocation)
-        return allocation
-
     def max_bytes(self, spec: StageSpec, name: str) -> int:
         """Bytes of tensor ``name`` at the profile's largest batch (the denoiser's latent
         buffers also serve the sampler; its conditioning buffers hold both branches)."""
@@ -265,32 +167,13 @@ class TrtBackend:
     @_in_context
     def upload(self, array: np.ndarray) -> DeviceArray:
         """A device copy of ``array`` in a buffer of its own (kept until ``close``)."""
-        array = np.ascontiguousarray(array)
-        allocation = self.alloc(array.nbytes)
-        self._put(int(allocation), array, key="upload")
-        self._stream.synchronize()
-        return DeviceArray(int(allocation), tuple(array.shape), array.dtype)
+        return self.memory.upload(array)
 
     @_in_context
     def to_host(self, value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):
             return value
-        return self._fetch({"value": value})["value"]
-
-    def _pinned(self, key, nbytes: int) -> np.ndarray:
-        """``nbytes`` of the page-locked staging buffer ``key`` (grow-only, reused)."""
-        buf = self._staging.get(key)
-        if buf is None or buf.size < nbytes:
-            buf = self._staging[key] = self._cuda.pagelocked_empty(max(nbytes, 1), np.uint8)
-        return buf[:nbytes]
-
-    def _put(self, ptr: int, array: np.ndarray, key=None) -> None:
-        """Copy ``array`` to device address ``ptr`` through the staging buffer of ``key`` (by
-        default the address itself: one stays untouched until the stream is synchronised)."""
-        array = np.ascontiguousarray(array)
-        staged = self._pinned(("put", ptr if key is None else key), array.nbytes)
-        staged[:] = array.reshape(-1).view(np.uint8)
-        self._cuda.memcpy_htod_async(ptr, staged, self._stream)
+        return self.memory.fetch({"value": value})["value"]
 
     # -- engines -------------------------------------------------------------------------------
     def _stage(self, stage: str) -> _Stage:
@@ -342,7 +225,7 @@ class TrtBackend:
                 ptr = value.ptr
             else:
                 ptr = st.buffer(tensor.name, np.asarray(value).nbytes)
-                self._put(ptr, value)
+                self.memory.put(ptr, value)
             st.call(context.set_input_shape(tensor.name, tuple(value.shape)),
                     f"set the shape of input {tensor.name!r} to {tuple(value.shape)}")
             st.call(context.set_tensor_address(tensor.name, ptr), f"bind input {tensor.name!r}")
@@ -372,17 +255,7 @@ class TrtBackend:
         if on_device:
             self._stream.synchronize()  # stage timings stay honest; no later launch is waiting
             return bound
-        return self._fetch(bound)
-
-    def _fetch(self, bound: Mapping[str, DeviceArray]) -> dict[str, np.ndarray]:
-        """Host copies of ``bound`` (through page-locked staging buffers)."""
-        staged = {}
-        for name, value in bound.items():
-            staged[name] = self._pinned(("fetch", name), value.nbytes).view(value.dtype) \
-                .reshape(value.shape)
-            self._cuda.memcpy_dtoh_async(staged[name], value.ptr, self._stream)
-        self._stream.synchronize()
-        return {name: array.copy() for name, array in staged.items()}
+        return self.memory.fetch(bound)
 
     @_in_context
     def condition(self, inputs: Mapping[str, np.ndarray],
@@ -399,7 +272,7 @@ class TrtBackend:
             half = batch * int(np.prod(item, dtype=np.int64)) * 4
             ptr = denoiser.buffer(tensor.name, 2 * half)
             targets[tensor.name] = ptr
-            self._put(ptr + half, np.broadcast_to(other, (batch, *item)).astype(np.float32))
+            self.memory.put(ptr + half, np.broadcast_to(other, (batch, *item)).astype(np.float32))
             stacked[tensor.name] = DeviceArray(ptr, (2 * batch, *item), np.dtype(np.float32))
         self._bind(st, inputs, batch, outputs=targets)
         self._enqueue(st)
@@ -424,9 +297,9 @@ class TrtBackend:
         times[:, :batch] = (np.arange(steps, dtype=np.float32) / steps)[:, None]
         dt_cfg = np.zeros((2, slot // 4), np.float32)
         dt_cfg[0, :batch], dt_cfg[1, :batch] = 1.0 / steps, cfg
-        self._put(buffers[0], latent)
-        self._put(table, times)
-        self._put(scalars, dt_cfg)
+        self.memory.put(buffers[0], latent)
+        self.memory.put(table, times)
+        self.memory.put(scalars, dt_cfg)
         shapes = {"x": latent.shape, "t": (batch,), "dt": (batch,), "cfg": (batch,),
                   **{name: value.shape for name, value in fixed.items()}}
         fixed_ptrs = {name: value.ptr for name, value in fixed.items()}
@@ -470,7 +343,7 @@ class TrtBackend:
             if not isinstance(value, DeviceArray):
                 value = np.ascontiguousarray(value, dtype=np.float32)
                 ptr = st.buffer(name, value.nbytes)
-                self._put(ptr, value)
+                self.memory.put(ptr, value)
                 fixed[name] = DeviceArray(ptr, value.shape, value.dtype)
         return fixed
 
