@@ -42,6 +42,25 @@ import numpy as np
 ALIGNMENT = 256  # cudaMalloc's alignment, and what setTensorAddress requires
 
 
+class cudaError_t(enum.IntEnum):  # noqa: N801 - cuda-python's names
+    cudaSuccess = 0
+    cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureInvalidated = 901
+
+
+class cudaStreamCaptureMode(enum.IntEnum):  # noqa: N801
+    cudaStreamCaptureModeGlobal = 0
+    cudaStreamCaptureModeThreadLocal = 1
+
+
+class DriverError(Exception):  # pycuda.driver.Error
+    pass
+
+
+class LogicError(DriverError):
+    pass
+
+
 class FakeGpu:
     def __init__(self, *, gpu: str = "NVIDIA H100 80GB HBM3", capability=(9, 0),
                  version: str = "10.13.0", with_cudart: bool = True,
@@ -57,7 +76,6 @@ class FakeGpu:
         self._stacks: dict[int, list] = {}
         self.counts = {"enqueues": 0, "captures": 0, "graph_launches": 0, "engines": 0,
                        "pageable_copies": 0}
-        self.errors = None  # the pycuda exception classes, set by install()
 
     # -- contexts ----------------------------------------------------------------------------------
     def stack(self) -> list:
@@ -68,7 +86,7 @@ class FakeGpu:
 
     def need_context(self, what: str) -> None:
         if not self.stack():
-            raise self.errors.LogicError(f"{what} failed: invalid device context - no currently "
+            raise LogicError(f"{what} failed: invalid device context - no currently "
                                          "active context?")
 
     # -- memory ------------------------------------------------------------------------------------
@@ -126,96 +144,41 @@ class FakeGpu:
                 monkeypatch.setitem(sys.modules, name, None)  # import fails
 
     def _pycuda_driver(self):
-        gpu = self
         driver = types.ModuleType("pycuda.driver")
-
-        class Error(Exception):
-            pass
-
-        class LogicError(Error):
-            pass
-
-        gpu.errors = types.SimpleNamespace(Error=Error, LogicError=LogicError)
-
-        class Allocation:
-            def __init__(self, nbytes):
-                self._block = gpu.alloc(nbytes)
-
-            def __int__(self):
-                return self._block.ctypes.data
-
-        class Stream:
-            _next = 1
-
-            def __init__(self):
-                gpu.need_context("cuStreamCreate")
-                self.handle = Stream._next
-                Stream._next += 1
-
-            def synchronize(self):
-                gpu.need_context("cuStreamSynchronize")
-                assert self.handle not in gpu._capturing, "synchronize during a capture"
-                if gpu.sticky_error:
-                    raise Error(f"cuStreamSynchronize failed: {gpu.sticky_error}")
-
-        class Context:
-            def push(self):
-                gpu.stack().append(self)
-
-            @staticmethod
-            def pop():  # pycuda's pop is static: it pops whatever is current on this thread
-                if not gpu.stack():
-                    raise LogicError("context::pop failed: cannot pop non-current context")
-                gpu.stack().pop()
-
-        class Device:
-            def __init__(self, index):
-                self.index = index
-
-            @staticmethod
-            def count():
-                return 1
-
-            def name(self):
-                return gpu.gpu
-
-            def compute_capability(self):
-                return gpu.capability
-
-            def retain_primary_context(self):
-                return Context()
-
-        def pagelocked_empty(shape, dtype, order="C", mem_flags=0):
-            gpu.need_context("cuMemHostAlloc")
-            dtype = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            block = gpu._aligned_block(max(count * dtype.itemsize, 1), gpu._pinned)
-            return block[:count * dtype.itemsize].view(dtype).reshape(shape, order=order)
-
-        def memcpy_htod_async(dest, src, stream=None):
-            gpu.need_context("cuMemcpyHtoDAsync")
-            gpu.counts["pageable_copies"] += not gpu.is_pinned(src)
-            data = np.ascontiguousarray(src).view(np.uint8).reshape(-1).copy()
-            target = int(dest)
-            gpu.submit(stream.handle, lambda: gpu.view(target, data.size).__setitem__(
-                slice(None), data))
-
-        def memcpy_dtoh_async(dest, src, stream=None):
-            gpu.need_context("cuMemcpyDtoHAsync")
-            gpu.counts["pageable_copies"] += not gpu.is_pinned(dest)
-
-            def op():
-                dest.view(np.uint8).reshape(-1)[:] = gpu.view(int(src), dest.nbytes)
-            gpu.submit(stream.handle, op)
-
-        driver.Error, driver.LogicError = Error, LogicError
+        bound = {"gpu": self}
+        driver.Error, driver.LogicError = DriverError, LogicError
         driver.init = lambda: None
-        driver.Device, driver.Stream, driver.Context = Device, Stream, Context
-        driver.mem_alloc = Allocation
-        driver.pagelocked_empty = pagelocked_empty
-        driver.memcpy_htod_async = memcpy_htod_async
-        driver.memcpy_dtoh_async = memcpy_dtoh_async
+        driver.Device = type("Device", (Device,), bound)
+        driver.Stream = type("Stream", (Stream,), bound)
+        driver.Context = type("Context", (Context,), bound)
+        driver.mem_alloc = type("DeviceAllocation", (DeviceAllocation,), bound)
+        driver.pagelocked_empty = self.pagelocked_empty
+        driver.memcpy_htod_async = self.memcpy_htod_async
+        driver.memcpy_dtoh_async = self.memcpy_dtoh_async
         return driver
+
+    def pagelocked_empty(self, shape, dtype, order="C", mem_flags=0):
+        self.need_context("cuMemHostAlloc")
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        block = self._aligned_block(max(count * dtype.itemsize, 1), self._pinned)
+        return block[:count * dtype.itemsize].view(dtype).reshape(shape, order=order)
+
+    def memcpy_htod_async(self, dest, src, stream=None):
+        self.need_context("cuMemcpyHtoDAsync")
+        self.counts["pageable_copies"] += not self.is_pinned(src)
+        data = np.ascontiguousarray(src).view(np.uint8).reshape(-1).copy()
+        target = int(dest)
+        self.submit(stream.handle, lambda: self.view(target, data.size).__setitem__(
+            slice(None), data))
+
+    def memcpy_dtoh_async(self, dest, src, stream=None):
+        self.need_context("cuMemcpyDtoHAsync")
+        self.counts["pageable_copies"] += not self.is_pinned(dest)
+
+        def op():
+            dest.view(np.uint8).reshape(-1)[:] = self.view(int(src), dest.nbytes)
+        self.submit(stream.handle, op)
 
     def _tensorrt(self):
         from tests.runtime.fake_tensorrt import tensorrt_module
@@ -225,15 +188,6 @@ class FakeGpu:
     def _cudart(self):
         gpu = self
         rt = types.ModuleType("cuda.bindings.runtime")
-
-        class cudaError_t(enum.IntEnum):  # noqa: N801 - the real enum's name
-            cudaSuccess = 0
-            cudaErrorStreamCaptureUnsupported = 900
-            cudaErrorStreamCaptureInvalidated = 901
-
-        class cudaStreamCaptureMode(enum.IntEnum):  # noqa: N801
-            cudaStreamCaptureModeGlobal = 0
-            cudaStreamCaptureModeThreadLocal = 1
 
         def fail(err):
             gpu.pending_error = err
@@ -290,3 +244,64 @@ def profile_metadata(spec) -> str:
     """The ``fake.profile`` metadata of a stage's fake engine: min and max shape per input."""
     return json.dumps({t.name: [list(t.concrete(spec.min_batch)), list(t.concrete(spec.max_batch))]
                        for t in spec.inputs})
+
+
+# -- pycuda.driver's classes; install() binds ``gpu`` to the FakeGpu in a subclass of each --------
+
+class DeviceAllocation:
+    gpu: FakeGpu
+
+    def __init__(self, nbytes):
+        self._block = self.gpu.alloc(nbytes)
+
+    def __int__(self):
+        return self._block.ctypes.data
+
+
+class Stream:
+    gpu: FakeGpu
+    _next = 1
+
+    def __init__(self):
+        self.gpu.need_context("cuStreamCreate")
+        self.handle = Stream._next
+        Stream._next += 1
+
+    def synchronize(self):
+        self.gpu.need_context("cuStreamSynchronize")
+        assert self.handle not in self.gpu._capturing, "synchronize during a capture"
+        if self.gpu.sticky_error:
+            raise DriverError(f"cuStreamSynchronize failed: {self.gpu.sticky_error}")
+
+
+class Context:
+    gpu: FakeGpu
+
+    def push(self):
+        self.gpu.stack().append(self)
+
+    @classmethod
+    def pop(cls):  # pycuda's pop is static: it pops whatever is current on this thread
+        if not cls.gpu.stack():
+            raise LogicError("context::pop failed: cannot pop non-current context")
+        cls.gpu.stack().pop()
+
+
+class Device:
+    gpu: FakeGpu
+
+    def __init__(self, index):
+        self.index = index
+
+    @staticmethod
+    def count():
+        return 1
+
+    def name(self):
+        return self.gpu.gpu
+
+    def compute_capability(self):
+        return self.gpu.capability
+
+    def retain_primary_context(self):
+        return type("Context", (Context,), {"gpu": self.gpu})()
