@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,8 +201,13 @@ def _attach_timing_cache(config, path: Path, need) -> str:
     state = "new"
     if path.is_file():
         blob, state = path.read_bytes(), "loaded"
-    cache = config.create_timing_cache(blob)
-    if cache is None and blob:  # unreadable or from another TensorRT: start afresh
+    try:  # a corrupt blob may give None or raise, depending on the TensorRT version
+        cache, problem = config.create_timing_cache(blob), "TensorRT returned no cache"
+    except Exception as exc:  # noqa: BLE001 - any failure to read it means a fresh cache
+        cache, problem = None, f"{type(exc).__name__}: {exc}"
+    if cache is None and blob:
+        warnings.warn(f"timing cache {path} is unreadable ({problem}); starting a fresh one",
+                      RuntimeWarning, stacklevel=3)
         cache, state = config.create_timing_cache(b""), "replaced (unreadable)"
     need(cache, "create a timing cache")
     if not config.set_timing_cache(cache, False):

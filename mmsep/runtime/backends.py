@@ -171,8 +171,9 @@ class OrtBackend:
                 else:
                     binding.bind_cpu_input(tensor.name, np.ascontiguousarray(value))
             out_device = self.device if on_device else "cpu"
+            out_id = self.device_id if out_device != "cpu" else 0  # the CUDA id is not a CPU's
             for tensor in spec.outputs:
-                binding.bind_output(tensor.name, out_device, self.device_id)
+                binding.bind_output(tensor.name, out_device, out_id)
             session.run_with_iobinding(binding)
             values = binding.get_outputs()
         except Exception as exc:

@@ -5,126 +5,37 @@ the optimisation profile's largest shape, and reused across calls and requests. 
 with ``on_device=True`` are ``DeviceArray`` views of those buffers: valid until the same stage
 runs again, which is all a request's pipeline needs (each output is consumed by the next stage).
 
-The sampling loop keeps the latent in two device buffers used in turn, with the step times of a
-request uploaded once as a (steps, batch) table. Where cuda-python is installed the whole loop is
-captured as one CUDA graph per (batch, steps, buffer addresses) and replayed for later requests;
-where it is not, or where TensorRT refuses the capture, the steps are enqueued one by one.
+Every tensor TensorRT reads or writes is bound at a 256-byte aligned address (setTensorAddress
+refuses anything else): each buffer is an allocation of its own, and the step times and the dt/cfg
+scalars of the sampling loop sit in aligned slots. The loop keeps the latent in two device buffers
+used in turn. Where cuda-python is installed the whole loop is captured as one CUDA graph per
+(batch, steps, buffer addresses) and replayed for later requests (cuda_graphs.py); where it is
+not, or where the capture fails, the steps are enqueued one by one. Copies go through page-locked
+staging buffers (cuda_memory.py); engine compatibility is decided in tensorrt_env.py.
 
-Engines are specific to the TensorRT version and the GPU they were built with. The manifest's
-"tensorrt" section records both; ``engine_refusal`` compares them with this machine and says why
-the engines cannot be used (``create_backend`` falls back to ONNX Runtime under ``auto``).
+The CUDA context (the device's primary context) is current only while a backend method runs, on
+the thread that calls it, and is popped in a ``finally``: nothing is left on pycuda's context stack
+when a caller forgets ``close``, uses another thread, or hits a CUDA error.
 """
 
 from __future__ import annotations
 
-import sys
-import warnings
-from collections import OrderedDict
+import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..model_files import sha256_file
 from ..stages import StageSpec
 from .backends import _check_inputs, unconditional_half
+from .cuda_graphs import StepGraphs, import_cudart
+from .cuda_memory import CudaMemory, DeviceArray, aligned
 from .errors import BackendError, BackendUnavailable, ModelDirError, one_line
-from ..model_files import sha256_file
 from .model_dir import ModelDir
+from .tensorrt_env import device_info, engine_refusal, import_gpu_stack, tensorrt_importable
 
-_GRAPH_CACHE_SIZE = 8
-
-
-@dataclass(frozen=True)
-class DeviceArray:
-    """A float32/int64 tensor in GPU memory at ``ptr`` (owned by the backend)."""
-
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-def _import_gpu_stack():
-    """(tensorrt, pycuda.driver) or BackendUnavailable saying what is missing."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise BackendUnavailable(f"TensorRT is not installed ({exc}); use --backend ort-cuda "
-                                 "or ort-cpu") from None
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        raise BackendUnavailable(f"pycuda is not installed ({exc}); pip install pycuda, or use "
-                                 "--backend ort-cuda or ort-cpu") from None
-    return tensorrt, cuda
-
-
-def tensorrt_importable() -> bool:
-    """Whether tensorrt and pycuda can be imported (without importing them)."""
-    from importlib.util import find_spec
-
-    return all(_found(name, find_spec) for name in ("tensorrt", "pycuda"))
-
-
-def _found(name: str, find_spec) -> bool:
-    if name in sys.modules:
-        return sys.modules[name] is not None
-    try:
-        return find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _import_cudart():
-    """cuda-python's runtime API (for CUDA graph capture), or None."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        try:
-            from cuda import cudart as runtime
-        except ImportError:
-            return None
-    return runtime
-
-
-def device_info(device_id: int = 0) -> dict:
-    """TensorRT version, GPU name and compute capability of this machine (BackendUnavailable
-    when TensorRT, pycuda or a CUDA device is missing)."""
-    trt, cuda = _import_gpu_stack()
-    try:
-        cuda.init()
-        count = cuda.Device.count()
-        if device_id >= count:
-            raise BackendUnavailable(f"no CUDA device {device_id} (this machine has {count})")
-        device = cuda.Device(device_id)
-        major, minor = device.compute_capability()
-        name = device.name()
-    except cuda.Error as exc:
-        raise BackendUnavailable(f"CUDA is not usable here ({one_line(exc)})") from None
-    return {"version": trt.__version__, "gpu": name, "compute_capability": f"{major}.{minor}"}
-
-
-def engine_refusal(section: Mapping | None, here: Mapping) -> str | None:
-    """Why the manifest's engines (its "tensorrt" section) cannot run on the machine described
-    by ``here`` (``device_info()``), or None when they can."""
-    if not section or section.get("status") != "built":
-        reason = (section or {}).get("reason", "no engines recorded")
-        return (f"this model directory has no TensorRT engines ({reason}); build them on this "
-                "machine with mmsep-export --engines-only DIR")
-    if section.get("version") != here["version"]:
-        return (f"the engines were built with TensorRT {section.get('version')} and this machine "
-                f"has TensorRT {here['version']}; rebuild them with mmsep-export --engines-only")
-    if str(section.get("compute_capability")) != here["compute_capability"] or \
-            section.get("gpu") != here["gpu"]:
-        return (f"the engines were built for {section.get('gpu')} (compute capability "
-                f"{section.get('compute_capability')}) and this GPU is {here['gpu']} (compute "
-                f"capability {here['compute_capability']}); rebuild them with "
-                "mmsep-export --engines-only")
-    return None
+__all__ = ["DeviceArray", "TrtBackend", "device_info", "engine_refusal", "tensorrt_importable"]
 
 
 class _Stage:
@@ -145,13 +56,26 @@ class _Stage:
         buf = self._buffers.get(name)
         if buf is None or buf[1] < nbytes:
             size = max(nbytes, self._backend.max_bytes(self.spec, name))
-            buf = (self._backend.alloc(size), size)
-            self._buffers[name] = buf
-        return int(buf[0])
+            buf = self._buffers[name] = (self._backend.memory.alloc(size), size)
+        return buf[0]
 
     def call(self, ok, what: str) -> None:
         if not ok:
             raise BackendError(self.spec.name, f"TensorRT could not {what}")
+
+
+def _in_context(method):
+    """Run ``method`` with the backend's CUDA context current on this thread, popped after."""
+
+    @functools.wraps(method)
+    def active(self, *args, **kwargs):
+        self._context.push()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._context.pop()
+
+    return active
 
 
 class TrtBackend:
@@ -165,29 +89,35 @@ class TrtBackend:
         refusal = engine_refusal(model.manifest.get("tensorrt"), here)
         if refusal:
             raise BackendUnavailable(f"{model.path}: {refusal}")
-        trt, cuda = _import_gpu_stack()
+        trt, cuda = import_gpu_stack()
         self._trt, self._cuda = trt, cuda
         self.model = model
         self.device_info = here
         self.precision = model.manifest["tensorrt"].get("precision", "fp16")
         self._verify = verify
-        self._cudart = _import_cudart() if cuda_graphs else None
-        self.cuda_graphs = self._cudart is not None
+        self._graphs = StepGraphs(import_cudart() if cuda_graphs else None, "denoiser")
         self._context = cuda.Device(device_id).retain_primary_context()
-        self._context.push()
-        self._stream = cuda.Stream()
-        self._logger = trt.Logger(trt.Logger.ERROR)
-        self._runtime = trt.Runtime(self._logger)
         self._stages: dict[str, _Stage] = {}
-        self._allocations: list = []
-        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self._closed = False
+        self._load()
+
+    @_in_context
+    def _load(self) -> None:
+        self.memory = CudaMemory(self._cuda)
+        self._stream = self.memory.stream
+        self._runtime = self._trt.Runtime(self._trt.Logger(self._trt.Logger.ERROR))
         try:
-            for stage in model.specs:  # every engine loaded once, up front: fail fast
+            for stage in self.model.specs:  # every engine loaded once, up front: fail fast
                 self._stage(stage)
         except BaseException:
-            self.close()
+            self._release()
+            self._closed = True
             raise
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the sampling loop runs as captured CUDA graphs (off after a failed capture)."""
+        return self._graphs.enabled
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> TrtBackend:
@@ -197,15 +127,29 @@ class TrtBackend:
         self.close()
 
     def close(self) -> None:
+        """Wait for the stream and release graphs, engines and memory; a CUDA error found on the
+        way is raised after everything is released."""
         if self._closed:
             return
         self._closed = True
-        self._stream.synchronize()
-        for key in list(self._graphs):
-            self._drop_graph(key)
+        failure = self._close_in_context()
+        if failure is not None:
+            raise BackendError("close", f"CUDA failed before close ({one_line(failure)})")
+
+    @_in_context
+    def _close_in_context(self):
+        try:
+            self._stream.synchronize()
+            return None
+        except self._cuda.Error as exc:
+            return exc
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._graphs.close()
         self._stages.clear()
-        self._allocations.clear()
-        self._context.pop()
+        self.memory.release()
 
     @property
     def max_batch(self) -> int:
@@ -213,11 +157,6 @@ class TrtBackend:
         return self.model.info.max_batch
 
     # -- memory --------------------------------------------------------------------------------
-    def alloc(self, nbytes: int):
-        allocation = self._cuda.mem_alloc(max(int(nbytes), 1))
-        self._allocations.append(allocation)
-        return allocation
-
     def max_bytes(self, spec: StageSpec, name: str) -> int:
         """Bytes of tensor ``name`` at the profile's largest batch (the denoiser's latent
         buffers also serve the sampler; its conditioning buffers hold both branches)."""
@@ -225,26 +164,16 @@ class TrtBackend:
         shape = tensor.concrete(spec.max_batch)
         return int(np.prod(shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
 
+    @_in_context
     def upload(self, array: np.ndarray) -> DeviceArray:
         """A device copy of ``array`` in a buffer of its own (kept until ``close``)."""
-        array = np.ascontiguousarray(array)
-        allocation = self.alloc(array.nbytes)
-        self._cuda.memcpy_htod_async(allocation, array, self._stream)
-        self._stream.synchronize()
-        return DeviceArray(int(allocation), tuple(array.shape), array.dtype)
+        return self.memory.upload(array)
 
+    @_in_context
     def to_host(self, value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):
             return value
-        out = np.empty(value.shape, value.dtype)
-        self._cuda.memcpy_dtoh_async(out, value.ptr, self._stream)
-        self._stream.synchronize()
-        return out
-
-    def _put(self, ptr: int, array: np.ndarray, keep: list) -> None:
-        array = np.ascontiguousarray(array)
-        keep.append(array)  # the copy is asynchronous: the source must outlive it
-        self._cuda.memcpy_htod_async(ptr, array, self._stream)
+        return self.memory.fetch({"value": value})["value"]
 
     # -- engines -------------------------------------------------------------------------------
     def _stage(self, stage: str) -> _Stage:
@@ -283,7 +212,7 @@ class TrtBackend:
                 raise BackendError(spec.name, f"engine tensor {tensor.name!r} is {dtype}, the "
                                               f"contract says {tensor.dtype}")
 
-    def _bind(self, st: _Stage, inputs: Mapping[str, Any], batch: int, keep: list,
+    def _bind(self, st: _Stage, inputs: Mapping[str, Any], batch: int,
               outputs: Mapping[str, int] | None = None) -> dict[str, DeviceArray]:
         """Bind checked ``inputs`` of ``batch`` (host arrays are copied into the stage's buffers,
         device arrays bound in place) and the outputs (the stage's buffers unless ``outputs``
@@ -296,7 +225,7 @@ class TrtBackend:
                 ptr = value.ptr
             else:
                 ptr = st.buffer(tensor.name, np.asarray(value).nbytes)
-                self._put(ptr, value, keep)
+                self.memory.put(ptr, value)
             st.call(context.set_input_shape(tensor.name, tuple(value.shape)),
                     f"set the shape of input {tensor.name!r} to {tuple(value.shape)}")
             st.call(context.set_tensor_address(tensor.name, ptr), f"bind input {tensor.name!r}")
@@ -317,25 +246,18 @@ class TrtBackend:
         st.call(st.context.execute_async_v3(self._stream.handle), "enqueue the engine")
 
     # -- the Backend protocol ------------------------------------------------------------------
+    @_in_context
     def run(self, stage: str, inputs: Mapping[str, Any], *,
             on_device: bool = False) -> dict[str, Any]:
         st = self._stage(stage)
-        keep: list = []
-        bound = self._bind(st, inputs, _check_inputs(st.spec, inputs), keep)
+        bound = self._bind(st, inputs, _check_inputs(st.spec, inputs))
         self._enqueue(st)
         if on_device:
             self._stream.synchronize()  # stage timings stay honest; no later launch is waiting
             return bound
-        return self._fetch(bound)
+        return self.memory.fetch(bound)
 
-    def _fetch(self, bound: Mapping[str, DeviceArray]) -> dict[str, np.ndarray]:
-        out = {}
-        for name, value in bound.items():
-            out[name] = np.empty(value.shape, value.dtype)
-            self._cuda.memcpy_dtoh_async(out[name], value.ptr, self._stream)
-        self._stream.synchronize()
-        return out
-
+    @_in_context
     def condition(self, inputs: Mapping[str, np.ndarray],
                   uncond: Mapping[str, np.ndarray]) -> dict[str, DeviceArray]:
         """The conditioner writes the conditional branch straight into the first half of the
@@ -343,129 +265,87 @@ class TrtBackend:
         st = self._stage("conditioner")
         denoiser = self._stage("denoiser")
         batch = _check_inputs(st.spec, inputs)
-        targets, stacked, keep = {}, {}, []
+        targets, stacked = {}, {}
         for tensor in st.spec.outputs:
             item = tensor.concrete(1)[1:]
             other = unconditional_half(uncond, tensor.name, item)
             half = batch * int(np.prod(item, dtype=np.int64)) * 4
             ptr = denoiser.buffer(tensor.name, 2 * half)
             targets[tensor.name] = ptr
-            self._put(ptr + half, np.broadcast_to(other, (batch, *item)).astype(np.float32),
-                      keep)
+            self.memory.put(ptr + half, np.broadcast_to(other, (batch, *item)).astype(np.float32))
             stacked[tensor.name] = DeviceArray(ptr, (2 * batch, *item), np.dtype(np.float32))
-        self._bind(st, inputs, batch, keep, outputs=targets)
+        self._bind(st, inputs, batch, outputs=targets)
         self._enqueue(st)
         self._stream.synchronize()
         return stacked
 
+    @_in_context
     def sample(self, x0: np.ndarray, mix_latent: Any, conditioning: Mapping[str, Any],
                steps: int, cfg: float) -> DeviceArray:
         """Euler + CFG from t=0 to 1 in ``steps`` denoiser launches (one CUDA graph where
         possible); returns the final latent on the device."""
         st = self._stage("denoiser")
-        spec = st.spec
         batch = x0.shape[0]
-        _check_profile(spec, batch)
-        keep: list = []
-        fixed: dict[str, Any] = dict(conditioning)
-        if "mix_latent" in spec.input_names:
-            if mix_latent is None:
-                raise BackendError("denoiser", "this separation model needs a mixture latent")
-            fixed["mix_latent"] = mix_latent
-        for name, value in fixed.items():  # host values go into the stage's own buffers
-            if not isinstance(value, DeviceArray):
-                value = np.ascontiguousarray(value, dtype=np.float32)
-                ptr = st.buffer(name, value.nbytes)
-                self._put(ptr, value, keep)
-                fixed[name] = DeviceArray(ptr, value.shape, value.dtype)
+        _check_profile(st.spec, batch)
+        fixed = self._fixed_inputs(st, mix_latent, conditioning)
         latent = np.ascontiguousarray(x0, dtype=np.float32)
-        x_bytes = latent.nbytes
-        buffers = (st.buffer("x", x_bytes), st.buffer("x_next", x_bytes))
-        times = np.repeat((np.arange(steps, dtype=np.float32) / steps)[:, None], batch, axis=1)
-        table = st.buffer("t", times.nbytes)  # grows once to the longest steps x batch seen
-        scalars = st.buffer("dt", 2 * batch * 4)  # dt then cfg, batch values each
-        self._put(buffers[0], latent, keep)
-        self._put(table, times, keep)
-        self._put(scalars, np.concatenate([np.full(batch, 1.0 / steps, np.float32),
-                                           np.full(batch, cfg, np.float32)]), keep)
-        shapes = {"x": latent.shape, "t": (batch,), "dt": (batch,), "cfg": (batch,)}
+        buffers = (st.buffer("x", latent.nbytes), st.buffer("x_next", latent.nbytes))
+        slot = aligned(batch * 4)  # each step's t, dt and cfg: batch float32 in a slot of its own
+        table = st.buffer("t", steps * slot)  # grows once to the longest request seen
+        scalars = st.buffer("dt", 2 * slot)  # dt, then cfg
+        times = np.zeros((steps, slot // 4), np.float32)
+        times[:, :batch] = (np.arange(steps, dtype=np.float32) / steps)[:, None]
+        dt_cfg = np.zeros((2, slot // 4), np.float32)
+        dt_cfg[0, :batch], dt_cfg[1, :batch] = 1.0 / steps, cfg
+        self.memory.put(buffers[0], latent)
+        self.memory.put(table, times)
+        self.memory.put(scalars, dt_cfg)
+        shapes = {"x": latent.shape, "t": (batch,), "dt": (batch,), "cfg": (batch,),
+                  **{name: value.shape for name, value in fixed.items()}}
+        fixed_ptrs = {name: value.ptr for name, value in fixed.items()}
 
         def bind_step(i):
-            step = {"x": (buffers[i % 2], shapes["x"]),
-                    "x_next": (buffers[(i + 1) % 2], None),
-                    "t": (table + i * batch * 4, shapes["t"]),
-                    "dt": (scalars, shapes["dt"]),
-                    "cfg": (scalars + batch * 4, shapes["cfg"])}
-            for name, value in fixed.items():
-                step[name] = (value.ptr, value.shape)
-            for name, (ptr, shape) in step.items():
-                if shape is not None:
-                    st.call(st.context.set_input_shape(name, tuple(shape)),
-                            f"set the shape of input {name!r}")
-                st.call(st.context.set_tensor_address(name, ptr), f"bind {name!r}")
+            step = {"x": buffers[i % 2], "x_next": buffers[(i + 1) % 2],
+                    "t": table + i * slot, "dt": scalars, "cfg": scalars + slot, **fixed_ptrs}
+            for name, ptr in step.items():
+                st.call(st.context.set_tensor_address(name, ptr), f"bind {name!r} at {ptr:#x}")
 
         def enqueue_steps():
             for i in range(steps):
                 bind_step(i)
                 self._enqueue(st)
 
-        def warm_up():
-            # TensorRT needs one plain enqueue after a shape change before it can be captured;
-            # step 0 writes only the second latent buffer, which the loop overwrites first.
+        for name, shape in shapes.items():  # never inside a capture
+            st.call(st.context.set_input_shape(name, tuple(shape)),
+                    f"set the shape of input {name!r} to {tuple(shape)}")
+        key = (batch, steps, buffers, table, scalars, tuple(sorted(fixed_ptrs.items())))
+        if self.cuda_graphs and key not in self._graphs:
+            # TensorRT captures only after a plain enqueue at these shapes; step 0 writes only
+            # the second latent buffer, which the loop overwrites first.
             bind_step(0)
             self._enqueue(st)
-
-        key = (batch, steps, buffers, table, scalars,
-               tuple(sorted((n, v.ptr) for n, v in fixed.items())))
-        if not self._launch_graph(key, warm_up, enqueue_steps):
+            self._stream.synchronize()
+        if not self._graphs.launch(key, self._stream.handle, enqueue_steps):
             enqueue_steps()
         self._stream.synchronize()
         return DeviceArray(buffers[steps % 2], tuple(latent.shape), np.dtype(np.float32))
 
-    # -- CUDA graphs ---------------------------------------------------------------------------
-    def _launch_graph(self, key: tuple, warm_up, enqueue_steps) -> bool:
-        """Replay (capturing first if needed) the step loop for ``key``; False when graphs are
-        off or the capture failed (the caller then enqueues the steps itself)."""
-        if not self.cuda_graphs:
-            return False
-        rt = self._cudart
-        entry = self._graphs.get(key)
-        if entry is None:
-            warm_up()
-            self._stream.synchronize()
-            handle = self._stream.handle
-            mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            try:
-                _check(rt, rt.cudaStreamBeginCapture(handle, mode), "begin a capture")
-                try:
-                    enqueue_steps()
-                finally:
-                    err, graph = rt.cudaStreamEndCapture(handle)
-                _check(rt, (err,), "end the capture")
-                err, executable = rt.cudaGraphInstantiate(graph, 0)
-                _check(rt, (err,), "instantiate the graph")
-            except (BackendError, RuntimeError) as exc:
-                warnings.warn(f"CUDA graph capture of the denoiser loop failed ({exc}); "
-                              "running the steps one by one", RuntimeWarning, stacklevel=3)
-                self.cuda_graphs = False
-                return False
-            entry = self._graphs[key] = (graph, executable)
-            while len(self._graphs) > _GRAPH_CACHE_SIZE:
-                self._drop_graph(next(iter(self._graphs)))
-        self._graphs.move_to_end(key)
-        _check(rt, rt.cudaGraphLaunch(entry[1], self._stream.handle), "launch the graph")
-        return True
-
-    def _drop_graph(self, key: tuple) -> None:
-        graph, executable = self._graphs.pop(key)
-        self._cudart.cudaGraphExecDestroy(executable)
-        self._cudart.cudaGraphDestroy(graph)
-
-
-def _check(rt, result: tuple, what: str) -> None:
-    err = result[0]
-    if err != rt.cudaError_t.cudaSuccess:
-        raise BackendError("denoiser", f"CUDA could not {what} ({err!r})")
+    def _fixed_inputs(self, st: _Stage, mix_latent: Any,
+                      conditioning: Mapping[str, Any]) -> dict[str, DeviceArray]:
+        """The denoiser inputs that stay the same across steps, on the device (host values are
+        copied into the stage's own buffers)."""
+        fixed: dict[str, Any] = dict(conditioning)
+        if "mix_latent" in st.spec.input_names:
+            if mix_latent is None:
+                raise BackendError("denoiser", "this separation model needs a mixture latent")
+            fixed["mix_latent"] = mix_latent
+        for name, value in fixed.items():
+            if not isinstance(value, DeviceArray):
+                value = np.ascontiguousarray(value, dtype=np.float32)
+                ptr = st.buffer(name, value.nbytes)
+                self.memory.put(ptr, value)
+                fixed[name] = DeviceArray(ptr, value.shape, value.dtype)
+        return fixed
 
 
 def _check_profile(spec: StageSpec, batch: int) -> None:

@@ -41,7 +41,13 @@ def test_build_engines_skips_with_the_reason(tmp_path):
 
 # ---- a fake TensorRT: checks the calls, flags and error handling of build_engine --------------
 
-def fake_tensorrt(*, strongly_typed_flag=True, parse_ok=True, build_ok=True, version="10.13.0"):
+def fake_tensorrt(*, strongly_typed_flag=True, parse_ok=True, build_ok=True, version="10.13.0",
+                  corrupt_cache="none"):
+    """A fake TensorRT builder. A timing cache serialises as b"cache:<version>|"; a cache made by
+    another version does not match (set_timing_cache(cache, False) returns False, as TensorRT's
+    does for another GPU or version); a corrupt blob makes create_timing_cache return None or,
+    with ``corrupt_cache="raise"``, raise (TensorRT logs "Serialization assertion magicTagRead ==
+    kMAGIC_TAG failed" for it; what the binding then does is not documented)."""
     calls = {"shapes": {}, "cleared": [], "pool": None, "flags": None, "cache_in": None}
 
     class _Severity:
@@ -103,11 +109,11 @@ def fake_tensorrt(*, strongly_typed_flag=True, parse_ok=True, build_ok=True, ver
             return Error(i)
 
     class Cache:
-        def __init__(self, blob):
-            self.blob = blob
+        def __init__(self, made_by):
+            self.made_by = made_by
 
         def serialize(self):
-            return b"cache:" + self.blob
+            return b"cache:" + self.made_by.encode() + b"|"
 
     class Config:
         def set_memory_pool_limit(self, pool, size):
@@ -120,10 +126,18 @@ def fake_tensorrt(*, strongly_typed_flag=True, parse_ok=True, build_ok=True, ver
             return 0
 
         def create_timing_cache(self, blob):
-            calls["cache_in"] = bytes(blob)
-            return None if blob.startswith(b"garbage") else Cache(bytes(blob))
+            calls["cache_in"] = blob = bytes(blob)
+            if not blob:
+                return Cache(version)
+            if not blob.startswith(b"cache:"):
+                if corrupt_cache == "raise":
+                    raise RuntimeError("Serialization assertion magicTagRead == kMAGIC_TAG failed")
+                return None
+            return Cache(blob[len(b"cache:"):blob.index(b"|")].decode())
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if cache.made_by != version and not ignore_mismatch:
+                return False
             self.cache = cache
             return True
 
@@ -183,11 +197,11 @@ def test_build_engine_strongly_typed_with_profile_and_cache(monkeypatch, tmp_pat
                                             (spec.min_batch, spec.opt_batch, spec.max_batch))}
     assert (tmp_path / "vocoder.fp32.engine").read_bytes() == b"ENGINE"
     assert record["file"] == "vocoder.fp32.engine" and record["bytes"] == 6
-    assert record["timing_cache"] == "new" and cache.read_bytes() == b"cache:"
+    assert record["timing_cache"] == "new" and cache.read_bytes() == b"cache:10.13.0|"
     # the second build loads the saved cache
     record = tb.build_engine(tiny_model_dir / "vocoder.onnx", spec, tmp_path / "v.engine",
                              timing_cache=cache)
-    assert record["timing_cache"] == "loaded" and calls["cache_in"] == b"cache:"
+    assert record["timing_cache"] == "loaded" and calls["cache_in"] == b"cache:10.13.0|"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "v.engine",
                                                           "vocoder.fp32.engine"]
 
@@ -198,10 +212,37 @@ def test_build_engine_without_the_flag_and_with_a_bad_cache(monkeypatch, tmp_pat
     monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"garbage from another version")
-    record = tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec, tmp_path / "e.engine",
-                             timing_cache=cache)
+    with pytest.warns(RuntimeWarning, match="unreadable .TensorRT returned no cache"):
+        record = tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec,
+                                 tmp_path / "e.engine", timing_cache=cache)
     assert calls["flags"] == 0  # strongly typed is the only mode there
     assert record["timing_cache"] == "replaced (unreadable)"
+    assert cache.read_bytes() == b"cache:12.0.0|"
+
+
+def test_a_timing_cache_that_cannot_be_read_means_a_fresh_one(monkeypatch, tmp_path,
+                                                              vocoder_spec, tiny_model_dir):
+    trt, _ = fake_tensorrt(corrupt_cache="raise")
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"\x00\x01 truncated")
+    with pytest.warns(RuntimeWarning, match=f"timing cache {cache} is unreadable .*magicTagRead"):
+        record = tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec,
+                                 tmp_path / "e.engine", timing_cache=cache)
+    assert record["timing_cache"] == "replaced (unreadable)"
+    assert cache.read_bytes() == b"cache:10.13.0|"
+
+
+def test_a_timing_cache_of_another_tensorrt_is_replaced(monkeypatch, tmp_path, vocoder_spec,
+                                                        tiny_model_dir):
+    trt, _ = fake_tensorrt()
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"cache:10.9.0|")
+    record = tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec, tmp_path / "e.engine",
+                             timing_cache=cache)
+    assert record["timing_cache"] == "replaced (did not match this GPU / TensorRT)"
+    assert cache.read_bytes() == b"cache:10.13.0|"
 
 
 def test_parser_errors_are_all_reported_with_the_stage(monkeypatch, tmp_path, vocoder_spec,

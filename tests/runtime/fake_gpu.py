@@ -1,42 +1,105 @@
 """A CPU stand-in for ``tensorrt``, ``pycuda.driver`` and cuda-python's runtime API.
 
 It lets the TensorRT backend's own logic (buffer reuse, pointer arithmetic, the double-buffered
-step loop, CUDA graph capture and replay, engine checks) run where there is no GPU:
+step loop, CUDA graph capture and replay, engine checks) run where there is no GPU, and it refuses
+what the real libraries refuse:
 
-- "device memory" is host memory at real addresses; every copy and every engine read or write is
-  checked to lie inside one allocation, so an address computed wrongly fails loudly;
-- an "engine" file holds an ONNX graph, which the fake execution context runs with ONNX Runtime,
-  reading its inputs from and writing its outputs to the bound addresses at enqueue time;
-- work enqueued on a capturing stream is recorded with the addresses bound at that moment and
-  replayed by ``cudaGraphLaunch``, as a real CUDA graph replays its kernels.
+- "device memory" is host memory at real addresses, 256-byte aligned as cudaMalloc's is; every
+  copy and every engine read or write must lie inside one allocation;
+- every pycuda, TensorRT and graph call needs a current CUDA context on the calling thread, and
+  context stacks are per thread, as in CUDA; ``leftover_contexts()`` counts what was not popped
+  (pycuda aborts the process at exit when a stack is not empty);
+- ``set_tensor_address`` returns False for an address that is not 256-byte aligned
+  (``NvInferRuntime.h``: "The pointer must have at least 256-byte alignment"); ``set_input_shape``
+  returns False outside the engine's optimisation profile; ``execute_async_v3`` returns False when
+  an input has no shape or an I/O tensor no address, and when a CUDA error is pending (TensorRT
+  checks ``cudaGetLastError`` after its launches);
+- an enqueue captured before one plain enqueue at the current shapes, or a ``set_input_shape``
+  while the thread is capturing, invalidates the capture: ``cudaStreamEndCapture`` then returns
+  ``cudaErrorStreamCaptureInvalidated`` and that error stays pending until ``cudaGetLastError``;
+- async copies from or to pageable host memory are counted (``counts["pageable_copies"]``): they
+  are synchronous in effect on a real GPU; ``pagelocked_empty`` gives page-locked memory;
+- ``cudaGraphInstantiate`` has cuda-python 12.x/13.x's ``(graph, flags) -> (err, exec)`` or, with
+  ``cudart_api="11"``, 11.x's ``(graph, log_buffer, size) -> (err, exec, error_node)``.
 
-It is not TensorRT: numerics are those of the fp32 ONNX graphs.
+An "engine" file holds an ONNX graph whose metadata ``fake.profile`` gives the optimisation
+profile (min and max shape per input); the fake execution context runs it with ONNX Runtime,
+reading its inputs from and writing its outputs to the bound addresses at execution time. Work
+enqueued on a capturing stream is recorded with the addresses bound at that moment and replayed by
+``cudaGraphLaunch``. It is not TensorRT: numerics are those of the fp32 ONNX graphs.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import sys
+import threading
 import types
 
 import numpy as np
+
+ALIGNMENT = 256  # cudaMalloc's alignment, and what setTensorAddress requires
+
+
+class cudaError_t(enum.IntEnum):  # noqa: N801 - cuda-python's names
+    cudaSuccess = 0
+    cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureInvalidated = 901
+
+
+class cudaStreamCaptureMode(enum.IntEnum):  # noqa: N801
+    cudaStreamCaptureModeGlobal = 0
+    cudaStreamCaptureModeThreadLocal = 1
+
+
+class DriverError(Exception):  # pycuda.driver.Error
+    pass
+
+
+class LogicError(DriverError):
+    pass
 
 
 class FakeGpu:
     def __init__(self, *, gpu: str = "NVIDIA H100 80GB HBM3", capability=(9, 0),
                  version: str = "10.13.0", with_cudart: bool = True,
-                 capture_fails: bool = False):
+                 capture_fails: bool = False, cudart_api: str = "12"):
         self.gpu, self.capability, self.version = gpu, capability, version
-        self.with_cudart, self.capture_fails = with_cudart, capture_fails
+        self.with_cudart, self.capture_fails, self.cudart_api = with_cudart, capture_fails, \
+            cudart_api
+        self.sticky_error: str | None = None  # set to make every synchronize fail (e.g. 716)
+        self.pending_error = None  # cudart's "last error"
         self._memory: list[np.ndarray] = []
-        self._capturing: dict[int, list] = {}
-        self.counts = {"enqueues": 0, "captures": 0, "graph_launches": 0, "engines": 0}
+        self._pinned: list[np.ndarray] = []
+        self._capturing: dict[int, dict] = {}
+        self._stacks: dict[int, list] = {}
+        self.counts = {"enqueues": 0, "captures": 0, "graph_launches": 0, "engines": 0,
+                       "pageable_copies": 0}
 
-    # -- memory ----------------------------------------------------------------------------------
-    def alloc(self, nbytes: int) -> np.ndarray:
-        block = np.zeros(int(nbytes), np.uint8)
-        self._memory.append(block)
+    # -- contexts ----------------------------------------------------------------------------------
+    def stack(self) -> list:
+        return self._stacks.setdefault(threading.get_ident(), [])
+
+    def leftover_contexts(self) -> int:
+        return sum(len(stack) for stack in self._stacks.values())
+
+    def need_context(self, what: str) -> None:
+        if not self.stack():
+            raise LogicError(f"{what} failed: invalid device context - no currently "
+                                         "active context?")
+
+    # -- memory ------------------------------------------------------------------------------------
+    def _aligned_block(self, nbytes: int, into: list) -> np.ndarray:
+        raw = np.zeros(int(nbytes) + ALIGNMENT, np.uint8)
+        start = -raw.ctypes.data % ALIGNMENT
+        block = raw[start:start + int(nbytes)]
+        into.append(block)
         return block
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        self.need_context("cuMemAlloc")
+        return self._aligned_block(nbytes, self._memory)
 
     def view(self, ptr: int, nbytes: int) -> np.ndarray:
         for block in self._memory:
@@ -45,13 +108,21 @@ class FakeGpu:
                 return block[ptr - start:ptr - start + nbytes]
         raise AssertionError(f"device access [{ptr:#x}, +{nbytes}) is outside every allocation")
 
+    def is_pinned(self, array: np.ndarray) -> bool:
+        start, end = array.ctypes.data, array.ctypes.data + array.nbytes
+        return any(b.ctypes.data <= start and end <= b.ctypes.data + b.size for b in self._pinned)
+
+    def capture_of_this_thread(self):
+        return next((c for c in self._capturing.values()
+                     if c["thread"] == threading.get_ident()), None)
+
     def submit(self, stream_handle: int, op) -> None:
         if stream_handle in self._capturing:
-            self._capturing[stream_handle].append(op)
+            self._capturing[stream_handle]["ops"].append(op)
         else:
             op()
 
-    # -- modules ---------------------------------------------------------------------------------
+    # -- modules -----------------------------------------------------------------------------------
     def install(self, monkeypatch) -> None:
         driver = self._pycuda_driver()
         pycuda = types.ModuleType("pycuda")
@@ -73,198 +144,85 @@ class FakeGpu:
                 monkeypatch.setitem(sys.modules, name, None)  # import fails
 
     def _pycuda_driver(self):
-        gpu = self
         driver = types.ModuleType("pycuda.driver")
-
-        class Error(Exception):
-            pass
-
-        class Allocation:
-            def __init__(self, nbytes):
-                self._block = gpu.alloc(nbytes)
-
-            def __int__(self):
-                return self._block.ctypes.data
-
-        class Stream:
-            _next = 1
-
-            def __init__(self):
-                self.handle = Stream._next
-                Stream._next += 1
-
-            def synchronize(self):
-                assert self.handle not in gpu._capturing, "synchronize during a capture"
-
-        class Context:
-            def push(self):
-                pass
-
-            def pop(self):
-                pass
-
-        class Device:
-            def __init__(self, index):
-                self.index = index
-
-            @staticmethod
-            def count():
-                return 1
-
-            def name(self):
-                return gpu.gpu
-
-            def compute_capability(self):
-                return gpu.capability
-
-            def retain_primary_context(self):
-                return Context()
-
-        def memcpy_htod_async(dest, src, stream=None):
-            src = np.ascontiguousarray(src)
-            data = src.view(np.uint8).reshape(-1).copy()
-            target = int(dest)
-            gpu.submit(stream.handle, lambda: gpu.view(target, data.size).__setitem__(
-                slice(None), data))
-
-        def memcpy_dtoh_async(dest, src, stream=None):
-            def op():
-                dest.view(np.uint8).reshape(-1)[:] = gpu.view(int(src), dest.nbytes)
-            gpu.submit(stream.handle, op)
-
-        driver.Error = Error
+        bound = {"gpu": self}
+        driver.Error, driver.LogicError = DriverError, LogicError
         driver.init = lambda: None
-        driver.Device = Device
-        driver.Stream = Stream
-        driver.mem_alloc = Allocation
-        driver.memcpy_htod_async = memcpy_htod_async
-        driver.memcpy_dtoh_async = memcpy_dtoh_async
+        driver.Device = type("Device", (Device,), bound)
+        driver.Stream = type("Stream", (Stream,), bound)
+        driver.Context = type("Context", (Context,), bound)
+        driver.mem_alloc = type("DeviceAllocation", (DeviceAllocation,), bound)
+        driver.pagelocked_empty = self.pagelocked_empty
+        driver.memcpy_htod_async = self.memcpy_htod_async
+        driver.memcpy_dtoh_async = self.memcpy_dtoh_async
         return driver
 
+    def pagelocked_empty(self, shape, dtype, order="C", mem_flags=0):
+        self.need_context("cuMemHostAlloc")
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        block = self._aligned_block(max(count * dtype.itemsize, 1), self._pinned)
+        return block[:count * dtype.itemsize].view(dtype).reshape(shape, order=order)
+
+    def memcpy_htod_async(self, dest, src, stream=None):
+        self.need_context("cuMemcpyHtoDAsync")
+        self.counts["pageable_copies"] += not self.is_pinned(src)
+        data = np.ascontiguousarray(src).view(np.uint8).reshape(-1).copy()
+        target = int(dest)
+        self.submit(stream.handle, lambda: self.view(target, data.size).__setitem__(
+            slice(None), data))
+
+    def memcpy_dtoh_async(self, dest, src, stream=None):
+        self.need_context("cuMemcpyDtoHAsync")
+        self.counts["pageable_copies"] += not self.is_pinned(dest)
+
+        def op():
+            dest.view(np.uint8).reshape(-1)[:] = self.view(int(src), dest.nbytes)
+        self.submit(stream.handle, op)
+
     def _tensorrt(self):
-        import onnxruntime as ort
+        from tests.runtime.fake_tensorrt import tensorrt_module
 
-        gpu = self
-        trt = types.ModuleType("tensorrt")
-        trt.__version__ = self.version
-
-        class DataType(enum.Enum):
-            FLOAT = "float32"
-            INT64 = "int64"
-
-        onnx_types = {"tensor(float)": DataType.FLOAT, "tensor(int64)": DataType.INT64}
-
-        class Logger:
-            ERROR = 1
-
-            def __init__(self, level=None):
-                self.level = level
-
-        class Context:
-            def __init__(self, engine):
-                self.engine = engine
-                self.shapes: dict[str, tuple] = {}
-                self.addresses: dict[str, int] = {}
-
-            def set_input_shape(self, name, shape):
-                assert name in self.engine.inputs, name
-                self.shapes[name] = tuple(int(d) for d in shape)
-                return True
-
-            def set_tensor_address(self, name, ptr):
-                assert name in self.engine.dtypes, name
-                self.addresses[name] = int(ptr)
-                return True
-
-            def get_tensor_shape(self, name):
-                return self.engine.output_shape(name, self.shapes)
-
-            def execute_async_v3(self, stream_handle):
-                gpu.counts["enqueues"] += 1
-                shapes, addresses = dict(self.shapes), dict(self.addresses)
-                gpu.submit(stream_handle, lambda: self.engine.execute(shapes, addresses))
-                return True
-
-        class Engine:
-            def __init__(self, data: bytes):
-                self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-                self.inputs = [i.name for i in self.session.get_inputs()]
-                self.outputs = [o.name for o in self.session.get_outputs()]
-                self.dtypes = {t.name: onnx_types[t.type] for t in
-                               (*self.session.get_inputs(), *self.session.get_outputs())}
-                self._shape_cache: dict[tuple, dict] = {}
-
-            @property
-            def num_io_tensors(self):
-                return len(self.dtypes)
-
-            def get_tensor_name(self, i):
-                return list(self.dtypes)[i]
-
-            def get_tensor_dtype(self, name):
-                return self.dtypes[name]
-
-            def create_execution_context(self):
-                return Context(self)
-
-            def output_shape(self, name, shapes):
-                key = tuple(sorted(shapes.items()))
-                if key not in self._shape_cache:
-                    feeds = {n: np.zeros(shapes[n], self.dtypes[n].value) for n in self.inputs}
-                    values = self.session.run(None, feeds)
-                    self._shape_cache[key] = {n: v.shape for n, v in zip(self.outputs, values)}
-                return self._shape_cache[key][name]
-
-            def execute(self, shapes, addresses):
-                feeds = {}
-                for n in self.inputs:
-                    dtype = np.dtype(self.dtypes[n].value)
-                    nbytes = int(np.prod(shapes[n])) * dtype.itemsize
-                    feeds[n] = gpu.view(addresses[n], nbytes).view(dtype).reshape(shapes[n]).copy()
-                for n, value in zip(self.outputs, self.session.run(None, feeds)):
-                    value = np.ascontiguousarray(value, np.dtype(self.dtypes[n].value))
-                    gpu.view(addresses[n], value.nbytes)[:] = value.view(np.uint8).reshape(-1)
-
-        class Runtime:
-            def __init__(self, logger):
-                self.logger = logger
-
-            def deserialize_cuda_engine(self, data):
-                if not data.startswith(b"\x08"):  # an ONNX ModelProto starts with ir_version
-                    return None
-                gpu.counts["engines"] += 1
-                return Engine(bytes(data))
-
-        trt.DataType = DataType
-        trt.Logger = Logger
-        trt.Runtime = Runtime
-        trt.nptype = lambda dtype: np.dtype(dtype.value).type
-        return trt
+        return tensorrt_module(self)
 
     def _cudart(self):
         gpu = self
         rt = types.ModuleType("cuda.bindings.runtime")
 
-        class cudaError_t(enum.IntEnum):  # noqa: N801 - the real enum's name
-            cudaSuccess = 0
-            cudaErrorStreamCaptureUnsupported = 900
-
-        class cudaStreamCaptureMode(enum.IntEnum):  # noqa: N801
-            cudaStreamCaptureModeGlobal = 0
-            cudaStreamCaptureModeThreadLocal = 1
+        def fail(err):
+            gpu.pending_error = err
+            return err
 
         def begin(handle, mode):
+            gpu.need_context("cudaStreamBeginCapture")
             if gpu.capture_fails:
-                return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
+                return (fail(cudaError_t.cudaErrorStreamCaptureUnsupported),)
             assert handle not in gpu._capturing
-            gpu._capturing[handle] = []
+            gpu._capturing[handle] = {"ops": [], "invalid": None,
+                                      "thread": threading.get_ident()}
             return (cudaError_t.cudaSuccess,)
 
         def end(handle):
+            capture = gpu._capturing.pop(handle)
+            if capture["invalid"]:
+                return fail(cudaError_t.cudaErrorStreamCaptureInvalidated), None
             gpu.counts["captures"] += 1
-            return cudaError_t.cudaSuccess, gpu._capturing.pop(handle)
+            return cudaError_t.cudaSuccess, capture["ops"]
+
+        def get_last_error():
+            err, gpu.pending_error = gpu.pending_error, None
+            return (err or cudaError_t.cudaSuccess,)
+
+        def instantiate_12(graph, flags):
+            gpu.need_context("cudaGraphInstantiate")
+            return cudaError_t.cudaSuccess, list(graph)
+
+        def instantiate_11(graph, log_buffer, buffer_size):
+            gpu.need_context("cudaGraphInstantiate")
+            return cudaError_t.cudaSuccess, list(graph), None
 
         def launch(executable, handle):
+            gpu.need_context("cudaGraphLaunch")
             gpu.counts["graph_launches"] += 1
             for op in executable:
                 gpu.submit(handle, op)
@@ -274,9 +232,76 @@ class FakeGpu:
         rt.cudaStreamCaptureMode = cudaStreamCaptureMode
         rt.cudaStreamBeginCapture = begin
         rt.cudaStreamEndCapture = end
-        rt.cudaGraphInstantiate = lambda graph, flags: (cudaError_t.cudaSuccess, list(graph))
+        rt.cudaGetLastError = get_last_error
+        rt.cudaGraphInstantiate = instantiate_11 if self.cudart_api == "11" else instantiate_12
         rt.cudaGraphLaunch = launch
         rt.cudaGraphExecDestroy = lambda executable: (cudaError_t.cudaSuccess,)
         rt.cudaGraphDestroy = lambda graph: (cudaError_t.cudaSuccess,)
         return rt
 
+
+def profile_metadata(spec) -> str:
+    """The ``fake.profile`` metadata of a stage's fake engine: min and max shape per input."""
+    return json.dumps({t.name: [list(t.concrete(spec.min_batch)), list(t.concrete(spec.max_batch))]
+                       for t in spec.inputs})
+
+
+# -- pycuda.driver's classes; install() binds ``gpu`` to the FakeGpu in a subclass of each --------
+
+class DeviceAllocation:
+    gpu: FakeGpu
+
+    def __init__(self, nbytes):
+        self._block = self.gpu.alloc(nbytes)
+
+    def __int__(self):
+        return self._block.ctypes.data
+
+
+class Stream:
+    gpu: FakeGpu
+    _next = 1
+
+    def __init__(self):
+        self.gpu.need_context("cuStreamCreate")
+        self.handle = Stream._next
+        Stream._next += 1
+
+    def synchronize(self):
+        self.gpu.need_context("cuStreamSynchronize")
+        assert self.handle not in self.gpu._capturing, "synchronize during a capture"
+        if self.gpu.sticky_error:
+            raise DriverError(f"cuStreamSynchronize failed: {self.gpu.sticky_error}")
+
+
+class Context:
+    gpu: FakeGpu
+
+    def push(self):
+        self.gpu.stack().append(self)
+
+    @classmethod
+    def pop(cls):  # pycuda's pop is static: it pops whatever is current on this thread
+        if not cls.gpu.stack():
+            raise LogicError("context::pop failed: cannot pop non-current context")
+        cls.gpu.stack().pop()
+
+
+class Device:
+    gpu: FakeGpu
+
+    def __init__(self, index):
+        self.index = index
+
+    @staticmethod
+    def count():
+        return 1
+
+    def name(self):
+        return self.gpu.gpu
+
+    def compute_capability(self):
+        return self.gpu.capability
+
+    def retain_primary_context(self):
+        return type("Context", (Context,), {"gpu": self.gpu})()

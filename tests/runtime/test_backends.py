@@ -119,3 +119,19 @@ def test_backend_selection(model, monkeypatch):
     if not cuda_available():
         with pytest.raises(BackendUnavailable, match="CUDA provider is not available"):
             create_backend(model, "ort-cuda")
+
+
+def test_host_outputs_are_bound_to_cpu_device_0(model, monkeypatch):
+    """ORT CUDA on GPU 1 returns host outputs: those are bound to ("cpu", 0), never to the CUDA
+    device id (finding 7 of issue 18)."""
+    bound = []
+    original = ort.IOBinding.bind_output
+
+    def recording(self, name, device_type="cpu", device_id=0, *args, **kwargs):
+        bound.append((name, device_type, device_id))
+        return original(self, name, device_type, device_id, *args, **kwargs)
+
+    monkeypatch.setattr(ort.IOBinding, "bind_output", recording)
+    with OrtBackend(model, "cpu", device_id=1) as b:  # as ort-cuda on a second GPU would be
+        b.run("vae_decoder", random_inputs(model.specs["vae_decoder"], 1))
+    assert bound == [("mel", "cpu", 0)]

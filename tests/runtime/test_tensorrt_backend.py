@@ -8,16 +8,19 @@ graphs. `pytest -m gpu` runs the real thing where TensorRT and a GPU exist.
 
 import json
 import shutil
+import threading
 
 import numpy as np
+import onnx
 import pytest
 
 from mmsep.runtime import Separator
 from mmsep.runtime.errors import BackendError, BackendUnavailable, InputError, ModelDirError
 from mmsep.runtime.example import tones
 from mmsep.model_files import sha256_file
+from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.tensorrt_backend import engine_refusal
-from tests.runtime.fake_gpu import FakeGpu
+from tests.runtime.fake_gpu import FakeGpu, profile_metadata
 
 SR = 44100
 HERE = {"version": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -25,13 +28,16 @@ HERE = {"version": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capabilit
 
 def with_engines(model_dir, out, **section):
     """A copy of ``model_dir`` whose manifest lists one "engine" per stage (for the fake: the
-    stage's fp32 ONNX graph)."""
+    stage's fp32 ONNX graph, with its optimisation profile as metadata)."""
     shutil.copytree(model_dir, out)
     manifest = json.loads((out / "manifest.json").read_text())
+    specs = ModelDir(out).specs
     engines = {}
     for stage, record in manifest["stages"].items():
         engine = out / f"{stage}.fp16.engine"
-        shutil.copyfile(out / record["onnx"], engine)
+        graph = onnx.load(out / record["onnx"])
+        graph.metadata_props.add(key="fake.profile", value=profile_metadata(specs[stage]))
+        onnx.save(graph, engine)
         engines[stage] = {"file": engine.name, "sha256": sha256_file(engine),
                           "bytes": engine.stat().st_size}
     manifest["tensorrt"] = {"status": "built", **HERE, "precision": "fp16", "engines": engines,
@@ -46,10 +52,25 @@ def trt_dir(model_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def gpu(monkeypatch):
-    fake = FakeGpu()
-    fake.install(monkeypatch)
-    return fake
+def make_gpu(monkeypatch):
+    """Installs a FakeGpu; at the end of the test, every thread's CUDA context stack must be
+    empty (pycuda aborts the process at exit otherwise)."""
+    made = []
+
+    def make(**options):
+        fake = FakeGpu(**options)
+        fake.install(monkeypatch)
+        made.append(fake)
+        return fake
+
+    yield make
+    for fake in made:
+        assert fake.leftover_contexts() == 0, "a CUDA context was left pushed"
+
+
+@pytest.fixture
+def gpu(make_gpu):
+    return make_gpu()
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +121,16 @@ def test_matches_onnxruntime_with_cuda_graphs(gpu, trt_dir, reference, request_n
         np.testing.assert_array_equal(again.latents, first.latents)
 
 
-def test_without_cuda_python_the_steps_are_enqueued_one_by_one(monkeypatch, trt_dir, reference):
-    gpu = FakeGpu(with_cudart=False)
-    gpu.install(monkeypatch)
+def test_without_cuda_python_the_steps_are_enqueued_one_by_one(make_gpu, trt_dir, reference):
+    gpu = make_gpu(with_cudart=False)
     with Separator(trt_dir, "trt", max_batch=4) as sep:
         assert not sep.backend.cuda_graphs
         check_same(sep.process(**REQUESTS["multi"], keep_latents=True), reference["multi"])
     assert gpu.counts["captures"] == gpu.counts["graph_launches"] == 0
 
 
-def test_a_refused_capture_falls_back_with_a_warning(monkeypatch, trt_dir, reference):
-    FakeGpu(capture_fails=True).install(monkeypatch)
+def test_a_refused_capture_falls_back_with_a_warning(make_gpu, trt_dir, reference):
+    make_gpu(capture_fails=True)
     with Separator(trt_dir, "trt", max_batch=4) as sep:
         with pytest.warns(RuntimeWarning, match="CUDA graph capture of the denoiser loop failed"):
             result = sep.process(**REQUESTS["generation"], keep_latents=True)
@@ -118,8 +138,8 @@ def test_a_refused_capture_falls_back_with_a_warning(monkeypatch, trt_dir, refer
         assert not sep.backend.cuda_graphs
 
 
-def test_engines_for_another_gpu_are_refused_and_auto_falls_back(monkeypatch, trt_dir):
-    FakeGpu(gpu="NVIDIA A100-SXM4-80GB", capability=(8, 0)).install(monkeypatch)
+def test_engines_for_another_gpu_are_refused_and_auto_falls_back(make_gpu, trt_dir):
+    make_gpu(gpu="NVIDIA A100-SXM4-80GB", capability=(8, 0))
     with pytest.raises(BackendUnavailable, match="engines were built for NVIDIA H100 80GB HBM3"):
         Separator(trt_dir, "trt")
     with pytest.warns(RuntimeWarning, match="not using the TensorRT engines: .*rebuild them"):
@@ -163,3 +183,107 @@ def test_batch_beyond_the_profile_is_a_clear_error(gpu, trt_dir):
         with pytest.raises(BackendError, match="batch 5 exceeds the engine's optimisation "
                                                r"profile \(max 4\)"):
             sep.backend.run("vae_decoder", {"latent": latent})
+
+
+# ---- the audit's findings (issue 18), each on the strict stand-in --------------------------------
+
+def test_an_odd_batch_binds_every_tensor_at_an_aligned_address(gpu, trt_dir, model_dir):
+    """Finding 1: the per-step t and the cfg scalars get slots of their own, 256-byte aligned."""
+    request = dict(mix=tones(3.5, SR, seed=5), text="rain", steps=3, cfg=2.0, seed=4,
+                   keep_latents=True)
+    with Separator(model_dir, "ort-cpu") as cpu:
+        want = cpu.process(**request)
+    with Separator(trt_dir, "trt", max_batch=4) as sep:
+        got = sep.process(**request)
+        assert got.batches == 1 and got.latents.shape[0] == 3  # batch 3: t at 12-byte strides
+    check_same(got, want)
+
+
+def test_no_context_is_left_pushed_without_close_or_across_threads(gpu, trt_dir, reference):
+    """Finding 2: the context is current only during a call, on the calling thread."""
+    sep = Separator(trt_dir, "trt", max_batch=4)  # not a context manager, never closed
+    assert gpu.leftover_contexts() == 0
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        sep.process(**REQUESTS["generation"], keep_latents=True)))
+    worker.start()
+    worker.join()
+    check_same(results[0], reference["generation"])
+    assert gpu.leftover_contexts() == 0
+
+
+def test_close_after_a_sticky_cuda_error_still_pops_the_context(gpu, trt_dir):
+    """Finding 2: close() pops in a finally, and says what went wrong."""
+    sep = Separator(trt_dir, "trt", max_batch=4)
+    gpu.sticky_error = "an illegal memory access was encountered"
+    with pytest.raises(BackendError, match="an illegal memory access was encountered"):
+        sep.close()
+    assert gpu.leftover_contexts() == 0
+    sep.close()  # a second close does nothing
+
+
+def test_the_capture_binds_addresses_only_after_a_plain_enqueue(gpu, trt_dir, reference):
+    """Finding 3: shapes are set before the capture, which is not invalidated."""
+    with Separator(trt_dir, "trt", max_batch=4) as sep:
+        result = sep.process(**REQUESTS["generation"], keep_latents=True)
+        assert sep.backend.cuda_graphs and gpu.counts["captures"] == 1
+    check_same(result, reference["generation"])
+
+
+def test_cuda_python_11_graph_api_is_used_too(make_gpu, trt_dir, reference):
+    """Finding 4: cudaGraphInstantiate's 11.x signature (graph, log buffer, size)."""
+    gpu = make_gpu(cudart_api="11")
+    with Separator(trt_dir, "trt", max_batch=4) as sep:
+        check_same(sep.process(**REQUESTS["generation"], keep_latents=True),
+                   reference["generation"])
+        assert sep.backend.cuda_graphs and gpu.counts["captures"] == 1
+
+
+def test_copies_go_through_page_locked_staging_buffers(gpu, trt_dir, reference):
+    """Finding 5: no async copy from or to pageable memory in the request loop."""
+    with Separator(trt_dir, "trt", max_batch=4) as sep:
+        check_same(sep.process(**REQUESTS["multi"], keep_latents=True), reference["multi"])
+    assert gpu.counts["pageable_copies"] == 0
+
+
+def test_the_stand_in_refuses_what_tensorrt_and_cuda_refuse(gpu, trt_dir):
+    """The stand-in itself: misaligned addresses, shapes outside the profile, missing addresses,
+    unsafe captures, pending errors, pageable copies and an empty context stack all fail."""
+    import pycuda.driver as cuda
+    import tensorrt as trt
+    from cuda.bindings import runtime as rt
+
+    with pytest.raises(cuda.LogicError, match="no currently active context"):
+        cuda.mem_alloc(256)
+    context = cuda.Device(0).retain_primary_context()
+    context.push()
+    try:
+        engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(
+            (trt_dir / "vae_decoder.fp16.engine").read_bytes())
+        ctx, stream = engine.create_execution_context(), cuda.Stream()
+        latent, mel = cuda.mem_alloc(1 << 20), cuda.mem_alloc(1 << 20)
+        assert not ctx.set_tensor_address("latent", int(latent) + 4)
+        assert not ctx.set_input_shape("latent", (5, 87, 40))  # profile max is 4
+        assert ctx.set_input_shape("latent", (1, 87, 40))
+        assert ctx.set_tensor_address("latent", int(latent))
+        assert not ctx.execute_async_v3(stream.handle)  # "mel" has no address
+        assert ctx.set_tensor_address("mel", int(mel))
+        rt.cudaStreamBeginCapture(stream.handle, 1)
+        assert not ctx.execute_async_v3(stream.handle)  # no plain enqueue at these shapes yet
+        assert rt.cudaStreamEndCapture(stream.handle)[0] == 901
+        assert not ctx.execute_async_v3(stream.handle)  # the capture's error was pending
+        assert ctx.execute_async_v3(stream.handle)
+        rt.cudaStreamBeginCapture(stream.handle, 1)
+        ctx.set_input_shape("latent", (1, 87, 40))
+        assert ctx.execute_async_v3(stream.handle)
+        assert rt.cudaStreamEndCapture(stream.handle)[0] == 901  # set_input_shape in a capture
+        assert rt.cudaGetLastError()[0] == 901 and rt.cudaGetLastError()[0] == 0
+        cuda.memcpy_htod_async(latent, np.zeros(4, np.float32), stream)
+        cuda.memcpy_htod_async(latent, cuda.pagelocked_empty(4, np.float32), stream)
+        assert gpu.counts["pageable_copies"] == 1
+        with pytest.raises(TypeError):
+            rt.cudaGraphInstantiate(None, b"", 0)  # 12.x takes (graph, flags)
+    finally:
+        context.pop()
+    with pytest.raises(cuda.LogicError, match="cannot pop"):
+        context.pop()

@@ -1,0 +1,151 @@
+"""The ``tensorrt`` half of the CPU stand-in (see fake_gpu.py for what it models and refuses)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import types
+
+import numpy as np
+
+from tests.runtime.fake_gpu import ALIGNMENT
+
+
+class DataType(enum.Enum):
+    FLOAT = "float32"
+    INT64 = "int64"
+
+
+_ONNX_TYPES = {"tensor(float)": DataType.FLOAT, "tensor(int64)": DataType.INT64}
+
+
+def tensorrt_module(gpu):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = gpu.version
+    trt.DataType = DataType
+    trt.Logger = Logger
+    trt.Runtime = type("Runtime", (Runtime,), {"gpu": gpu})
+    trt.nptype = lambda dtype: np.dtype(dtype.value).type
+    return trt
+
+
+class Logger:
+    ERROR = 1
+
+    def __init__(self, level=None):
+        self.level = level
+
+
+class Runtime:
+    gpu = None  # set per stand-in
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, data):
+        self.gpu.need_context("deserializeCudaEngine")
+        if not data.startswith(b"\x08"):  # an ONNX ModelProto starts with ir_version
+            return None
+        self.gpu.counts["engines"] += 1
+        return Engine(self.gpu, bytes(data))
+
+
+class Engine:
+    def __init__(self, gpu, data: bytes):
+        import onnxruntime as ort
+
+        self.gpu = gpu
+        self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.dtypes = {t.name: _ONNX_TYPES[t.type] for t in
+                       (*self.session.get_inputs(), *self.session.get_outputs())}
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.profile = {n: tuple(map(tuple, bounds))
+                        for n, bounds in json.loads(meta["fake.profile"]).items()}
+        self._shape_cache: dict[tuple, dict] = {}
+
+    @property
+    def num_io_tensors(self):
+        return len(self.dtypes)
+
+    def get_tensor_name(self, i):
+        return list(self.dtypes)[i]
+
+    def get_tensor_dtype(self, name):
+        return self.dtypes[name]
+
+    def create_execution_context(self):
+        self.gpu.need_context("createExecutionContext")
+        return Context(self)
+
+    def in_profile(self, name, shape) -> bool:
+        low, high = self.profile[name]
+        return len(shape) == len(low) and all(a <= s <= b for a, s, b in zip(low, shape, high))
+
+    def output_shape(self, name, shapes):
+        key = tuple(sorted(shapes.items()))
+        if key not in self._shape_cache:
+            feeds = {n: np.zeros(shapes[n], self.dtypes[n].value) for n in self.inputs}
+            values = self.session.run(None, feeds)
+            self._shape_cache[key] = {n: v.shape for n, v in zip(self.outputs, values)}
+        return self._shape_cache[key][name]
+
+    def execute(self, shapes, addresses):
+        feeds = {}
+        for n in self.inputs:
+            dtype = np.dtype(self.dtypes[n].value)
+            nbytes = int(np.prod(shapes[n])) * dtype.itemsize
+            feeds[n] = self.gpu.view(addresses[n], nbytes).view(dtype).reshape(shapes[n]).copy()
+        for n, value in zip(self.outputs, self.session.run(None, feeds)):
+            value = np.ascontiguousarray(value, np.dtype(self.dtypes[n].value))
+            self.gpu.view(addresses[n], value.nbytes)[:] = value.view(np.uint8).reshape(-1)
+
+
+class Context:
+    def __init__(self, engine):
+        self.engine, self.gpu = engine, engine.gpu
+        self.shapes: dict[str, tuple] = {}
+        self.addresses: dict[str, int] = {}
+        self.enqueued_shapes = None  # the shapes of the last enqueue that was not captured
+
+    def set_input_shape(self, name, shape):
+        assert name in self.engine.inputs, name
+        capture = self.gpu.capture_of_this_thread()
+        if capture is not None:  # shape work is not capturable: the capture is invalidated
+            capture["invalid"] = f"set_input_shape({name!r}) during the capture"
+        shape = tuple(int(d) for d in shape)
+        if not self.engine.in_profile(name, shape):
+            return False  # TensorRT: "... is out of the optimization profile bounds"
+        self.shapes[name] = shape
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        assert name in self.engine.dtypes, name
+        if int(ptr) % ALIGNMENT:
+            return False  # setTensorAddress: "at least 256-byte alignment"
+        self.addresses[name] = int(ptr)
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.engine.output_shape(name, self.shapes)
+
+    def execute_async_v3(self, stream_handle):
+        gpu = self.gpu
+        gpu.need_context("enqueueV3")
+        if gpu.pending_error is not None:
+            gpu.pending_error = None  # TensorRT read it with cudaGetLastError and gave up
+            return False
+        if any(n not in self.shapes for n in self.engine.inputs) or \
+                any(n not in self.addresses for n in self.engine.dtypes):
+            return False  # "Tensor ... is bound to nullptr" / input shape not specified
+        shapes, addresses = dict(self.shapes), dict(self.addresses)
+        capture = gpu._capturing.get(stream_handle)
+        if capture is not None and shapes != self.enqueued_shapes:
+            capture["invalid"] = "enqueueV3 captured before a plain enqueue at these shapes"
+            return False
+        if capture is None:
+            self.enqueued_shapes = shapes
+        gpu.counts["enqueues"] += 1
+        gpu.submit(stream_handle, lambda: self.engine.execute(shapes, addresses))
+        return True
