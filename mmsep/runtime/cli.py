@@ -105,11 +105,8 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     total_started = time.perf_counter()
     if mux_path is not None and video is None:
         raise InputError("--mux needs --video (the video stream to copy)")
-    if video is not None and not Path(video).exists():
-        raise InputError(f"{video}: file not found")
-    if mix is not None and not Path(mix).exists():
-        raise InputError(f"{mix}: file not found")
-    paths = _output_paths(output, fmt, len(texts), mix, video)
+    check_input_files(video, mix)
+    paths = output_paths(output, fmt, len(texts), mix, video)
     fmt = fmt or (paths[0].suffix[1:].lower() if paths[0].suffix.lower() in (".wav", ".flac")
                   else "wav")
     if fmt == "flac" and subtype == "FLOAT":
@@ -189,7 +186,18 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     }
 
 
-def _output_paths(output, fmt, n_texts, mix, video) -> list[Path]:
+def check_input_files(video, mix) -> None:
+    """Input files must exist (also used by mmsep-batch and mmsep-serve)."""
+    from .errors import InputError
+
+    for path in (video, mix):
+        if path is not None and not Path(path).exists():
+            raise InputError(f"{path}: file not found")
+
+
+def output_paths(output, fmt, n_texts, mix, video) -> list[Path]:
+    """Output files of a request: ``output`` (default: derived from the mix or video name),
+    or ``<stem>_<k><suffix>`` per text when there are several."""
     if output is None:
         source = mix or video
         name = f"{Path(source).stem}_separated" if source is not None else "generated"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-SCRIPT = r"""
+# blocks torch and records every attempt to import it (also used by tests/scale)
+BLOCKER = r"""
 import builtins, importlib, importlib.abc, json, pkgutil, sys
 
 attempts = []
@@ -30,7 +31,9 @@ def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
 sys.meta_path.insert(0, Blocker())
 builtins.__import__ = recording_import
 sys.modules["torch"] = None
+"""
 
+SCRIPT = BLOCKER + r"""
 import mmsep.runtime
 modules = [m.name for m in pkgutil.iter_modules(mmsep.runtime.__path__)]
 for name in modules:
