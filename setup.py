@@ -30,7 +30,8 @@ setup(
     ],
     entry_points={"console_scripts": ["mmsep-export=mmsep.export.cli:main",
                                      "mmsep-run=mmsep.runtime.cli:main",
-                                     "mmsep-batch=mmsep.scale.batch:main"]},
+                                     "mmsep-batch=mmsep.scale.batch:main",
+                                     "mmsep-serve=mmsep.scale.serve_cli:main"]},
     extras_require={
         # Exporting needs the PyTorch definitions. On CPU-only machines install the pinned torch
         # first (README) so that pip does not pull a multi-GB CUDA build to satisfy this range.

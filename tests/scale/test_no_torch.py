@@ -42,6 +42,6 @@ def test_scale_runs_without_torch(model_dir, job_inputs, tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["code"] == 0, proc.stderr
     assert report["attempts"] == [] and report["loaded"] == [] and report["forbidden"] == []
-    assert {"batch", "jobs", "worker", "ray_batch"} <= \
+    assert {"batch", "jobs", "worker", "ray_batch", "serve", "service", "serve_cli"} <= \
         set(report["modules"])
     assert (tmp_path / "out" / "1_other_separated.wav").is_file()
