@@ -53,8 +53,8 @@ setup(
         # mmsep-batch --ray (Ray Data) and mmsep-serve (Ray Serve; multipart form uploads);
         # mmsep-batch without --ray needs none of it
         "ray": [
-            "ray[data,serve]>=2.40",
-            "python-multipart>=0.0.9",
+            "ray[data,serve]>=2.60,<3",  # verified with 2.60.0
+            "python-multipart>=0.0.20",  # verified with 0.0.34
         ],
         # independent references used by the tests: librosa's mel filters, scipy's FIR design
         "test": [

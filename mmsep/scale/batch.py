@@ -14,10 +14,10 @@ from pathlib import Path
 
 import click
 
-from mmsep.runtime.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from mmsep.runtime.cli import EXIT_OK, console_main
 
-from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, manifest_salt, parse_job,
-                   remove_stale_partials)
+from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, manifest_salt,
+                   parse_job, remove_stale_partials)
 
 EXIT_SOME_FAILED = 3
 PROG = "mmsep-batch"
@@ -175,32 +175,8 @@ class _Progress:
 
 def main(argv=None) -> None:
     """Console entry point: one-line errors, exit codes 0/3/2/1/130, never a traceback."""
-    from mmsep.runtime.errors import BackendError, InputError
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        code = cli.main(args=args, prog_name=PROG, standalone_mode=False)
-    except click.exceptions.Exit as exc:  # --help
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo(f"{PROG}: interrupted; finished results are in {RESULTS}, rerun to finish",
-                   err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except click.ClickException as exc:
-        click.echo(f"{PROG}: error: {' '.join(exc.format_message().split())}", err=True)
-        sys.exit(EXIT_USAGE)
-    except InputError as exc:
-        click.echo(f"{PROG}: error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except BackendError as exc:
-        click.echo(f"{PROG}: internal error: {exc}", err=True)
-        sys.exit(EXIT_INTERNAL)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        click.echo(f"{PROG}: internal error: {type(exc).__name__}: "
-                   f"{' '.join(str(exc).split())}", err=True)
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(code if code is not None else EXIT_OK)
-
+    console_main(cli, PROG, sys.argv[1:] if argv is None else list(argv),
+                 interrupted=f"interrupted; finished results are in {RESULTS}, rerun to finish")
 
 if __name__ == "__main__":
     main()

@@ -83,7 +83,8 @@ def _output_names(line: int, output, n_texts: int, options: dict) -> list[str]:
         if Path(output).name != output or output.startswith("."):
             raise InputError(f"output {output!r} must be a file name (no folders) inside --out")
     else:
-        output = f"{line}_{output_paths(None, None, 1, options.get('mix'), options.get('video'))[0]}"
+        derived = output_paths(None, None, 1, options.get("mix"), options.get("video"))[0]
+        output = f"{line}_{derived}"
     if Path(output).suffix.lower() not in ("", ".wav", ".flac"):
         raise InputError(f"output {output!r} must end in .wav or .flac")
     return [p.name for p in output_paths(output, None, n_texts, None, None)]

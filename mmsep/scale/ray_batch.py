@@ -37,9 +37,11 @@ def run_on_ray(jobs: list[Job], model_dir, out_dir, worker_options: dict, *,
     if not jobs:
         return
     import json
+    import logging
 
     import ray
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # mmsep-batch shows the progress
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -47,7 +49,6 @@ def run_on_ray(jobs: list[Job], model_dir, out_dir, worker_options: dict, *,
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
-        context.print_on_execution_start = False
         gpus = ray.cluster_resources().get("GPU", 0)
         resources = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": cpus_per_worker}
         if gpus >= 1 and worker_options.get("backend") == "ort-cpu":
@@ -60,7 +61,8 @@ def run_on_ray(jobs: list[Job], model_dir, out_dir, worker_options: dict, *,
         dataset = dataset.map_batches(
             _RayWorker, fn_constructor_args=(str(Path(model_dir).resolve()),
                                              str(Path(out_dir).resolve()), worker_options),
-            batch_size=batch_size, batch_format="numpy", concurrency=workers, **resources)
+            batch_size=batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers), **resources)
         for row in dataset.iter_rows():
             yield json.loads(row["record"])
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from mmsep.runtime.cli import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from mmsep.runtime.cli import EXIT_OK, console_main
 from mmsep.runtime.errors import InputError
 
 PROG = "mmsep-serve"
@@ -108,25 +108,8 @@ def _wait_for_signal() -> None:
 
 def main(argv=None) -> None:
     """Console entry point: one-line errors, exit codes 0/1/2, never a traceback."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        cli.main(args=args, prog_name=PROG, standalone_mode=False)
-    except click.exceptions.Exit as exc:  # --help
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.exit(EXIT_OK)
-    except click.ClickException as exc:
-        click.echo(f"{PROG}: error: {' '.join(exc.format_message().split())}", err=True)
-        sys.exit(EXIT_USAGE)
-    except InputError as exc:
-        click.echo(f"{PROG}: error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        click.echo(f"{PROG}: internal error: {type(exc).__name__}: "
-                   f"{' '.join(str(exc).split())}", err=True)
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(EXIT_OK)
-
+    console_main(cli, PROG, sys.argv[1:] if argv is None else list(argv), interrupted=None,
+                 interrupted_code=EXIT_OK)
 
 if __name__ == "__main__":
     main()
