@@ -19,15 +19,7 @@ for name in modules:
 import ray.data, ray.serve  # what --ray and mmsep-serve load
 
 from mmsep.scale.batch import main
-try:
-    main(sys.argv[1:])
-except SystemExit as exc:
-    code = exc.code
-loaded = sorted(m for m, v in sys.modules.items()
-                if v is not None and (m == "torch" or m.startswith("torch.")))
-forbidden = sorted(m for m in sys.modules if m.startswith(("mmsep.models", "mmsep.export")))
-print(json.dumps({"code": code, "attempts": attempts, "loaded": loaded, "modules": modules,
-                  "forbidden": forbidden}))
+run_and_report(main, modules=modules)
 """
 
 
