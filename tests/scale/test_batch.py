@@ -69,7 +69,7 @@ def test_outputs_records_and_exit_code(first_run, model_dir, job_inputs):
     for k in range(2):
         got, sr = sf.read(out / f"two_{k}.wav", dtype="float32")
         assert sr == 44100
-        assert rel_l2(got, expected[k]) < 1e-5  # batched with others: float32 rounding apart
+        assert rel_l2(got, expected[k]) < 1e-5  # other batch sizes: float32 rounding apart
     assert rel_l2(sf.read(out / "neg.wav", dtype="float32")[0], negative) < 1e-5
 
 
