@@ -29,7 +29,9 @@ setup(
         "Pillow>=9.1",
     ],
     entry_points={"console_scripts": ["mmsep-export=mmsep.export.cli:main",
-                                     "mmsep-run=mmsep.runtime.cli:main"]},
+                                     "mmsep-run=mmsep.runtime.cli:main",
+                                     "mmsep-batch=mmsep.scale.batch:main",
+                                     "mmsep-serve=mmsep.scale.serve_cli:main"]},
     extras_require={
         # Exporting needs the PyTorch definitions. On CPU-only machines install the pinned torch
         # first (README) so that pip does not pull a multi-GB CUDA build to satisfy this range.
@@ -47,6 +49,12 @@ setup(
             "tensorrt>=10",
             "pycuda>=2022.1",
             "cuda-python>=12",
+        ],
+        # mmsep-batch --ray (Ray Data) and mmsep-serve (Ray Serve; multipart form uploads);
+        # mmsep-batch without --ray needs none of it
+        "ray": [
+            "ray[data,serve]>=2.60,<3",  # verified with 2.60.0
+            "python-multipart>=0.0.20",  # verified with 0.0.34
         ],
         # independent references used by the tests: librosa's mel filters, scipy's FIR design
         "test": [

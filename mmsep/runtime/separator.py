@@ -383,6 +383,16 @@ class Separator:
         timings["vocode"] += time.perf_counter() - started
         return audio, backend.to_host(x1)
 
+    def process_many(self, requests: Sequence[dict]) -> list:
+        """Run several requests at once, their (window, text) items sharing batches; each
+        request is a dict of ``process`` keyword arguments (mix, video, text, negative_text,
+        steps, cfg, seed, video_fps, generate, duration, sink). Returns, in order, a
+        ``SeparationResult`` (the same audio as ``process`` with that seed) or the exception that
+        request failed with; one request's failure does not stop the others (``many.py``)."""
+        from .many import process_many
+
+        return process_many(self, requests)
+
 
 def _check_options(steps, cfg, seed) -> None:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not \

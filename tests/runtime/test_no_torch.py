@@ -8,7 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-SCRIPT = r"""
+# blocks torch and records every attempt to import it (also used by tests/scale)
+BLOCKER = r"""
 import builtins, importlib, importlib.abc, json, pkgutil, sys
 
 attempts = []
@@ -31,6 +32,21 @@ sys.meta_path.insert(0, Blocker())
 builtins.__import__ = recording_import
 sys.modules["torch"] = None
 
+# run a console main with this process's arguments; print its exit code, the torch import
+# attempts, the torch modules and the mmsep.models/export modules loaded, with facts, as JSON
+def run_and_report(main, **facts):
+    try:
+        main(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+    loaded = sorted(m for m, v in sys.modules.items()
+                    if v is not None and (m == "torch" or m.startswith("torch.")))
+    forbidden = sorted(m for m in sys.modules if m.startswith(("mmsep.models", "mmsep.export")))
+    print(json.dumps({"code": code, "attempts": attempts, "loaded": loaded,
+                      "forbidden": forbidden, **facts}))
+"""
+
+SCRIPT = BLOCKER + r"""
 import mmsep.runtime
 modules = [m.name for m in pkgutil.iter_modules(mmsep.runtime.__path__)]
 for name in modules:
@@ -39,13 +55,7 @@ for name in mmsep.runtime.__all__:
     getattr(mmsep.runtime, name)
 
 from mmsep.runtime.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as exc:
-    code = exc.code
-loaded = sorted(m for m, v in sys.modules.items()
-                if v is not None and (m == "torch" or m.startswith("torch.")))
-print(json.dumps({"code": code, "attempts": attempts, "loaded": loaded, "modules": modules}))
+run_and_report(main, modules=modules)
 """
 
 
@@ -58,6 +68,6 @@ def test_runtime_runs_without_torch(model_dir, media, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["code"] == 0, proc.stderr
-    assert report["attempts"] == [] and report["loaded"] == []
+    assert report["attempts"] == [] and report["loaded"] == [] and report["forbidden"] == []
     assert {"separator", "backends", "video", "audio", "cli", "mux"} <= set(report["modules"])
     assert out.is_file() and muxed.is_file()

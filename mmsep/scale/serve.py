@@ -1,0 +1,126 @@
+"""mmsep-serve: separation over HTTP on Ray Serve, concurrent requests batched together.
+
+Each replica holds one Separator. Requests that arrive within ``--batch-wait-ms`` of each other
+(up to the model's max batch of them) go to ``Separator.process_many`` together, so the
+(window, text) items of different requests share denoiser batches. The answer's
+``X-Mmsep-Batch-Requests`` header says how many requests its batch held.
+"""
+
+# no ``from __future__ import annotations``: FastAPI reads the route annotations at run time
+import asyncio
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request  # the ray extra
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from ray import serve
+
+from mmsep.runtime import InputError, Separator
+
+from .service import (HttpError, Limits, Upload, answer_body, model_facts, read_limited_body,
+                      request_options)
+
+app = FastAPI(title="mmsep")
+
+
+def _error(status: int, message: str):
+    return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+
+
+async def _form(request, body: bytes):
+    """Parse the already-read (size-checked) body as a form."""
+    from starlette.requests import Request as StarletteRequest
+
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        return await StarletteRequest(request.scope, replay).form(max_files=4, max_fields=64)
+    except Exception as exc:  # noqa: BLE001 - a malformed form is bad input
+        raise InputError(f"not a multipart form ({type(exc).__name__}: {exc})") from None
+
+
+# (the helpers above are defined before the class: serve.ingress captures it when decorating)
+
+
+@serve.deployment
+@serve.ingress(app)
+class SeparationService:
+    """One replica: one Separator, requests batched by ``run_batch``."""
+
+    def __init__(self, model_dir: str, backend: str, threads: int, verify: bool,
+                 batch_wait_ms: float, limits: Limits, work_dir: str | None):
+        self.separator = Separator(model_dir, backend, threads=threads, verify=verify)
+        self.facts = {**model_facts(model_dir), "backend": self.separator.backend_name}
+        self.limits, self.work_dir = limits, work_dir
+        self.held = 0  # requests in this replica: being read, waiting or running
+        self.run_batch.set_max_batch_size(self.separator.max_batch)
+        self.run_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def run_batch(self, requests: list[dict]) -> list[tuple]:
+        started = time.perf_counter()
+        results = await asyncio.to_thread(self.separator.process_many, requests)
+        seconds = time.perf_counter() - started
+        return [(result, len(requests), seconds) for result in results]
+
+    @app.get("/healthz")
+    async def healthz(self):
+        return PlainTextResponse("ok")
+
+    @app.get("/v1/model")
+    async def model(self):
+        return JSONResponse(self.facts)
+
+    @app.post("/v1/separate")
+    async def separate(self, request: Request):
+        if self.held >= self.limits.max_queue:
+            return _error(503, f"overloaded: {self.held} requests are waiting; retry later")
+        self.held += 1
+        started = time.perf_counter()
+        upload = Upload(self.work_dir)
+        try:
+            with upload:
+                body = await read_limited_body(request, self.limits.max_upload_bytes)
+                form = await _form(request, body)
+                try:
+                    options = await request_options(form, upload, self.limits)
+                finally:
+                    await form.close()
+                result, batch, batch_seconds = await self.run_batch(options)
+            if isinstance(result, BaseException):
+                raise result
+            content, media_type = answer_body(result, isinstance(options.get("text"), list))
+        except HttpError as exc:
+            return _error(exc.status, upload.public(str(exc)))
+        except InputError as exc:
+            return _error(400, upload.public(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.held -= 1
+        return Response(content, media_type=media_type, headers={
+            "X-Mmsep-Batch-Requests": str(batch),
+            "X-Mmsep-Batch-Seconds": f"{batch_seconds:.4f}",
+            "X-Mmsep-Total-Seconds": f"{time.perf_counter() - started:.4f}",
+            "X-Mmsep-Audio-Seconds": f"{result.duration:.4f}"})
+
+
+def build_app(model_dir, *, backend: str = "auto", threads: int = 0, verify: bool = True,
+              batch_wait_ms: float = 20.0, limits: Limits, work_dir: str | None = None,
+              replicas: int = 1, autoscaling: dict | None = None, cpus_per_replica: float = 1.0,
+              gpus_per_replica: float = 0.0):
+    """The Ray Serve application (not yet running)."""
+    scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+    deployment = SeparationService.options(
+        max_ongoing_requests=limits.max_queue + 1,
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+        **scaling)
+    return deployment.bind(str(Path(model_dir).resolve()), backend, threads, verify,
+                           batch_wait_ms, limits, work_dir)

@@ -1,0 +1,115 @@
+"""mmsep-serve's command line: start (or join) Ray, run the service until Ctrl-C or SIGTERM.
+
+Exit codes: 0 stopped by a signal, 2 bad usage (unusable model, missing ray extra), 1 internal
+failure.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from mmsep.runtime.cli import EXIT_OK, console_main
+from mmsep.runtime.errors import InputError
+
+PROG = "mmsep-serve"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="Model directory written by mmsep-export.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
+              default="auto", show_default=True, help="Inference backend of every replica.")
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="ONNX Runtime intra-op threads per replica (0: its default).")
+@click.option("--no-verify", is_flag=True, help="Skip the SHA-256 check of the model files.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=20.0,
+              show_default=True, help="How long a request waits for others to share its batch.")
+@click.option("--max-upload-mb", type=click.FloatRange(0.001), default=100.0, show_default=True,
+              help="Largest request body; larger ones get 413.")
+@click.option("--max-seconds", type=click.FloatRange(0.1), default=600.0, show_default=True,
+              help="Longest media (or generated duration); longer gets 413.")
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests a replica holds at once (read, waiting or running); more get 503.")
+@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True,
+              help="Replicas (each one Separator), unless --max-replicas asks for autoscaling.")
+@click.option("--min-replicas", type=click.IntRange(0), default=1, show_default=True,
+              help="Autoscaling: fewest replicas.")
+@click.option("--max-replicas", type=click.IntRange(1),
+              help="Autoscaling: most replicas (turns Ray Serve's autoscaling on).")
+@click.option("--target-ongoing-requests", type=click.FloatRange(0.1), default=8.0,
+              show_default=True, help="Autoscaling: requests per replica to aim for.")
+@click.option("--cpus-per-replica", type=click.FloatRange(0.01), default=1.0, show_default=True)
+@click.option("--gpus-per-replica", type=click.FloatRange(0),
+              help="GPUs per replica (default: 1 where the cluster has GPUs, else 0).")
+@click.option("--ray-address", help="Ray cluster to join ('auto': the one `ray start` made); "
+                                    "default: start a local instance.")
+@click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for uploads while a request runs (default: the system's temporary "
+                   "folder); each request's files are removed when it is answered.")
+def cli(model_dir, host, port, backend, threads, no_verify, batch_wait_ms, max_upload_mb,
+        max_seconds, max_queue, replicas, min_replicas, max_replicas, target_ongoing_requests,
+        cpus_per_replica, gpus_per_replica, ray_address, work_dir):
+    """Serve separation over HTTP: POST /v1/separate (multipart form: mix and/or video files,
+    text (repeatable), negative_text, seed, steps, cfg, generate, duration), GET /v1/model,
+    GET /healthz. Concurrent requests share the model's batches."""
+    if not (Path(model_dir) / "manifest.json").is_file():
+        raise InputError(f"{model_dir}: not a model directory (no manifest.json)")
+    if max_replicas is not None and max_replicas < min_replicas:
+        raise InputError("--max-replicas must be at least --min-replicas")
+    try:
+        import ray
+        from ray import serve
+
+        from .serve import build_app
+        from .service import Limits
+    except ImportError as exc:
+        raise InputError(f"mmsep-serve needs the ray extra (pip install 'mmsep[ray]'): "
+                         f"{exc}") from None
+
+    ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
+    try:
+        if gpus_per_replica is None:
+            gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        autoscaling = None
+        if max_replicas is not None:
+            autoscaling = {"min_replicas": min_replicas, "max_replicas": max_replicas,
+                           "target_ongoing_requests": target_ongoing_requests}
+        limits = Limits(round(max_upload_mb * 2 ** 20), max_seconds, max_queue)
+        application = build_app(model_dir, backend=backend, threads=threads,
+                                verify=not no_verify, batch_wait_ms=batch_wait_ms,
+                                limits=limits, work_dir=str(work_dir) if work_dir else None,
+                                replicas=replicas, autoscaling=autoscaling,
+                                cpus_per_replica=cpus_per_replica,
+                                gpus_per_replica=gpus_per_replica)
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application, name="mmsep", route_prefix="/")
+        click.echo(f"{PROG}: listening on http://{host}:{port} (POST /v1/separate); Ctrl-C or "
+                   "SIGTERM stops it", err=True)
+        _wait_for_signal()
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def main(argv=None) -> None:
+    """Console entry point: one-line errors, exit codes 0/1/2, never a traceback."""
+    console_main(cli, PROG, sys.argv[1:] if argv is None else list(argv), interrupted=None,
+                 interrupted_code=EXIT_OK)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The HTTP side of mmsep-serve, independent of Ray: a form -> Separator request, limits, answers.
+
+``POST /v1/separate`` takes a multipart form: ``mix`` (audio file) and/or ``video`` (file),
+``text`` (repeatable), ``negative_text``, ``seed``, ``steps``, ``cfg``, ``generate``,
+``duration``. Answers: ``audio/wav`` for one text, a zip of ``<k>.wav`` for several; 400 for bad
+media or parameters (the runtime's one-line message), 413 for a body over the upload limit or
+media over the duration limit, 503 when the replica already holds its queue limit. Uploads live
+in a per-request temporary folder that is removed whatever the answer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmsep.runtime.errors import InputError
+
+FILE_FIELDS = ("mix", "video")
+VALUE_FIELDS = ("negative_text", "seed", "steps", "cfg", "generate", "duration")
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int
+    max_seconds: float
+    max_queue: int
+
+
+class Upload:
+    """A request's uploaded files in their own temporary folder (removed on exit)."""
+
+    def __init__(self, work_dir: str | None):
+        self.dir = Path(tempfile.mkdtemp(prefix="mmsep-serve-", dir=work_dir))
+        self.names: dict[str, str] = {}  # saved path -> the client's file name
+
+    def public(self, message: str) -> str:
+        """``message`` with the saved paths replaced by the client's file names."""
+        for path, name in self.names.items():
+            message = message.replace(path, name)
+        return message
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def save(self, field: str, upload) -> str:
+        suffix = Path(upload.filename or "").suffix[:16]
+        path = self.dir / f"{field}{suffix}"
+        with open(path, "wb") as f:
+            while chunk := await upload.read(1 << 20):
+                f.write(chunk)
+        self.names[str(path)] = f"{field} ({upload.filename or 'unnamed upload'})"
+        return str(path)
+
+
+async def read_limited_body(request, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HttpError(413, f"request body is over the upload limit ({_mb(limit)})")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HttpError(413, f"request body is over the upload limit ({_mb(limit)})")
+    return bytes(body)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:g} MB"
+
+
+async def request_options(form, upload: Upload, limits: Limits) -> dict:
+    """The form as ``Separator.process`` keyword arguments; 400/413 for what cannot be run."""
+    known = {*FILE_FIELDS, *VALUE_FIELDS, "text"}
+    unknown = sorted(set(form.keys()) - known)
+    if unknown:
+        raise InputError(f"unknown form field {', '.join(unknown)} (known: "
+                         f"{', '.join(sorted(known))})")
+    options: dict = {}
+    for field in FILE_FIELDS:
+        value = form.get(field)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            raise InputError(f"{field} must be an uploaded file")
+        options[field] = await upload.save(field, value)
+        seconds = media_seconds(options[field])
+        if seconds is not None and seconds > limits.max_seconds:
+            raise HttpError(413, f"{field}: {seconds:.1f} s of media is over the limit of "
+                                 f"{limits.max_seconds:g} s")
+    texts = form.getlist("text")
+    if texts:
+        options["text"] = texts if len(texts) > 1 else texts[0]
+    for field in VALUE_FIELDS:
+        value = form.get(field)
+        if value is not None:
+            options[field] = _value(field, value)
+    if options.get("duration") is not None and options["duration"] > limits.max_seconds:
+        raise HttpError(413, f"duration {options['duration']:g} s is over the limit of "
+                             f"{limits.max_seconds:g} s")
+    return options
+
+
+def _value(field: str, text):
+    """Numbers and flags from form text; what does not parse goes on unchanged, so that the
+    runtime's own check answers with its message."""
+    if not isinstance(text, str):
+        raise InputError(f"{field} must be a form value, not a file")
+    if field == "generate":
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off", ""):
+            return False
+        raise InputError("generate must be true or false")
+    if field in ("seed", "steps"):
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if field in ("cfg", "duration"):
+        try:
+            value = float(text)
+        except ValueError:
+            return text
+        if field == "duration" and not math.isfinite(value):
+            raise InputError(f"duration must be at least 0.1 s, got {text!r}")
+        return value
+    return text
+
+
+def media_seconds(path: str) -> float | None:
+    """Duration of a media file from its container (None when it does not say or does not
+    open: the runtime then answers with its own message)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if container.duration is not None:
+                return container.duration / av.time_base
+            streams = [s for s in container.streams if s.duration and s.time_base]
+            return max((float(s.duration * s.time_base) for s in streams), default=None)
+    except (av.FFmpegError, OSError, ValueError):
+        return None
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def answer_body(result, several: bool) -> tuple[bytes, str]:
+    """One text: a WAV; several: a zip of ``<k>.wav`` in text order."""
+    if not several:
+        return wav_bytes(result.audio[0], result.sample_rate), "audio/wav"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for k, audio in enumerate(result.audio):
+            archive.writestr(f"{k}.wav", wav_bytes(audio, result.sample_rate))
+    return buffer.getvalue(), "application/zip"
+
+
+def model_facts(model_dir) -> dict:
+    from mmsep.model_files import MANIFEST
+
+    return json.loads((Path(model_dir) / MANIFEST).read_text())["model"]

@@ -1,0 +1,194 @@
+"""mmsep-batch in this process: outputs, failures kept local, exit codes, resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mmsep.runtime import Separator
+from mmsep.scale.batch import main
+from tests.helpers import rel_l2
+from tests.scale.conftest import six_requests, write_jobs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_batch(*args) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    return exit_info.value.code
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if ".partial-" in p.name)
+
+
+@pytest.fixture(scope="module")
+def first_run(model_dir, job_inputs, tmp_path_factory):
+    jobs = write_jobs(job_inputs["root"] / "six.jsonl", six_requests(job_inputs))
+    out = tmp_path_factory.mktemp("batch") / "out"
+    code = run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu",
+                     "--subtype", "FLOAT", "--quiet")
+    return jobs, out, code
+
+
+def test_outputs_records_and_exit_code(first_run, model_dir, job_inputs):
+    jobs, out, code = first_run
+    assert code == 3  # two requests failed
+    by_line = {r["line"]: r for r in records(out)}
+    assert sorted(by_line) == [1, 2, 3, 4, 5, 6]
+    assert [by_line[n]["status"] for n in range(1, 7)] == ["ok", "ok", "ok", "failed", "failed",
+                                                          "ok"]
+    assert by_line[4]["error"] == f"{job_inputs['root'] / 'missing.wav'}: file not found"
+    assert by_line[5]["error"].startswith("not valid JSON (")
+    assert by_line[1]["outputs"] == ["1_mix_separated.wav"]
+    assert by_line[2]["outputs"] == ["two_0.wav", "two_1.wav"]
+    assert by_line[3]["outputs"] == ["3_generated.wav"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["results.jsonl", "1_mix_separated.wav", "two_0.wav", "two_1.wav", "3_generated.wav",
+         "neg.wav"])
+    # each output is what one Separator.process call with that request's options gives
+    with Separator(model_dir, backend="ort-cpu") as sep:
+        expected = sep.process(video=str(job_inputs["video"]), text=["a dog", "a cat"], seed=2,
+                               steps=1).audio
+        negative = sep.process(mix=str(job_inputs["other"]), text="a tone",
+                               negative_text="noise", seed=4, steps=1).audio[0]
+    for k in range(2):
+        got, sr = sf.read(out / f"two_{k}.wav", dtype="float32")
+        assert sr == 44100
+        assert rel_l2(got, expected[k]) < 1e-5  # other batch sizes: float32 rounding apart
+    assert rel_l2(sf.read(out / "neg.wav", dtype="float32")[0], negative) < 1e-5
+
+
+def test_rerun_redoes_only_what_is_missing(first_run, model_dir):
+    jobs, out, _ = first_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.wav")}
+    n = len(records(out))
+    assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu",
+                     "--subtype", "FLOAT", "--quiet") == 3
+    new = records(out)[n:]
+    assert sorted((r["line"], r["status"]) for r in new) == [(4, "failed"), (5, "failed")]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.wav")} == before
+
+    (out / "two_1.wav").unlink()
+    n = len(records(out))
+    assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu",
+                     "--subtype", "FLOAT", "--quiet") == 3
+    new = records(out)[n:]
+    assert sorted((r["line"], r["status"]) for r in new) == [(2, "ok"), (4, "failed"),
+                                                            (5, "failed")]
+    assert (out / "two_1.wav").is_file() and leftovers(out) == []
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.wav")
+            if not p.name.startswith("two_")} == {k: v for k, v in before.items()
+                                                  if not k.startswith("two_")}
+
+
+def test_a_changed_output_or_sample_format_is_redone(first_run, model_dir, tmp_path):
+    jobs, out, _ = first_run
+    sf.write(out / "neg.wav", np.zeros(100, np.float32), 44100)  # not what was recorded
+    n = len(records(out))
+    assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu",
+                     "--subtype", "FLOAT", "--quiet") == 3
+    assert sorted(r["line"] for r in records(out)[n:] if r["status"] == "ok") == [6]
+
+
+def test_usage_errors_exit_2(model_dir, tmp_path, capsys):
+    assert run_batch(tmp_path / "none.jsonl", "--model", model_dir, "--out", tmp_path) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"mmsep-batch: error: {tmp_path / 'none.jsonl'}: job file not found"
+    jobs = write_jobs(tmp_path / "j.jsonl", [{"text": "x"}])
+    assert run_batch(jobs, "--model", tmp_path, "--out", tmp_path / "o") == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert run_batch(jobs, "--model", model_dir, "--out", tmp_path / "o", "--workers", "0") == 2
+
+
+def test_bad_fields_fail_their_line_only(model_dir, job_inputs, tmp_path):
+    jobs = write_jobs(tmp_path / "j.jsonl", [
+        {"mix": str(job_inputs["mix"]), "text": "a", "steps": 1, "output": "a.wav"},
+        {"mix": str(job_inputs["mix"]), "text": "a", "steps": 1, "output": "a.wav"},
+        {"mix": str(job_inputs["mix"]), "colour": "red"},
+        {"mix": str(job_inputs["mix"]), "steps": 0},
+        {"mix": str(job_inputs["mix"]), "output": "../escape.wav"},
+        {"text": "a", "steps": 1, "generate": "yes"},
+        [1, 2],
+    ])
+    out = tmp_path / "out"
+    assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu", "-q") == 3
+    errors = {r["line"]: r["error"] for r in records(out)}
+    assert errors == {
+        1: None,
+        2: "output a.wav is already written by line 1",
+        3: "unknown field colour (known: video, mix, text, negative_text, generate, duration, "
+           "seed, steps, cfg, output)",
+        4: "steps must be an integer between 1 and 1000, got 0",
+        5: "output '../escape.wav' must be a file name (no folders) inside --out",
+        6: "generate must be true or false",
+        7: "a request must be a JSON object",
+    }
+    assert sorted(p.name for p in out.iterdir()) == ["a.wav", "results.jsonl"]
+
+
+def _interrupt_and_resume(model_dir, job_inputs, tmp_path, sig) -> tuple[list, Path]:
+    """Start a job of 12 requests (3 groups of 4) in a subprocess, send ``sig`` once the first
+    group's records are in, then check the remains and finish the job with a rerun."""
+    lines = [{"mix": str(job_inputs["other"]), "text": "a tone", "seed": s, "steps": 2}
+             for s in range(12)]
+    jobs = write_jobs(tmp_path / "twelve.jsonl", lines)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mmsep.scale.batch", str(jobs), "--model",
+                             str(model_dir), "--out", str(out), "--backend", "ort-cpu", "-q"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "results.jsonl").exists() and records(out):
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    kept = records(out)
+    assert 1 <= len(kept) < 12 and all(r["status"] == "ok" for r in kept)
+    if sig == signal.SIGINT:
+        assert code == 130 and "interrupted" in proc.stderr.read()
+        assert leftovers(out) == []
+    finals = {r["line"] for r in kept}
+    # every recorded result is on disk (a group's files can be in place a moment before all
+    # of its records are: those requests are simply redone)
+    assert all((out / name).is_file() for r in kept for name in r["outputs"])
+    assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu", "-q") == 0
+    redone = records(out)[len(kept):]
+    assert sorted(r["line"] for r in redone) == sorted(set(range(1, 13)) - finals)
+    assert leftovers(out) == []
+    return kept, out
+
+
+def test_interrupted_job_is_finished_by_a_rerun(model_dir, job_inputs, tmp_path):
+    _interrupt_and_resume(model_dir, job_inputs, tmp_path, signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_killed_job_leaves_nothing_after_the_rerun(model_dir, job_inputs, tmp_path):
+    _interrupt_and_resume(model_dir, job_inputs, tmp_path, signal.SIGKILL)
+
+
+def test_progress_and_summary(model_dir, job_inputs, tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "j.jsonl", [{"mix": str(job_inputs["other"]), "steps": 1},
+                                             "not json"])
+    assert run_batch(jobs, "--model", model_dir, "--out", tmp_path / "o", "--backend",
+                     "ort-cpu") == 3
+    err = capsys.readouterr().err
+    assert "done 1, failed 1, remaining 0" in err
+    assert "mmsep-batch: 1 done, 0 skipped (done before), 1 failed; 1.5 s of audio" in err
+    assert os.path.isfile(tmp_path / "o" / "1_other_separated.wav")

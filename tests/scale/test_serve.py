@@ -1,0 +1,155 @@
+"""mmsep-serve: the real command on a local Ray instance, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mmsep.runtime import Separator
+from mmsep.runtime.example import tones
+
+requests = pytest.importorskip("requests")
+REPO = Path(__file__).resolve().parents[2]
+MAX_QUEUE = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wav(seconds: float, seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, tones(seconds, 44100, seed=seed), 44100, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """mmsep-serve in a subprocess with its own local Ray instance (Ray's memory monitor off:
+    the test machine is shared)."""
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed")
+    work = tmp_path_factory.mktemp("serve_work")
+    port = _free_port()
+    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmsep.scale.serve_cli", "--model", str(model_dir), "--host",
+         "127.0.0.1", "--port", str(port), "--backend", "ort-cpu", "--max-queue",
+         str(MAX_QUEUE), "--max-upload-mb", "1", "--max-seconds", "3", "--batch-wait-ms",
+         "300", "--work-dir", str(work), "--cpus-per-replica", "1"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None, "mmsep-serve exited"
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "mmsep-serve did not come up"
+        time.sleep(1)
+    yield url, work
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+
+
+def _post(url, files=None, data=None, timeout=300):
+    return requests.post(f"{url}/v1/separate", files=files, data=data, timeout=timeout)
+
+
+def test_health_model_and_unknown_routes(server, model_dir):
+    url, _ = server
+    assert requests.get(f"{url}/healthz", timeout=30).text == "ok"
+    facts = requests.get(f"{url}/v1/model", timeout=30).json()
+    assert facts["preset"] == "tiny" and facts["sample_rate"] == 44100
+    assert facts["backend"] == "ort-cpu" and facts["max_batch"] == 4
+    assert requests.get(f"{url}/v2/separate", timeout=30).status_code == 404
+
+
+def test_sixteen_concurrent_requests_are_answered_in_shared_batches(server, model_dir):
+    url, work = server
+
+    def one(i):
+        return _post(url, files={"mix": (f"m{i}.wav", _wav(1.0, seed=i), "audio/wav")},
+                     data={"text": "a tone", "seed": str(i), "steps": "1"})
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    assert [a.status_code for a in answers] == [200] * 16
+    assert all(a.headers["content-type"] == "audio/wav" for a in answers)
+    assert max(int(a.headers["x-mmsep-batch-requests"]) for a in answers) > 1
+    audio, sr = sf.read(io.BytesIO(answers[5].content), dtype="float32")
+    assert sr == 44100 and audio.shape == (44100,)
+    with Separator(model_dir, backend="ort-cpu") as sep:
+        alone = sep.process(mix=tones(1.0, 44100, seed=5), text="a tone", seed=5, steps=1)
+    # PCM_16 on the wire, and the mix itself went through PCM_16
+    reference = np.clip(alone.audio[0], -1, 1)
+    assert np.corrcoef(audio, reference)[0, 1] > 0.999
+    assert list(work.iterdir()) == []
+
+
+def test_several_texts_answer_a_zip(server):
+    url, work = server
+    answer = _post(url, files={"mix": ("m.wav", _wav(1.0), "audio/wav")},
+                   data={"text": ["a tone", "noise"], "steps": "1"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
+        assert archive.namelist() == ["0.wav", "1.wav"]
+        assert sf.info(io.BytesIO(archive.read("1.wav"))).frames == 44100
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("files, data, status, message", [
+    ({"mix": ("broken.wav", b"RIFF0000WAVEjunk", "audio/wav")}, {"text": "x"}, 400,
+     "mix (broken.wav): "),
+    ({"mix": ("m.wav", _wav(1.0), "audio/wav")}, {"text": "x", "steps": "0"}, 400,
+     "steps must be an integer between 1 and 1000, got 0"),
+    ({"mix": ("m.wav", _wav(1.0), "audio/wav")}, {"text": "x", "seed": "abc"}, 400,
+     "seed must be a non-negative integer, got 'abc'"),
+    ({"mix": ("m.wav", _wav(1.0), "audio/wav")}, {"text": " "}, 400, "text is empty"),
+    ({"mix": ("m.wav", _wav(1.0), "audio/wav")}, {"colour": "red"}, 400,
+     "unknown form field colour"),
+    ({"mix": ("big.wav", b"\0" * (2 << 20), "audio/wav")}, {"text": "x"}, 413,
+     "request body is over the upload limit (1 MB)"),
+    ({"mix": ("long.wav", _wav(4.0), "audio/wav")}, {"text": "x"}, 413,
+     "mix: 4.0 s of media is over the limit of 3 s"),
+    (None, {"text": "x", "generate": "true", "duration": "5"}, 413,
+     "duration 5 s is over the limit of 3 s"),
+])
+def test_errors_have_their_status_and_one_line_message(server, files, data, status, message):
+    url, work = server
+    answer = _post(url, files=files, data=data)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"].startswith(message)
+    assert list(work.iterdir()) == []
+
+
+def test_overload_answers_503(server):
+    url, work = server
+
+    def one(i):
+        return _post(url, files={"mix": (f"m{i}.wav", _wav(1.0, seed=i), "audio/wav")},
+                     data={"text": "a tone", "seed": str(i), "steps": "1"}).status_code
+
+    with ThreadPoolExecutor(3 * MAX_QUEUE) as pool:
+        codes = list(pool.map(one, range(3 * MAX_QUEUE)))
+    assert set(codes) == {200, 503} and codes.count(200) >= MAX_QUEUE
+    answer = _post(url, files={"mix": ("m.wav", _wav(1.0), "audio/wav")},
+                   data={"text": "x", "steps": "1"})
+    assert answer.status_code == 200  # and it recovers
+    assert list(work.iterdir()) == []
