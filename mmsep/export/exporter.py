@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,9 +70,8 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     modules = stage_modules(components)
     _check_disk(out, modules, specs, previous)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         stages, rebuilt, reused = {}, [], []
         names = list(specs)
@@ -208,8 +208,10 @@ def _check_disk(out: Path, modules: dict, specs: dict, previous: dict | None) ->
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    """Rename the complete ``tmp`` to ``out`` and delete the previous ``out``. A run that loaded
+    the previous directory keeps what it loaded (runtime/model_dir.py says what it does next)."""
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) / out.name
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old.parent, ignore_errors=True)

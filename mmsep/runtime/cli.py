@@ -1,7 +1,9 @@
 """mmsep-run: separate (or generate) the audio of a video / text query with a model directory.
 
-Exit codes: 0 success, 2 bad input or usage (the message names the file or option), 1 internal
-failure, 130 interrupted. Outputs are written to a temporary file beside the target as the
+Exit codes: 0 success, 2 bad input or usage (the message names the file or option) or an
+output that cannot be written (disk full, size limit), 1 internal failure, 130 interrupted.
+Before any work, every output is checked against every input (--mix, --video, the model's
+files) by identity, links included (``paths.check_outputs``). Outputs are written to a temporary file beside the target as the
 windows are joined (a long output is never held whole) and renamed into place only when complete,
 so a failed or interrupted run leaves no output behind.
 """
@@ -16,6 +18,8 @@ import warnings
 from pathlib import Path
 
 import click
+
+from .audio_writer import FORMATS, SUBTYPES, output_format
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "mmsep-run"
@@ -41,13 +45,17 @@ PROG = "mmsep-run"
 @click.option("--duration", type=click.FloatRange(0.1, 36000.0),
               help="Length in seconds of generated audio without a video (default: one window).")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Output audio file (default: <mix or video name>_separated.<format>, or "
-                   "generated.<format>, in the current directory). With several --text: "
-                   "<stem>_<k><suffix>, k = 0, 1, ... in --text order.")
-@click.option("--format", "fmt", type=click.Choice(["wav", "flac"]),
-              help="Output format (default: from the --output suffix, else wav).")
-@click.option("--subtype", type=click.Choice(["PCM_16", "PCM_24", "FLOAT"]), default="PCM_16",
-              show_default=True, help="Output sample format (FLOAT needs wav).")
+              help="Output audio file; its extension picks the format: .wav, .flac or .ogg "
+                   "(Vorbis); no extension: --format's. An existing directory means the default "
+                   "name inside it. Default: <mix or video name>_separated.<format>, or "
+                   "generated.<format>, in the current directory. With several --text: "
+                   "<stem>_<k><suffix>, k = 0, 1, ... in --text order. Never an input's path.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
+              help="Output format when --output has no extension (default: wav); must match "
+                   "the extension otherwise.")
+@click.option("--subtype", type=click.Choice(list(SUBTYPES)),
+              help=f"Sample format of wav/flac output (default: {SUBTYPES[0]}; FLOAT needs "
+                   "wav; ogg is always Vorbis).")
 @click.option("--steps", type=click.IntRange(1, 1000),
               help="Euler steps (default: the model's, 25).")
 @click.option("--cfg", type=click.FloatRange(0.0, 100.0),
@@ -70,8 +78,9 @@ PROG = "mmsep-run"
               help="Skip the SHA-256 check of the model files at load (sizes are still "
                    "checked); saves seconds on multi-GB models.")
 @click.option("--mux", type=click.Path(path_type=Path),
-              help="Also write this video file (e.g. out.mp4): the input video stream copied "
-                   "without re-encoding plus the separated audio as AAC (one track per text).")
+              help="Also write this video file (.mp4, .m4v, .mov or .mkv): the input video "
+                   "stream copied without re-encoding plus the separated audio as AAC (one "
+                   "track per text). Never an input's path.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary: outputs, backend, per-stage seconds, audio duration, "
                    "real-time factor.")
@@ -99,25 +108,11 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
         show_progress=True) -> dict:
     from .atomic import atomic_output
     from .audio import AudioWriter
-    from .errors import InputError
     from .separator import Separator
 
     total_started = time.perf_counter()
-    if mux_path is not None and video is None:
-        raise InputError("--mux needs --video (the video stream to copy)")
-    if video is not None and not Path(video).exists():
-        raise InputError(f"{video}: file not found")
-    if mix is not None and not Path(mix).exists():
-        raise InputError(f"{mix}: file not found")
-    paths = _output_paths(output, fmt, len(texts), mix, video)
-    fmt = fmt or (paths[0].suffix[1:].lower() if paths[0].suffix.lower() in (".wav", ".flac")
-                  else "wav")
-    if fmt == "flac" and subtype == "FLOAT":
-        raise InputError("FLAC cannot store FLOAT samples; use --subtype PCM_16 or PCM_24")
-    for path in [*paths, *([Path(mux_path)] if mux_path else [])]:
-        if not path.parent.is_dir():
-            raise InputError(f"{path}: output directory {path.parent} does not exist")
-
+    paths, fmt = _plan_outputs(output, fmt, subtype, len(texts), mix, video, model_dir,
+                               mux_path)
     started = time.perf_counter()
     sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap, threads=threads,
                     verify=verify)
@@ -170,7 +165,7 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
             started = time.perf_counter()
             tmp = outputs.enter_context(atomic_output(mux_path))
             mux(video, [w.path for w in writers], result.sample_rate, tmp, titles=texts,
-                atomic=False)
+                atomic=False, name=mux_path)
             mux_s = time.perf_counter() - started
     total_s = time.perf_counter() - total_started
     audio_seconds = frames / result.sample_rate
@@ -189,17 +184,66 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     }
 
 
+def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
+                  ) -> tuple[list[Path], str]:
+    """The output paths and format, after every check that needs no work: the inputs exist, the
+    outputs' formats and directories are usable, and no output is the same file as an input."""
+    from .audio_writer import check_format
+    from .errors import InputError
+    from .mux import MUX_FORMATS
+    from .paths import check_outputs, model_files
+
+    if mux_path is not None and video is None:
+        raise InputError("--mux needs --video (the video stream to copy)")
+    for label, path in (("--video", video), ("--mix", mix)):
+        if path is not None and not Path(path).exists():
+            raise InputError(f"{label} {path}: file not found")
+    paths = _output_paths(output, fmt, n_texts, mix, video)
+    outputs = {"--output": paths[0]} if len(paths) == 1 else \
+        {f"--output (text {k})": p for k, p in enumerate(paths)}
+    if mux_path is not None:
+        outputs["--mux"] = Path(mux_path)
+    for path in outputs.values():
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise InputError(f"{path}: output directory {path.parent} does not exist")
+    inputs = {label: path for label, path in (("--mix", mix), ("--video", video)) if path}
+    check_outputs(outputs, {**inputs, **model_files(model_dir)})
+    _check_suffix(paths[0], fmt)
+    fmt = fmt or output_format(paths[0])
+    check_format(fmt, subtype)
+    if mux_path is not None and Path(mux_path).suffix.lower() not in MUX_FORMATS:
+        raise InputError(f"--mux {mux_path}: unsupported extension; use one of "
+                         f"{', '.join(MUX_FORMATS)}")
+    return paths, fmt
+
+
 def _output_paths(output, fmt, n_texts, mix, video) -> list[Path]:
+    directory = None
+    if output is not None and Path(output).is_dir():
+        directory, output = Path(output), None
     if output is None:
         source = mix or video
         name = f"{Path(source).stem}_separated" if source is not None else "generated"
-        output = Path(f"{name}.{fmt or 'wav'}")
+        output = (directory or Path()) / f"{name}.{fmt or 'wav'}"
     output = Path(output)
     if not output.suffix:
         output = output.with_suffix(f".{fmt or 'wav'}")
     if n_texts <= 1:
         return [output]
     return [output.with_name(f"{output.stem}_{k}{output.suffix}") for k in range(n_texts)]
+
+
+def _check_suffix(output: Path, fmt: str | None) -> None:
+    from .errors import InputError
+
+    found = output_format(output)
+    if found is None:
+        raise InputError(f"--output {output}: unknown extension {output.suffix}; use one of "
+                         f"{', '.join('.' + f for f in FORMATS)}")
+    if fmt is not None and fmt != found:
+        raise InputError(f"--format {fmt} does not match --output {output}; drop one of them")
 
 
 def main(argv=None) -> None:
