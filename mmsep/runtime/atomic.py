@@ -51,6 +51,17 @@ def write_bytes_atomically(path: str | os.PathLike, data) -> Path:
     return path
 
 
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Flush every file of ``directory`` and the directory itself to disk (before a directory
+    made of them is renamed into place)."""
+    directory = Path(directory)
+    for path in directory.iterdir():
+        if path.is_file() and not path.is_symlink():
+            _fsync(path, os.O_RDONLY)
+    with contextlib.suppress(OSError):
+        _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
 def _create_unique(path: Path) -> Path:
     while True:
         tmp = path.with_name(f".{path.stem}.partial-{secrets.token_hex(6)}{path.suffix}")

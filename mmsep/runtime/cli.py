@@ -1,18 +1,21 @@
 """mmsep-run: separate (or generate) the audio of a video / text query with a model directory.
 
 Exit codes: 0 success, 2 bad input or usage (the message names the file or option) or an
-output that cannot be written (disk full, size limit), 1 internal failure, 130 interrupted.
-Before any work, every output is checked against every input (--mix, --video, the model's
-files) by identity, links included (``paths.check_outputs``). Outputs are written to a temporary file beside the target as the
-windows are joined (a long output is never held whole) and renamed into place only when complete,
-so a failed or interrupted run leaves no output behind.
+output that cannot be written (disk full, size limit), 1 internal failure, 130 interrupted
+(Ctrl-C or SIGTERM). Before any work, every output is checked against every input (--mix,
+--video, the model's files) by identity, links included (``paths.check_outputs``). Outputs are
+written to a temporary file beside the target as the windows are joined (a long output is never
+held whole) and renamed into place only when complete, so a failed or interrupted run leaves no
+output behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -246,6 +249,22 @@ def _check_suffix(output: Path, fmt: str | None) -> None:
         raise InputError(f"--format {fmt} does not match --output {output}; drop one of them")
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so temporary outputs are removed."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> None:
     """Console entry point: one-line errors, exit codes 0/1/2/130, never a traceback."""
     from .errors import BackendError, InputError
@@ -259,7 +278,8 @@ def main(argv=None) -> None:
 
     warnings.showwarning = show
     try:
-        cli.main(args=args, prog_name=PROG, standalone_mode=False)
+        with _terminate_as_interrupt():
+            cli.main(args=args, prog_name=PROG, standalone_mode=False)
     except click.exceptions.Exit as exc:  # --help
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import av
@@ -373,3 +374,22 @@ def test_a_loaded_separator_is_unaffected_when_its_model_is_re_exported(model_di
         with pytest.raises(ModelDirError, match="lazy was replaced or removed while in use"):
             sep.separate(**request)
     assert sorted(listing(tmp_path)) == ["lazy", "live", "mix.wav"]
+
+
+def test_sigterm_mid_run_leaves_nothing(model_dir, tmp_path):
+    out = tmp_path / "out.wav"
+    out.write_bytes(b"previous")
+    proc = subprocess.Popen([sys.executable, "-m", "mmsep.runtime.cli", "--model", str(model_dir),
+                             "--backend", "ort-cpu", "--text", "x", "--duration", "600",
+                             "--max-batch", "1", "--steps", "1", "-q", "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        while not any(p.stat().st_size > 44 for p in tmp_path.glob(".out.partial-*.wav")):
+            assert proc.poll() is None, proc.stderr.read()  # samples are being written
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+    assert proc.wait(timeout=120) == 130
+    assert proc.stderr.read().strip() == "mmsep-run: interrupted; nothing was written"
+    assert listing(tmp_path) == ["out.wav"] and out.read_bytes() == b"previous"
