@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from .audio_writer import FORMATS, SUBTYPES, output_format
+from .mux import MUX_FORMATS
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "mmsep-run"
@@ -48,14 +49,15 @@ PROG = "mmsep-run"
 @click.option("--duration", type=click.FloatRange(0.1, 36000.0),
               help="Length in seconds of generated audio without a video (default: one window).")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Output audio file; its extension picks the format: .wav, .flac or .ogg "
-                   "(Vorbis); no extension: --format's. An existing directory means the default "
+              help="Output audio file; its extension picks the format ("
+                   f"{', '.join('.' + f for f in FORMATS)}; ogg is Vorbis); no extension: "
+                   "--format's. An existing directory means the default "
                    "name inside it. Default: <mix or video name>_separated.<format>, or "
                    "generated.<format>, in the current directory. With several --text: "
                    "<stem>_<k><suffix>, k = 0, 1, ... in --text order. Never an input's path.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
-              help="Output format when --output has no extension (default: wav); must match "
-                   "the extension otherwise.")
+              help="Format of an output name without an extension, the default names "
+                   "included (default: wav); must match the extension otherwise.")
 @click.option("--subtype", type=click.Choice(list(SUBTYPES)),
               help=f"Sample format of wav/flac output (default: {SUBTYPES[0]}; FLOAT needs "
                    "wav; ogg is always Vorbis).")
@@ -81,7 +83,7 @@ PROG = "mmsep-run"
               help="Skip the SHA-256 check of the model files at load (sizes are still "
                    "checked); saves seconds on multi-GB models.")
 @click.option("--mux", type=click.Path(path_type=Path),
-              help="Also write this video file (.mp4, .m4v, .mov or .mkv): the input video "
+              help=f"Also write this video file ({', '.join(MUX_FORMATS)}): the input video "
                    "stream copied without re-encoding plus the separated audio as AAC (one "
                    "track per text). Never an input's path.")
 @click.option("--json", "as_json", is_flag=True,
@@ -193,7 +195,6 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
     outputs' formats and directories are usable, and no output is the same file as an input."""
     from .audio_writer import check_format
     from .errors import InputError
-    from .mux import MUX_FORMATS
     from .paths import check_outputs, model_files
 
     if mux_path is not None and video is None:
