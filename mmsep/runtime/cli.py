@@ -118,6 +118,7 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     total_started = time.perf_counter()
     paths, fmt = _plan_outputs(output, fmt, subtype, len(texts), mix, video, model_dir,
                                mux_path)
+
     started = time.perf_counter()
     sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap, threads=threads,
                     verify=verify)
@@ -199,10 +200,11 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
 
     if mux_path is not None and video is None:
         raise InputError("--mux needs --video (the video stream to copy)")
-    for label, path in (("--video", video), ("--mix", mix)):
-        if path is not None and not Path(path).exists():
-            raise InputError(f"{label} {path}: file not found")
-    paths = _output_paths(output, fmt, n_texts, mix, video)
+    check_input_files(video, mix)
+    if output is not None and Path(output).is_dir():  # the default name inside it
+        paths = [Path(output) / p for p in output_paths(None, fmt, n_texts, mix, video)]
+    else:
+        paths = output_paths(output, fmt, n_texts, mix, video)
     outputs = {"--output": paths[0]} if len(paths) == 1 else \
         {f"--output (text {k})": p for k, p in enumerate(paths)}
     if mux_path is not None:
@@ -223,14 +225,22 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
     return paths, fmt
 
 
-def _output_paths(output, fmt, n_texts, mix, video) -> list[Path]:
-    directory = None
-    if output is not None and Path(output).is_dir():
-        directory, output = Path(output), None
+def check_input_files(video, mix) -> None:
+    """Input files must exist (also used by mmsep-batch and mmsep-serve)."""
+    from .errors import InputError
+
+    for path in (video, mix):
+        if path is not None and not Path(path).exists():
+            raise InputError(f"{path}: file not found")
+
+
+def output_paths(output, fmt, n_texts, mix, video) -> list[Path]:
+    """Output files of a request: ``output`` (default: derived from the mix or video name),
+    or ``<stem>_<k><suffix>`` per text when there are several."""
     if output is None:
         source = mix or video
         name = f"{Path(source).stem}_separated" if source is not None else "generated"
-        output = (directory or Path()) / f"{name}.{fmt or 'wav'}"
+        output = Path(f"{name}.{fmt or 'wav'}")
     output = Path(output)
     if not output.suffix:
         output = output.with_suffix(f".{fmt or 'wav'}")
@@ -268,8 +278,6 @@ def _terminate_as_interrupt():
 
 def main(argv=None) -> None:
     """Console entry point: one-line errors, exit codes 0/1/2/130, never a traceback."""
-    from .errors import BackendError, InputError
-
     args = sys.argv[1:] if argv is None else list(argv)
     quiet = "--quiet" in args or "-q" in args
 
@@ -278,32 +286,40 @@ def main(argv=None) -> None:
             click.echo(f"{PROG}: warning: {message}", err=True)
 
     warnings.showwarning = show
+    console_main(cli, PROG, args, interrupted="interrupted; nothing was written")
+
+
+def console_main(command, prog: str, args, *, interrupted: str | None,
+                 interrupted_code: int = EXIT_INTERRUPTED) -> None:
+    """Run a click ``command`` as a console program: one-line errors, exit 0 (or the int the
+    command returns), 2 bad usage or input, 1 internal failure, ``interrupted_code`` on Ctrl-C;
+    never a traceback. SIGTERM counts as Ctrl-C. Shared by mmsep-run, mmsep-batch and
+    mmsep-serve."""
+    from .errors import BackendError, InputError
+
     try:
         with _terminate_as_interrupt():
-            cli.main(args=args, prog_name=PROG, standalone_mode=False)
+            code = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as exc:  # --help
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo(f"{PROG}: interrupted; nothing was written", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        if interrupted:
+            click.echo(f"{prog}: {interrupted}", err=True)
+        sys.exit(interrupted_code)
     except click.ClickException as exc:  # bad usage: unknown option, value out of range, ...
-        click.echo(f"{PROG}: error: {' '.join(exc.format_message().split())}", err=True)
+        click.echo(f"{prog}: error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(EXIT_USAGE)
     except InputError as exc:
-        click.echo(f"{PROG}: error: {exc}", err=True)
+        click.echo(f"{prog}: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        click.echo(f"{PROG}: interrupted; nothing was written", err=True)
-        sys.exit(EXIT_INTERRUPTED)
     except BackendError as exc:
-        click.echo(f"{PROG}: internal error: {exc}", err=True)
+        click.echo(f"{prog}: internal error: {exc}", err=True)
         sys.exit(EXIT_INTERNAL)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        click.echo(f"{PROG}: internal error: {type(exc).__name__}: "
+        click.echo(f"{prog}: internal error: {type(exc).__name__}: "
                    f"{' '.join(str(exc).split())}", err=True)
         sys.exit(EXIT_INTERNAL)
-    sys.exit(EXIT_OK)
-
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 if __name__ == "__main__":
     main()
