@@ -32,7 +32,8 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
               help="open_clip DFN5B ViT-H-14-384 weights file (or its directory).")
 @click.option("--synchformer", type=click.Path(path_type=Path), help="Synchformer state dict.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Model directory to write (default: models/<preset>).")
+              help="Model directory to write (default: models/<preset>); never the checkpoint's "
+                   "or weights' own paths, nor a directory holding them or inside them.")
 @click.option("--duration", type=click.FloatRange(2.0, 60.0), default=8.0, show_default=True,
               help="Window length in seconds; fixes the per-window sequence lengths.")
 @click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
@@ -97,6 +98,11 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
 
     if checkpoint is not None and preset is not None:
         raise UsageError("give either --checkpoint or --preset, not both")
+    given = {label: path for label, path in (
+        ("--checkpoint", checkpoint), ("--weights-dir", weights_dir), ("--vae", vae),
+        ("--vocoder", vocoder), ("--clip", clip_path), ("--synchformer", synchformer)) if path}
+    if out is not None:
+        _check_out(out, given)  # before anything is loaded
     log = _log(quiet)
     torch.set_grad_enabled(False)
     if checkpoint is None:
@@ -116,6 +122,8 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
         sources = {name: {"path": path, "sha256": sha256_file(_weights_file(Path(path)))}
                    for name, path in components.sources.items()}
     out = out or Path("models") / components.config.name
+    _check_out(out, {**given, **{f"the {name} weights": path for name, path in
+                                 components.sources.items() if not path.startswith("random:")}})
 
     def stage_progress(names):
         return tqdm(names, desc="export", unit="stage", disable=quiet, file=sys.stderr)
@@ -124,6 +132,18 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     return export_model(components, out, max_batch=max_batch, sources=sources, force=force,
                         stage_progress=stage_progress, log=log, engine_builder=builder,
                         engines_skipped=skipped)
+
+
+def _check_out(out: Path, inputs: dict) -> None:
+    """--out is never an input, never holds one and never lies inside an input directory: the
+    exporter replaces the whole directory."""
+    from ..runtime.errors import InputError
+    from ..runtime.paths import check_output_dir
+
+    try:
+        check_output_dir(out, inputs)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _log(quiet: bool):

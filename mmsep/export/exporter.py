@@ -11,7 +11,9 @@ Layout of a model directory:
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from ..models.components import Components
+from ..runtime.atomic import fsync_directory
 from ..runtime.tokenizer import VOCAB_FILE
 from ..model_files import sha256_file
 from ..stages import StageSpec
@@ -69,9 +72,9 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     modules = stage_modules(components)
     _check_disk(out, modules, specs, previous)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(6)}"  # unique per run
+    tmp.mkdir()  # exclusive, with the usual permissions (mkdtemp's 0700 would stay on the model)
     try:
         stages, rebuilt, reused = {}, [], []
         names = list(specs)
@@ -208,8 +211,11 @@ def _check_disk(out: Path, modules: dict, specs: dict, previous: dict | None) ->
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    """Rename the complete ``tmp`` to ``out`` and delete the previous ``out``. A run that loaded
+    the previous directory keeps what it loaded (runtime/model_dir.py says what it does next)."""
+    fsync_directory(tmp)  # a crash after the swap cannot leave a directory of truncated files
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) / out.name
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old.parent, ignore_errors=True)

@@ -108,8 +108,11 @@ def _run(args, workdir: Path) -> int:
     ok = all(r["passed"] for r in rows)
     print(f"{'all checks passed' if ok else 'FAILED'} in {time.perf_counter() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "precision": args.precision,
-                                         "tensorrt": info, "stages": rows}, indent=2) + "\n")
+        from ..runtime.atomic import write_bytes_atomically
+
+        report = {"preset": args.preset, "precision": args.precision, "tensorrt": info,
+                  "stages": rows}
+        write_bytes_atomically(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return EXIT_OK if ok else EXIT_FAILED
 
 

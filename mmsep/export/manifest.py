@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from .. import __version__
 from ..model_files import MANIFEST
+from ..runtime.atomic import write_bytes_atomically
 from ..model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
 from ..stages import StageSpec
 
@@ -43,11 +43,8 @@ def environment() -> dict:
 
 
 def write_manifest(directory: Path, manifest: dict) -> Path:
-    path = directory / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    return write_bytes_atomically(Path(directory) / MANIFEST, text.encode())
 
 
 def read_manifest(directory: Path) -> dict | None:

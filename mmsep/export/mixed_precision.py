@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import ast
 import os
-import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +52,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.atomic import atomic_output
 from ..stages import StageSpec
 from .errors import ExportError, GraphCheckError, ParityError
 from .onnx_graph import EXTERNAL_DATA_BYTES, check_graph, tensorrt_operator_table
@@ -475,23 +476,22 @@ def _strict_types(path: Path) -> str:
 
 
 def _save_atomically(model: onnx.ModelProto, dst: Path) -> None:
-    """Write ``dst`` (and ``dst.data`` for large graphs) via a temporary directory + rename."""
+    """Write ``dst`` (and ``dst.data`` for large graphs) through ``atomic_output``. The graph
+    names its data file, so both are saved under their final names in a private scratch
+    directory first, then each is committed into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        external = sum(_nbytes(i) for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
-        data_name = f"{dst.name}.data"
-        onnx.save_model(model, str(tmp / dst.name), save_as_external_data=external,
+    external = sum(_nbytes(i) for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    data_name = f"{dst.name}.data"
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.scratch-") as scratch:
+        onnx.save_model(model, str(Path(scratch) / dst.name), save_as_external_data=external,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         if external:
-            os.replace(tmp / data_name, dst.parent / data_name)
+            with atomic_output(dst.parent / data_name) as tmp:
+                os.replace(Path(scratch) / data_name, tmp)
         else:
             (dst.parent / data_name).unlink(missing_ok=True)
-        os.replace(tmp / dst.name, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_output(dst) as tmp:
+            os.replace(Path(scratch) / dst.name, tmp)
 
 
 def _nbytes(init) -> int:

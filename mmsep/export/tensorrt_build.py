@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from ..runtime.atomic import write_bytes_atomically
 from ..stages import StageSpec
 from .errors import ExportError, ParityError
 from .example_inputs import example_inputs
@@ -165,7 +166,7 @@ def build_engine(onnx_path: Path, spec: StageSpec, engine_path: Path, *, timing_
     serialized = need(builder.build_serialized_network(network, config), "build the engine")
     build_seconds = time.perf_counter() - started
     _save_timing_cache(config, timing_cache, need)
-    _write_atomically(engine_path, memoryview(serialized))
+    write_bytes_atomically(engine_path, memoryview(serialized))
     return {"file": engine_path.name, "sha256": sha256_file(engine_path),
             "bytes": engine_path.stat().st_size, "build_seconds": round(build_seconds, 2),
             "profile": shapes, "timing_cache": cache_state}
@@ -221,18 +222,7 @@ def _save_timing_cache(config, path: Path, need) -> None:
     cache = need(config.get_timing_cache(), "return the timing cache")
     data = need(cache.serialize(), "serialise the timing cache")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, memoryview(data))
-
-
-def _write_atomically(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomically(path, memoryview(data))
 
 
 # ---- running ---------------------------------------------------------------------------------

@@ -1,27 +1,80 @@
-"""Atomic output files: write beside the target, rename into place only when complete."""
+"""The one way mmsep writes a file: beside the target, flushed to disk, renamed into place.
+
+Used by the runtime (audio, mux, demo media) and the exporter (manifest, mixed-precision graphs,
+TensorRT engines, timing cache). Torch-free.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s directory; on success it replaces ``path``.
+def atomic_output(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a new, empty temporary file in ``path``'s directory; on success it replaces ``path``.
 
-    On any exception, KeyboardInterrupt included, the temporary file is removed and ``path`` is
-    left as it was. The temporary name keeps the suffix so that writers that pick a container
-    from the extension (soundfile, PyAV) still do.
+    - The temporary name is unique (``.<stem>.partial-<random><suffix>``, created exclusively),
+      so concurrent writers of one ``path`` never share a file: each renames a complete file
+      into place and the last one to finish wins. The suffix is kept for writers that pick a
+      container from the extension (soundfile, PyAV).
+    - ``durable``: the file's data is fsynced before the rename and the directory after it, so
+      a crash or power loss leaves the old file or the new one, never a truncated one.
+    - On any exception, KeyboardInterrupt included, the temporary file is removed and ``path``
+      is left as it was.
+    - The file is created with the usual permissions (0666 minus the umask).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    tmp = _create_unique(path)
     try:
         yield tmp
+        if durable:
+            _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if durable:
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+            _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def write_bytes_atomically(path: str | os.PathLike, data) -> Path:
+    """Write ``data`` (bytes or a buffer) to ``path`` through ``atomic_output``."""
+    path = Path(path)
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Flush every file of ``directory`` and the directory itself to disk (before a directory
+    made of them is renamed into place)."""
+    directory = Path(directory)
+    for path in directory.iterdir():
+        if path.is_file() and not path.is_symlink():
+            _fsync(path, os.O_RDONLY)
+    with contextlib.suppress(OSError):
+        _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _create_unique(path: Path) -> Path:
+    while True:
+        tmp = path.with_name(f".{path.stem}.partial-{secrets.token_hex(6)}{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

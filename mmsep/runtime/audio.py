@@ -1,4 +1,4 @@
-"""Audio in and out: decode, downmix, resample, check the mixture, write atomically.
+"""Audio in: decode, downmix, resample, check the mixture (writing: ``audio_writer``).
 
 Reading tries soundfile first (WAV, FLAC, OGG, ... through libsndfile) and PyAV for anything else
 (the audio track of an MP4, MP3, M4A, ...). Channels are averaged to mono and the result is
@@ -10,12 +10,11 @@ a mixture shorter than MIN_SECONDS or whose peak is below SILENCE_PEAK (-100 dBF
 Long files are not held in memory: ``MixtureStream`` scans a file once for what the checks and
 the window plan need (length at the model rate, peak, non-finite and out-of-range counts), then
 decodes it again block by block and hands out one window at a time, holding at most a window plus
-one decoded block. ``AudioWriter`` appends output samples to a file as they are produced.
+one decoded block.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -25,14 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
+from .audio_writer import FORMATS, SUBTYPES, AudioWriter, output_format, write_audio  # noqa: F401
 from .errors import InputError, one_line
 from .windows import WindowPlan
 
 MIN_SECONDS = 0.1
 SILENCE_PEAK = 1e-5  # -100 dBFS: below the LSB of 16-bit audio
-FORMATS = {"wav": "WAV", "flac": "FLAC"}
-SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 BLOCK_FRAMES = 1 << 16  # source frames decoded at a time by MixtureStream
 QUALITY = "VHQ"
 
@@ -353,67 +350,3 @@ def _audio_track_frames(path: Path) -> Iterator[np.ndarray]:
                 yield out.to_ndarray().mean(axis=0, dtype=np.float32)
         except (av.FFmpegError, ValueError) as exc:
             raise InputError(f"{path}: corrupt audio track ({one_line(exc)})") from None
-
-
-def _format_and_subtype(format: str, subtype: str) -> str:
-    """libsndfile's name of ``format``, after checking the pair."""
-    fmt = FORMATS.get(format.lower())
-    if fmt is None:
-        raise InputError(f"unknown output format {format!r}; choose wav or flac")
-    if subtype not in SUBTYPES:
-        raise InputError(f"unknown sample format {subtype!r}; choose one of {', '.join(SUBTYPES)}")
-    if fmt == "FLAC" and subtype == "FLOAT":
-        raise InputError("FLAC cannot store FLOAT samples; use --subtype PCM_16 or PCM_24")
-    return fmt
-
-
-def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, *,
-                format: str = "wav", subtype: str = "PCM_16", atomic: bool = True) -> Path:
-    """Write mono ``audio`` (L,); PCM subtypes are clipped to [-1, 1] first.
-
-    ``atomic``: write a temporary file beside ``path`` and rename it into place when complete
-    (False when the caller manages the temporary file itself)."""
-    path = Path(path)
-    _format_and_subtype(format, subtype)  # a bad option is reported before any file exists
-    with (atomic_output(path) if atomic else contextlib.nullcontext(path)) as target, \
-            AudioWriter(target, sample_rate, format=format, subtype=subtype, name=str(path)) as out:
-        out.write(audio)
-    return path
-
-
-class AudioWriter:
-    """A mono wav/flac file written piece by piece (``write``); PCM subtypes are clipped.
-
-    Not atomic by itself: open it on ``atomic_output``'s temporary path and close it before
-    that renames the file. ``frames`` counts the samples written so far.
-    """
-
-    def __init__(self, path: str | os.PathLike, sample_rate: int, *, format: str = "wav",
-                 subtype: str = "PCM_16", name: str | None = None):
-        import soundfile as sf
-
-        self.path = Path(path)
-        fmt = _format_and_subtype(format, subtype)
-        self._clip = subtype != "FLOAT"
-        self.frames = 0
-        try:
-            self._file = sf.SoundFile(str(self.path), "w", samplerate=sample_rate, channels=1,
-                                      subtype=subtype, format=fmt)
-        except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-            raise InputError(f"{name or self.path}: cannot write ({one_line(exc)})") from None
-
-    def write(self, samples: np.ndarray) -> None:
-        samples = np.asarray(samples, np.float32)
-        if self._clip:
-            samples = np.clip(samples, -1.0, 1.0)
-        self._file.write(samples)
-        self.frames += samples.size
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> AudioWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

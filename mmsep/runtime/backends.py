@@ -130,11 +130,14 @@ class OrtBackend:
             options.intra_op_num_threads = self._threads
         path = self.model.onnx_path(stage)
         started = time.perf_counter()
+        self.model.check_unchanged()  # a graph is read only from the directory that was checked
         try:
             session = ort.InferenceSession(str(path), options, providers=self._providers())
         except Exception as exc:  # ORT raises its own pybind exception types
+            self.model.check_unchanged()  # a swap mid-load is reported as such
             raise BackendError(stage, f"cannot load {path.name} with ONNX Runtime "
                                       f"({one_line(exc, 400)})") from None
+        self.model.check_unchanged()  # ... and not swapped while it was read
         if self.device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendUnavailable(f"ONNX Runtime could not start its CUDA provider for stage "
                                      f"{stage!r} (providers: {session.get_providers()})")
@@ -291,6 +294,16 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64",
 def create_backend(model: ModelDir, name: str = "auto", *, threads: int = 0):
     """The backend called ``name`` (one of BACKENDS) for ``model``; ``auto`` tries trt, ort-cuda
     and ort-cpu in that order. The chosen backend's ``name`` says which."""
+    backend = _create_backend(model, name, threads=threads)
+    try:
+        model.check_unchanged()  # TensorRT reads every engine up front: not from a swapped dir
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+def _create_backend(model: ModelDir, name: str, *, threads: int):
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "trt":

@@ -1,21 +1,29 @@
 """mmsep-run: separate (or generate) the audio of a video / text query with a model directory.
 
-Exit codes: 0 success, 2 bad input or usage (the message names the file or option), 1 internal
-failure, 130 interrupted. Outputs are written to a temporary file beside the target as the
-windows are joined (a long output is never held whole) and renamed into place only when complete,
-so a failed or interrupted run leaves no output behind.
+Exit codes: 0 success, 2 bad input or usage (the message names the file or option) or an
+output that cannot be written (disk full, size limit), 1 internal failure, 130 interrupted
+(Ctrl-C or SIGTERM). Before any work, every output is checked against every input (--mix,
+--video, the model's files) by identity, links included (``paths.check_outputs``). Outputs are
+written to a temporary file beside the target as the windows are joined (a long output is never
+held whole) and renamed into place only when complete, so a failed or interrupted run leaves no
+output behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
 import click
+
+from .audio_writer import FORMATS, SUBTYPES, output_format
+from .mux import MUX_FORMATS
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "mmsep-run"
@@ -41,13 +49,18 @@ PROG = "mmsep-run"
 @click.option("--duration", type=click.FloatRange(0.1, 36000.0),
               help="Length in seconds of generated audio without a video (default: one window).")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Output audio file (default: <mix or video name>_separated.<format>, or "
-                   "generated.<format>, in the current directory). With several --text: "
-                   "<stem>_<k><suffix>, k = 0, 1, ... in --text order.")
-@click.option("--format", "fmt", type=click.Choice(["wav", "flac"]),
-              help="Output format (default: from the --output suffix, else wav).")
-@click.option("--subtype", type=click.Choice(["PCM_16", "PCM_24", "FLOAT"]), default="PCM_16",
-              show_default=True, help="Output sample format (FLOAT needs wav).")
+              help="Output audio file; its extension picks the format ("
+                   f"{', '.join('.' + f for f in FORMATS)}; ogg is Vorbis); no extension: "
+                   "--format's. An existing directory means the default "
+                   "name inside it. Default: <mix or video name>_separated.<format>, or "
+                   "generated.<format>, in the current directory. With several --text: "
+                   "<stem>_<k><suffix>, k = 0, 1, ... in --text order. Never an input's path.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
+              help="Format of an output name without an extension, the default names "
+                   "included (default: wav); must match the extension otherwise.")
+@click.option("--subtype", type=click.Choice(list(SUBTYPES)),
+              help=f"Sample format of wav/flac output (default: {SUBTYPES[0]}; FLOAT needs "
+                   "wav; ogg is always Vorbis).")
 @click.option("--steps", type=click.IntRange(1, 1000),
               help="Euler steps (default: the model's, 25).")
 @click.option("--cfg", type=click.FloatRange(0.0, 100.0),
@@ -70,8 +83,9 @@ PROG = "mmsep-run"
               help="Skip the SHA-256 check of the model files at load (sizes are still "
                    "checked); saves seconds on multi-GB models.")
 @click.option("--mux", type=click.Path(path_type=Path),
-              help="Also write this video file (e.g. out.mp4): the input video stream copied "
-                   "without re-encoding plus the separated audio as AAC (one track per text).")
+              help=f"Also write this video file ({', '.join(MUX_FORMATS)}): the input video "
+                   "stream copied without re-encoding plus the separated audio as AAC (one "
+                   "track per text). Never an input's path.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary: outputs, backend, per-stage seconds, audio duration, "
                    "real-time factor.")
@@ -99,21 +113,11 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
         show_progress=True) -> dict:
     from .atomic import atomic_output
     from .audio import AudioWriter
-    from .errors import InputError
     from .separator import Separator
 
     total_started = time.perf_counter()
-    if mux_path is not None and video is None:
-        raise InputError("--mux needs --video (the video stream to copy)")
-    check_input_files(video, mix)
-    paths = output_paths(output, fmt, len(texts), mix, video)
-    fmt = fmt or (paths[0].suffix[1:].lower() if paths[0].suffix.lower() in (".wav", ".flac")
-                  else "wav")
-    if fmt == "flac" and subtype == "FLOAT":
-        raise InputError("FLAC cannot store FLOAT samples; use --subtype PCM_16 or PCM_24")
-    for path in [*paths, *([Path(mux_path)] if mux_path else [])]:
-        if not path.parent.is_dir():
-            raise InputError(f"{path}: output directory {path.parent} does not exist")
+    paths, fmt = _plan_outputs(output, fmt, subtype, len(texts), mix, video, model_dir,
+                               mux_path)
 
     started = time.perf_counter()
     sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap, threads=threads,
@@ -167,7 +171,7 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
             started = time.perf_counter()
             tmp = outputs.enter_context(atomic_output(mux_path))
             mux(video, [w.path for w in writers], result.sample_rate, tmp, titles=texts,
-                atomic=False)
+                atomic=False, name=mux_path)
             mux_s = time.perf_counter() - started
     total_s = time.perf_counter() - total_started
     audio_seconds = frames / result.sample_rate
@@ -184,6 +188,41 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
         # processing seconds per second of audio (below 1: faster than real time)
         "real_time_factor": round(total_s / max(audio_seconds, 1e-9), 4),
     }
+
+
+def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
+                  ) -> tuple[list[Path], str]:
+    """The output paths and format, after every check that needs no work: the inputs exist, the
+    outputs' formats and directories are usable, and no output is the same file as an input."""
+    from .audio_writer import check_format
+    from .errors import InputError
+    from .paths import check_outputs, model_files
+
+    if mux_path is not None and video is None:
+        raise InputError("--mux needs --video (the video stream to copy)")
+    check_input_files(video, mix)
+    if output is not None and Path(output).is_dir():  # the default name inside it
+        paths = [Path(output) / p for p in output_paths(None, fmt, n_texts, mix, video)]
+    else:
+        paths = output_paths(output, fmt, n_texts, mix, video)
+    outputs = {"--output": paths[0]} if len(paths) == 1 else \
+        {f"--output (text {k})": p for k, p in enumerate(paths)}
+    if mux_path is not None:
+        outputs["--mux"] = Path(mux_path)
+    for path in outputs.values():
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise InputError(f"{path}: output directory {path.parent} does not exist")
+    inputs = {label: path for label, path in (("--mix", mix), ("--video", video)) if path}
+    check_outputs(outputs, {**inputs, **model_files(model_dir)})
+    _check_suffix(paths[0], fmt)
+    fmt = fmt or output_format(paths[0])
+    check_format(fmt, subtype)
+    if mux_path is not None and Path(mux_path).suffix.lower() not in MUX_FORMATS:
+        raise InputError(f"--mux {mux_path}: unsupported extension; use one of "
+                         f"{', '.join(MUX_FORMATS)}")
+    return paths, fmt
 
 
 def check_input_files(video, mix) -> None:
@@ -210,6 +249,33 @@ def output_paths(output, fmt, n_texts, mix, video) -> list[Path]:
     return [output.with_name(f"{output.stem}_{k}{output.suffix}") for k in range(n_texts)]
 
 
+def _check_suffix(output: Path, fmt: str | None) -> None:
+    from .errors import InputError
+
+    found = output_format(output)
+    if found is None:
+        raise InputError(f"--output {output}: unknown extension {output.suffix}; use one of "
+                         f"{', '.join('.' + f for f in FORMATS)}")
+    if fmt is not None and fmt != found:
+        raise InputError(f"--format {fmt} does not match --output {output}; drop one of them")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so temporary outputs are removed."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> None:
     """Console entry point: one-line errors, exit codes 0/1/2/130, never a traceback."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -227,11 +293,13 @@ def console_main(command, prog: str, args, *, interrupted: str | None,
                  interrupted_code: int = EXIT_INTERRUPTED) -> None:
     """Run a click ``command`` as a console program: one-line errors, exit 0 (or the int the
     command returns), 2 bad usage or input, 1 internal failure, ``interrupted_code`` on Ctrl-C;
-    never a traceback. Shared by mmsep-run, mmsep-batch and mmsep-serve."""
+    never a traceback. SIGTERM counts as Ctrl-C. Shared by mmsep-run, mmsep-batch and
+    mmsep-serve."""
     from .errors import BackendError, InputError
 
     try:
-        code = command.main(args=args, prog_name=prog, standalone_mode=False)
+        with _terminate_as_interrupt():
+            code = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as exc:  # --help
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):

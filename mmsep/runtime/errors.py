@@ -15,6 +15,11 @@ class InputError(ValueError):
     out of range. The message is one line and names the file or option."""
 
 
+class OutputError(InputError):
+    """An output cannot be written (disk full, file size limit, I/O error, no permission). The
+    message names the output; nothing partial is left behind."""
+
+
 class ModelDirError(InputError):
     """The model directory is missing, incomplete, tampered with or of another format."""
 

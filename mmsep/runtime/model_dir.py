@@ -4,6 +4,12 @@ Loading checks, in order: the directory and its manifest exist, the manifest is 
 runtime reads, every stage the model needs is described, and every file the manifest lists is
 present with the recorded size and SHA-256 (a mismatch means the directory was tampered with or
 copied incompletely). Each failure is one ModelDirError naming the directory and the file.
+
+A directory re-exported while a run uses it: mmsep-export assembles the new directory beside the
+old one and swaps it in with renames, then deletes the old one. What a run has already loaded
+(graphs, engines, features, tokenizer) is in memory and unaffected. A graph loaded later is read
+only if the path still names the directory that was checked (``check_unchanged``); otherwise the
+run stops with a ModelDirError instead of mixing files of two exports.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class ModelDir:
         if not self.path.exists():
             raise ModelDirError(f"model directory {self.path} does not exist "
                                 "(create one with mmsep-export)")
+        self._identity = _directory_identity(self.path)
         if not self.path.is_dir():
             raise ModelDirError(f"model directory {self.path} is not a directory")
         manifest_path = self.path / MANIFEST
@@ -114,6 +121,15 @@ class ModelDir:
                 raise ModelDirError(f"{manifest_path}: no {role} file in the manifest")
         self._check_files(verify)
         self._empty: dict[str, np.ndarray] | None = None
+        self.check_unchanged()
+
+    def check_unchanged(self) -> None:
+        """Raise ModelDirError if ``path`` no longer names the directory that was checked (it
+        was re-exported, moved or deleted since)."""
+        if _directory_identity(self.path) != self._identity:
+            raise ModelDirError(f"model directory {self.path} was replaced or removed while in "
+                                "use (re-exported?); nothing from the new one was mixed in; "
+                                "run again")
 
     # -- files ---------------------------------------------------------------------------------
     def _check_files(self, verify: bool) -> None:
@@ -159,6 +175,14 @@ class ModelDir:
                                         f"expects {want}")
             self._empty = empty
         return self._empty
+
+
+def _directory_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _model_info(manifest: dict) -> ModelInfo:

@@ -16,23 +16,30 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output
-from .errors import InputError
+from .errors import InputError, OutputError, one_line
 
+# containers --mux writes, by suffix (each verified with an H.264 stream + AAC in the tests)
+MUX_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 _CHUNK_SECONDS = 0.5  # audio is encoded in chunks interleaved with the video packets
 
 
 def mux(video: str | os.PathLike, tracks: np.ndarray | Sequence[str | os.PathLike],
         sample_rate: int, out: str | os.PathLike, *, titles: Sequence[str | None] = (),
-        bitrate: int = 192_000, atomic: bool = True) -> Path:
+        bitrate: int = 192_000, atomic: bool = True, name: str | os.PathLike | None = None
+        ) -> Path:
     """Copy ``video``'s first video stream into ``out`` and add ``tracks`` as AAC: float32
     samples (n, L), or the paths of n mono audio files at ``sample_rate``.
 
     The original audio tracks are not carried over. ``titles`` name the new tracks. ``atomic``:
-    write beside ``out`` and rename when complete (False when the caller manages that).
+    write beside ``out`` and rename when complete (False when the caller manages that; then
+    ``name`` is the path that errors name, ``out`` being a temporary file).
     """
     out = Path(out)
+    if out.suffix.lower() not in MUX_FORMATS:
+        raise InputError(f"{name or out}: cannot mux to {out.suffix or 'a name without a suffix'}"
+                         f"; supported: {', '.join(MUX_FORMATS)}")
     if not atomic:
-        _mux(video, tracks, sample_rate, out, out, titles, bitrate)
+        _mux(video, tracks, sample_rate, out, Path(name or out), titles, bitrate)
         return out
     with atomic_output(out) as tmp:
         _mux(video, tracks, sample_rate, tmp, out, titles, bitrate)
@@ -53,34 +60,41 @@ def _mux(video, tracks, sample_rate, path: Path, target: Path, titles, bitrate) 
         if vin is None:
             raise InputError(f"{video}: has no video stream to mux")
         try:
-            sink = av.open(str(path), "w", format=_format_for(target))
+            sink = av.open(str(path), "w", format=MUX_FORMATS[path.suffix.lower()])
         except (av.FFmpegError, ValueError) as exc:
-            raise InputError(f"{target}: cannot write this container ({exc})") from None
-        with sink, contextlib.ExitStack() as readers:
-            vout = sink.add_stream_from_template(vin)
-            encoders = []
-            for k, track in enumerate(tracks):
-                samples = readers.enter_context(_samples(track, sample_rate))
-                stream = sink.add_stream("aac", rate=sample_rate)
-                stream.layout = "mono"
-                stream.bit_rate = bitrate
-                title = titles[k] if k < len(titles) else None
-                if title:
-                    stream.metadata["title"] = title
-                encoders.append(_AacTrack(stream, samples, sample_rate))
-            for packet in source.demux(vin):
-                if packet.dts is None:  # the demuxer's end-of-stream marker
-                    continue
-                until = (float(packet.dts * packet.time_base)
-                         if packet.time_base is not None else None)
-                for enc in encoders:
-                    for apacket in enc.encode_until(until):
-                        sink.mux(apacket)
-                packet.stream = vout
-                sink.mux(packet)
+            raise OutputError(f"{target}: cannot write ({one_line(exc)})") from None
+        try:
+            _copy_and_encode(source, vin, sink, tracks, sample_rate, titles, bitrate)
+        except (av.FFmpegError, OSError) as exc:  # disk full, size limit, I/O error
+            raise OutputError(f"{target}: cannot write ({one_line(exc)})") from None
+
+
+def _copy_and_encode(source, vin, sink, tracks, sample_rate, titles, bitrate) -> None:
+    with sink, contextlib.ExitStack() as readers:
+        vout = sink.add_stream_from_template(vin)
+        encoders = []
+        for k, track in enumerate(tracks):
+            samples = readers.enter_context(_samples(track, sample_rate))
+            stream = sink.add_stream("aac", rate=sample_rate)
+            stream.layout = "mono"
+            stream.bit_rate = bitrate
+            title = titles[k] if k < len(titles) else None
+            if title:
+                stream.metadata["title"] = title
+            encoders.append(_AacTrack(stream, samples, sample_rate))
+        for packet in source.demux(vin):
+            if packet.dts is None:  # the demuxer's end-of-stream marker
+                continue
+            until = (float(packet.dts * packet.time_base)
+                     if packet.time_base is not None else None)
             for enc in encoders:
-                for apacket in enc.encode_until(None):
+                for apacket in enc.encode_until(until):
                     sink.mux(apacket)
+            packet.stream = vout
+            sink.mux(packet)
+        for enc in encoders:
+            for apacket in enc.encode_until(None):
+                sink.mux(apacket)
 
 
 @contextlib.contextmanager
@@ -141,9 +155,3 @@ class _AacTrack:
         if seconds is None and not self.flushed:
             self.flushed = True
             yield from self.stream.encode(None)
-
-
-def _format_for(path: Path) -> str | None:
-    # the temporary name keeps the suffix, but be explicit for the common containers
-    return {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}.get(
-        path.suffix.lower())

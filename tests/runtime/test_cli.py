@@ -128,7 +128,7 @@ BAD = {
     "seed": (lambda t, m: ["--text", "x", "--seed", -1], "--seed"),
     "overlap": (lambda t, m: ["--text", "x", "--overlap", 1.5], "overlap must be between"),
     "max batch": (lambda t, m: ["--text", "x", "--max-batch", 0], "--max-batch"),
-    "flac float": (lambda t, m: ["--text", "x", "--format", "flac", "--subtype", "FLOAT"],
+    "flac float": (lambda t, m: ["--text", "x", "-o", t / "o.flac", "--subtype", "FLOAT"],
                    "FLAC cannot store FLOAT"),
     "trt": (lambda t, m: ["--text", "x", "--backend", "trt"], "TensorRT is not installed"),
     "mux without video": (lambda t, m: ["--text", "x", "--mux", t / "o.mp4"],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mmsep.runtime import audio
+from mmsep.runtime import audio, audio_writer
 from mmsep.runtime.cli import main
 from mmsep.runtime.errors import InputError
 from mmsep.runtime.example import make_video, tones
@@ -267,15 +267,26 @@ def test_cli_failure_after_the_first_batch_leaves_nothing(failure, model_dir, me
 
         monkeypatch.setattr(Separator, "_run_batch", run_batch)
     else:
-        original = audio.AudioWriter.write
+        original, open_file = audio.AudioWriter.write, audio_writer.open_output_file
 
         def write(self, samples):
             calls.append(1)
-            if len(calls) == 2:
-                raise OSError(28, "No space left on device")
             return original(self, samples)
 
+        class FillsUp:  # the disk is full from the second batch's samples on
+            def __init__(self, path):
+                self.raw = open_file(path)
+
+            def write(self, data):
+                if len(calls) >= 2:
+                    raise OSError(28, "No space left on device")
+                return self.raw.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.raw, name)
+
         monkeypatch.setattr(audio.AudioWriter, "write", write)
+        monkeypatch.setattr(audio_writer, "open_output_file", FillsUp)
     code, _, stderr = run_cli(["--model", model_dir, "--video", media["av"], "--steps", 1,
                                "--max-batch", 1, "-q", "-o", out_dir / "o.wav", "--mux",
                                out_dir / "o.mp4"], capsys)
@@ -283,6 +294,7 @@ def test_cli_failure_after_the_first_batch_leaves_nothing(failure, model_dir, me
     if failure == "interrupt":
         assert code == 130 and "interrupted; nothing was written" in stderr
     else:
-        assert code == 1 and "No space left on device" in stderr
+        assert code == 2 and stderr.strip() == \
+            f"mmsep-run: error: {out_dir / 'o.wav'}: cannot write (No space left on device)"
         assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert list(out_dir.iterdir()) == []
