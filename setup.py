@@ -29,7 +29,8 @@ setup(
         "Pillow>=9.1",
     ],
     entry_points={"console_scripts": ["mmsep-export=mmsep.export.cli:main",
-                                     "mmsep-run=mmsep.runtime.cli:main"]},
+                                     "mmsep-run=mmsep.runtime.cli:main",
+                                     "mmsep-finetune=mmsep.train.cli:main"]},
     extras_require={
         # Exporting needs the PyTorch definitions. On CPU-only machines install the pinned torch
         # first (README) so that pip does not pull a multi-GB CUDA build to satisfy this range.
