@@ -49,6 +49,8 @@ setup(
             "pycuda>=2022.1",
             "cuda-python>=12",
         ],
+        # the figure of benchmarks/finetune_tiny.py (the fine-tuning proof run)
+        "bench": ["matplotlib>=3.5"],
         # independent references used by the tests: librosa's mel filters, scipy's FIR design
         "test": [
             "pytest>=7",

@@ -11,7 +11,8 @@
    the mixture latent's distance;
 4. exports the reinit ft.pt with ``mmsep-export --checkpoint``, separates with ``mmsep-run`` and
    checks the ONNX Runtime latents against ``mmsep.models.sample`` on the fine-tuned weights;
-5. writes ``proof.json`` and ``finetune_tiny.png`` (validation and training loss, distances).
+5. writes ``proof.json`` and ``finetune_tiny.png`` (validation and training loss, distances;
+   needs matplotlib: ``pip install ".[export,bench]"``).
 """
 
 from __future__ import annotations
