@@ -31,7 +31,8 @@ setup(
     entry_points={"console_scripts": ["mmsep-export=mmsep.export.cli:main",
                                      "mmsep-run=mmsep.runtime.cli:main",
                                      "mmsep-batch=mmsep.scale.batch:main",
-                                     "mmsep-serve=mmsep.scale.serve_cli:main"]},
+                                     "mmsep-serve=mmsep.scale.serve_cli:main",
+                                     "mmsep-finetune=mmsep.train.cli:main"]},
     extras_require={
         # Exporting needs the PyTorch definitions. On CPU-only machines install the pinned torch
         # first (README) so that pip does not pull a multi-GB CUDA build to satisfy this range.
@@ -56,6 +57,8 @@ setup(
             "ray[data,serve]>=2.60,<3",  # verified with 2.60.0
             "python-multipart>=0.0.20",  # verified with 0.0.34
         ],
+        # the figure of benchmarks/finetune_tiny.py (the fine-tuning proof run)
+        "bench": ["matplotlib>=3.5"],
         # independent references used by the tests: librosa's mel filters, scipy's FIR design
         "test": [
             "pytest>=7",

@@ -1,0 +1,164 @@
+"""``mmsep-finetune``: fine-tune a MMAudio checkpoint into a MMAudioSep ft.pt.
+
+    mmsep-finetune --init weights/mmaudio_small_44k.pth --weights-dir . \\
+        --data train.jsonl --val val.jsonl --out runs/mine --steps 20000 --batch-size 32
+    torchrun --nproc-per-node 8 -m mmsep.train.cli ...   # the same, data-parallel
+
+Exit codes: 0 done, 2 bad usage or input (missing or malformed files, a run directory that
+already holds a checkpoint without --resume), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import recipe
+from .loop import CHECKPOINT, WEIGHTS, Ranks, TrainOptions, Trainer
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--init", "init", type=_FILE, required=True,
+              help="MMAudio generation checkpoint (or a separation one to continue from).")
+@click.option("--weights-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="Release layout holding ext_weights/ (VAE, CLIP, Synchformer).")
+@click.option("--data", type=_FILE, required=True, help="Training clips (JSONL).")
+@click.option("--val", type=_FILE, required=True, help="Validation clips (JSONL).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run directory: checkpoint.pt, ft.pt, metrics.jsonl.")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Feature cache directory (shareable between runs)  [default: OUT/cache]")
+@click.option("--steps", type=click.IntRange(1), default=TrainOptions.steps, show_default=True,
+              help="Optimiser steps in all (a resumed run continues up to this).")
+@click.option("--batch-size", type=click.IntRange(1), default=TrainOptions.batch_size,
+              show_default=True, help="Clips per step over all processes.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=recipe.LEARNING_RATE,
+              show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--warmup", type=click.IntRange(0), default=TrainOptions.warmup,
+              show_default=True, help="Linear learning-rate warm-up steps.")
+@click.option("--val-every", type=click.IntRange(1), default=TrainOptions.val_every,
+              show_default=True, help="Validation loss every N steps.")
+@click.option("--save-every", type=click.IntRange(1), default=TrainOptions.save_every,
+              show_default=True, help="Write checkpoint.pt and ft.pt every N steps.")
+@click.option("--log-every", type=click.IntRange(1), default=TrainOptions.log_every,
+              show_default=True, help="Progress line and metrics row every N steps.")
+@click.option("--init-input-proj", type=click.Choice(recipe.INIT_INPUT_PROJ), default="reinit",
+              show_default=True, help="reinit: fresh audio input projection (the authors); "
+              "zero-mix: pretrained weights, zeros for the mixture channels.")
+@click.option("--train-fused", is_flag=True,
+              help="Also train the fused blocks and the final layer (the authors freeze them).")
+@click.option("--duration", type=click.FloatRange(2.0, 60.0), default=8.0, show_default=True,
+              help="Training window in seconds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
+@click.option("--val-seed", type=int, default=0, show_default=True,
+              help="Seed of the fixed validation mixtures (keep it to compare runs).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (the process's GPU under torchrun, else cuda, else cpu), cpu, cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def main(**kw) -> None:
+    """Fine-tune a MMAudio flow network for query-based separation (writes OUT/ft.pt)."""
+    from mmsep.models.io import CheckpointError
+
+    from .data import DataError
+
+    out: Path = kw["out"]
+    if kw["resume"] and not (out / CHECKPOINT).is_file():
+        _fail(2, f"{out / CHECKPOINT}: no checkpoint to resume from")
+    if not kw["resume"] and (out / CHECKPOINT).exists():
+        _fail(2, f"{out}: already holds a run ({CHECKPOINT}); pass --resume or another --out")
+    try:
+        ranks = _init_distributed()
+        trainer = build_trainer(kw, ranks)
+        if kw["resume"]:
+            trainer.resume()
+        trainer.fit()
+    except (DataError, CheckpointError, ValueError) as exc:
+        _fail(2, str(exc))
+    except KeyboardInterrupt:
+        _fail(1, "interrupted")
+    except Exception as exc:  # a one-line report instead of a traceback
+        _fail(1, f"internal failure: {type(exc).__name__}: {exc}")
+    if ranks.main and not kw["quiet"]:
+        click.echo(f"wrote {out / WEIGHTS}")
+    _finish_distributed(ranks)
+
+
+def _fail(code: int, message: str) -> None:
+    click.echo(f"error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    sys.exit(code)
+
+
+def _init_distributed() -> Ranks:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Ranks(dist.get_rank(), world)
+
+
+def _finish_distributed(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _device(name: str):
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def build_trainer(kw: dict, ranks: Ranks) -> Trainer:
+    """The Trainer for the command line's settings ``kw`` (feature cache built first)."""
+    import mmsep.models as mm
+
+    from .data import class_ids, read_clips
+    from .features import build_cache, load_encoders, load_table
+
+    log = (lambda msg: None) if kw["quiet"] or not ranks.main else click.echo
+    clips = {split: read_clips(kw[split]) for split in ("data", "val")}
+    net = recipe.separation_start(mm.load_flow(kw["init"], duration=kw["duration"]),
+                                  kw["init_input_proj"], kw["seed"])
+    encoders = load_encoders(kw["weights_dir"], net.config.mode)
+    lengths = net.config.lengths
+    cache = kw["cache"] or kw["out"] / "cache"
+    if ranks.main:  # the other processes wait, then find every entry in place
+        for split, items in clips.items():
+            build_cache(items, encoders, lengths, cache, _cache_progress(log, split))
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    empty = tuple(e[0] for e in net.empty_conditions(1))
+    tables = {split: load_table(build_cache(items, encoders, lengths, cache), class_ids(items),
+                                empty) for split, items in clips.items()}
+    options = TrainOptions(**{k: kw[k] for k in ("steps", "batch_size", "lr", "warmup",
+                                                  "val_every", "save_every", "log_every",
+                                                  "seed", "val_seed", "train_fused")})
+    return Trainer(net, encoders, tables["data"], tables["val"], options, kw["out"],
+                   ranks=ranks, device=_device(kw["device"]), log=log)
+
+
+def _cache_progress(log, split: str):
+    def report(done: int, total: int) -> None:
+        if done == total or done % 50 == 0:
+            log(f"features ({'train' if split == 'data' else 'val'}): {done}/{total} clips")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The clip list (JSONL) and the training mixtures.
+
+One JSON object per line: ``video`` and/or ``audio`` (paths, relative to the JSONL's folder or
+absolute), ``text`` (the label a user would query with; optional when there is a video) and an
+optional ``class``. The source audio is ``audio`` when given, else the video's audio track.
+
+Mixtures follow the authors' training data (mmaudiosep/data/extracted_audio_sep.py): an
+interfering clip is scaled so that the target-to-interferer power ratio is an SNR drawn
+uniformly from [-15, 15] dB, added, and when the mixture's peak exceeds 1 both the target and the
+mixture are divided by that peak. Interferers come from another class when clips have classes
+(the authors draw any other clip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SNR_RANGE_DB = (-15.0, 15.0)
+_EPS = 1e-6  # as the authors: in the power ratio and the peak
+
+
+class DataError(ValueError):
+    """A clip list or a clip that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    audio: Path | None
+    video: Path | None
+    text: str | None
+    label: str | None  # the "class" field
+
+    @property
+    def source(self) -> Path:
+        """The file the target audio is read from."""
+        return self.audio if self.audio is not None else self.video
+
+    def key(self) -> dict:
+        return {"audio": _str(self.audio), "video": _str(self.video), "text": self.text}
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def read_clips(path: str | os.PathLike) -> list[Clip]:
+    """Parse and check a clip list; every problem is a DataError naming ``path:line``."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the clip list ({exc})") from None
+    clips = [_clip(path, n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if len(clips) < 2:
+        raise DataError(f"{path}: needs at least 2 clips (a target and an interferer), "
+                        f"found {len(clips)}")
+    labels = {c.label for c in clips}
+    if None not in labels and len(labels) < 2:
+        raise DataError(f"{path}: every clip has class {labels.pop()!r}; interferers come from "
+                        "other classes, so at least 2 classes are needed")
+    return clips
+
+
+def _clip(path: Path, line_no: int, line: str) -> Clip:
+    where = f"{path}:{line_no}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    unknown = sorted(set(item) - {"audio", "video", "text", "class"})
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {', '.join(unknown)} "
+                        "(expected video, audio, text, class)")
+    files = {}
+    for field in ("audio", "video"):
+        value = item.get(field)
+        if value is None:
+            files[field] = None
+            continue
+        if not isinstance(value, str) or not value:
+            raise DataError(f"{where}: {field} must be a path string")
+        file = Path(value) if Path(value).is_absolute() else path.parent / value
+        if not file.is_file():
+            raise DataError(f"{where}: {field} file {file} not found")
+        files[field] = file
+    if files["audio"] is None and files["video"] is None:
+        raise DataError(f"{where}: a clip needs a video and/or an audio file")
+    text, label = item.get("text"), item.get("class")
+    for field, value in (("text", text), ("class", label)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise DataError(f"{where}: {field} must be a non-empty string")
+    if text is None and files["video"] is None:
+        raise DataError(f"{where}: a clip without a video needs a text label (its query)")
+    return Clip(files["audio"], files["video"], text, label)
+
+
+def class_ids(clips: list[Clip]) -> torch.Tensor:
+    """(K,) int64: a class index per clip; clips without a class each get their own index."""
+    names: dict[str, int] = {}
+    ids = []
+    for i, clip in enumerate(clips):
+        key = clip.label if clip.label is not None else f"\0{i}"
+        ids.append(names.setdefault(key, len(names)))
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def draw_interferers(targets: torch.Tensor, classes: torch.Tensor,
+                     gen: torch.Generator) -> torch.Tensor:
+    """For each target index, a random clip index of another class, (B,) int64."""
+    other = classes[None, :] != classes[targets][:, None]  # (B, K)
+    weights = other.to(torch.float64)
+    return torch.multinomial(weights, 1, generator=gen).squeeze(1)
+
+
+def mix_at_snr(target: torch.Tensor, interferer: torch.Tensor,
+               snr_db: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, mixture), each (B, L): ``target + g * interferer`` at ``snr_db`` (B,), both
+    divided by the mixture's peak when it exceeds 1 (the target stays the mixture's part)."""
+    power_t = target.pow(2).mean(dim=1)
+    power_i = interferer.pow(2).mean(dim=1)
+    gain = torch.sqrt(power_t / (10.0 ** (snr_db / 10.0) * (power_i + _EPS)))
+    mixture = target + gain[:, None] * interferer
+    peak = (mixture.abs() + _EPS).amax(dim=1)
+    coeff = torch.where(peak > 1.0, 1.0 / peak, torch.ones_like(peak))[:, None]
+    return target * coeff, mixture * coeff
+
+
+def draw_snr(batch: int, gen: torch.Generator) -> torch.Tensor:
+    low, high = SNR_RANGE_DB
+    return low + (high - low) * torch.rand(batch, generator=gen, dtype=torch.float64).float()

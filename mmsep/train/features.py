@@ -1,0 +1,166 @@
+"""The frozen encoders and the feature cache that training reads.
+
+Every clip's query features (CLIP image features of its video at 8 fps, Synchformer features at
+25 fps, CLIP text features of its label) and its source waveform (one window, mono, at the model
+rate) are computed once through mmsep's own encoders and written to one file per clip. A file's
+name is a hash of the clip (paths, label), the encoders' weights and the window length, so a
+changed clip or encoder is recomputed instead of reused, an interrupted run resumes where it
+stopped, and several runs can share one cache directory. Files are written atomically.
+
+The VAE latents of the mixtures are not cached: mixtures are drawn anew at every step (as the
+authors' training does), so the target and mixture posteriors are encoded on the fly by the frozen
+mel front end and VAE (``encode_posterior``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmsep.models import video_reference
+from mmsep.models.presets import SequenceLengths
+from mmsep.runtime.atomic import atomic_output
+
+from .data import Clip, DataError
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class Encoders:
+    """The frozen feature networks of one deployment, in eval mode."""
+
+    mel: nn.Module
+    vae: nn.Module
+    clip: nn.Module
+    synchformer: nn.Module
+    fingerprint: str  # identifies the weights (part of every cache key)
+
+    @torch.no_grad()
+    def posterior(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior of (B, L) waveforms, each (B, N, C) channels last."""
+        mean, std = self.vae.encode_posterior(self.mel(waveform))
+        return mean.transpose(1, 2), std.transpose(1, 2)
+
+
+def load_encoders(weights_dir: str | os.PathLike, mode: str) -> Encoders:
+    """The VAE, CLIP and Synchformer of the release layout under ``weights_dir``."""
+    from mmsep.model_files import sha256_file
+    from mmsep.models import MelSpectrogram, load_clip, load_synchformer, load_vae
+    from mmsep.models.components import CLIP_DIR, SYNCHFORMER_FILE, VAE_FILES, _clip_file
+    from mmsep.models.io import CheckpointError
+
+    root = Path(weights_dir)
+    vae_path, sync_path = root / VAE_FILES[mode], root / SYNCHFORMER_FILE
+    for path, what in ((vae_path, "VAE checkpoint"), (sync_path, "Synchformer checkpoint")):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: {what} not found")
+    clip_path = _clip_file(root / CLIP_DIR)
+    digest = hashlib.sha256()
+    for path in (vae_path, clip_path, sync_path):
+        digest.update(sha256_file(path).encode())
+    return Encoders(mel=MelSpectrogram(mode).eval(), vae=load_vae(vae_path, mode=mode).eval(),
+                    clip=load_clip(clip_path).eval(),
+                    synchformer=load_synchformer(sync_path).eval(),
+                    fingerprint=digest.hexdigest())
+
+
+def cache_key(clip: Clip, encoders: Encoders, lengths: SequenceLengths) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, "clip": clip.key(), "weights": encoders.fingerprint,
+                       "duration": lengths.duration, "mode": lengths.mode.name}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _decoded_frames(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from mmsep.runtime.errors import InputError
+    from mmsep.runtime.video import VideoSource, rgb
+
+    try:
+        pairs = [(t, rgb(frame)) for t, frame in VideoSource(path).frames()]
+    except InputError as exc:
+        raise DataError(str(exc)) from None
+    if not pairs:
+        raise DataError(f"{path}: no video frames")
+    return np.stack([f for _, f in pairs]), np.asarray([t for t, _ in pairs])
+
+
+@torch.no_grad()
+def clip_features(clip: Clip, encoders: Encoders,
+                  lengths: SequenceLengths) -> dict[str, torch.Tensor | None]:
+    """One clip's cache entry: ``audio`` (L,) and ``clip_f``/``sync_f``/``text_f`` (None when
+    the clip has no video / no text)."""
+    from mmsep.runtime import tokenize
+    from mmsep.runtime.audio import read_audio
+    from mmsep.runtime.errors import InputError
+
+    try:
+        audio = read_audio(clip.source, lengths.mode.sample_rate)[:lengths.audio_samples]
+    except InputError as exc:
+        raise DataError(str(exc)) from None
+    audio = np.pad(audio, (0, lengths.audio_samples - audio.size))
+    entry: dict[str, torch.Tensor | None] = {"audio": torch.from_numpy(audio.copy()),
+                                             "clip_f": None, "sync_f": None, "text_f": None}
+    if clip.video is not None:
+        frames, times = _decoded_frames(clip.video)
+        images = video_reference.clip_frames(frames, times, lengths.duration)
+        entry["clip_f"] = encoders.clip.encode_image(images)
+        sync = video_reference.sync_frames(frames, times, lengths.duration)
+        entry["sync_f"] = encoders.synchformer.encode_video(sync[None])[0]
+    if clip.text is not None:
+        entry["text_f"] = encoders.clip.encode_text(torch.from_numpy(tokenize([clip.text])))[0]
+    return entry
+
+
+def build_cache(clips: list[Clip], encoders: Encoders, lengths: SequenceLengths,
+                cache_dir: str | os.PathLike,
+                progress: Callable[[int, int], None] | None = None) -> list[Path]:
+    """Compute the entries that are not in ``cache_dir`` yet; returns every clip's file."""
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [root / f"{cache_key(c, encoders, lengths)}.pt" for c in clips]
+    for done, (clip, path) in enumerate(zip(clips, paths), start=1):
+        if not path.exists():
+            entry = clip_features(clip, encoders, lengths)
+            with atomic_output(path) as tmp:
+                torch.save(entry, tmp)
+        if progress is not None:
+            progress(done, len(clips))
+    return paths
+
+
+@dataclass
+class ClipTable:
+    """Every clip's cached features stacked on the first axis (missing ones as the empty
+    features, flagged by ``video_exist`` / ``text_exist``)."""
+
+    audio: torch.Tensor  # (K, L)
+    clip_f: torch.Tensor  # (K, Tc, Dc)
+    sync_f: torch.Tensor  # (K, Ts, Ds)
+    text_f: torch.Tensor  # (K, 77, Dt)
+    video_exist: torch.Tensor  # (K,) bool
+    text_exist: torch.Tensor  # (K,) bool
+    classes: torch.Tensor  # (K,) int64
+
+    def __len__(self) -> int:
+        return self.audio.shape[0]
+
+
+def load_table(paths: list[Path], classes: torch.Tensor, empty: tuple[torch.Tensor, ...]) -> ClipTable:
+    """Stack the cache files; ``empty`` is the network's (clip, sync, text) empty features, one
+    item each, standing in for what a clip lacks."""
+    entries = [torch.load(p, weights_only=True) for p in paths]
+    stacked = {}
+    for name, fill in zip(("clip_f", "sync_f", "text_f"), empty):
+        stacked[name] = torch.stack([e[name] if e[name] is not None else fill for e in entries])
+    return ClipTable(audio=torch.stack([e["audio"] for e in entries]), **stacked,
+                     video_exist=torch.tensor([e["clip_f"] is not None for e in entries]),
+                     text_exist=torch.tensor([e["text_f"] is not None for e in entries]),
+                     classes=classes)

@@ -1,0 +1,266 @@
+"""The training loop: batches of fresh mixtures, the flow-matching step, EMA, validation,
+checkpoints, metrics; one process or several under torchrun (DDP).
+
+Randomness is a pure function of (seed, rank, step): every step draws its clips, interferers,
+SNRs, posterior noise, times, x0 and query dropout from its own generator, so a resumed run
+continues exactly as an uninterrupted one. The validation set is a fixed list of mixtures drawn
+from ``val_seed`` alone (one per validation clip), with fixed times and noises and no dropout, so
+validation losses of different runs on the same clips are comparable. Validation uses the EMA
+weights (what ft.pt ships).
+
+Files in the run directory: ``checkpoint.pt`` (network, EMA, optimiser, step; written atomically
+every ``save_every`` steps and at the end), ``ft.pt`` (the EMA network's state dict, loadable with
+``mmsep.models.load_flow``) and ``metrics.jsonl`` (one JSON object per log line).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmsep.runtime.atomic import atomic_output
+
+from . import recipe
+from .data import draw_interferers, draw_snr, mix_at_snr
+from .features import ClipTable, Encoders
+
+CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "ft.pt", "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    steps: int = 1000
+    batch_size: int = 8  # over all processes
+    lr: float = recipe.LEARNING_RATE
+    warmup: int = 100
+    val_every: int = 50
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    val_seed: int = 0
+    train_fused: bool = False
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class Trainer:
+    def __init__(self, net, encoders: Encoders, train: ClipTable, val: ClipTable,
+                 options: TrainOptions, run_dir: str | os.PathLike, *, ranks: Ranks = Ranks(),
+                 device: str | torch.device = "cpu", log: Callable[[str], None] = print):
+        if options.batch_size % ranks.world:
+            raise ValueError(f"batch size {options.batch_size} is not a multiple of the "
+                             f"{ranks.world} processes")
+        self.options, self.ranks, self.log = options, ranks, log
+        self.device = torch.device(device)
+        self.run_dir = Path(run_dir)
+        self.encoders = encoders
+        encoders.mel.to(self.device)
+        encoders.vae.to(self.device)
+        self.train_table, self.val_table = train, val
+        self.net = net.to(self.device).train()
+        self.trainable = recipe.set_trainable(self.net, options.train_fused)
+        self.model = self.net
+        if ranks.world > 1:
+            # the last joint block's clip/text queries get no gradient (as upstream's)
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.net, broadcast_buffers=False, find_unused_parameters=True)
+        amp = self.device.type == "cuda"
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.net.parameters() if p.requires_grad], lr=options.lr,
+            betas=recipe.ADAM_BETAS, weight_decay=recipe.WEIGHT_DECAY, eps=1e-6 if amp else 1e-8)
+        self.ema = recipe.PowerEMA(self.net)
+        self.step = 0
+        self._val_batches: list[dict[str, torch.Tensor]] | None = None
+
+    # ---- batches -----------------------------------------------------------------------------
+
+    def _batch(self, table: ClipTable, targets: torch.Tensor, gen: torch.Generator,
+               dropout: bool) -> dict[str, torch.Tensor]:
+        b = targets.shape[0]
+        interferers = draw_interferers(targets, table.classes, gen)
+        target, mixture = mix_at_snr(table.audio[targets], table.audio[interferers],
+                                     draw_snr(b, gen))
+        mean, std = self.encoders.posterior(torch.cat([target, mixture]).to(self.device))
+        eps = torch.randn(mean[:b].shape, generator=gen).to(self.device)
+        latents = self.net.normalize(mean + std * torch.cat([eps, eps]))  # the same noise draw
+        video_keep, text_keep = table.video_exist[targets], table.text_exist[targets]
+        if dropout:
+            p = recipe.NULL_CONDITION_PROBABILITY
+            video_keep = video_keep & (torch.rand(b, generator=gen) >= p)
+            text_keep = text_keep & (torch.rand(b, generator=gen) >= p)
+        batch = {"x1": latents[:b], "x_mix": latents[b:], "t": recipe.sample_time(b, gen),
+                 "x0": torch.randn(eps.shape, generator=gen), "video_keep": video_keep,
+                 "text_keep": text_keep, "clip_f": table.clip_f[targets],
+                 "sync_f": table.sync_f[targets], "text_f": table.text_f[targets]}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = recipe.drop_queries(self.net, {k: batch[k] for k in ("clip_f", "sync_f",
+                                                                        "text_f")},
+                                       batch["video_keep"], batch["text_keep"])
+        with torch.autocast(**self.autocast):
+            return recipe.cfm_loss(model, batch["x1"], batch["x_mix"], features, batch["t"],
+                                   batch["x0"])
+
+    def train_batch(self, step: int) -> dict[str, torch.Tensor]:
+        per_rank = self.options.batch_size // self.ranks.world
+        gen = _generator(self.options.seed, self.ranks.rank, step)
+        targets = torch.randint(len(self.train_table), (per_rank,), generator=gen)
+        return self._batch(self.train_table, targets, gen, dropout=True)
+
+    def val_batches(self) -> list[dict[str, torch.Tensor]]:
+        if self._val_batches is None:
+            gen = _generator(self.options.val_seed, -1, -1)
+            order = torch.arange(len(self.val_table))
+            size = self.options.batch_size
+            self._val_batches = [self._batch(self.val_table, order[i:i + size], gen, dropout=False)
+                                 for i in range(0, len(order), size)]
+        return self._val_batches
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        batch = self.train_batch(self.step)
+        loss = self._loss(self.model, batch).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
+            group["lr"] = self.learning_rate()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), recipe.GRAD_CLIP)
+        self.optimizer.step()
+        self.ema.update(self.net)
+        self.step += 1
+        value = loss.detach()
+        if self.ranks.world > 1:
+            dist.all_reduce(value)
+            value /= self.ranks.world
+        return float(value)
+
+    def learning_rate(self, step: int | None = None) -> float:
+        o = self.options
+        return o.lr * recipe.lr_factor(self.step if step is None else step, o.warmup, o.steps)
+
+    def ema_network(self):
+        """A copy of the network holding the EMA weights, in eval mode."""
+        return self.ema.copy_to(copy.deepcopy(self.net)).eval()
+
+    @torch.no_grad()
+    def validate(self, net=None) -> float:
+        net = self.ema_network() if net is None else net
+        losses = [self._loss(net, batch) for batch in self.val_batches()]
+        return float(torch.cat(losses).mean())
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """checkpoint.pt and ft.pt, each written atomically (main process only)."""
+        if not self.ranks.main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "options": asdict(self.options), "world": self.ranks.world,
+                 "net": self.net.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.optimizer.state_dict()}
+        with atomic_output(self.run_dir / CHECKPOINT) as tmp:
+            torch.save(state, tmp)
+        with atomic_output(self.run_dir / WEIGHTS) as tmp:
+            torch.save(self.ema_network().state_dict(), tmp)
+
+    def resume(self) -> None:
+        """Continue from the run directory's checkpoint.pt (same options but ``steps``)."""
+        path = self.run_dir / CHECKPOINT
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        saved = {k: v for k, v in state["options"].items() if k != "steps"}
+        given = {k: v for k, v in asdict(self.options).items() if k != "steps"}
+        changed = sorted(k for k in given if saved.get(k) != given[k])
+        if changed or state["world"] != self.ranks.world:
+            what = ", ".join(f"{k} {saved.get(k)!r} -> {given[k]!r}" for k in changed)
+            if state["world"] != self.ranks.world:
+                what = ", ".join(filter(None, [what, f"processes {state['world']} -> "
+                                                     f"{self.ranks.world}"]))
+            raise ValueError(f"{path}: cannot resume with other settings ({what})")
+        self.net.load_state_dict(state["net"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        if self.ranks.main:
+            _truncate_metrics(self.run_dir / METRICS, self.step)
+
+    # ---- the run -----------------------------------------------------------------------------
+
+    def _record(self, row: dict) -> None:
+        if self.ranks.main:
+            with open(self.run_dir / METRICS, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def _validate_and_record(self) -> float | None:
+        value = self.validate() if self.ranks.main else None
+        if value is not None:
+            self._record({"step": self.step, "val_loss": value})
+        if self.ranks.world > 1:
+            dist.barrier()
+        return value
+
+    def fit(self) -> None:
+        """Train until ``options.steps``, validating, logging and saving on the way."""
+        o = self.options
+        if self.ranks.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.step == 0:
+            val = self._validate_and_record()
+            if val is not None:
+                self.log(f"step 0/{o.steps}  val_loss {val:.4f}")
+        losses, started = [], time.perf_counter()
+        while self.step < o.steps:
+            losses.append(self.train_step())
+            val = None
+            if self.step % o.val_every == 0 or self.step == o.steps:
+                val = self._validate_and_record()
+            if self.step % o.log_every == 0 or self.step == o.steps:
+                elapsed = time.perf_counter() - started
+                row = {"step": self.step, "loss": sum(losses) / len(losses),
+                       "lr": self.learning_rate(self.step - 1),
+                       "steps_per_s": len(losses) / elapsed,
+                       "clips_per_s": len(losses) * o.batch_size / elapsed}
+                self._record(row)
+                if self.ranks.main:
+                    self.log(_progress(row, o.steps, val))
+                losses, started = [], time.perf_counter()
+            if self.step % o.save_every == 0 or self.step == o.steps:
+                self.save()
+
+
+def _progress(row: dict, steps: int, val: float | None) -> str:
+    text = (f"step {row['step']}/{steps}  loss {row['loss']:.4f}  "
+            f"{row['steps_per_s']:.2f} steps/s  {row['clips_per_s']:.1f} clips/s")
+    return text + (f"  val_loss {val:.4f}" if val is not None else "")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint a run resumes from."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mmsep.train.cli import main
+
+torch = pytest.importorskip("torch")
+
+
+def _args(corpus, weights_dir, tables, out, *extra):
+    return ["--init", str(weights_dir / "weights/mmaudio_tiny.pth"),
+            "--weights-dir", str(weights_dir), "--data", str(corpus["train"]),
+            "--val", str(corpus["val"]), "--out", str(out), "--cache", str(tables["cache"]),
+            "--duration", "2", "--batch-size", "2", "--val-every", "2", "--log-every", "1",
+            *extra]
+
+
+def test_a_short_run_writes_a_loadable_ft_pt(corpus, weights_dir, tables, tmp_path):
+    import mmsep.models as mm
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--steps", "2"))
+    assert result.exit_code == 0, result.output
+    assert "step 2/2" in result.output and "val_loss" in result.output
+    net = mm.load_flow(out / "ft.pt", duration=2.0)
+    assert net.config.separation and net.config.name == "tiny"
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "steps_per_s", "clips_per_s"} <= set(rows[-1])
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2]
+    # a finished run continues with --resume and more steps; without --resume it is refused
+    again = CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--steps", "3",
+                                           "--resume"))
+    assert again.exit_code == 0, again.output
+    assert "step 3/3" in again.output
+    refused = CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--steps", "3"))
+    assert refused.exit_code == 2 and "pass --resume" in refused.output
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--resume": None}, "no checkpoint to resume from"),
+    ({"--init": "list"}, "not a readable MMAudio flow checkpoint"),
+    ({"--data": "bad"}, "not valid JSON"),
+    ({"--init": "missing"}, "does not exist"),
+    ({"--init-input-proj": "copy"}, "'copy' is not one of"),
+])
+def test_bad_usage_exits_2(corpus, weights_dir, tables, tmp_path, change, message):
+    (tmp_path / "bad.jsonl").write_text("{oops\n{}\n")
+    files = {"list": str(corpus["train"]), "bad": str(tmp_path / "bad.jsonl"),
+             "missing": str(tmp_path / "nothing.pt")}
+    args = _args(corpus, weights_dir, tables, tmp_path / "run", "--steps", "1")
+    for key, value in change.items():
+        if value is None:
+            args.append(key)
+        elif key in args:
+            args[args.index(key) + 1] = files.get(value, value)
+        else:
+            args += [key, value]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "ft.pt").exists()

@@ -1,0 +1,43 @@
+"""Data-parallel fine-tuning under torchrun: 2 CPU processes, gloo, a handful of steps."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.test_cli import _args
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(corpus, weights_dir, tables, tmp_path):
+    import mmsep.models as mm
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "mmsep.train.cli",
+               *_args(corpus, weights_dir, tables, out, "--steps", "4", "--device", "cpu",
+                      "--save-every", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("step 4/4") == 1  # only rank 0 reports
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["clips_per_s"] > 0 for r in rows if "loss" in r)
+    ft = mm.load_flow(out / "ft.pt", duration=2.0)
+    start = mm.load_flow(weights_dir / "weights/mmaudio_tiny.pth", duration=2.0)
+    assert ft.config.separation
+    assert torch.equal(ft.state_dict()["fused_blocks.0.attn.qkv.weight"],
+                       start.state_dict()["fused_blocks.0.attn.qkv.weight"])
+    # resuming needs the same number of processes
+    shutil.copytree(out, tmp_path / "copy")
+    single = subprocess.run(
+        [sys.executable, "-m", "mmsep.train.cli",
+         *_args(corpus, weights_dir, tables, tmp_path / "copy", "--steps", "5", "--resume")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 2 and "processes 2 -> 1" in single.stderr

@@ -1,0 +1,51 @@
+import pytest
+
+from mmsep.train import features
+from mmsep.train.data import read_clips
+
+torch = pytest.importorskip("torch")
+
+
+def test_encode_posterior_matches_the_encoder_moments(encoders):
+    vae = encoders.vae
+    mel = encoders.mel(0.3 * torch.randn(2, 44100))
+    mean, std = vae.encode_posterior(mel)
+    moments = vae.encoder((mel - vae.data_mean) / vae.data_std)
+    c = vae.latent_dim
+    assert torch.equal(mean, vae.encode_mean(mel))
+    assert torch.allclose(std, torch.exp(0.5 * moments[:, c:].clamp(-30, 20)))
+
+
+def test_cached_features_have_the_network_shapes(tables, generator_net):
+    c = generator_net.config
+    train = tables["train"]
+    assert train.audio.shape == (8, c.lengths.audio_samples)
+    assert train.clip_f.shape == (8, c.clip_seq_len, c.clip_dim)
+    assert train.sync_f.shape == (8, c.sync_seq_len, c.sync_dim)
+    assert train.text_f.shape == (8, c.text_seq_len, c.text_dim)
+    assert train.video_exist.all() and train.text_exist.all()
+    # same label, same text features; different videos, different clip features
+    assert torch.equal(train.text_f[0], train.text_f[1])
+    assert not torch.allclose(train.clip_f[0], train.clip_f[1])
+
+
+def test_cache_resumes_and_keys_on_content(corpus, encoders, generator_net, tables, monkeypatch,
+                                           tmp_path):
+    clips = read_clips(corpus["val"])
+    lengths = generator_net.config.lengths
+    paths = features.build_cache(clips, encoders, lengths, tables["cache"])
+    before = [torch.load(p) for p in paths]
+    paths[2].unlink()  # as if interrupted before the third clip
+    computed = []
+    original = features.clip_features
+    monkeypatch.setattr(features, "clip_features",
+                        lambda clip, *a: computed.append(clip) or original(clip, *a))
+    again = features.build_cache(clips, encoders, lengths, tables["cache"])
+    assert again == paths and computed == [clips[2]]
+    assert torch.equal(torch.load(paths[2])["clip_f"], before[2]["clip_f"])
+    # another label is another entry; another window length too
+    relabelled = [type(c)(c.audio, c.video, "something else", c.label) for c in clips[:1]]
+    assert features.build_cache(relabelled, encoders, lengths, tables["cache"]) != paths[:1]
+    longer = type(lengths)(4.0, lengths.mode)
+    assert features.cache_key(clips[0], encoders, longer) != paths[0].stem
+    assert not list(tables["cache"].glob(".*partial*"))

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from mmsep.train import recipe
+from mmsep.train.loop import TrainOptions, Trainer
+
+torch = pytest.importorskip("torch")
+
+
+def make_trainer(generator_net, encoders, tables, run_dir, init="reinit", **options):
+    options = {"steps": 4, "batch_size": 2, "warmup": 0, "val_every": 2, "save_every": 2,
+               "log_every": 2, **options}
+    net = recipe.separation_start(generator_net, init, seed=0)
+    return Trainer(net, encoders, tables["train"], tables["val"], TrainOptions(**options),
+                   run_dir, log=lambda msg: None)
+
+
+def test_loss_falls_on_a_fixed_batch(generator_net, encoders, tables, tmp_path):
+    trainer = make_trainer(generator_net, encoders, tables, tmp_path, lr=3e-3, steps=20)
+    batch = trainer.train_batch(0)
+    trainer.train_batch = lambda step: batch
+    before = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}
+    losses = [trainer.train_step() for _ in range(20)]
+    print(f"fixed-batch loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.6 * losses[0]
+    trainable = set(trainer.trainable)
+    for name, param in trainer.net.named_parameters():
+        # the queries of the last joint block's clip/text streams feed outputs it discards
+        if name in trainable and _has_gradient(param):
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert torch.equal(param, before[name]), name
+    unused = [n for n, p in trainer.net.named_parameters() if n in trainable
+              and not _has_gradient(p)]
+    assert len(unused) < 0.1 * len(trainable)
+    # the EMA trails the raw weights but has moved from the start
+    w = "joint_blocks.0.latent_block.attn.qkv.weight"
+    shadow = trainer.ema.shadow[w]
+    assert not torch.equal(shadow, before[w]) and not torch.equal(shadow, trainer.net.state_dict()[w])
+
+
+def _has_gradient(param) -> bool:
+    return param.grad is not None and bool(param.grad.abs().sum() > 0)
+
+
+def test_batches_share_the_posterior_noise_and_are_seeded(generator_net, encoders, tables,
+                                                          tmp_path):
+    trainer = make_trainer(generator_net, encoders, tables, tmp_path)
+    a, b = trainer.train_batch(5), trainer.train_batch(5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["x1"], trainer.train_batch(6)["x1"])
+    assert a["x1"].shape == a["x_mix"].shape == a["x0"].shape == (2, 87, 40)
+
+
+def test_validation_does_not_depend_on_the_training_seed(generator_net, encoders, tables,
+                                                         tmp_path):
+    a = make_trainer(generator_net, encoders, tables, tmp_path / "a", seed=1)
+    b = make_trainer(generator_net, encoders, tables, tmp_path / "b", seed=2)
+    assert a.validate() == b.validate()
+    assert sum(len(v["x1"]) for v in a.val_batches()) == len(tables["val"])
+
+
+def test_resume_continues_exactly(generator_net, encoders, tables, tmp_path):
+    straight = make_trainer(generator_net, encoders, tables, tmp_path / "straight")
+    straight.fit()
+    first = make_trainer(generator_net, encoders, tables, tmp_path / "resumed", steps=2)
+    first.fit()
+    second = make_trainer(generator_net, encoders, tables, tmp_path / "resumed")
+    second.resume()
+    assert second.step == 2
+    second.fit()
+    for name, value in straight.net.state_dict().items():
+        assert torch.equal(value, second.net.state_dict()[name]), name
+    ft = [torch.load(tmp_path / d / "ft.pt") for d in ("straight", "resumed")]
+    assert all(torch.equal(v, ft[1][k]) for k, v in ft[0].items())
+    rows = [json.loads(r) for r in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(r) for r in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in again] == [0, 2, 2, 4, 4]
+    assert [r.get("val_loss") for r in rows] == [r.get("val_loss") for r in again]
+    with pytest.raises(ValueError, match="lr"):
+        make_trainer(generator_net, encoders, tables, tmp_path / "resumed", lr=1e-3).resume()
