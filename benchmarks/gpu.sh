@@ -51,12 +51,6 @@ backend_list=$(IFS=,; echo "${backends[*]}")
 
 for preset in $presets; do
     case $preset in
-    *_16k)
-        echo "gpu.sh: $preset cannot be exported (mmsep has no 16 kHz BigVGAN v1 vocoder);" \
-             "reporting its FLOP counts only"
-        python "$here/flops.py" "$preset" --json "$out/flops-$preset.json"
-        continue
-        ;;
     tiny)
         model=$work/models/tiny
         mmsep-export --preset tiny --out "$model" --quiet
@@ -64,12 +58,11 @@ for preset in $presets; do
     *)
         weights=$work/weights-$preset
         model=$work/models/$preset
-        if [[ ! -f $weights/weights/mmaudio_$preset.pth ]]; then
+        if [[ ! -f $weights/weights/mmaudiosep_$preset.pth ]]; then
             python -m mmsep.models.random_weights --preset "$preset" --out "$weights"
         fi
         # engines are built here where TensorRT and a GPU are present
-        mmsep-export --checkpoint "$weights/weights/mmaudio_$preset.pth" \
-            --weights-dir "$weights" --out "$model" --quiet
+        mmsep-export --weights-dir "$weights" --variant "$preset" --out "$model" --quiet
         ;;
     esac
     echo "gpu.sh: $preset on $backend_list (+ baseline), durations $durations, batch $batch"

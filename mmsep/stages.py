@@ -162,7 +162,8 @@ def build_stage_specs(g: Geometry, *, max_batch: int = 4) -> dict[str, StageSpec
         StageSpec("vae_decoder", "normalised latent -> un-normalise -> VAE decoder -> log-mel",
                   (TensorSpec("latent", f32, latent),),
                   (TensorSpec("mel", f32, ("batch", g.n_mels, g.mel_frames)),), **common),
-        StageSpec("vocoder", "log-mel -> waveform (BigVGAN v2)",
+        StageSpec("vocoder", "log-mel -> waveform (BigVGAN "
+                  f"{'v1' if g.sample_rate == 16000 else 'v2'})",
                   (TensorSpec("mel", f32, ("batch", g.n_mels, g.mel_frames)),),
                   (TensorSpec("waveform", f32, ("batch", g.window_samples)),), **common),
     ]

@@ -23,11 +23,17 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
               help="Export a preset with random weights instead of a checkpoint "
                    "(default when no --checkpoint: tiny, the embedded demo model).")
 @click.option("--weights-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Directory laid out like the MMAudio release (ext_weights/v1-44.pth, "
-                   "ext_weights/synchformer_state_dict.pth, ...), for the companion networks.")
+              help="Directory laid out like the MMAudioSep release (weights/mmaudiosep_<variant>"
+                   ".pth, ext_weights/v1-16.pth, v1-44.pth, best_netG.pt, "
+                   "synchformer_state_dict.pth, ...), for the companion networks.")
+@click.option("--variant", default=None,
+              help="Released variant to export from --weights-dir (small_16k, small_44k, "
+                   "medium_44k, large_44k): weights/mmaudiosep_<variant>.pth, else MMAudio's "
+                   "weights/mmaudio_<variant>.pth.")
 @click.option("--vae", type=click.Path(path_type=Path), help="VAE checkpoint (overrides --weights-dir).")
 @click.option("--vocoder", type=click.Path(path_type=Path),
-              help="BigVGAN v2 directory with config.json + bigvgan_generator.pt.")
+              help="BigVGAN v2 directory with config.json + bigvgan_generator.pt (44.1 kHz), or "
+                   "MMAudio's BigVGAN v1 file best_netG.pt (16 kHz).")
 @click.option("--clip", "clip_path", type=click.Path(path_type=Path),
               help="open_clip DFN5B ViT-H-14-384 weights file (or its directory).")
 @click.option("--synchformer", type=click.Path(path_type=Path), help="Synchformer state dict.")
@@ -53,7 +59,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 @click.option("--force", is_flag=True, help="Replace an existing non-mmsep --out directory.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
-def main(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
+def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, synchformer, out, duration,
          max_batch, seed, precision, engines, timing_cache, engines_only, force, quiet, as_json):
     """Export every MMAudioSep stage to ONNX, check it, and write a self-contained model directory."""
     quiet = quiet or as_json
@@ -62,6 +68,8 @@ def main(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
         if engines_only is not None:
             result = _engines_only(engines_only, **engine_options)
         else:
+            if variant is not None:
+                checkpoint = _variant_checkpoint(checkpoint, preset, weights_dir, variant)
             result = _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer,
                           out, duration, max_batch, seed, force, quiet,
                           engine_options if engines else None)
@@ -144,6 +152,17 @@ def _check_out(out: Path, inputs: dict) -> None:
         check_output_dir(out, inputs)
     except InputError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _variant_checkpoint(checkpoint, preset, weights_dir, variant) -> Path:
+    from ..models.components import flow_file
+
+    if checkpoint is not None or preset is not None:
+        raise UsageError("give --variant (with --weights-dir), --checkpoint or --preset, "
+                         "only one of them")
+    if weights_dir is None:
+        raise UsageError("--variant needs --weights-dir, the release directory to look in")
+    return flow_file(weights_dir, variant)
 
 
 def _log(quiet: bool):

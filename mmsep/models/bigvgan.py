@@ -1,5 +1,8 @@
 """BigVGAN v2 generator (NVIDIA), the mel -> waveform vocoder of the 44.1 kHz MMAudio models.
 
+The module is shared with BigVGAN v1 (``bigvgan_v1``, the 16 kHz vocoder): both generators are
+the same network, differing only in configuration and file layout.
+
 State-dict compatible with NVIDIA's released ``bigvgan_generator.pt`` once weight norm is folded:
 convolutions hold plain ``weight``/``bias``; both weight-norm encodings found in the wild (old
 ``weight_g``/``weight_v`` hooks and ``parametrizations.weight.original0/1``) are folded at load.
@@ -218,11 +221,19 @@ class BigVGAN(nn.Module):
         return x.squeeze(1)
 
 
-def build_vocoder(config: BigVGANConfig | Mapping | None = None, tiny: bool = False) -> BigVGAN:
-    """A randomly initialised BigVGAN: ``config`` (or config.json mapping), else the tiny test
-    configuration if ``tiny``, else the real 44.1 kHz 128-band 512x v2 configuration."""
-    if config is not None and tiny:
-        raise ValueError("pass either config or tiny=True, not both")
+def build_vocoder(config: BigVGANConfig | Mapping | None = None, tiny: bool = False,
+                  mode: str = "44k") -> BigVGAN:
+    """A randomly initialised vocoder: ``config`` (or config.json mapping), else the vocoder of
+    ``mode``: BigVGAN v2 44.1 kHz 128-band 512x for "44k", MMAudio's BigVGAN v1 for "16k", or
+    their tiny test configurations if ``tiny``."""
+    if config is not None and (tiny or mode != "44k"):
+        raise ValueError("pass either config or tiny=True / mode, not both")
+    if mode == "16k":
+        from .bigvgan_v1 import build_vocoder_v1
+
+        return build_vocoder_v1(tiny=tiny)
+    if mode != "44k":
+        raise ValueError(f"unknown audio mode {mode!r}; expected '16k' or '44k'")
     if config is None:
         config = TINY_CONFIG if tiny else BIGVGAN_V2_44K_128BAND_512X
     elif isinstance(config, Mapping):
@@ -290,17 +301,46 @@ def _resolve_files(path: str | os.PathLike) -> tuple[str, str]:
     return config, generator
 
 
+def _is_v2_layout(path: str) -> bool:
+    """NVIDIA's v2 layout: a directory, its generator file, or any file with config.json beside."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
+    return (os.path.isdir(path) or os.path.basename(path) == GENERATOR_FILE
+            or os.path.isfile(beside))
+
+
 def load_vocoder(path: str | os.PathLike) -> BigVGAN:
-    """Load NVIDIA's layout: a directory with config.json + bigvgan_generator.pt, or the .pt
-    file with config.json beside it. Returns the generator in eval mode, weight norm folded."""
+    """Load a vocoder in eval mode, weight norm folded.
+
+    NVIDIA's BigVGAN v2 layout (a directory with config.json + bigvgan_generator.pt, or the .pt
+    file with config.json beside it), else MMAudio's 16 kHz BigVGAN v1 file (best_netG.pt, whose
+    architecture is fixed and has no config file).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: BigVGAN generator weights not found (expected a BigVGAN "
+                              "v2 directory or MMAudio's BigVGAN v1 file best_netG.pt)")
+    if not _is_v2_layout(path):
+        from .bigvgan_v1 import load_vocoder_v1
+
+        return load_vocoder_v1(path)
     config_path, generator_path = _resolve_files(path)
     model = BigVGAN(BigVGANConfig.from_json(config_path))
-    state = fold_weight_norm(read_state_dict(generator_path, what="BigVGAN generator"),
-                             generator_path)
+    state = read_generator_state(generator_path, what="BigVGAN generator")
+    return load_generator_state(model, state, generator_path, what="BigVGAN generator")
+
+
+def read_generator_state(path: str, *, what: str) -> dict[str, torch.Tensor]:
+    """The generator tensors of a BigVGAN file (v1 or v2), weight norm folded."""
+    return fold_weight_norm(read_state_dict(path, what=what), path)
+
+
+def load_generator_state(model: BigVGAN, state: dict[str, torch.Tensor], path: str, *,
+                         what: str) -> BigVGAN:
+    """Load folded generator tensors strictly into ``model``; returns it in eval mode."""
     # The anti-aliasing filters are constants of the architecture: take them from the file when
     # present (upstream saves them), else keep the ones computed here.
     for key, value in model.state_dict().items():
         if key.endswith(".filter") and key not in state:
             state[key] = value
-    load_checked(model, state, generator_path, what="BigVGAN generator")
+    load_checked(model, state, path, what=what)
     return model.eval().requires_grad_(False)

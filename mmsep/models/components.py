@@ -1,13 +1,17 @@
 """Every network of one MMAudioSep deployment, loaded from disk or built at random (tiny preset).
 
-Default file names follow the public MMAudio release layout under a weights directory:
+Default file names follow the public release layout under a weights directory (the authors'
+MMAudioSep layout, with MMAudio's names accepted for the flow network):
 
-    weights/mmaudio_<variant>.pth                  flow network (or a fine-tuned ft.pt, passed as flow=)
+    weights/mmaudiosep_<variant>.pth               separation network (MMAudioSep; MMAudio's
+                                                   generation networks: weights/mmaudio_<variant>.pth)
     ext_weights/v1-44.pth, ext_weights/v1-16.pth   mel VAEs
     ext_weights/synchformer_state_dict.pth         Synchformer
     ext_weights/DFN5B-CLIP-ViT-H-14-384/           open_clip weights (open_clip_model.safetensors or
                                                    open_clip_pytorch_model.bin)
-    ext_weights/bigvgan_v2_44khz_128band_512x/     BigVGAN v2 (config.json + bigvgan_generator.pt)
+    ext_weights/bigvgan_v2_44khz_128band_512x/     BigVGAN v2, 44.1 kHz (config.json +
+                                                   bigvgan_generator.pt)
+    ext_weights/best_netG.pt                       BigVGAN v1, 16 kHz
 
 Every path can be given explicitly instead.
 """
@@ -26,7 +30,11 @@ VAE_FILES = {"16k": "ext_weights/v1-16.pth", "44k": "ext_weights/v1-44.pth"}
 SYNCHFORMER_FILE = "ext_weights/synchformer_state_dict.pth"
 CLIP_DIR = "ext_weights/DFN5B-CLIP-ViT-H-14-384"
 CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-VOCODER_DIR = "ext_weights/bigvgan_v2_44khz_128band_512x"
+VOCODER_FILES = {"16k": "ext_weights/best_netG.pt",
+                 "44k": "ext_weights/bigvgan_v2_44khz_128band_512x"}
+VOCODER_WHAT = {"16k": "BigVGAN v1 file", "44k": "BigVGAN v2 directory"}
+# separation (MMAudioSep) networks first, then MMAudio's generation networks
+FLOW_FILES = ("weights/mmaudiosep_{}.pth", "weights/mmaudio_{}.pth")
 
 
 @dataclass
@@ -53,19 +61,17 @@ def build_components(preset: str = "tiny", *, separation: bool = True, duration:
     from .clip import build_clip
     from .flow import build
     from .mel import MelSpectrogram
+    from .presets import TINY_FEATURES
     from .randomize import randomize_
     from .synchformer import build_synchformer
     from .vae import build_vae
 
     flow = build(preset, separation=separation, duration=duration, seed=seed)
     mode = flow.config.mode
-    if mode != "44k":
-        raise ValueError(f"preset {preset!r} is a {mode} model; random companions are built only "
-                         "for 44.1 kHz presets (the 16 kHz BigVGAN v1 vocoder is not supported)")
-    tiny = flow.config.name == "tiny"
+    tiny = flow.config.features == TINY_FEATURES
     parts = {
         "vae": build_vae(mode, tiny=tiny),
-        "vocoder": build_vocoder(tiny=tiny),
+        "vocoder": build_vocoder(tiny=tiny, mode=mode),
         "clip": build_clip(tiny=tiny),
         "synchformer": build_synchformer(tiny=tiny),
     }
@@ -87,9 +93,11 @@ def load_components(weights_dir: str | os.PathLike | None = None, *,
                     duration: float = 8.0) -> Components:
     """Load every component from disk.
 
-    ``flow`` is the (fine-tuned) flow checkpoint; without it, ``weights/mmaudio_<variant>.pth``
-    under ``weights_dir``. Companions default to the release layout under ``weights_dir``.
-    A file that is not there raises CheckpointError with the exact path that was looked for.
+    ``flow`` is the (fine-tuned) flow checkpoint; without it, the release file of ``variant``
+    under ``weights_dir`` (``flow_file``). Companions default to the release layout under
+    ``weights_dir``, the vocoder by sample rate: BigVGAN v1 ``ext_weights/best_netG.pt`` at 16 kHz,
+    the BigVGAN v2 directory at 44.1 kHz. A file that is not there raises CheckpointError with
+    the exact path that was looked for.
     """
     from .bigvgan import load_vocoder
     from .checkpoint import load_flow
@@ -109,18 +117,15 @@ def load_components(weights_dir: str | os.PathLike | None = None, *,
 
     if flow is None and variant is None:
         raise CheckpointError("no flow checkpoint given: pass flow=<ft.pt> or variant=<name>")
-    flow_path = default(flow, f"weights/mmaudio_{variant}.pth", "flow checkpoint")
+    flow_path = Path(flow) if flow is not None else flow_file(root, variant)
     net = load_flow(flow_path, duration=duration)
     mode = net.config.mode
-    if mode != "44k":
-        raise CheckpointError(f"{flow_path}: a {mode} model; only 44.1 kHz deployments are "
-                              "supported (the 16 kHz BigVGAN v1 vocoder is not implemented)")
 
     vae_path = default(vae, VAE_FILES[mode], "VAE checkpoint")
     sync_path = default(synchformer, SYNCHFORMER_FILE, "Synchformer checkpoint")
-    vocoder_path = default(vocoder, VOCODER_DIR, "BigVGAN v2 directory")
+    vocoder_path = default(vocoder, VOCODER_FILES[mode], VOCODER_WHAT[mode])
     for path, what in ((vae_path, "VAE checkpoint"), (sync_path, "Synchformer checkpoint"),
-                       (vocoder_path, "BigVGAN v2 directory")):
+                       (vocoder_path, VOCODER_WHAT[mode])):
         if not path.exists():
             raise CheckpointError(f"{path}: {what} not found")
     clip_path = _clip_file(default(clip, CLIP_DIR, "CLIP weights"))
@@ -136,14 +141,24 @@ def load_components(weights_dir: str | os.PathLike | None = None, *,
     return Components(flow=net, mel=MelSpectrogram(mode).eval(), **parts, sources=sources)
 
 
+def flow_file(weights_dir: str | os.PathLike | None, variant: str) -> Path:
+    """The release file of ``variant`` under ``weights_dir``: MMAudioSep's
+    ``weights/mmaudiosep_<variant>.pth``, else MMAudio's ``weights/mmaudio_<variant>.pth``."""
+    if weights_dir is None:
+        raise CheckpointError(f"variant {variant!r} needs a weights directory to look in")
+    candidates = [Path(weights_dir) / name.format(variant) for name in FLOW_FILES]
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None:
+        raise CheckpointError(f"{candidates[0]}: flow checkpoint not found (nor {candidates[1]})")
+    return found
+
+
 def save_components(components: Components, weights_dir: str | os.PathLike) -> dict[str, Path]:
     """Write every component in the public release layout under ``weights_dir``.
 
     ``load_components(weights_dir, variant=<preset>)`` reads them back. Used to stage random
     weights for tests and for trying a deployment before the real weights are at hand.
     """
-    import json
-
     import torch
 
     from .clip import release_state_dict
@@ -151,11 +166,11 @@ def save_components(components: Components, weights_dir: str | os.PathLike) -> d
     root = Path(weights_dir)
     config = components.flow.config
     paths = {
-        "flow": root / f"weights/mmaudio_{config.name}.pth",
+        "flow": root / FLOW_FILES[0 if config.separation else 1].format(config.name),
         "vae": root / VAE_FILES[config.mode],
         "synchformer": root / SYNCHFORMER_FILE,
         "clip": root / CLIP_DIR / CLIP_FILES[0],
-        "vocoder": root / VOCODER_DIR,
+        "vocoder": root / VOCODER_FILES[config.mode],
     }
     for path in paths.values():
         (path if path.suffix == "" else path.parent).mkdir(parents=True, exist_ok=True)
@@ -167,11 +182,23 @@ def save_components(components: Components, weights_dir: str | os.PathLike) -> d
 
     save_file({k: v.contiguous() for k, v in release_state_dict(components.clip).items()},
               str(paths["clip"]))
-    (paths["vocoder"] / "config.json").write_text(
-        json.dumps(components.vocoder.config.to_dict(), indent=2))
-    torch.save({"generator": components.vocoder.state_dict()},
-               paths["vocoder"] / "bigvgan_generator.pt")
+    _save_vocoder(components.vocoder, paths["vocoder"])
     return paths
+
+
+def _save_vocoder(vocoder: nn.Module, path: Path) -> None:
+    """BigVGAN v1: one ``{'generator': ...}`` file; v2: config.json + bigvgan_generator.pt."""
+    import json
+
+    import torch
+
+    from .bigvgan import CONFIG_FILE, GENERATOR_FILE
+
+    if path.suffix:
+        torch.save({"generator": vocoder.state_dict()}, path)
+        return
+    (path / CONFIG_FILE).write_text(json.dumps(vocoder.config.to_dict(), indent=2))
+    torch.save({"generator": vocoder.state_dict()}, path / GENERATOR_FILE)
 
 
 def _clip_file(path: Path) -> Path:

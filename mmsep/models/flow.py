@@ -114,6 +114,9 @@ FLOW_PRESETS: dict[str, FlowConfig] = {
     # two joint blocks so the full (non pre-only) joint path is exercised, one fused block
     "tiny": FlowConfig("tiny", "44k", 40, 64, 3, 1, 2, v2=True, clip_dim=_TINY.clip,
                        sync_dim=_TINY.sync, text_dim=_TINY.text),
+    # the 16 kHz path at toy width: v1 network like small_16k, BigVGAN v1 companion
+    "tiny_16k": FlowConfig("tiny_16k", "16k", 20, 64, 3, 1, 2, clip_dim=_TINY.clip,
+                           sync_dim=_TINY.sync, text_dim=_TINY.text),
 }
 
 

@@ -2,9 +2,11 @@
 
     python -m mmsep.models.random_weights --preset small_44k --out /tmp/random_weights
 
-writes weights/mmaudio_<preset>.pth (a separation checkpoint unless --generation) and every
-companion network under ext_weights/, all randomised (no weight left at zero). The files load with
-``mmsep.models.load_components`` and ``mmsep-export --checkpoint ... --weights-dir ...``.
+writes weights/mmaudiosep_<preset>.pth (a separation checkpoint; with --generation MMAudio's
+weights/mmaudio_<preset>.pth) and every companion network under ext_weights/ (the 16 kHz VAE and
+BigVGAN v1 best_netG.pt for 16 kHz presets, the 44.1 kHz VAE and the BigVGAN v2 directory
+otherwise), all randomised (no weight left at zero). The files load with
+``mmsep.models.load_components`` and ``mmsep-export --weights-dir DIR --variant <preset>``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import click
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", default="tiny", show_default=True,
-              help="Flow network preset (44.1 kHz presets and tiny).")
+              help="Flow network preset (small_16k, small_44k, ..., tiny, tiny_16k).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Weights directory to write.")
 @click.option("--generation", is_flag=True, help="Write a generation (not separation) flow network.")

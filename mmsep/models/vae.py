@@ -228,12 +228,11 @@ def folded_convs(vae: VAE) -> dict[str, FoldedConv1d]:
 def build_vae(mode: str, tiny: bool = False) -> VAE:
     """A VAE with upstream's initialisation (unit-normal raw weights, gains 1), already folded.
 
-    ``tiny``: 44k geometry (128 mels in, 40-d latent, T -> T / 2) with width 16 instead of 512.
+    ``tiny``: the mode's geometry (mels in, latent size, T -> T / 2) with width 16 instead of
+    384 / 512.
     """
     if mode not in AUDIO_MODES:
         raise ValueError(f"unknown audio mode {mode!r}; expected one of {sorted(AUDIO_MODES)}")
-    if tiny and mode != "44k":
-        raise ValueError("the tiny VAE exists only for the 44k mode")
     vae = VAE(VAEConfig(mode, TINY_HIDDEN if tiny else REAL_HIDDEN[mode]))
     for conv in folded_convs(vae).values():
         conv.weight.copy_(conv.fold(torch.randn_like(conv.weight)))

@@ -192,7 +192,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tiny_weights, tmp_path):
         (("--checkpoint", text_file, "--weights-dir", tiny_weights / "sep"),
          "notes.pth: not a readable"),
         (("--checkpoint", vae_as_flow, "--weights-dir", tiny_weights / "sep"), "v1-44.pth"),
-        (("--checkpoint", tiny_weights / "sep/weights/mmaudio_tiny.pth",
+        (("--checkpoint", tiny_weights / "sep/weights/mmaudiosep_tiny.pth",
           "--weights-dir", tmp_path / "empty"),
          str(tmp_path / "empty" / "ext_weights" / "v1-44.pth") + ": VAE checkpoint not found"),
         (("--preset", "nonesuch"), "nonesuch"),
