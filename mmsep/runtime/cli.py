@@ -87,8 +87,11 @@ PROG = "mmsep-run"
                    "stream copied without re-encoding plus the separated audio as AAC (one "
                    "track per text). Never an input's path.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON summary: outputs, backend, per-stage seconds, audio duration, "
-                   "real-time factor.")
+              help="Print a JSON summary on stdout instead of the closing line: outputs, "
+                   "backend, mode, windows, items ((window, text) pairs), batches, per-stage "
+                   "seconds (timings_s) and real_time_factor (processing seconds per second of "
+                   "audio; below 1 is faster than real time). README's 'mmsep-run --json' "
+                   "lists every field.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary output.")
 def cli(model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
         steps, cfg, seed, overlap, max_batch, backend, threads, no_verify, mux, as_json, quiet):
@@ -104,8 +107,9 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
     elif not quiet:
         outs = ", ".join(summary["outputs"] + ([summary["mux"]] if summary.get("mux") else []))
         click.echo(f"wrote {outs} ({summary['audio_seconds']:.2f} s of audio, "
-                   f"{summary['mode']}, {summary['backend']}, real-time factor "
-                   f"{summary['real_time_factor']:.3f})", err=True)
+                   f"{summary['mode']}, {summary['backend']}; real-time factor "
+                   f"{summary['real_time_factor']:.3f}: processing seconds per second of audio, "
+                   "below 1 is faster than real time)", err=True)
 
 
 def run(*, model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
