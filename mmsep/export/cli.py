@@ -59,7 +59,8 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def main(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
-         max_batch, seed, mixture_latent, precision, engines, timing_cache, engines_only, force, quiet, as_json):
+         max_batch, seed, mixture_latent, precision, engines, timing_cache, engines_only, force,
+         quiet, as_json):
     """Export every MMAudioSep stage to ONNX, check it, and write a self-contained model directory."""
     quiet = quiet or as_json
     engine_options = dict(precision=precision, timing_cache=timing_cache, quiet=quiet)

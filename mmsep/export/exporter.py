@@ -36,8 +36,9 @@ DEFAULT_CFG = 4.5
 DEFAULT_OVERLAP = 1.0
 NOISE_ORDER = ("rng = numpy.random.default_rng(seed); x0 = rng.standard_normal((items, N, C), "
                "float32) for all items; then per window in order: in generation mode its noise "
-               f"audio {GENERATION_NOISE_SCALE} * rng.standard_normal(window_samples, float32), then under "
-               "posterior-sample its posterior noise rng.standard_normal((N, C), float32)")
+               f"audio {GENERATION_NOISE_SCALE} * rng.standard_normal(window_samples, float32), "
+               "then under posterior-sample its posterior noise "
+               "rng.standard_normal((N, C), float32)")
 
 Progress = Callable[[str], None]
 

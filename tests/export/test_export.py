@@ -287,3 +287,22 @@ def test_cli_internal_error_is_one_line_with_exit_code_1(tmp_path):
         "mmsep-export: internal error: RuntimeError: simulated failure (nothing was written; set "
         "MMSEP_TRACEBACK=1 to see where)")
     assert not out.exists()
+
+
+def test_cli_mixture_latent_option(tmp_path):
+    """--mixture-latent reaches the exporter; a bad value is exit 2."""
+    script = ("import sys, mmsep.export.cli as cli, mmsep.export.exporter as exporter\n"
+              "def record(*a, **k):\n"
+              "    print('convention', k['mixture_latent'])\n"
+              "    sys.exit(0)\n"
+              "exporter.export_model = record\n"
+              "sys.argv = ['mmsep-export', '--preset', 'tiny', '--quiet', *sys.argv[1:]]\n"
+              "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", script, "--out", str(tmp_path / "m"),
+                           "--mixture-latent", NORMALIZED_MEAN],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"convention {NORMALIZED_MEAN}"
+    proc = _cli("--preset", "tiny", "--mixture-latent", "mean", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "Invalid value for '--mixture-latent'" in proc.stderr
+    assert not (tmp_path / "out").exists()
