@@ -105,9 +105,8 @@ def test_authors_small_16k_file_loads_without_options(tmp_path):
     torch.save(state, tmp_path / "mmaudiosep_small_16k.pth")
     net = load_flow(tmp_path / "mmaudiosep_small_16k.pth")
     assert (net.config.name, net.config.separation, net.config.v2) == ("small_16k", True, False)
-    assert torch.equal(net.audio_input_proj[0].weight, state["audio_input_proj.0.weight"])
-    a = inputs(net.config)
-    assert torch.isfinite(net(**a, x_mix=random_mix(net.config, 2))).all()
+    loaded = net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
 def test_v1_and_v2_are_told_apart():
