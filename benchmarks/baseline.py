@@ -5,8 +5,9 @@ and preprocessed in torch (``mmsep.models.video_reference``); the CLIP, Synchfor
 encoders run per item; the sampler makes two network calls per Euler step (conditional and
 unconditional branch); bf16 on CUDA, fp32 on the CPU. The video and the mixture are decoded once
 and preprocessed once per window (generous to the baseline: running the public demo once per
-query would do that once per query). Windows, window cuts, noise and crossfades are the runtime's, so both pipelines
-compute the same function of the same inputs.
+query would do that once per query). Windows, window cuts, noise and crossfades are the runtime's,
+and the mixture latent is the authors' posterior sample (the default convention), so both
+pipelines compute the same function of the same inputs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from mmsep.models import video_reference as vref
+from mmsep.models.sampler import mixture_latent
 from mmsep.runtime import audio as audio_io
 from mmsep.runtime.separator import TIMING_KEYS
 from mmsep.runtime.windows import CrossfadeJoiner, WindowPlan
@@ -73,6 +75,8 @@ class BaselinePipeline:
         joiners = [CrossfadeJoiner(plan) for _ in texts]
         pieces: list[list[np.ndarray]] = [[] for _ in texts]
         for w in range(plan.count):
+            # the runtime's draw order: x0 of all items, then each window's posterior noise
+            eps = torch.from_numpy(rng.standard_normal(self.latent_shape, dtype=np.float32))
             video_in = None
             if frames is not None:
                 pixels = frames.window(w)
@@ -95,8 +99,9 @@ class BaselinePipeline:
                 timings["features"] += now - started
 
                 wave = torch.from_numpy(plan.cut(mixture, w)[None]).to(self.device, self.dtype)
-                latent = self.vae.encode_mean(self.mel(wave)).transpose(1, 2)
-                x_mix = self.flow.normalize(latent)
+                x_mix = mixture_latent(wave, self.mel, self.vae, self.flow.latent_mean,
+                                       self.flow.latent_std,
+                                       noise=eps[None].to(self.device, self.dtype))
                 started = self._clock()
                 timings["mix_encode"] += started - now
 

@@ -15,6 +15,18 @@ import re
 from dataclasses import asdict, dataclass, field
 
 Dim = int | str
+
+# How the mix_encoder turns a mixture window into the latent the denoiser reads (README,
+# "Separating"). POSTERIOR_SAMPLE is the authors' evaluation (sony/mmaudiosep separate(),
+# batch_eval.py): the VAE posterior sample mean + std * noise, not normalised; the graph takes the
+# standard-normal noise as an input. NORMALIZED_MEAN is the posterior mean normalised with the
+# flow network's latent statistics.
+POSTERIOR_SAMPLE = "posterior-sample"
+NORMALIZED_MEAN = "normalized-mean"
+MIXTURE_LATENTS = (POSTERIOR_SAMPLE, NORMALIZED_MEAN)
+# Generation mode with a separation model (the authors' generate()): the mixture is white-noise
+# audio of one window, GENERATION_NOISE_SCALE * standard normal, encoded like a real mixture.
+GENERATION_NOISE_SCALE = 0.9
 _SYMBOL = re.compile(r"^(?:(\d+)\*)?batch$")
 
 
@@ -108,6 +120,8 @@ class Geometry:
     separation: bool
     # step-invariant conditioning produced by the conditioner: name -> per-item shape
     conditioning: tuple[tuple[str, tuple[int, ...]], ...]
+    # one of MIXTURE_LATENTS for a separation model; None for a generation-only one
+    mixture_latent: str | None = None
 
 
 STAGE_ORDER = ("clip_image", "clip_text", "sync", "mix_encoder", "conditioner", "denoiser",
@@ -118,6 +132,10 @@ def build_stage_specs(g: Geometry, *, max_batch: int = 4) -> dict[str, StageSpec
     """The eight stage contracts for one model geometry (DESIGN.md, "Stages and their graphs")."""
     f32, i64 = "float32", "int64"
     latent = ("batch", g.latent_len, g.latent_dim)
+    if g.separation and g.mixture_latent not in MIXTURE_LATENTS:
+        raise ValueError(f"mixture latent convention {g.mixture_latent!r}; expected one of "
+                         f"{', '.join(MIXTURE_LATENTS)}")
+    posterior = g.mixture_latent == POSTERIOR_SAMPLE
     # The denoiser takes both CFG branches stacked [conditional; unconditional] on one axis.
     one_branch_conditioning = tuple(TensorSpec(f"cond_{name}", f32, ("batch", *shape))
                                     for name, shape in g.conditioning)
@@ -140,8 +158,11 @@ def build_stage_specs(g: Geometry, *, max_batch: int = 4) -> dict[str, StageSpec
                                                 g.sync_image_size, g.sync_image_size)),),
                   (TensorSpec("sync_features", f32,
                               ("batch", g.sync_tokens_per_segment, g.sync_dim)),), **per_segment),
-        StageSpec("mix_encoder", "mixture waveform -> mel -> VAE posterior mean -> normalised latent",
-                  (TensorSpec("waveform", f32, ("batch", g.window_samples)),),
+        StageSpec("mix_encoder",
+                  "mixture waveform -> mel -> VAE posterior -> mean + std * noise (not normalised)"
+                  if posterior else "mixture waveform -> mel -> VAE posterior mean -> normalised",
+                  (TensorSpec("waveform", f32, ("batch", g.window_samples)),
+                   *((TensorSpec("noise", f32, latent),) if posterior else ())),
                   (TensorSpec("mix_latent", f32, latent),), **common),
         StageSpec("conditioner",
                   "clip/sync/text features -> step-invariant conditioning of one CFG branch "

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..models.io import CheckpointError
+from ..stages import MIXTURE_LATENTS, POSTERIOR_SAMPLE
 from .errors import ExportError, UsageError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -45,6 +46,11 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 @click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Largest batch (windows x requests) of the graphs' optimisation profiles.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --preset weights.")
+@click.option("--mixture-latent", type=click.Choice(MIXTURE_LATENTS), default=POSTERIOR_SAMPLE,
+              show_default=True,
+              help="How the mixture becomes the network's mixture latent: the VAE posterior "
+                   "sample mean + std * noise, not normalised (the authors' evaluation), or the "
+                   "normalised posterior mean. Recorded in the manifest.")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
               show_default=True, help="TensorRT engine precision (strongly typed: fp16/bf16 engines "
                                       "are built from mixed-precision copies of the graphs).")
@@ -59,8 +65,9 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 @click.option("--force", is_flag=True, help="Replace an existing non-mmsep --out directory.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
-def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, synchformer, out, duration,
-         max_batch, seed, precision, engines, timing_cache, engines_only, force, quiet, as_json):
+def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, synchformer, out,
+         duration, max_batch, seed, mixture_latent, precision, engines, timing_cache, engines_only,
+         force, quiet, as_json):
     """Export every MMAudioSep stage to ONNX, check it, and write a self-contained model directory."""
     quiet = quiet or as_json
     engine_options = dict(precision=precision, timing_cache=timing_cache, quiet=quiet)
@@ -72,7 +79,7 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
                 checkpoint = _variant_checkpoint(checkpoint, preset, weights_dir, variant)
             result = _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer,
                           out, duration, max_batch, seed, force, quiet,
-                          engine_options if engines else None)
+                          engine_options if engines else None, mixture_latent)
     except (UsageError, CheckpointError) as exc:
         click.echo(f"mmsep-export: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -96,7 +103,7 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
 
 
 def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
-         max_batch, seed, force, quiet, engine_options):
+         max_batch, seed, force, quiet, engine_options, mixture_latent=POSTERIOR_SAMPLE):
     import torch
     from tqdm import tqdm
 
@@ -139,7 +146,7 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     builder, skipped = _engine_builder(engine_options, log)
     return export_model(components, out, max_batch=max_batch, sources=sources, force=force,
                         stage_progress=stage_progress, log=log, engine_builder=builder,
-                        engines_skipped=skipped)
+                        engines_skipped=skipped, mixture_latent=mixture_latent)
 
 
 def _check_out(out: Path, inputs: dict) -> None:

@@ -26,7 +26,7 @@ from ..models.components import Components
 from ..runtime.atomic import fsync_directory
 from ..runtime.tokenizer import VOCAB_FILE
 from ..model_files import sha256_file
-from ..stages import StageSpec
+from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, StageSpec
 from . import manifest as mf
 from .errors import UsageError
 from .onnx_graph import OPSET, check_graph, export_onnx
@@ -37,6 +37,11 @@ EMPTY_FEATURES = "empty_features.npz"
 DEFAULT_STEPS = 25
 DEFAULT_CFG = 4.5
 DEFAULT_OVERLAP = 1.0
+NOISE_ORDER = ("rng = numpy.random.default_rng(seed); x0 = rng.standard_normal((items, N, C), "
+               "float32) for all items; then per window in order: in generation mode its noise "
+               f"audio {GENERATION_NOISE_SCALE} * rng.standard_normal(window_samples, float32), "
+               "then under posterior-sample its posterior noise "
+               "rng.standard_normal((N, C), float32)")
 
 Progress = Callable[[str], None]
 
@@ -57,7 +62,8 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
                  sources: dict[str, dict] | None = None, force: bool = False,
                  stage_progress: Callable | None = None, log: Progress = print,
                  engine_builder: Callable | None = None,
-                 engines_skipped: str = "not requested") -> ExportResult:
+                 engines_skipped: str = "not requested",
+                 mixture_latent: str = POSTERIOR_SAMPLE) -> ExportResult:
     """Export every stage of ``components`` into ``out``.
 
     Stages whose content key (contract, weights, opset, exporter versions) matches the manifest
@@ -65,11 +71,13 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     directory is assembled beside ``out`` and moved into place only when complete.
     ``engine_builder(tmp_dir, manifest, modules, previous)`` returns the manifest's "tensorrt"
     section; without one, that section records ``engines_skipped`` as the reason.
+    ``mixture_latent`` is the mix_encoder's convention (``mmsep.stages.MIXTURE_LATENTS``),
+    recorded in the manifest's geometry.
     """
     out = Path(out)
     previous = _existing(out, force)
-    specs = stage_specs(components, max_batch=max_batch)
-    modules = stage_modules(components)
+    specs = stage_specs(components, max_batch=max_batch, mixture_latent=mixture_latent)
+    modules = stage_modules(components, mixture_latent)
     _check_disk(out, modules, specs, previous)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +92,8 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
             (reused if record.pop("_reused") else rebuilt).append(name)
             stages[name] = record
         extras = _write_extras(components, tmp)
-        manifest = _manifest(components, specs, stages, extras, sources or {}, max_batch)
+        manifest = _manifest(components, specs, stages, extras, sources or {}, max_batch,
+                             mixture_latent)
         if engine_builder is not None:
             manifest["tensorrt"] = engine_builder(tmp, manifest, modules, previous)
         else:
@@ -163,7 +172,7 @@ def _write_extras(components: Components, tmp: Path) -> dict:
 
 
 def _manifest(components: Components, specs: dict[str, StageSpec], stages: dict, extras: dict,
-              sources: dict, max_batch: int) -> dict:
+              sources: dict, max_batch: int, mixture_latent: str) -> dict:
     c = components.flow.config
     manifest = mf.new_manifest()
     manifest["model"] = {
@@ -172,10 +181,9 @@ def _manifest(components: Components, specs: dict[str, StageSpec], stages: dict,
         "window_samples": c.lengths.audio_samples, "latent_shape": [c.latent_seq_len, c.latent_dim],
         "default_steps": DEFAULT_STEPS, "default_cfg": DEFAULT_CFG,
         "default_overlap_seconds": DEFAULT_OVERLAP, "max_batch": max_batch,
-        "noise": "x0 = numpy.random.default_rng(seed).standard_normal((B, N, C), float32); "
-                 "generation mode draws the noise mixture next from the same generator",
+        "noise": NOISE_ORDER,
     }
-    geo = geometry(components)
+    geo = geometry(components, mixture_latent)
     manifest["geometry"] = {k: v for k, v in geo.__dict__.items() if k != "conditioning"}
     manifest["geometry"]["conditioning"] = [[n, list(s)] for n, s in geo.conditioning]
     manifest["sources"] = sources

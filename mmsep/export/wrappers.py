@@ -13,7 +13,8 @@ from ..models.components import Components
 from ..models.flow import Conditions, MMAudioFlow
 from ..models.presets import CLIP_IMAGE_SIZE, SYNC_IMAGE_SIZE, SYNC_SEGMENT_FRAMES, \
     SYNC_TOKENS_PER_SEGMENT
-from ..stages import Geometry, StageSpec, build_stage_specs
+from ..models.sampler import mixture_latent
+from ..stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, Geometry, StageSpec, build_stage_specs
 
 
 class ClipImageStage(nn.Module):
@@ -53,14 +54,33 @@ class _LatentStats(nn.Module):
 
 
 class MixEncoderStage(_LatentStats):
+    """Mixture waveform -> the normalised posterior mean (``normalized-mean``)."""
+
+    convention = NORMALIZED_MEAN
+
     def __init__(self, mel: nn.Module, vae: nn.Module, flow: MMAudioFlow):
         super().__init__(flow)
         self.mel = mel
         self.vae = vae
 
+    def encode(self, waveform: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        return mixture_latent(waveform, self.mel, self.vae, self.latent_mean, self.latent_std,
+                              convention=self.convention, noise=noise)
+
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        latent = self.vae.encode_mean(self.mel(waveform)).transpose(1, 2)  # (B, N, C)
-        return (latent - self.latent_mean) / self.latent_std
+        return self.encode(waveform, None)
+
+
+class PosteriorMixEncoderStage(MixEncoderStage):
+    """Mixture waveform + standard-normal noise -> the posterior sample (``posterior-sample``)."""
+
+    convention = POSTERIOR_SAMPLE
+
+    def forward(self, waveform: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.encode(waveform, noise)
+
+
+MIX_ENCODERS = {NORMALIZED_MEAN: MixEncoderStage, POSTERIOR_SAMPLE: PosteriorMixEncoderStage}
 
 
 class VaeDecoderStage(_LatentStats):
@@ -129,8 +149,9 @@ class GenerationDenoiserStage(DenoiserStage):
                          Conditions(cond_clip, cond_sync, cond_text, cond_global_c))
 
 
-def geometry(components: Components) -> Geometry:
-    """Stage geometry of a set of components, read off the networks themselves."""
+def geometry(components: Components, mixture_latent: str = POSTERIOR_SAMPLE) -> Geometry:
+    """Stage geometry of a set of components, read off the networks themselves, with the mixture
+    latent convention chosen at export (recorded for separation models only)."""
     flow = components.flow
     c = flow.config
     lengths = c.lengths
@@ -147,10 +168,12 @@ def geometry(components: Components) -> Geometry:
         sync_tokens_per_segment=SYNC_TOKENS_PER_SEGMENT,
         sync_frames_per_segment=SYNC_SEGMENT_FRAMES, sync_dim=c.sync_dim,
         sync_image_size=SYNC_IMAGE_SIZE, text_len=c.text_seq_len, text_dim=c.text_dim,
-        separation=c.separation, conditioning=conditioning)
+        separation=c.separation, conditioning=conditioning,
+        mixture_latent=mixture_latent if c.separation else None)
 
 
-def stage_modules(components: Components) -> dict[str, nn.Module]:
+def stage_modules(components: Components,
+                  mixture_latent: str = POSTERIOR_SAMPLE) -> dict[str, nn.Module]:
     comp = components
     modules = {
         "clip_image": ClipImageStage(comp.clip),
@@ -163,9 +186,10 @@ def stage_modules(components: Components) -> dict[str, nn.Module]:
         "vocoder": VocoderStage(comp.vocoder),
     }
     if comp.flow.config.separation:
-        modules["mix_encoder"] = MixEncoderStage(comp.mel, comp.vae, comp.flow)
+        modules["mix_encoder"] = MIX_ENCODERS[mixture_latent](comp.mel, comp.vae, comp.flow)
     return modules
 
 
-def stage_specs(components: Components, *, max_batch: int = 4) -> dict[str, StageSpec]:
-    return build_stage_specs(geometry(components), max_batch=max_batch)
+def stage_specs(components: Components, *, max_batch: int = 4,
+                mixture_latent: str = POSTERIOR_SAMPLE) -> dict[str, StageSpec]:
+    return build_stage_specs(geometry(components, mixture_latent), max_batch=max_batch)

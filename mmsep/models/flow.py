@@ -262,8 +262,8 @@ class MMAudioFlow(nn.Module):
         if c.separation:
             if x_mix is None:
                 raise ValueError(f"{c.name}: this separation network needs the mixture latent "
-                                 "x_mix (B, N, C); for plain generation pass a standard-normal "
-                                 "noise mixture (see mmsep.models.sampler.initial_noise)")
+                                 "x_mix (B, N, C); for plain generation encode a white-noise "
+                                 "mixture (see mmsep.models.sampler.initial_noise)")
             _check_features("x_mix", x_mix, c.latent_seq_len, c.latent_dim)
             x = torch.cat([x, x_mix], dim=-1)
         elif x_mix is not None:

@@ -3,35 +3,82 @@
 This is the PyTorch reference that exported denoiser graphs and the torch-free runtime are checked
 against; it favours clarity (two network calls per step, fp32 accumulator) over speed.
 
-Generation mode: a separation network with a standard-normal "mixture" behaves as a plain
-video/text-to-audio generator. ``initial_noise`` defines both noises for a seed with numpy so the
-runtime reproduces them without torch.
+The mixture latent (``x_mix``) follows one of two conventions (``mmsep.stages.MIXTURE_LATENTS``,
+chosen at export and recorded in the manifest); ``mixture_latent`` computes it. Generation mode
+with a separation network is the authors' ``generate()``: the "mixture" is white-noise audio
+(``GENERATION_NOISE_SCALE`` * standard normal, one window long) encoded the same way.
+``initial_noise`` draws every random number of a request for a seed, with numpy, in the order the
+runtime draws them, so PyTorch and the runtime agree without torch in the runtime.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..stages import GENERATION_NOISE_SCALE, NORMALIZED_MEAN, POSTERIOR_SAMPLE
 from .flow import FlowConfig, MMAudioFlow
 
 CONDITION_KEYS = ("clip_f", "sync_f", "text_f")
 
 
-def initial_noise(batch: int, config: FlowConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, noise_mixture), each float32 (batch, latent_seq_len, latent_dim), for ``seed``.
+class RequestNoise(NamedTuple):
+    x0: torch.Tensor  # (items, N, C) initial latents
+    noise_audio: torch.Tensor | None  # (windows, L) generation mode's white-noise mixtures
+    posterior_noise: torch.Tensor | None  # (windows, N, C) noise of the posterior samples
 
-    ``rng = numpy.random.default_rng(seed)``; x0 is its first standard-normal draw of that shape,
-    the noise mixture (used in place of a mixture latent for plain generation with a separation
-    network) the second.
+
+def initial_noise(items: int, config: FlowConfig, seed: int, *, windows: int | None = None,
+                  convention: str = POSTERIOR_SAMPLE, generation: bool = False) -> RequestNoise:
+    """Every random draw of one request, float32, in the runtime's order.
+
+    ``rng = numpy.random.default_rng(seed)``; first ``x0 = rng.standard_normal((items, N, C))``
+    for all items; then, per window in window order (``windows`` defaults to ``items``), what that
+    window needs: in ``generation`` mode (a separation network without a mixture) first its noise
+    audio ``GENERATION_NOISE_SCALE * rng.standard_normal(L)`` (L: the window's samples), then,
+    under ``posterior-sample``, its posterior noise ``rng.standard_normal((N, C))``. A generation
+    network draws x0 only.
     """
-    shape = (batch, config.latent_seq_len, config.latent_dim)
+    windows = items if windows is None else windows
+    latent = (config.latent_seq_len, config.latent_dim)
     rng = np.random.default_rng(seed)
-    x0 = rng.standard_normal(shape, dtype=np.float32)
-    mix = rng.standard_normal(shape, dtype=np.float32)
-    return torch.from_numpy(x0), torch.from_numpy(mix)
+    x0 = rng.standard_normal((items, *latent), dtype=np.float32)
+    audio, posterior = [], []
+    for _ in range(windows if config.separation else 0):
+        if generation:
+            audio.append(GENERATION_NOISE_SCALE
+                         * rng.standard_normal(config.lengths.audio_samples, dtype=np.float32))
+        if convention == POSTERIOR_SAMPLE:
+            posterior.append(rng.standard_normal(latent, dtype=np.float32))
+    return RequestNoise(torch.from_numpy(x0),
+                        torch.from_numpy(np.stack(audio)) if audio else None,
+                        torch.from_numpy(np.stack(posterior)) if posterior else None)
+
+
+def mixture_latent(waveform: torch.Tensor, mel: nn.Module, vae: nn.Module,
+                   latent_mean: torch.Tensor, latent_std: torch.Tensor, *,
+                   convention: str = POSTERIOR_SAMPLE,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The mixture latent (B, N, C) of waveforms (B, L) in [-1, 1] under ``convention``.
+
+    ``posterior-sample``: ``mean + std * noise`` of the VAE posterior of the waveform's mel,
+    unnormalised (``noise`` standard normal (B, N, C)), as the authors' ``separate()`` and
+    ``generate()``. ``normalized-mean``: ``(mean - latent_mean) / latent_std``; no noise.
+    ``latent_mean`` / ``latent_std`` are the flow network's statistics (1, 1, C).
+    """
+    if convention == POSTERIOR_SAMPLE:
+        if noise is None:
+            raise ValueError("the posterior-sample mixture latent needs its noise (B, N, C)")
+        mean, std = vae.encode_posterior(mel(waveform))
+        return mean.transpose(1, 2) + std.transpose(1, 2) * noise
+    if convention == NORMALIZED_MEAN:
+        return (vae.encode_mean(mel(waveform)).transpose(1, 2) - latent_mean) / latent_std
+    raise ValueError(f"unknown mixture latent convention {convention!r}; expected "
+                     f"{POSTERIOR_SAMPLE!r} or {NORMALIZED_MEAN!r}")
 
 
 def _batch(name: str, x: torch.Tensor, batch: int) -> torch.Tensor:

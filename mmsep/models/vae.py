@@ -81,6 +81,8 @@ CH_MULT = (1, 2, 4)  # channel multiplier per level
 NUM_RES_BLOCKS = 2
 DOWN_LEVELS = (0,)  # encoder levels followed by a 2x downsampling (decoder mirrors them)
 UPSTREAM_GAIN_KEYS = ("encoder.learnable_gain", "decoder.learnable_gain")
+# upstream's DiagonalGaussianDistribution clamps the log-variance to this range before exp
+LOGVAR_RANGE = (-30.0, 20.0)
 _WHAT = "MMAudio VAE"
 
 
@@ -199,8 +201,19 @@ class VAE(nn.Module):
 
     def encode_mean(self, mel: torch.Tensor) -> torch.Tensor:
         """Posterior mean (B, C, T // 2) of a raw log-mel (B, M, T); no sampling."""
-        moments = self.encoder((mel - self.data_mean) / self.data_std)
-        return moments[:, :self.latent_dim]
+        return self._moments(mel)[:, :self.latent_dim]
+
+    def encode_posterior(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior (mean, std), each (B, C, T // 2), of a raw log-mel (B, M, T).
+
+        As upstream's DiagonalGaussianDistribution: the moments split into mean and log-variance,
+        ``std = exp(0.5 * clamp(logvar, -30, 20))``; a sample is ``mean + std * eps``.
+        """
+        mean, logvar = self._moments(mel).chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
+
+    def _moments(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.encoder((mel - self.data_mean) / self.data_std)
 
     def encode_posterior(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (mean, std), each (B, C, T // 2), of a raw log-mel (B, M, T).

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..model_files import MANIFEST, sha256_file
 from ..model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
-from ..stages import StageSpec
+from ..stages import MIXTURE_LATENTS, StageSpec
 from .errors import ModelDirError
 
 _COMMON_STAGES = ("clip_image", "clip_text", "sync", "conditioner", "denoiser", "vae_decoder",
@@ -56,6 +56,7 @@ class ModelInfo:
     sync_tokens_per_segment: int
     sync_image_size: int
     text_len: int
+    mixture_latent: str | None  # the mix_encoder's convention (stages.MIXTURE_LATENTS)
 
     @property
     def clip_fps(self) -> float:
@@ -112,6 +113,9 @@ class ModelDir:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelDirError(f"{manifest_path}: incomplete manifest (bad or missing {exc})") \
                 from None
+        if self.info.separation and self.info.mixture_latent not in MIXTURE_LATENTS:
+            raise ModelDirError(f"{manifest_path}: no mixture latent convention recorded (exported "
+                                "by an older mmsep-export); re-export the model")
         needed = _COMMON_STAGES + (("mix_encoder",) if self.info.separation else ())
         missing = [name for name in needed if name not in self.specs]
         if missing:
@@ -198,4 +202,5 @@ def _model_info(manifest: dict) -> ModelInfo:
         clip_image_size=int(geo["clip_image_size"]), sync_segments=int(geo["sync_segments"]),
         sync_frames_per_segment=int(geo["sync_frames_per_segment"]),
         sync_tokens_per_segment=int(geo["sync_tokens_per_segment"]),
-        sync_image_size=int(geo["sync_image_size"]), text_len=int(geo["text_len"]))
+        sync_image_size=int(geo["sync_image_size"]), text_len=int(geo["text_len"]),
+        mixture_latent=geo.get("mixture_latent"))

@@ -3,10 +3,14 @@
 One request = one mixture (or none), an optional video and one or more text queries. It is cut
 into windows (``windows.py``); every (window, text) pair is one batch item, ordered window-major:
 item ``w * n_texts + k`` is window ``w`` with text ``k``. Items run in batches of at most
-``max_batch``. For seed ``s`` the initial noise of all items is
-``rng = numpy.random.default_rng(s); x0 = rng.standard_normal((items, N, C), dtype=float32)``,
-and in generation mode (a separation model with no mixture at all) the noise mixture latent is
-the generator's next draw of the same shape, fed to the denoiser as its mixture latent.
+``max_batch``. Every random number of a request comes from ``rng = numpy.random.default_rng(seed)``
+in this order (``mmsep.models.sampler.initial_noise`` reproduces it): first the initial noise of
+all items, ``x0 = rng.standard_normal((items, N, C), dtype=float32)``; then, per window in window
+order as the windows are encoded, what that window needs. In generation mode with a separation
+model (no mixture at all) the window's mixture is white noise,
+``GENERATION_NOISE_SCALE * rng.standard_normal(window_samples, dtype=float32)``, encoded like a real
+mixture; under the ``posterior-sample`` convention the mix encoder's noise follows,
+``rng.standard_normal((N, C), dtype=float32)``. The convention is the manifest's.
 
 Conditions: a window with video uses its CLIP and Synchformer features, without video the learned
 empty ones (both); no text means the learned empty text features. The unconditional branch uses the
@@ -30,6 +34,7 @@ import numpy as np
 from . import audio as audio_io
 from .backends import create_backend
 from .errors import InputError
+from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE
 from .model_dir import ModelDir
 from .tokenizer import ClipTokenizer
 from .video import VideoGeometry, VideoSource, WindowFrames
@@ -186,8 +191,6 @@ class Separator:
         shape = (items, *info.latent_shape)
         rng = np.random.default_rng(seed)
         x0 = rng.standard_normal(shape, dtype=np.float32)
-        noise_mix = (rng.standard_normal(shape, dtype=np.float32)
-                     if mixture is None and info.separation else None)
 
         started = time.perf_counter()
         text_features = self._text_batch(texts)
@@ -199,7 +202,12 @@ class Separator:
         frames = None
         if source is not None:
             frames = WindowFrames(source, plan.start_seconds, self._video_geometry())
-        cuts = None if mixture is None else mixture.windows(plan)
+        if mixture is not None:
+            cuts = mixture.windows(plan)
+        elif info.separation:
+            cuts = _noise_mixtures(rng, n_windows, info.window_samples)
+        else:
+            cuts = None
         joiners = [CrossfadeJoiner(plan) for _ in texts]
         pieces: list[list[np.ndarray]] = [[] for _ in texts]
         latents = np.empty(shape, np.float32) if keep_latents else None
@@ -214,9 +222,8 @@ class Separator:
             for w in new:
                 windows[w] = self._window_features(frames, timings)
             if cuts is not None:
-                self._encode_windows(cuts, new, windows, timings)
+                self._encode_windows(cuts, rng, new, windows, timings)
             audio, x1 = self._run_batch(members, windows, text_features, uncond, x0[first:last],
-                                        None if noise_mix is None else noise_mix[first:last],
                                         steps, cfg, timings)
             if latents is not None:
                 latents[first:last] = x1
@@ -334,27 +341,32 @@ class Separator:
         timings["features"] += time.perf_counter() - started
         return {"clip_features": clip, "sync_features": sync.reshape(-1, sync.shape[-1])}
 
-    def _encode_windows(self, cuts, new: list[int], windows, timings):
+    def _encode_windows(self, cuts, rng, new: list[int], windows, timings):
         """Mixture latents of the ``new`` windows; ``cuts`` yields (w, samples) in window order
-        and is read (decoding the file as far as needed) only here."""
+        and is read (decoding the file as far as needed) only here. Each window's posterior
+        noise is drawn from ``rng`` right after its samples (see the module docstring)."""
+        posterior = self.info.mixture_latent == POSTERIOR_SAMPLE
         for chunk in range(0, len(new), self.max_batch):
             ws = new[chunk:chunk + self.max_batch]
             started = time.perf_counter()
-            wave = []
+            wave, noise = [], []
             for w in ws:
                 got, samples = next(cuts)
                 assert got == w, f"mixture window {got} read for window {w}"
                 wave.append(samples)
-            wave = np.stack(wave)
+                if posterior:
+                    noise.append(rng.standard_normal(self.info.latent_shape, dtype=np.float32))
+            inputs = {"waveform": np.stack(wave)}
+            if posterior:
+                inputs["noise"] = np.stack(noise)
             timings["decode"] += time.perf_counter() - started
             started = time.perf_counter()
-            latent = self.backend.run("mix_encoder", {"waveform": wave})["mix_latent"]
+            latent = self.backend.run("mix_encoder", inputs)["mix_latent"]
             for w, lat in zip(ws, latent):
                 windows[w]["mix_latent"] = lat
             timings["mix_encode"] += time.perf_counter() - started
 
-    def _run_batch(self, members, windows, text_features, uncond, x0, noise_mix, steps, cfg,
-                   timings):
+    def _run_batch(self, members, windows, text_features, uncond, x0, steps, cfg, timings):
         backend = self.backend
         started = time.perf_counter()
         inputs = {
@@ -366,9 +378,7 @@ class Separator:
         timings["conditioning"] += time.perf_counter() - started
 
         started = time.perf_counter()
-        if noise_mix is not None:
-            mix_latent = noise_mix
-        elif self.info.separation:
+        if self.info.separation:
             mix_latent = np.stack([windows[w]["mix_latent"] for w, _ in members])
         else:
             mix_latent = None
@@ -392,6 +402,12 @@ class Separator:
         from .many import process_many
 
         return process_many(self, requests)
+
+
+def _noise_mixtures(rng, count: int, samples: int):
+    """Generation mode's mixture windows: (w, white noise) drawn from ``rng`` as they are read."""
+    for w in range(count):
+        yield w, GENERATION_NOISE_SCALE * rng.standard_normal(samples, dtype=np.float32)
 
 
 def _check_options(steps, cfg, seed) -> None:

@@ -20,7 +20,7 @@ from mmsep.export.onnx_graph import check_graph, tensorrt_operator_table
 from mmsep.export.tensorrt_build import unavailable_reason
 from mmsep.export.wrappers import stage_specs
 from mmsep.models import build_components, save_components
-from mmsep.stages import STAGE_ORDER, StageSpec
+from mmsep.stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, STAGE_ORDER, StageSpec
 from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
 
 SILENT = dict(log=lambda msg: None)
@@ -67,6 +67,11 @@ def test_manifest_describes_the_model(tiny_model_dir):
     assert manifest["sources"] == SOURCES
     geometry = manifest["geometry"]
     assert (geometry["clip_len"], geometry["sync_segments"], geometry["mel_frames"]) == (16, 5, 174)
+    # the default mixture latent: the authors' evaluation, with the noise as a graph input
+    assert geometry["mixture_latent"] == POSTERIOR_SAMPLE
+    mix_inputs = manifest["stages"]["mix_encoder"]["spec"]["inputs"]
+    assert [(t["name"], t["shape"]) for t in mix_inputs] == [("waveform", ["batch", 87 * 1024]),
+                                                             ("noise", ["batch", 87, 40])]
     for role in ("empty_features", "tokenizer"):
         meta = manifest["files"][role]
         assert sha256_file(tiny_model_dir / meta["file"]) == meta["sha256"]
@@ -129,6 +134,18 @@ def test_rerun_is_a_noop_and_changed_weights_rebuild_only_their_stages(tiny_mode
     assert manifest["stages"]["vocoder"]["files"]["vocoder.onnx"]["sha256"] == \
         sha256_file(out / "vocoder.onnx")
     assert not list(tmp_path.glob(".tiny.*"))
+
+
+def test_convention_change_reexports_only_the_mix_encoder(tiny_model_dir, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, out)
+    result = export_model(_tiny(), out, sources=SOURCES, mixture_latent=NORMALIZED_MEAN, **SILENT)
+    assert result.rebuilt == ["mix_encoder"]
+    manifest = _manifest(out)
+    assert manifest["geometry"]["mixture_latent"] == NORMALIZED_MEAN
+    spec = StageSpec.from_json(manifest["stages"]["mix_encoder"]["spec"])
+    assert spec.input_names == ("waveform",)
+    assert manifest["stages"]["mix_encoder"]["parity"]["onnxruntime"]["passed"]
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
@@ -227,6 +244,7 @@ def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights,
     assert set(summary["stages"]) == set(STAGE_ORDER) - {"mix_encoder"}
     manifest = _manifest(out)
     assert manifest["model"]["separation"] is False
+    assert manifest["geometry"]["mixture_latent"] is None  # no mixture to encode
     denoiser_inputs = [t["name"] for t in manifest["stages"]["denoiser"]["spec"]["inputs"]]
     assert "mix_latent" not in denoiser_inputs
     flow_file = tiny_weights / "gen/weights/mmaudio_tiny.pth"
@@ -269,3 +287,22 @@ def test_cli_internal_error_is_one_line_with_exit_code_1(tmp_path):
         "mmsep-export: internal error: RuntimeError: simulated failure (nothing was written; set "
         "MMSEP_TRACEBACK=1 to see where)")
     assert not out.exists()
+
+
+def test_cli_mixture_latent_option(tmp_path):
+    """--mixture-latent reaches the exporter; a bad value is exit 2."""
+    script = ("import sys, mmsep.export.cli as cli, mmsep.export.exporter as exporter\n"
+              "def record(*a, **k):\n"
+              "    print('convention', k['mixture_latent'])\n"
+              "    sys.exit(0)\n"
+              "exporter.export_model = record\n"
+              "sys.argv = ['mmsep-export', '--preset', 'tiny', '--quiet', *sys.argv[1:]]\n"
+              "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", script, "--out", str(tmp_path / "m"),
+                           "--mixture-latent", NORMALIZED_MEAN],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"convention {NORMALIZED_MEAN}"
+    proc = _cli("--preset", "tiny", "--mixture-latent", "mean", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "Invalid value for '--mixture-latent'" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -56,6 +56,59 @@ def test_detects_every_variant(preset, separation):
     assert config == dataclasses.replace(FLOW_PRESETS[preset], separation=separation)
 
 
+# Facts of the authors' networks (sony/mmaudiosep mmaudiosep/model/networks.py, MMAudioSep):
+# variant -> (latent, hidden, v2). The releases are bare state dicts of that module, loaded by
+# ``net.load_weights(torch.load(path))``; MMAudio's generation releases are the same minus the
+# doubled input channels.
+RELEASED = {"small_16k": (20, 448, False), "small_44k": (40, 448, False),
+            "medium_44k": (40, 896, False), "large_44k": (40, 896, False),
+            "large_44k_v2": (40, 896, True)}
+
+
+@pytest.mark.parametrize("separation", [False, True])
+@pytest.mark.parametrize("preset", sorted(RELEASED))
+def test_release_layout_is_the_authors(preset, separation):
+    """The key names and shapes the authors' module saves, written out from their code."""
+    latent, hidden, v2 = RELEASED[preset]
+    state = meta_state(preset, separation)
+    in_channels = 2 * latent if separation else latent
+    ffn = 256 * -(-int(2 * 4 * hidden / 3) // 256)  # (Conv)MLP(D, 4D): 2/3, multiple of 256
+    expected = {
+        "audio_input_proj.0.weight": (hidden, in_channels, 7),  # ChannelLastConv1d(2C -> D, 7)
+        "audio_input_proj.2.w1.weight": (ffn, hidden, 7),  # after SELU (v1) / SiLU (v2)
+        "sync_input_proj.0.weight": (hidden, 768, 7),
+        "sync_input_proj.2.w1.weight": (ffn, hidden, 3),
+        "clip_input_proj.0.weight": (hidden, 1024), "text_input_proj.0.weight": (hidden, 1024),
+        f"clip_input_proj.{2 if v2 else 1}.w1.weight": (ffn, hidden, 3),
+        f"text_input_proj.{2 if v2 else 1}.w1.weight": (ffn, hidden),
+        "t_embed.mlp.0.weight": (hidden, hidden if v2 else 256),
+        "final_layer.conv.weight": (latent, hidden, 7),
+        "latent_mean": (1, 1, latent), "latent_std": (1, 1, latent),
+        "empty_string_feat": (77, 1024), "empty_clip_feat": (1, 1024),
+        "empty_sync_feat": (1, 768), "sync_pos_emb": (1, 1, 8, 768),
+    }
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+    # activations have no parameters: nothing at index 1 of the audio/sync projections
+    assert not [k for k in state if k.startswith(("audio_input_proj.1.", "sync_input_proj.1."))]
+    config = detect_flow_config(state, f"mmaudiosep_{preset}.pth")
+    assert (config.name, config.separation, config.v2) == (preset, separation, v2)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_authors_small_16k_file_loads_without_options(tmp_path):
+    """A random bare state dict in the release form (weights/mmaudiosep_small_16k.pth)."""
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=gen) for k, v in
+             meta_state("small_16k", True).items()}
+    torch.save(state, tmp_path / "mmaudiosep_small_16k.pth")
+    net = load_flow(tmp_path / "mmaudiosep_small_16k.pth")
+    assert (net.config.name, net.config.separation, net.config.v2) == ("small_16k", True, False)
+    loaded = net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
 def test_v1_and_v2_are_told_apart():
     v1 = detect_flow_config(meta_state("large_44k", True))
     v2 = detect_flow_config(meta_state("large_44k_v2", True))

@@ -6,7 +6,8 @@ import torch
 
 from mmsep.models.checkpoint import convert_to_separation
 from mmsep.models.flow import build
-from mmsep.models.sampler import initial_noise, sample
+from mmsep.models.sampler import initial_noise, mixture_latent, sample
+from mmsep.stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE
 from tests.helpers import rel_l2
 
 
@@ -19,7 +20,7 @@ def net():
 def data(net):
     c = net.config
     g = torch.Generator().manual_seed(7)
-    x0, _ = initial_noise(2, c, seed=0)
+    x0 = initial_noise(2, c, seed=0).x0
     return dict(
         x0=x0,
         x_mix=torch.randn(2, c.latent_seq_len, c.latent_dim, generator=g),
@@ -30,12 +31,63 @@ def data(net):
 
 
 def test_initial_noise_is_the_numpy_recipe(net):
-    x0, mix = initial_noise(3, net.config, seed=42)
+    """x0 of all items first, then per window: its posterior noise (separation)."""
+    noise = initial_noise(3, net.config, seed=42, windows=2)
     rng = np.random.default_rng(42)
-    shape = (3, 345, 40)
-    assert x0.dtype == mix.dtype == torch.float32 and x0.shape == shape
-    assert np.array_equal(x0.numpy(), rng.standard_normal(shape, dtype=np.float32))
-    assert np.array_equal(mix.numpy(), rng.standard_normal(shape, dtype=np.float32))
+    shape = (345, 40)
+    assert noise.x0.dtype == noise.posterior_noise.dtype == torch.float32
+    assert np.array_equal(noise.x0.numpy(), rng.standard_normal((3, *shape), dtype=np.float32))
+    for w in range(2):
+        assert np.array_equal(noise.posterior_noise[w].numpy(),
+                              rng.standard_normal(shape, dtype=np.float32))
+    assert noise.noise_audio is None
+    assert initial_noise(3, net.config, 42, convention=NORMALIZED_MEAN).posterior_noise is None
+
+
+def test_initial_noise_of_generation_mode(net):
+    """Per window: 0.9 * white-noise audio of one window, then its posterior noise."""
+    c = net.config
+    noise = initial_noise(2, c, seed=1, generation=True)
+    rng = np.random.default_rng(1)
+    rng.standard_normal((2, 345, 40), dtype=np.float32)
+    for w in range(2):
+        audio = rng.standard_normal(c.lengths.audio_samples, dtype=np.float32)
+        assert np.array_equal(noise.noise_audio[w].numpy(), np.float32(0.9) * audio)
+        assert np.array_equal(noise.posterior_noise[w].numpy(),
+                              rng.standard_normal((345, 40), dtype=np.float32))
+    normalized = initial_noise(2, c, seed=1, generation=True, convention=NORMALIZED_MEAN)
+    assert normalized.posterior_noise is None
+    rng = np.random.default_rng(1)
+    rng.standard_normal((2, 345, 40), dtype=np.float32)
+    audio = [rng.standard_normal(c.lengths.audio_samples, dtype=np.float32) for _ in range(2)]
+    assert np.array_equal(normalized.noise_audio.numpy(), np.float32(0.9) * np.stack(audio))
+    generation_net = build("tiny", separation=False, seed=0).config
+    only_x0 = initial_noise(2, generation_net, seed=1, generation=True)
+    assert only_x0.noise_audio is None and only_x0.posterior_noise is None
+
+
+@torch.no_grad()
+def test_mixture_latent_conventions(net):
+    from mmsep.models import MelSpectrogram
+    from mmsep.models.vae import build_vae
+
+    vae, mel = build_vae("44k", tiny=True), MelSpectrogram("44k")
+    c = net.config
+    g = torch.Generator().manual_seed(2)
+    wave = 0.3 * torch.randn(2, c.lengths.audio_samples, generator=g)
+    eps = torch.randn(2, c.latent_seq_len, c.latent_dim, generator=g)
+    stats = (net.latent_mean, net.latent_std)
+    moments = vae.encoder((mel(wave) - vae.data_mean) / vae.data_std)
+    mean, logvar = moments.chunk(2, dim=1)
+    want = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps.transpose(1, 2)
+    got = mixture_latent(wave, mel, vae, *stats, convention=POSTERIOR_SAMPLE, noise=eps)
+    assert rel_l2(got, want.transpose(1, 2)) < 1e-6
+    got = mixture_latent(wave, mel, vae, *stats, convention=NORMALIZED_MEAN)
+    assert rel_l2(got, (mean.transpose(1, 2) - stats[0]) / stats[1]) < 1e-6
+    with pytest.raises(ValueError, match="needs its noise"):
+        mixture_latent(wave, mel, vae, *stats, convention=POSTERIOR_SAMPLE)
+    with pytest.raises(ValueError, match="unknown mixture latent convention 'mean'"):
+        mixture_latent(wave, mel, vae, *stats, convention="mean")
 
 
 def test_deterministic(net, data):
@@ -127,13 +179,6 @@ def test_input_errors(net, data):
         sample(net, data["x0"], data["cond"], data["x_mix"], steps=0)
     with pytest.raises(ValueError, match=r"clip_f: expected \(B, T, C\) with B = 1 or 2"):
         sample(net, data["x0"], {"clip_f": data["cond"]["clip_f"][:, 0]}, data["x_mix"], steps=1)
-
-
-@torch.no_grad()
-def test_generation_mode_with_noise_mixture(net):
-    x0, mix = initial_noise(1, net.config, seed=3)
-    out = sample(net, x0, {}, mix, steps=2)
-    assert out.shape == x0.shape and torch.isfinite(out).all()
 
 
 @torch.no_grad()

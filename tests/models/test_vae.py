@@ -63,6 +63,17 @@ def _middle(sd, p, h):
 
 
 def reference_encode_mean(sd, mel):
+    moments = reference_moments(sd, mel)
+    return moments[:, :moments.shape[1] // 2]
+
+
+def reference_posterior(sd, mel):
+    """Upstream DiagonalGaussianDistribution: (mean, exp(0.5 * clamp(logvar, -30, 20)))."""
+    mean, logvar = torch.chunk(reference_moments(sd, mel), 2, dim=1)
+    return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+
+
+def reference_moments(sd, mel):
     x = (mel.double() - sd["data_mean"].double()) / sd["data_std"].double()
     h = _mp_conv(sd, "encoder.conv_in.weight", x)
     for level in range(3):
@@ -74,8 +85,7 @@ def reference_encode_mean(sd, mel):
             h = _mp_conv(sd, f"encoder.down.{level}.downsample.conv2.weight", h)
     h = _middle(sd, "encoder.", h)
     gain = sd["encoder.learnable_gain"].double() + 1
-    moments = _mp_conv(sd, "encoder.conv_out.weight", _mp_silu(h), gain)
-    return moments[:, :moments.shape[1] // 2]
+    return _mp_conv(sd, "encoder.conv_out.weight", _mp_silu(h), gain)
 
 
 def reference_decode(sd, z):
@@ -234,6 +244,34 @@ def test_real_size_round_trip(mode, frames, tmp_path):
         assert z.shape == (1, vae.latent_dim, frames // 2)
         assert rel_l2(z, reference_encode_mean(state, mel)) <= 1e-4
         assert vae.decode(z).shape == (1, vae.n_mels, frames)
+
+
+def test_posterior_mean_and_std_match_upstream(tmp_path):
+    state = upstream_state(TINY, seed=5)
+    torch.save(state, tmp_path / "v.pth")
+    vae = load_vae(tmp_path / "v.pth")
+    mel = _mel(TINY, 64)
+    with torch.no_grad():
+        mean, std = vae.encode_posterior(mel)
+        mean_ref, std_ref = reference_posterior(state, mel)
+        assert mean.shape == std.shape == (2, TINY.latent_dim, 32)
+        assert rel_l2(mean, mean_ref) <= 1e-5 and rel_l2(std, std_ref) <= 1e-5
+        assert torch.equal(mean, vae.encode_mean(mel))
+
+
+def test_posterior_std_clamps_the_log_variance():
+    vae = build_vae("44k", tiny=True)
+    logvar = torch.tensor([-40.0, -30.0, 0.0, 20.0, 25.0]).repeat(2 * TINY.latent_dim, 1)
+
+    class Moments(torch.nn.Module):  # stands in for the encoder: fixed moments
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(logvar[:TINY.latent_dim]),
+                              logvar[:TINY.latent_dim]])[None]
+
+    vae.encoder = Moments()
+    _, std = vae.encode_posterior(_mel(TINY, 10, batch=1))
+    want = torch.exp(0.5 * torch.tensor([-30.0, -30.0, 0.0, 20.0, 20.0]))
+    assert torch.allclose(std[0, 0], want)
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ def test_loads_the_exported_directory(model_dir):
     assert info.separation and info.sample_rate == 44100 and info.window_seconds == 2.0
     assert info.clip_len == 16 and info.clip_fps == 8 and info.sync_frames == 48
     assert info.latent_shape == (87, 40) and info.window_samples == 87 * 1024
+    assert info.mixture_latent == "posterior-sample"
     assert set(model.specs) >= {"clip_image", "clip_text", "sync", "mix_encoder", "conditioner",
                                 "denoiser", "vae_decoder", "vocoder"}
     empty = model.empty_features()
@@ -58,6 +59,17 @@ def test_incomplete_manifest(copy):
     del manifest["stages"]["vocoder"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelDirError, match="no stage vocoder"):
+        ModelDir(copy)
+
+
+def test_directory_without_a_mixture_latent_convention_is_refused(copy):
+    """Exported before the convention was recorded: re-export rather than guess."""
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["geometry"]["mixture_latent"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match=r"manifest.json: no mixture latent convention "
+                                            r"recorded \(exported by an older mmsep-export\); "
+                                            r"re-export the model$"):
         ModelDir(copy)
 
 

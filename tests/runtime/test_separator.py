@@ -8,7 +8,7 @@ from mmsep.runtime.errors import InputError
 from mmsep.runtime.example import tones
 from tests.helpers import TINY_SEED as SEED
 from tests.helpers import rel_l2
-from tests.runtime.media import decode_rgb
+from tests.runtime.media import decode_rgb, window_video_features
 
 SR = 44100
 STEPS = 2
@@ -136,16 +136,17 @@ def reference(model_dir):
     import json
 
     from mmsep.export.manifest import sha256_state
-    from mmsep.export.wrappers import MixEncoderStage, stage_modules
+    from mmsep.export.wrappers import stage_modules
     from mmsep.models import build_components
 
     manifest = json.loads((model_dir / "manifest.json").read_text())
     comps = build_components("tiny", duration=manifest["model"]["window_seconds"], seed=SEED)
+    modules = stage_modules(comps)  # the default convention: posterior-sample
     # the reference networks are the exported ones
-    assert sha256_state(stage_modules(comps)["denoiser"]) == \
-        manifest["stages"]["denoiser"]["weights_sha256"]
+    for name in ("denoiser", "mix_encoder"):
+        assert sha256_state(modules[name]) == manifest["stages"][name]["weights_sha256"]
     torch.set_grad_enabled(False)
-    yield comps, MixEncoderStage(comps.mel, comps.vae, comps.flow).eval()
+    yield comps, modules["mix_encoder"].eval()
     torch.set_grad_enabled(True)
 
 
@@ -160,7 +161,6 @@ def _reference_latents(reference, *, mix, texts, seed, steps, cfg, video=None, g
     import torch
 
     from mmsep.models.sampler import initial_noise, sample
-    from mmsep.models import video_reference as vr
     from mmsep.runtime import tokenize
 
     comps, mix_encoder = reference
@@ -168,31 +168,24 @@ def _reference_latents(reference, *, mix, texts, seed, steps, cfg, video=None, g
     window = config.lengths.audio_samples
     starts = _windows(mix.size if mix is not None else window, window, SR)  # 1 s overlap
     items = [(w, k) for w in range(len(starts)) for k in range(len(texts))]  # window-major
-    x0, noise_mix = initial_noise(len(items), config, seed)
+    noise = initial_noise(len(items), config, seed, windows=len(starts), generation=generation)
     text_f = comps.clip.encode_text(torch.from_numpy(tokenize(texts)))
     conditions = {"text_f": torch.stack([text_f[k] for _, k in items])}
     if generation:
-        x_mix = noise_mix
+        waves = noise.noise_audio
     else:
-        waves = [np.pad(mix[s:s + window], (0, max(0, s + window - mix.size))) for s in starts]
-        latents = mix_encoder(torch.from_numpy(np.stack(waves)))
-        x_mix = torch.stack([latents[w] for w, _ in items])
+        waves = torch.from_numpy(np.stack([np.pad(mix[s:s + window],
+                                                  (0, max(0, s + window - mix.size)))
+                                           for s in starts]))
+    latents = mix_encoder(waves, noise.posterior_noise)
+    x_mix = torch.stack([latents[w] for w, _ in items])
     if video is not None:
-        frames, times = decode_rgb(video)
-        clip_f, sync_f = [], []
-        for s in starts:
-            start, duration = s / SR, config.duration
-            clip_f.append(comps.clip.encode_image(vr.clip_frames(frames, times, duration,
-                                                                 start=start)))
-            sync = vr.sync_frames(frames, times, duration, start=start)
-            segments = config.lengths.sync_segments
-            index = torch.arange(segments)[:, None] * 8 + torch.arange(16)[None, :]
-            sync_f.append(comps.synchformer(sync[index]).flatten(0, 1))
+        clip_f, sync_f = window_video_features(comps, video, [s / SR for s in starts])
         conditions["clip_f"] = torch.stack([clip_f[w] for w, _ in items])
         conditions["sync_f"] = torch.stack([sync_f[w] for w, _ in items])
     negative = (None if negative_text is None else
                 comps.clip.encode_text(torch.from_numpy(tokenize([negative_text]))))
-    return sample(comps.flow, x0, conditions, x_mix=x_mix, steps=steps, cfg=cfg,
+    return sample(comps.flow, noise.x0, conditions, x_mix=x_mix, steps=steps, cfg=cfg,
                   negative_text_f=negative).numpy()
 
 
