@@ -196,6 +196,15 @@ class OrtBackend:
             return value
         return np.array(value.numpy(), copy=True)
 
+    def frame_resizer(self, clip_size: int, sync_size: int):
+        """A ``resize.FrameResizer`` on the GPU for CUDA; None on the CPU, where PIL's resize
+        is faster than the graph's dense matrix products (BENCHMARKS.md, video preprocessing)."""
+        if self.device == "cpu":
+            return None
+        from .resize import FrameResizer
+
+        return FrameResizer(self._ort, self.device, self.device_id, clip_size, sync_size)
+
     def condition(self, inputs: Mapping[str, np.ndarray],
                   uncond: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Both CFG branches' conditioning for the denoiser: the conditioner's output for
