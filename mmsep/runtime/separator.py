@@ -160,7 +160,7 @@ class Separator:
         texts = _texts(text)
         if negative_text is not None:
             negative_text = _one_text(negative_text, "negative text")
-        timings = dict.fromkeys(TIMING_KEYS, 0.0)
+        timings = dict.fromkeys((*TIMING_KEYS, "decode_wait", "decode_hidden"), 0.0)
         request_started = started = time.perf_counter()
         source = self._video_source(video, video_fps)
         mixture = self._mixture(mix, source, generate)
