@@ -112,10 +112,9 @@ def device_times(resizer, window, repeats: int = 5) -> dict:
     ort = resizer._ort
     session = resizer._session(*frames.shape[1:3])
     binding = session.io_binding()
-    for name, value in (("frames", frames), ("clip_index", clip_index),
-                        ("sync_index", sync_index)):
+    for name, value in resizer.graph_inputs(frames, clip_index, sync_index).items():
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(value), resizer.device, resizer.device_id))
+            value, resizer.device, resizer.device_id))
     for name in ("clip", "segments"):
         binding.bind_output(name, resizer.device, resizer.device_id)
     device_s = []

@@ -136,7 +136,8 @@ class FrameResizer:
     the window selects; ``clip_index`` (clip_frames,) and ``sync_index`` (segments,
     segment_frames) pick rows of ``frames``. Returns (clip, segments) as OrtValues on the device:
     float32 (clip_frames, 3, S, S) and (segments, segment_frames, 3, S', S'). Only the uint8
-    frames and the indices are uploaded. One session per input resolution, kept.
+    frames and the indices are uploaded; each stream resizes only the frames it uses (at most
+    64 + 200 per 8 s window). One session per input resolution, kept.
     """
 
     def __init__(self, ort, device: str, device_id: int, clip_size: int, sync_size: int):
@@ -159,12 +160,22 @@ class FrameResizer:
             self._sessions[(height, width)] = session
         return session
 
+    @staticmethod
+    def graph_inputs(frames: np.ndarray, clip_index: np.ndarray,
+                     sync_index: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's inputs: segments overlap, so each Synchformer frame is resized once
+        (``sync_frames``) and the segments gathered from those (``segment_index``)."""
+        sync_frames, segment_index = np.unique(sync_index, return_inverse=True)
+        return {"frames": np.ascontiguousarray(frames, np.uint8),
+                "clip_index": np.ascontiguousarray(clip_index, np.int64),
+                "sync_frames": sync_frames.astype(np.int64),
+                "segment_index": segment_index.reshape(np.shape(sync_index)).astype(np.int64)}
+
     def run(self, frames: np.ndarray, clip_index: np.ndarray, sync_index: np.ndarray):
         session = self._session(*frames.shape[1:3])
         binding = session.io_binding()
-        binding.bind_cpu_input("frames", np.ascontiguousarray(frames))
-        binding.bind_cpu_input("clip_index", np.ascontiguousarray(clip_index, np.int64))
-        binding.bind_cpu_input("sync_index", np.ascontiguousarray(sync_index, np.int64))
+        for name, value in self.graph_inputs(frames, clip_index, sync_index).items():
+            binding.bind_cpu_input(name, value)
         for name in ("clip", "segments"):
             binding.bind_output(name, self.device, self.device_id)
         session.run_with_iobinding(binding)
@@ -177,21 +188,23 @@ def resize_graph(clip: ResizePlan, sync: ResizePlan) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    # transpose while uint8 (a quarter of the bytes), then the passes in float64
-    nodes = [helper.make_node("Transpose", ["frames"], ["planes_u8"], perm=[0, 3, 1, 2]),
-             helper.make_node("Cast", ["planes_u8"], ["planes"], to=TensorProto.DOUBLE)]
+    # pick each stream's frames and transpose while uint8, then the passes in float64
+    nodes = [helper.make_node("Transpose", ["frames"], ["planes"], perm=[0, 3, 1, 2])]
     doubles = {"half": 0.5, "zero": 0.0, "top": 255.0}
     floats = {}
-    for name, plan in (("clip", clip), ("segments", sync)):
+    for name, plan, pick in (("clip", clip, "clip_index"), ("sync", sync, "sync_frames")):
         doubles.update({f"{name}_rows": plan.rows, f"{name}_cols": plan.cols})
         floats.update({f"{name}_scale": plan.scale, f"{name}_offset": plan.offset})
-        nodes += _pass(f"{name}_wide", ["planes", f"{name}_cols"])
+        nodes += [helper.make_node("Gather", ["planes", pick], [f"{name}_u8"], axis=0),
+                  helper.make_node("Cast", [f"{name}_u8"], [f"{name}_in"],
+                                   to=TensorProto.DOUBLE)]
+        nodes += _pass(f"{name}_wide", [f"{name}_in", f"{name}_cols"])
         nodes += _pass(f"{name}_grey", [f"{name}_rows", f"{name}_wide"])
-        index = "clip_index" if name == "clip" else "sync_index"
         nodes += [helper.make_node("Cast", [f"{name}_grey"], [f"{name}_q"], to=TensorProto.FLOAT),
                   helper.make_node("Mul", [f"{name}_q", f"{name}_scale"], [f"{name}_scaled"]),
-                  helper.make_node("Add", [f"{name}_scaled", f"{name}_offset"], [f"{name}_all"]),
-                  helper.make_node("Gather", [f"{name}_all", index], [name], axis=0)]
+                  helper.make_node("Add", [f"{name}_scaled", f"{name}_offset"],
+                                   ["clip" if name == "clip" else "sync_all"])]
+    nodes.append(helper.make_node("Gather", ["sync_all", "segment_index"], ["segments"], axis=0))
     initializers = [numpy_helper.from_array(np.asarray(value, dtype), name)
                     for values, dtype in ((doubles, np.float64), (floats, np.float32))
                     for name, value in values.items()]
@@ -199,7 +212,8 @@ def resize_graph(clip: ResizePlan, sync: ResizePlan) -> bytes:
     inputs = [helper.make_tensor_value_info("frames", TensorProto.UINT8,
                                             ["frames", height, width, 3]),
               helper.make_tensor_value_info("clip_index", TensorProto.INT64, ["clip_frames"]),
-              helper.make_tensor_value_info("sync_index", TensorProto.INT64,
+              helper.make_tensor_value_info("sync_frames", TensorProto.INT64, ["sync_frames"]),
+              helper.make_tensor_value_info("segment_index", TensorProto.INT64,
                                             ["segments", "segment_frames"])]
     outputs = [helper.make_tensor_value_info("clip", TensorProto.FLOAT,
                                              ["clip_frames", 3, *clip.out_size]),
