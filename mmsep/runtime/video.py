@@ -137,6 +137,12 @@ def rgb(frame, reformatter=None) -> np.ndarray:
         return frame
     if reformatter is None:
         return frame.to_ndarray(format="rgb24")
+    if frame.format.name == "yuv420p":
+        # same pixels as the default (bilinear) flag for this unscaled conversion, 2-3x faster
+        from av.video.reformatter import Interpolation
+
+        return reformatter.reformat(frame, format="rgb24",
+                                    interpolation=Interpolation.POINT).to_ndarray()
     return reformatter.reformat(frame, format="rgb24").to_ndarray()
 
 

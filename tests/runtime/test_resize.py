@@ -7,7 +7,7 @@ import pytest
 from mmsep.runtime.example import make_video, pattern_frame
 from mmsep.runtime.resize import (FrameResizer, bicubic_weights, clip_plan, resize_frames,
                                   sync_plan)
-from mmsep.runtime.video import VideoSource, WindowFrames, clip_image, sync_image
+from mmsep.runtime.video import VideoSource, WindowFrames, clip_image, rgb, sync_image
 from tests.runtime.media import decode_rgb
 from tests.runtime.test_video import geometry
 
@@ -61,6 +61,19 @@ def test_decoded_clips_match_pil(media, clip_720p):
     for name, path in (("example", media["av"]), ("h264-720p", clip_720p)):
         frames, _ = decode_rgb(path)
         check_fidelity(name, frames[:4])
+
+
+def test_fast_rgb_conversion_gives_the_default_pixels(clip_720p, media):
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
+    for path in (clip_720p, media["av"]):
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                assert frame.format.name == "yuv420p"
+                np.testing.assert_array_equal(rgb(frame, reformatter),
+                                              frame.to_ndarray(format="rgb24"))
 
 
 def test_weights_are_pils():
