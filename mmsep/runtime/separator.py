@@ -32,7 +32,8 @@ from .backends import create_backend
 from .errors import InputError
 from .model_dir import ModelDir
 from .tokenizer import ClipTokenizer
-from .video import PrefetchedWindows, VideoGeometry, VideoSource, WindowFrames
+from .prefetch import PrefetchedWindows
+from .video import VideoGeometry, VideoSource, WindowFrames
 from .windows import CrossfadeJoiner, WindowPlan
 
 TIMING_KEYS = ("decode", "features", "mix_encode", "conditioning", "sampling", "vae_decode",

@@ -16,8 +16,9 @@ Where frames are resized depends on the backend. On the CPU, resizing is PIL's (
 preprocessing time; PIL releases the GIL while it resamples), run on a small thread pool while
 decoding goes on, with a bounded number of frames in flight; the result is the same as resizing
 one frame after the other. Backends that resize on their device (``resize.FrameResizer``) get
-each window's distinct selected frames as one uint8 upload instead. ``PrefetchedWindows`` runs
-all of this one window ahead on a producer thread, beside the model's work on the current window.
+each window's distinct selected frames as one uint8 upload instead. ``next_images`` does the
+decoding and resizing and ``finish`` makes the float inputs, so that ``prefetch`` can run the
+first one window ahead on a producer thread.
 
 A video can also be given as an array: uint8 RGB frames of shape (T, H, W, 3) plus a frame rate
 (``VideoSource.from_array``); frame ``i`` then has timestamp ``i / fps``.
@@ -26,12 +27,12 @@ A video can also be given as an array: uint8 RGB frames of shape (T, H, W, 3) pl
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -210,6 +211,14 @@ class _Stream:
             self.slots[window][k] = image
 
 
+class ResizedImages(NamedTuple):
+    """One window's resized uint8 images: clip (clip_frames, S, S, 3), sync (sync_frames, S',
+    S', 3)."""
+
+    clip: np.ndarray
+    sync: np.ndarray
+
+
 class WindowFrames:
     """Per-window model inputs from a video, produced in window order.
 
@@ -293,6 +302,11 @@ class WindowFrames:
             self._sync.fill(sync, self._submit(sync_image, pixels, self.geometry.sync_size))
 
     def next_window(self) -> tuple:
+        return self.finish(self.next_images())
+
+    def next_images(self):
+        """The next window decoded and resized: uint8 images (``ResizedImages``), or the
+        resizer's outputs; ``finish`` turns them into the model inputs."""
         w = self._window
         if w >= len(self.starts):
             raise IndexError("all windows have been produced")
@@ -307,7 +321,14 @@ class WindowFrames:
         self._window += 1
         if self._resizer is not None:
             return self._resize_on_device(clip_images, sync_images)
-        return self._inputs(np.stack(clip_images), np.stack(sync_images))
+        return ResizedImages(np.stack(clip_images), np.stack(sync_images))
+
+    def finish(self, images) -> tuple:
+        """(clip, segments) model inputs from what ``next_images`` returned. The float inputs
+        are 13x the size of the uint8 images (segments overlap), so they are made last."""
+        if not isinstance(images, ResizedImages):
+            return images
+        return self._inputs(images.clip, images.sync)
 
     def _segment_index(self) -> np.ndarray:
         g = self.geometry
@@ -334,65 +355,7 @@ class WindowFrames:
         frames = [p for _, p in distinct.values()]
         if len({p.shape for p in frames}) > 1:  # the resolution changes inside this window
             g = self.geometry
-            return self._inputs(np.stack([clip_image(p, g.clip_size) for p in clip_images]),
-                                np.stack([sync_image(p, g.sync_size) for p in sync_images]))
+            return ResizedImages(np.stack([clip_image(p, g.clip_size) for p in clip_images]),
+                                 np.stack([sync_image(p, g.sync_size) for p in sync_images]))
         sync_index = np.asarray(sync_index, np.int64)[self._segment_index()]
         return self._resizer.run(np.stack(frames), np.asarray(clip_index, np.int64), sync_index)
-
-
-class PrefetchedWindows:
-    """``WindowFrames`` run one window ahead on a producer thread.
-
-    While the caller works on window ``w``, the thread decodes and preprocesses window ``w + 1``;
-    it starts on a window only when the previous one has been taken, so at most two windows of
-    inputs exist at a time. ``work_s`` is the producer's own time, ``wait_s`` the time callers
-    spent blocked in ``next_window``: ``work_s - wait_s`` was hidden behind the caller's work.
-    Use as a context manager (or call ``close``): the thread is stopped and joined on every exit
-    path, including errors.
-    """
-
-    def __init__(self, frames: WindowFrames):
-        self._frames = frames
-        self._remaining = len(frames.starts)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mmsep-video")
-        self._pending: Future | None = None
-        self.work_s = self.wait_s = 0.0
-        self._schedule()
-
-    def __enter__(self) -> PrefetchedWindows:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _produce(self):
-        started = time.perf_counter()
-        try:
-            return self._frames.next_window()
-        finally:
-            self.work_s += time.perf_counter() - started
-
-    def _schedule(self) -> None:
-        self._pending = None
-        if self._remaining:
-            self._remaining -= 1
-            self._pending = self._thread.submit(self._produce)
-
-    def next_window(self) -> tuple:
-        if self._pending is None:
-            raise IndexError("all windows have been produced")
-        started = time.perf_counter()
-        try:
-            window = self._pending.result()
-        finally:
-            self.wait_s += time.perf_counter() - started
-        self._schedule()
-        return window
-
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-            self._remaining = 0
-        self._thread.shutdown(wait=True)  # a window being produced is finished, then dropped
-        self._pending = None
-        self._frames.close()

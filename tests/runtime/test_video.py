@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mmsep.runtime.errors import InputError
-from mmsep.runtime.video import (PrefetchedWindows, VideoGeometry, VideoSource, WindowFrames,
-                                 sync_image)
+from mmsep.runtime.prefetch import PrefetchedWindows
+from mmsep.runtime.video import VideoGeometry, VideoSource, WindowFrames, sync_image
 from tests.runtime.media import decode_rgb
 
 reference = pytest.importorskip("mmsep.models.video_reference")
