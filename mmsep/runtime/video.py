@@ -337,11 +337,12 @@ class WindowFrames:
 
     def _inputs(self, clip_images: np.ndarray, sync_images: np.ndarray):
         """Float model inputs from resized uint8 (N, S, S, 3) images."""
-        clip = clip_images.transpose(0, 3, 1, 2).astype(np.float32)
+        # C order: a transposed (strided) input would be copied once more by the backend
+        clip = clip_images.transpose(0, 3, 1, 2).astype(np.float32, order="C")
         clip *= np.float32(1.0 / 255)
         # gather the overlapping segments while still uint8, then convert once
         segments = sync_images[self._segment_index()].transpose(0, 1, 4, 2, 3)
-        segments = segments.astype(np.float32)
+        segments = segments.astype(np.float32, order="C")
         segments *= np.float32(1.0 / 255)
         segments -= np.float32(0.5)
         segments /= np.float32(0.5)

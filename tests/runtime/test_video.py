@@ -50,6 +50,7 @@ def test_matches_reference_psnr(media, name, starts):
         clip, segments = windows.next_window()
         ref_clip, ref_segments = reference_window(frames, times, start, g)
         assert clip.shape == ref_clip.shape == (16, 3, 384, 384) and clip.dtype == np.float32
+        assert clip.flags.c_contiguous and segments.flags.c_contiguous  # no backend copy
         assert segments.shape == ref_segments.shape == (5, 16, 3, 224, 224)
         assert 0.0 <= clip.min() and clip.max() <= 1.0
         assert -1.0 <= segments.min() and segments.max() <= 1.0
