@@ -37,6 +37,9 @@ from .errors import BackendError, BackendUnavailable, one_line
 from .model_dir import ModelDir
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
+# stages fed a window of video frames (0.8 GB per 8 s window): ONNX Runtime's CPU arena kept
+# growing on them, window after window (BENCHMARKS.md, video preprocessing)
+_VIDEO_STAGES = ("clip_image", "sync")
 
 
 class Backend(Protocol):
@@ -126,6 +129,7 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only; ORT's warnings are not the user's concern
+        options.enable_cpu_mem_arena = stage not in _VIDEO_STAGES
         if self._threads:
             options.intra_op_num_threads = self._threads
         path = self.model.onnx_path(stage)
