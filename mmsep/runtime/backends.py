@@ -37,9 +37,6 @@ from .errors import BackendError, BackendUnavailable, one_line
 from .model_dir import ModelDir
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
-# stages fed a window of video frames (0.8 GB per 8 s window): ONNX Runtime's CPU arena kept
-# growing on them, window after window (BENCHMARKS.md, video preprocessing)
-_VIDEO_STAGES = ("clip_image", "sync")
 
 
 class Backend(Protocol):
@@ -129,7 +126,10 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only; ORT's warnings are not the user's concern
-        options.enable_cpu_mem_arena = stage not in _VIDEO_STAGES
+        # ORT's CPU arena kept growing, window after window, once video features ran (peak RSS
+        # 3.6 GB over 9 tiny windows, 2.8 GB over 26 with it off for the video stages only, a
+        # flat 1.8 GB with it off everywhere; no measurable cost: BENCHMARKS.md, video)
+        options.enable_cpu_mem_arena = False
         if self._threads:
             options.intra_op_num_threads = self._threads
         path = self.model.onnx_path(stage)
