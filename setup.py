@@ -27,6 +27,8 @@ setup(
         "soundfile>=0.12",
         "soxr>=0.3",
         "Pillow>=9.1",
+        # builds the small frame-resize graph that GPU backends run (runtime/resize.py); torch-free
+        "onnx>=1.16",
     ],
     entry_points={"console_scripts": ["mmsep-export=mmsep.export.cli:main",
                                      "mmsep-run=mmsep.runtime.cli:main",

@@ -126,6 +126,10 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only; ORT's warnings are not the user's concern
+        # ORT's CPU arena kept growing, window after window, once video features ran (peak RSS
+        # 3.6 GB over 9 tiny windows, 2.8 GB over 26 with it off for the video stages only, a
+        # flat 1.8 GB with it off everywhere; no measurable cost: BENCHMARKS.md, video)
+        options.enable_cpu_mem_arena = False
         if self._threads:
             options.intra_op_num_threads = self._threads
         path = self.model.onnx_path(stage)
@@ -199,6 +203,15 @@ class OrtBackend:
         if isinstance(value, np.ndarray):
             return value
         return np.array(value.numpy(), copy=True)
+
+    def frame_resizer(self, clip_size: int, sync_size: int):
+        """A ``resize.FrameResizer`` on the GPU for CUDA; None on the CPU, where PIL's resize
+        is faster than the graph's dense matrix products (BENCHMARKS.md, video preprocessing)."""
+        if self.device == "cpu":
+            return None
+        from .resize import FrameResizer
+
+        return FrameResizer(self._ort, self.device, self.device_id, clip_size, sync_size)
 
     def condition(self, inputs: Mapping[str, np.ndarray],
                   uncond: Mapping[str, np.ndarray]) -> dict[str, Any]:

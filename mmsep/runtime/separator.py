@@ -37,6 +37,7 @@ from .errors import InputError
 from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE
 from .model_dir import ModelDir
 from .tokenizer import ClipTokenizer
+from .prefetch import PrefetchedWindows
 from .video import VideoGeometry, VideoSource, WindowFrames
 from .windows import CrossfadeJoiner, WindowPlan
 
@@ -55,7 +56,10 @@ class SeparationResult:
     windows: int
     items: int
     batches: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage group
+    # seconds per stage group (TIMING_KEYS, each stage's own time) and, for the request as a
+    # whole, "wall"; "decode_wait" and "decode_hidden" split the video's decode time into the part
+    # the model waited for and the part that ran beside model work
+    timings: dict[str, float] = field(default_factory=dict)
     latents: np.ndarray | None = None  # (items, N, C) final latents, window-major, if kept
 
     @property
@@ -97,6 +101,9 @@ class Separator:
                 raise InputError(f"max batch {self.max_batch} exceeds what the "
                                  f"{self.backend_name} engines were built for ({limit}); lower "
                                  "it or rebuild the engines with a larger --max-batch")
+            make_resizer = getattr(self.backend, "frame_resizer", None)  # resize on the device
+            self._resizer = None if make_resizer is None else \
+                make_resizer(info.clip_image_size, info.sync_image_size)
             self._unconditional(None)
         except BaseException:
             self.backend.close()  # GPU sessions and buffers are not left to the collector
@@ -159,9 +166,8 @@ class Separator:
         texts = _texts(text)
         if negative_text is not None:
             negative_text = _one_text(negative_text, "negative text")
-        timings = dict.fromkeys(TIMING_KEYS, 0.0)
-
-        started = time.perf_counter()
+        timings = dict.fromkeys((*TIMING_KEYS, "decode_wait", "decode_hidden"), 0.0)
+        request_started = started = time.perf_counter()
         source = self._video_source(video, video_fps)
         mixture = self._mixture(mix, source, generate)
         timings["decode"] += time.perf_counter() - started
@@ -201,44 +207,52 @@ class Separator:
 
         frames = None
         if source is not None:
-            frames = WindowFrames(source, plan.start_seconds, self._video_geometry())
-        if mixture is not None:
-            cuts = mixture.windows(plan)
-        elif info.separation:
-            cuts = _noise_mixtures(rng, n_windows, info.window_samples)
-        else:
-            cuts = None
-        joiners = [CrossfadeJoiner(plan) for _ in texts]
-        pieces: list[list[np.ndarray]] = [[] for _ in texts]
-        latents = np.empty(shape, np.float32) if keep_latents else None
-        windows: dict[int, dict[str, np.ndarray]] = {}
-        batches = math.ceil(items / self.max_batch)
-        for b in range(batches):
-            first, last = b * self.max_batch, min(items, (b + 1) * self.max_batch)
-            members = [divmod(i, n_texts) for i in range(first, last)]  # (window, text)
-            needed = sorted({w for w, _ in members})
-            windows = {w: windows[w] for w in needed if w in windows}  # keep a straddling one
-            new = [w for w in needed if w not in windows]
-            for w in new:
-                windows[w] = self._window_features(frames, timings)
-            if cuts is not None:
-                self._encode_windows(cuts, rng, new, windows, timings)
-            audio, x1 = self._run_batch(members, windows, text_features, uncond, x0[first:last],
-                                        steps, cfg, timings)
-            if latents is not None:
-                latents[first:last] = x1
-            for (w, k), wave in zip(members, audio):
-                piece = joiners[k].push(wave)
-                if sink is None:
-                    pieces[k].append(piece)
-                elif piece.size:
-                    sink(k, piece)
-            if progress is not None:
-                progress(b + 1, batches)
-        if frames is not None:
-            frames.close()
+            frames = PrefetchedWindows(WindowFrames(source, plan.start_seconds,
+                                                    self._video_geometry(),
+                                                    resizer=self._resizer))
+        try:
+            if mixture is not None:
+                cuts = mixture.windows(plan)
+            elif info.separation:
+                cuts = _noise_mixtures(rng, n_windows, info.window_samples)
+            else:
+                cuts = None
+            joiners = [CrossfadeJoiner(plan) for _ in texts]
+            pieces: list[list[np.ndarray]] = [[] for _ in texts]
+            latents = np.empty(shape, np.float32) if keep_latents else None
+            windows: dict[int, dict[str, np.ndarray]] = {}
+            batches = math.ceil(items / self.max_batch)
+            for b in range(batches):
+                first, last = b * self.max_batch, min(items, (b + 1) * self.max_batch)
+                members = [divmod(i, n_texts) for i in range(first, last)]  # (window, text)
+                needed = sorted({w for w, _ in members})
+                windows = {w: windows[w] for w in needed if w in windows}  # keep a straddling one
+                new = [w for w in needed if w not in windows]
+                for w in new:
+                    windows[w] = self._window_features(frames, timings)
+                if cuts is not None:
+                    self._encode_windows(cuts, rng, new, windows, timings)
+                audio, x1 = self._run_batch(members, windows, text_features, uncond,
+                                            x0[first:last], steps, cfg, timings)
+                if latents is not None:
+                    latents[first:last] = x1
+                for (w, k), wave in zip(members, audio):
+                    piece = joiners[k].push(wave)
+                    if sink is None:
+                        pieces[k].append(piece)
+                    elif piece.size:
+                        sink(k, piece)
+                if progress is not None:
+                    progress(b + 1, batches)
+        finally:
+            if frames is not None:
+                frames.close()
+                timings["decode"] += frames.work_s
+                timings["decode_wait"] = frames.wait_s
+                timings["decode_hidden"] = max(0.0, frames.work_s - frames.wait_s)
         out = None if sink is not None else np.stack([np.concatenate(p) for p in pieces])
         mode = "separation" if mixture is not None else "generation"
+        timings["wall"] = time.perf_counter() - request_started
         return SeparationResult(out, length, sr, mode, n_windows, items, batches, timings,
                                 latents)
 
@@ -328,13 +342,12 @@ class Separator:
                              segment_stride=i.sync_stride)
 
     # -- stages --------------------------------------------------------------------------------
-    def _window_features(self, frames: WindowFrames | None, timings) -> dict[str, np.ndarray]:
+    def _window_features(self, frames: PrefetchedWindows | None,
+                         timings) -> dict[str, np.ndarray]:
         if frames is None:
             return {"clip_features": self._empty["clip_features"],
                     "sync_features": self._empty["sync_features"]}
-        started = time.perf_counter()
-        clip_in, segments = frames.next_window()
-        timings["decode"] += time.perf_counter() - started
+        clip_in, segments = frames.next_window()  # its time: frames.work_s / wait_s
         started = time.perf_counter()
         clip = self.backend.run("clip_image", {"frames": clip_in})["clip_features"]
         sync = self.backend.run("sync", {"segments": segments})["sync_features"]

@@ -12,9 +12,13 @@ Memory stays bounded for long videos: every decoded frame is converted to RGB an
 most once per stream, and only when some window selects it; decoding runs only as far as the
 window being assembled needs, and a window's images are released once it has been handed out.
 
-Resizing is most of the preprocessing time (PIL releases the GIL while it resamples), so it runs
-on a small thread pool while decoding goes on, with a bounded number of frames in flight; the
-result is the same as resizing one frame after the other.
+Where frames are resized depends on the backend. On the CPU, resizing is PIL's (most of the
+preprocessing time; PIL releases the GIL while it resamples), run on a small thread pool while
+decoding goes on, with a bounded number of frames in flight; the result is the same as resizing
+one frame after the other. Backends that resize on their device (``resize.FrameResizer``) get
+each window's distinct selected frames as one uint8 upload instead. ``next_images`` does the
+decoding and resizing and ``finish`` makes the float inputs, so that ``prefetch`` can run the
+first one window ahead on a producer thread.
 
 A video can also be given as an array: uint8 RGB frames of shape (T, H, W, 3) plus a frame rate
 (``VideoSource.from_array``); frame ``i`` then has timestamp ``i / fps``.
@@ -28,10 +32,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import InputError, one_line
+from .resize import centre_crop, short_side
 
 TIME_TOLERANCE = 1e-6  # seconds; a frame this close below a target still reaches it
 
@@ -132,6 +138,12 @@ def rgb(frame, reformatter=None) -> np.ndarray:
         return frame
     if reformatter is None:
         return frame.to_ndarray(format="rgb24")
+    if frame.format.name == "yuv420p":
+        # same pixels as the default (bilinear) flag for this unscaled conversion, 2-3x faster
+        from av.video.reformatter import Interpolation
+
+        return reformatter.reformat(frame, format="rgb24",
+                                    interpolation=Interpolation.POINT).to_ndarray()
     return reformatter.reformat(frame, format="rgb24").to_ndarray()
 
 
@@ -164,10 +176,9 @@ def clip_image(image: np.ndarray, size: int) -> np.ndarray:
 
 def sync_image(image: np.ndarray, size: int) -> np.ndarray:
     """Short side to ``size`` (long side rounded down), then a centred ``size`` crop."""
-    h, w = image.shape[:2]
-    new_h, new_w = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
+    new_h, new_w = short_side(*image.shape[:2], size)
     resized = resize(image, new_h, new_w)
-    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)  # half to even
+    top, left = centre_crop(new_h, new_w, size)
     return resized[top:top + size, left:left + size]
 
 
@@ -200,21 +211,33 @@ class _Stream:
             self.slots[window][k] = image
 
 
+class ResizedImages(NamedTuple):
+    """One window's resized uint8 images: clip (clip_frames, S, S, 3), sync (sync_frames, S',
+    S', 3)."""
+
+    clip: np.ndarray
+    sync: np.ndarray
+
+
 class WindowFrames:
     """Per-window model inputs from a video, produced in window order.
 
     ``next_window()`` returns (clip, segments): float32 (clip_frames, 3, S, S) in [0, 1] and
     float32 (segments, segment_frames, 3, S', S') in [-1, 1] for the window starting at
-    ``starts[w]`` seconds.
+    ``starts[w]`` seconds. With a ``resizer`` (``resize.FrameResizer``, for backends that resize
+    on their device) frames are not resized here: the window's distinct selected frames go to
+    ``resizer.run`` as uint8 and its outputs (device values) are returned instead.
     """
 
-    def __init__(self, source: VideoSource, starts: Sequence[float], geometry: VideoGeometry):
+    def __init__(self, source: VideoSource, starts: Sequence[float], geometry: VideoGeometry, *,
+                 resizer=None):
         self.geometry = g = geometry
         self.starts = list(starts)
         self._clip = _Stream(self.starts, g.clip_fps, g.clip_frames, len(self.starts))
         self._sync = _Stream(self.starts, g.sync_fps, g.sync_frames, len(self.starts))
         self._frames = source.frames()
         self._name = source.name
+        self._resizer = resizer
         self._reached = -np.inf
         self._last = None  # the most recent decoded frame, held past the end of the video
         self._window = 0
@@ -232,6 +255,7 @@ class WindowFrames:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._frames.close()  # the decoder's file
 
     def __del__(self):
         pool = getattr(self, "_pool", None)
@@ -248,7 +272,7 @@ class WindowFrames:
     def _advance(self) -> bool:
         """Decode one frame and resolve the targets it reaches; False at the end."""
         try:
-            time, frame = next(self._frames)
+            stamp, frame = next(self._frames)
         except StopIteration:
             self._ended = True
             if self._last is None:
@@ -256,7 +280,7 @@ class WindowFrames:
             self._resolve(np.inf, self._last)
             return False
         self.decoded += 1
-        self._reached = max(self._reached, time)
+        self._reached = max(self._reached, stamp)
         self._last = frame
         self._resolve(self._reached, frame)
         return True
@@ -266,12 +290,23 @@ class WindowFrames:
         if not clip and not sync:
             return
         pixels = rgb(frame, self._reformatter)
+        if self._resizer is not None:  # resized later, with the whole window
+            held = Future()
+            held.set_result(pixels)
+            self._clip.fill(clip, held)
+            self._sync.fill(sync, held)
+            return
         if clip:
             self._clip.fill(clip, self._submit(clip_image, pixels, self.geometry.clip_size))
         if sync:
             self._sync.fill(sync, self._submit(sync_image, pixels, self.geometry.sync_size))
 
-    def next_window(self) -> tuple[np.ndarray, np.ndarray]:
+    def next_window(self) -> tuple:
+        return self.finish(self.next_images())
+
+    def next_images(self):
+        """The next window decoded and resized: uint8 images (``ResizedImages``), or the
+        resizer's outputs; ``finish`` turns them into the model inputs."""
         w = self._window
         if w >= len(self.starts):
             raise IndexError("all windows have been produced")
@@ -284,14 +319,44 @@ class WindowFrames:
         sync_images = [image.result() for image in self._sync.slots[w]]
         self._clip.slots[w] = self._sync.slots[w] = None  # release this window's references
         self._window += 1
+        if self._resizer is not None:
+            return self._resize_on_device(clip_images, sync_images)
+        return ResizedImages(np.stack(clip_images), np.stack(sync_images))
+
+    def finish(self, images) -> tuple:
+        """(clip, segments) model inputs from what ``next_images`` returned. The float inputs
+        are 13x the size of the uint8 images (segments overlap), so they are made last."""
+        if not isinstance(images, ResizedImages):
+            return images
+        return self._inputs(images.clip, images.sync)
+
+    def _segment_index(self) -> np.ndarray:
         g = self.geometry
-        clip = np.stack(clip_images).transpose(0, 3, 1, 2).astype(np.float32)
+        return (np.arange(g.segments)[:, None] * g.segment_stride
+                + np.arange(g.segment_frames)[None, :])
+
+    def _inputs(self, clip_images: np.ndarray, sync_images: np.ndarray):
+        """Float model inputs from resized uint8 (N, S, S, 3) images."""
+        # C order: a transposed (strided) input would be copied once more by the backend
+        clip = clip_images.transpose(0, 3, 1, 2).astype(np.float32, order="C")
         clip *= np.float32(1.0 / 255)
         # gather the overlapping segments while still uint8, then convert once
-        index = (np.arange(g.segments)[:, None] * g.segment_stride
-                 + np.arange(g.segment_frames)[None, :])
-        segments = np.stack(sync_images)[index].transpose(0, 1, 4, 2, 3).astype(np.float32)
+        segments = sync_images[self._segment_index()].transpose(0, 1, 4, 2, 3)
+        segments = segments.astype(np.float32, order="C")
         segments *= np.float32(1.0 / 255)
         segments -= np.float32(0.5)
         segments /= np.float32(0.5)
         return clip, segments
+
+    def _resize_on_device(self, clip_images: list, sync_images: list):
+        """Upload each distinct selected frame once (uint8) with the indices that pick them."""
+        distinct: dict[int, tuple[int, np.ndarray]] = {}
+        clip_index = [distinct.setdefault(id(p), (len(distinct), p))[0] for p in clip_images]
+        sync_index = [distinct.setdefault(id(p), (len(distinct), p))[0] for p in sync_images]
+        frames = [p for _, p in distinct.values()]
+        if len({p.shape for p in frames}) > 1:  # the resolution changes inside this window
+            g = self.geometry
+            return ResizedImages(np.stack([clip_image(p, g.clip_size) for p in clip_images]),
+                                 np.stack([sync_image(p, g.sync_size) for p in sync_images]))
+        sync_index = np.asarray(sync_index, np.int64)[self._segment_index()]
+        return self._resizer.run(np.stack(frames), np.asarray(clip_index, np.int64), sync_index)

@@ -1,9 +1,12 @@
 """Torch-free video preprocessing against the PyTorch reference (mmsep.models.video_reference)."""
 
+import threading
+
 import numpy as np
 import pytest
 
 from mmsep.runtime.errors import InputError
+from mmsep.runtime.prefetch import PrefetchedWindows
 from mmsep.runtime.video import VideoGeometry, VideoSource, WindowFrames, sync_image
 from tests.runtime.media import decode_rgb
 
@@ -47,6 +50,7 @@ def test_matches_reference_psnr(media, name, starts):
         clip, segments = windows.next_window()
         ref_clip, ref_segments = reference_window(frames, times, start, g)
         assert clip.shape == ref_clip.shape == (16, 3, 384, 384) and clip.dtype == np.float32
+        assert clip.flags.c_contiguous and segments.flags.c_contiguous  # no backend copy
         assert segments.shape == ref_segments.shape == (5, 16, 3, 224, 224)
         assert 0.0 <= clip.min() and clip.max() <= 1.0
         assert -1.0 <= segments.min() and segments.max() <= 1.0
@@ -122,3 +126,39 @@ def test_bad_videos(tmp_path, media):
     with pytest.raises(InputError, match="truncated.mp4"):
         source = VideoSource(truncated)
         WindowFrames(source, [0.0], geometry()).next_window()
+
+
+def producer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("mmsep-video")]
+
+
+def test_prefetch_gives_the_same_windows_one_window_ahead(media):
+    starts = [0.0, 1.0, 2.0]
+    plain = WindowFrames(VideoSource(media["av"]), starts, geometry())
+    inner = WindowFrames(VideoSource(media["av"]), starts, geometry())
+    with PrefetchedWindows(inner) as ahead:
+        for w in range(len(starts)):
+            for x, y in zip(plain.next_window(), ahead.next_window()):
+                np.testing.assert_array_equal(x, y)
+            if w == 0:
+                ahead._pending.result()  # the producer has made window 1, and stops there
+                assert inner._window == 2 and inner.decoded < 105
+        with pytest.raises(IndexError):
+            ahead.next_window()
+        assert ahead.work_s > 0 and ahead.wait_s >= 0
+    assert producer_threads() == []
+    plain.close()
+
+
+def test_prefetch_stops_its_thread_on_early_exit_and_errors(tmp_path, media):
+    with PrefetchedWindows(WindowFrames(VideoSource(media["av"]), [0.0, 1.0, 2.0],
+                                        geometry())) as ahead:
+        ahead.next_window()  # then leave with two windows not taken
+    assert producer_threads() == []
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(media["av"].read_bytes()[:3000])
+    with pytest.raises(InputError, match="truncated.mp4"):
+        with PrefetchedWindows(WindowFrames(VideoSource(truncated), [0.0],
+                                            geometry())) as ahead:
+            ahead.next_window()  # the producer's error, raised here
+    assert producer_threads() == []

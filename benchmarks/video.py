@@ -1,0 +1,286 @@
+"""Video preprocessing: decode alone, today's preprocessing, the device-resize path, and end to
+end with decoding serial (before) and overlapped with the model (after), per clip; JSON out.
+
+    python benchmarks/video.py --model models/tiny --synthetic 10 --example 10 --json video.json
+    python benchmarks/video.py --model models/tiny --backend ort-cuda --video clip.mp4 --json g.json
+    python benchmarks/video.py --model models/tiny --long 3600 --json rss.json   # peak RSS only
+
+Clips: ``--video`` files, ``--synthetic S`` (an S-second 1280x720 30 fps H.264 + AAC clip made
+here) and ``--example S`` (``mmsep.runtime.example``'s clip); generated clips live in a temporary
+directory. ``--long S`` instead generates an S-second 720p video (a few distinct frames repeated,
+low bitrate, so that an hour encodes quickly), runs one generation request over it with the
+output discarded, and reports the process's peak RSS. BENCHMARKS.md explains the fields.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+from unittest import mock
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import machine  # noqa: E402
+from mmsep.runtime import separator as separator_module  # noqa: E402
+from mmsep.runtime.backends import BACKENDS  # noqa: E402
+from mmsep.runtime.example import make_video, pattern_frame  # noqa: E402
+from mmsep.runtime.video import VideoSource, WindowFrames  # noqa: E402
+from mmsep.runtime.windows import WindowPlan  # noqa: E402
+
+SCHEMA = "mmsep-video-benchmark/1"
+HD = (720, 1280)  # (height, width)
+
+
+class SerialWindows:
+    """``PrefetchedWindows`` without the thread: each window is made when asked for (the
+    behaviour before overlapping), with the same timing attributes."""
+
+    def __init__(self, frames: WindowFrames):
+        self._frames = frames
+        self.work_s = self.wait_s = 0.0
+
+    def next_window(self):
+        started = time.perf_counter()
+        try:
+            return self._frames.next_window()
+        finally:
+            spent = time.perf_counter() - started
+            self.work_s += spent
+            self.wait_s += spent
+
+    def close(self) -> None:
+        self._frames.close()
+
+
+class _Recorder:
+    """A stand-in resizer: keeps the first window's upload and returns nothing, so that the
+    host side of the device path (decode, RGB, gathering the distinct frames) is timed alone."""
+
+    def __init__(self):
+        self.first = None
+
+    def run(self, frames, clip_index, sync_index):
+        if self.first is None:
+            self.first = (frames, clip_index, sync_index)
+        return None, None
+
+
+def decode_only(path: Path) -> dict:
+    import av
+
+    started, cpu = time.perf_counter(), time.process_time()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames = sum(1 for _ in container.decode(stream))
+    return {"seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
+            "frames": frames}
+
+
+def preprocess(path: Path, starts, geometry, resizer=None) -> dict:
+    """Wall and CPU (all threads) seconds to produce every window's inputs, one after the
+    other."""
+    started, cpu = time.perf_counter(), time.process_time()
+    frames = WindowFrames(VideoSource(path), starts, geometry, resizer=resizer)
+    try:
+        for _ in starts:
+            frames.next_window()
+    finally:
+        frames.close()
+    return {"seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
+
+
+def device_times(resizer, window, repeats: int = 5) -> dict:
+    """Per window: ``run_s`` (upload + resize, synchronous) and ``device_s`` (the graph alone,
+    its inputs already on the device), medians after a warm-up."""
+    frames, clip_index, sync_index = window
+    resizer.run(frames, clip_index, sync_index)  # builds the session
+    run_s = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        resizer.run(frames, clip_index, sync_index)
+        run_s.append(time.perf_counter() - started)
+    ort = resizer._ort
+    session = resizer._session(*frames.shape[1:3])
+    binding = session.io_binding()
+    for name, value in resizer.graph_inputs(frames, clip_index, sync_index).items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
+            value, resizer.device, resizer.device_id))
+    for name in ("clip", "segments"):
+        binding.bind_output(name, resizer.device, resizer.device_id)
+    device_s = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        device_s.append(time.perf_counter() - started)
+    return {"frames_uploaded": int(frames.shape[0]), "run_s": statistics.median(run_s),
+            "device_s": statistics.median(device_s[1:])}
+
+
+def per_frame_cpu(resizer, frames: np.ndarray, geometry) -> dict:
+    """Seconds per frame (both model inputs) of PIL and of the resize graph on ORT CPU."""
+    from mmsep.runtime.video import clip_image, sync_image
+
+    index = np.arange(len(frames))
+    resizer.run(frames[:1], index[:1], index[None, :1])  # builds the session
+    started = time.perf_counter()
+    resizer.run(frames, index, index[None])
+    graph_s = (time.perf_counter() - started) / len(frames)
+    started = time.perf_counter()
+    for frame in frames:
+        clip_image(frame, geometry.clip_size)
+        sync_image(frame, geometry.sync_size)
+    pil_s = (time.perf_counter() - started) / len(frames)
+    return {"frame": list(frames.shape[1:3]), "pil_s": round(pil_s, 4),
+            "graph_ort_cpu_s": round(graph_s, 4)}
+
+
+def end_to_end(sep, path: Path, steps: int, runs: int) -> dict:
+    """Median of ``runs`` requests each with decoding serial (before) and overlapped (after),
+    alternated within the same run."""
+    results = {"before": [], "after": []}
+    for _ in range(runs):
+        for kind in ("before", "after"):
+            if kind == "before":
+                with mock.patch.object(separator_module, "PrefetchedWindows", SerialWindows):
+                    timings = sep.process(video=path, steps=steps).timings
+            else:
+                timings = sep.process(video=path, steps=steps).timings
+            stages = sum(timings[k] for k in separator_module.TIMING_KEYS)
+            results[kind].append({**timings, "stages_sum": stages})
+    out = {}
+    for kind, rows in results.items():
+        keys = rows[0].keys()
+        out[kind] = {k: round(statistics.median(r[k] for r in rows), 4) for k in keys}
+    return out
+
+
+def measure_clip(sep, name: str, path: Path, steps: int, runs: int) -> dict:
+    info, geometry = sep.info, sep._video_geometry()
+    source = VideoSource(path)
+    plan = WindowPlan(round(source.duration * info.sample_rate), info.window_samples,
+                      round(sep.overlap * info.sample_rate), info.sample_rate)
+    starts = plan.start_seconds
+    row = {"clip": name, "duration_s": round(source.duration, 3), "windows": len(starts),
+           "decode_only": decode_only(path), "preprocess_pil": preprocess(path, starts, geometry)}
+    recorder = _Recorder()
+    row["device_path_host"] = preprocess(path, starts, geometry, recorder)
+    if sep._resizer is not None:
+        row["per_window"] = device_times(sep._resizer, recorder.first)
+    else:  # the per-backend choice: the graph on ORT CPU against PIL, per frame
+        row["per_frame_cpu"] = per_frame_cpu(_cpu_resizer(sep), recorder.first[0][:8], geometry)
+    for key in ("seconds", "cpu_s"):  # CPU time: a fairer ratio on a shared machine
+        decode_s = row["decode_only"][key]
+        row[f"pil_over_decode_{key}"] = round(row["preprocess_pil"][key] / decode_s, 2)
+        row[f"device_path_host_over_decode_{key}"] = round(row["device_path_host"][key]
+                                                           / decode_s, 2)
+    row["end_to_end"] = end_to_end(sep, path, steps, runs)
+    return row
+
+
+def _cpu_resizer(sep):
+    import onnxruntime
+
+    from mmsep.runtime.resize import FrameResizer
+
+    return FrameResizer(onnxruntime, "cpu", 0, sep.info.clip_image_size, sep.info.sync_image_size)
+
+
+def long_video(path: Path, seconds: float, fps: int = 25) -> Path:
+    """An H.264 720p video of ``seconds``: 8 distinct frames cycled, 1 s GOPs, low bitrate."""
+    import av
+
+    frames = [av.VideoFrame.from_ndarray(pattern_frame(i * 9, *HD), format="rgb24")
+              for i in range(8)]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.height, stream.width = HD
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast", "g": str(fps), "crf": "40"}
+        for i in range(int(seconds * fps)):
+            frame = frames[(i // fps) % len(frames)]  # a new picture every second
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def peak_rss(sep, path: Path, steps: int) -> dict:
+    started = time.perf_counter()
+    result = sep.process(video=path, generate=True, steps=steps, sink=lambda k, samples: None)
+    return {"windows": result.windows, "seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False,
+                                                      path_type=Path), required=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
+@click.option("--video", "videos", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              multiple=True, help="A clip to measure (repeatable).")
+@click.option("--synthetic", type=click.FloatRange(1, 600), help="Seconds of generated 720p.")
+@click.option("--example", type=click.FloatRange(1, 600), help="Seconds of the example clip.")
+@click.option("--long", "long_s", type=click.FloatRange(10, 36000),
+              help="Only the peak-RSS check over a generated 720p video of this length.")
+@click.option("--serial", is_flag=True, help="With --long: decode serially (as before the "
+              "overlap), for comparison.")
+@click.option("--steps", type=click.IntRange(1, 100), default=4, show_default=True)
+@click.option("--runs", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+def main(model_dir, backend, videos, synthetic, example, long_s, serial, steps, runs,
+         json_path):
+    """Measure video preprocessing and its overlap with the model."""
+    if not (videos or synthetic or example or long_s):
+        raise click.UsageError("give --video, --synthetic, --example or --long")
+    report = {"schema": SCHEMA, "machine": machine.machine_info(), "versions": machine.versions(),
+              "model": str(model_dir), "steps": steps, "runs": runs}
+    with tempfile.TemporaryDirectory() as tmp, \
+            separator_module.Separator(model_dir, backend=backend) as sep:
+        report["backend"] = sep.backend_name
+        if long_s:
+            path = Path(tmp) / "long.mp4"
+            # encoded in a child process: x264's buffers must not count in this one's peak RSS
+            child = multiprocessing.get_context("spawn").Process(target=long_video,
+                                                                 args=(path, long_s))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise click.ClickException(f"generating the {long_s:g} s video failed")
+            with mock.patch.object(separator_module, "PrefetchedWindows",
+                                   SerialWindows if serial else separator_module.PrefetchedWindows):
+                report["long"] = {"video_seconds": long_s, "serial": serial,
+                                  **peak_rss(sep, path, steps)}
+        else:
+            clips = [(p.name, p) for p in videos]
+            if synthetic:
+                clips.append(("synthetic-720p", make_video(Path(tmp) / "hd.mp4", synthetic,
+                                                           fps=30, size=HD)))
+            if example:
+                clips.append(("example", make_video(Path(tmp) / "example.mp4", example,
+                                                    fps=25, size=(192, 256))))
+            report["clips"] = [measure_clip(sep, name, path, steps, runs)
+                               for name, path in clips]
+    text = json.dumps(report, indent=2)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    click.echo(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Video frame resizing as matrix products, for backends that resize on their own device.
+
+PIL's antialiased bicubic resize (Keys a = -0.5, support widened by the downscale factor) is
+separable: a horizontal pass then a vertical pass, each a weighted sum of input pixels with
+weights that depend only on the input and output sizes. Each pass is therefore one matrix
+product per frame batch, ``X @ C`` (columns) then ``R @ X`` (rows), with coefficient matrices
+built on the host once per input resolution. PIL rounds to uint8 after each pass (integer
+coefficients with 22 fractional bits, round half up, clamp to [0, 255]); the matrices here hold
+those same integer coefficients divided by 2**22 and the passes round the same way, in float64:
+every product of a grey level and a coefficient, and every partial sum, is then a multiple of
+2**-22 below 2**9, exact in a double whatever the summation order, so the result equals PIL's
+bit for bit. (In float32 the sums are not exact and a value near a half can tip, by up to two
+grey levels after an upscale's second pass.) A centre crop is folded into the matrices by keeping
+only the rows and columns that the crop keeps.
+
+``ResizePlan`` holds the matrices and the value mapping of one model input (CLIP: 384 x 384,
+aspect not kept, [0, 1]; Synchformer: short side 224, centre crop, [-1, 1]); ``resize_frames``
+evaluates a plan with numpy; ``FrameResizer`` runs both plans of a window as one small ONNX
+graph per input resolution on an ONNX Runtime device (uint8 frames in, the stages' float inputs
+out, left on the device). The graph is built with the ``onnx`` package, imported only there.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+BICUBIC_A = -0.5
+BICUBIC_SUPPORT = 2.0
+PRECISION_BITS = 22  # PIL's fixed-point coefficients for 8-bit images
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    a = BICUBIC_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 weights of PIL's antialiased bicubic, as PIL quantises them
+    for uint8 images (each row sums to ~1)."""
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = BICUBIC_SUPPORT * filter_scale
+    weights = np.zeros((out_size, in_size), np.float64)
+    for out in range(out_size):
+        centre = (out + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        stop = min(int(centre + support + 0.5), in_size)
+        taps = _bicubic((np.arange(first, stop) - centre + 0.5) / filter_scale)
+        total = taps.sum()
+        if total != 0.0:
+            taps = taps / total
+        # PIL rounds each coefficient half away from zero to 22 fractional bits
+        fixed = np.trunc(taps * (1 << PRECISION_BITS) + np.where(taps < 0, -0.5, 0.5))
+        weights[out, first:stop] = fixed / (1 << PRECISION_BITS)
+    return weights
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    """Resize (and crop) uint8 (H, W) frames to one model input, values ``q * scale + offset``
+    (float32) for the resized grey level q. ``rows``: (out_h, H); ``cols``: (W, out_w);
+    float64."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    scale: float
+    offset: float
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return self.rows.shape[0], self.cols.shape[1]
+
+
+def _plan(height: int, width: int, new_h: int, new_w: int, top: int, left: int, out_h: int,
+          out_w: int, scale: float, offset: float) -> ResizePlan:
+    rows = bicubic_weights(height, new_h)[top:top + out_h]
+    cols = bicubic_weights(width, new_w)[left:left + out_w].T
+    rows, cols = (np.ascontiguousarray(m) for m in (rows, cols))
+    for matrix in (rows, cols):
+        matrix.setflags(write=False)  # shared by every user of the cached plan
+    return ResizePlan(rows, cols, scale, offset)
+
+
+@functools.lru_cache(maxsize=16)
+def clip_plan(height: int, width: int, size: int) -> ResizePlan:
+    """CLIP input: ``size`` x ``size`` (aspect not kept), values in [0, 1]."""
+    return _plan(height, width, size, size, 0, 0, size, size, 1 / 255, 0.0)
+
+
+def short_side(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) with the short side ``size`` and the long side rounded down (torchvision)."""
+    return (int(size * height / width), size) if width <= height else \
+        (size, int(size * width / height))
+
+
+def centre_crop(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of a centred ``size`` crop, rounded half to even (torchvision)."""
+    return round((height - size) / 2.0), round((width - size) / 2.0)
+
+
+@functools.lru_cache(maxsize=16)
+def sync_plan(height: int, width: int, size: int) -> ResizePlan:
+    """Synchformer input: short side to ``size``, centred ``size`` crop, values in [-1, 1]."""
+    new_h, new_w = short_side(height, width, size)
+    top, left = centre_crop(new_h, new_w, size)
+    return _plan(height, width, new_h, new_w, top, left, size, size, 2 / 255, -1.0)
+
+
+def _round_grey(values: np.ndarray) -> np.ndarray:
+    """PIL's rounding of a pass: half up, clamped to [0, 255] (in place)."""
+    values += 0.5
+    np.floor(values, out=values)
+    return np.clip(values, 0, 255, out=values)
+
+
+def resize_frames(frames: np.ndarray, plan: ResizePlan) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, out_h, out_w), evaluated with numpy."""
+    planes = frames.transpose(0, 3, 1, 2).astype(np.float64)
+    wide = _round_grey(planes @ plan.cols)
+    out = _round_grey(plan.rows @ wide).astype(np.float32)
+    out *= np.float32(plan.scale)
+    out += np.float32(plan.offset)
+    return out
+
+
+class FrameResizer:
+    """Both model inputs of a window from its uint8 frames, on an ONNX Runtime device.
+
+    ``run(frames, clip_index, sync_index)``: ``frames`` uint8 (U, H, W, 3), the distinct frames
+    the window selects; ``clip_index`` (clip_frames,) and ``sync_index`` (segments,
+    segment_frames) pick rows of ``frames``. Returns (clip, segments) as OrtValues on the device:
+    float32 (clip_frames, 3, S, S) and (segments, segment_frames, 3, S', S'). Only the uint8
+    frames and the indices are uploaded; each stream resizes only the frames it uses (at most
+    64 + 200 per 8 s window). One session per input resolution, kept.
+    """
+
+    def __init__(self, ort, device: str, device_id: int, clip_size: int, sync_size: int):
+        self._ort = ort
+        self.device, self.device_id = device, device_id
+        self.clip_size, self.sync_size = clip_size, sync_size
+        self._providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            self._providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        self._sessions: dict[tuple[int, int], object] = {}
+
+    def _session(self, height: int, width: int):
+        session = self._sessions.get((height, width))
+        if session is None:
+            graph = resize_graph(clip_plan(height, width, self.clip_size),
+                                 sync_plan(height, width, self.sync_size))
+            options = self._ort.SessionOptions()
+            options.log_severity_level = 3
+            session = self._ort.InferenceSession(graph, options, providers=self._providers)
+            self._sessions[(height, width)] = session
+        return session
+
+    @staticmethod
+    def graph_inputs(frames: np.ndarray, clip_index: np.ndarray,
+                     sync_index: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's inputs: segments overlap, so each Synchformer frame is resized once
+        (``sync_frames``) and the segments gathered from those (``segment_index``)."""
+        sync_frames, segment_index = np.unique(sync_index, return_inverse=True)
+        return {"frames": np.ascontiguousarray(frames, np.uint8),
+                "clip_index": np.ascontiguousarray(clip_index, np.int64),
+                "sync_frames": sync_frames.astype(np.int64),
+                "segment_index": segment_index.reshape(np.shape(sync_index)).astype(np.int64)}
+
+    def run(self, frames: np.ndarray, clip_index: np.ndarray, sync_index: np.ndarray):
+        session = self._session(*frames.shape[1:3])
+        binding = session.io_binding()
+        for name, value in self.graph_inputs(frames, clip_index, sync_index).items():
+            binding.bind_cpu_input(name, value)
+        for name in ("clip", "segments"):
+            binding.bind_output(name, self.device, self.device_id)
+        session.run_with_iobinding(binding)
+        clip, segments = binding.get_outputs()
+        return clip, segments
+
+
+def resize_graph(clip: ResizePlan, sync: ResizePlan) -> bytes:
+    """The serialised ONNX graph of ``FrameResizer`` for one input resolution."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # pick each stream's frames and transpose while uint8, then the passes in float64
+    nodes = [helper.make_node("Transpose", ["frames"], ["planes"], perm=[0, 3, 1, 2])]
+    doubles = {"half": 0.5, "zero": 0.0, "top": 255.0}
+    floats = {}
+    for name, plan, pick in (("clip", clip, "clip_index"), ("sync", sync, "sync_frames")):
+        doubles.update({f"{name}_rows": plan.rows, f"{name}_cols": plan.cols})
+        floats.update({f"{name}_scale": plan.scale, f"{name}_offset": plan.offset})
+        nodes += [helper.make_node("Gather", ["planes", pick], [f"{name}_u8"], axis=0),
+                  helper.make_node("Cast", [f"{name}_u8"], [f"{name}_in"],
+                                   to=TensorProto.DOUBLE)]
+        nodes += _pass(f"{name}_wide", [f"{name}_in", f"{name}_cols"])
+        nodes += _pass(f"{name}_grey", [f"{name}_rows", f"{name}_wide"])
+        nodes += [helper.make_node("Cast", [f"{name}_grey"], [f"{name}_q"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"{name}_q", f"{name}_scale"], [f"{name}_scaled"]),
+                  helper.make_node("Add", [f"{name}_scaled", f"{name}_offset"],
+                                   ["clip" if name == "clip" else "sync_all"])]
+    nodes.append(helper.make_node("Gather", ["sync_all", "segment_index"], ["segments"], axis=0))
+    initializers = [numpy_helper.from_array(np.asarray(value, dtype), name)
+                    for values, dtype in ((doubles, np.float64), (floats, np.float32))
+                    for name, value in values.items()]
+    height, width = clip.rows.shape[1], clip.cols.shape[0]
+    inputs = [helper.make_tensor_value_info("frames", TensorProto.UINT8,
+                                            ["frames", height, width, 3]),
+              helper.make_tensor_value_info("clip_index", TensorProto.INT64, ["clip_frames"]),
+              helper.make_tensor_value_info("sync_frames", TensorProto.INT64, ["sync_frames"]),
+              helper.make_tensor_value_info("segment_index", TensorProto.INT64,
+                                            ["segments", "segment_frames"])]
+    outputs = [helper.make_tensor_value_info("clip", TensorProto.FLOAT,
+                                             ["clip_frames", 3, *clip.out_size]),
+               helper.make_tensor_value_info("segments", TensorProto.FLOAT,
+                                             ["segments", "segment_frames", 3, *sync.out_size])]
+    graph = helper.make_graph(nodes, "mmsep_frame_resize", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="mmsep")
+    model.ir_version = 8  # readable by every ONNX Runtime the runtime supports
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _pass(out: str, operands: list[str]) -> list:
+    """One resize pass: the matrix product, then PIL's rounding to a grey level."""
+    from onnx import helper
+
+    return [helper.make_node("MatMul", operands, [f"{out}_sum"]),
+            helper.make_node("Add", [f"{out}_sum", "half"], [f"{out}_up"]),
+            helper.make_node("Floor", [f"{out}_up"], [f"{out}_floor"]),
+            helper.make_node("Clip", [f"{out}_floor", "zero", "top"], [out])]
