@@ -2,8 +2,9 @@
 different requests share denoiser batches.
 
 Requests share a batch only when they agree on what the denoiser takes once per batch: steps,
-cfg, the negative text (the unconditional branch) and the mode (a real mixture latent or a noise
-one). Each request keeps its own noise: its items' ``x0`` (and noise mixture) are drawn from its
+cfg and the negative text (the unconditional branch); generation mode's noise mixture is encoded
+like a real mixture, so both modes share batches. Each request keeps its own random draws: its
+items' ``x0``, then per window its noise mixture (generation mode) and posterior noise, from its
 own seed exactly as ``process`` draws them, so a request's output does not depend on which
 others it was batched with. A request that fails (bad media, a bad option) gets its exception in
 its place and the others go on; a failing shared batch fails the requests that were in it.
@@ -20,8 +21,9 @@ import numpy as np
 
 from . import audio as audio_io
 from .errors import InputError
-from .separator import (TIMING_KEYS, SeparationResult, Separator, _check_options, _one_text,
-                        _texts)
+from .prefetch import PrefetchedWindows
+from .separator import (TIMING_KEYS, SeparationResult, Separator, _check_options,
+                        _noise_mixtures, _one_text, _texts)
 from .video import WindowFrames
 from .windows import CrossfadeJoiner, WindowPlan
 
@@ -39,9 +41,10 @@ class _Request:
     length: int
     plan: WindowPlan
     x0: np.ndarray
-    noise_mix: np.ndarray | None
+    rng: np.random.Generator  # after x0: each window's noise mixture / posterior noise
+    mode: str  # "separation" or "generation"
     text_features: list
-    frames: WindowFrames | None
+    frames: PrefetchedWindows | None
     cuts: object
     sink: Callable[[int, np.ndarray], None] | None
     joiners: list
@@ -52,11 +55,12 @@ class _Request:
 
     @property
     def key(self) -> tuple:
-        return self.steps, self.cfg, self.negative_text, self.noise_mix is None
+        return self.steps, self.cfg, self.negative_text
 
     def close(self) -> None:
         if self.frames is not None:
             self.frames.close()
+            self.timings["decode"] += self.frames.work_s
 
 
 def process_many(sep: Separator, requests: Sequence[Mapping]) -> list:
@@ -80,8 +84,7 @@ def process_many(sep: Separator, requests: Sequence[Mapping]) -> list:
             if out[i] is None:
                 audio = (None if r.sink is not None
                          else np.stack([np.concatenate(p) for p in r.pieces]))
-                mode = "separation" if r.cuts is not None else "generation"
-                out[i] = SeparationResult(audio, r.length, sep.info.sample_rate, mode,
+                out[i] = SeparationResult(audio, r.length, sep.info.sample_rate, r.mode,
                                           r.plan.count, r.plan.count * len(r.texts), r.batches,
                                           r.timings)
     finally:
@@ -117,8 +120,12 @@ def _prepare(sep: Separator, options: Mapping) -> _Request:
     shape = (plan.count * len(texts), *info.latent_shape)
     rng = np.random.default_rng(seed)
     x0 = rng.standard_normal(shape, dtype=np.float32)
-    noise_mix = (rng.standard_normal(shape, dtype=np.float32)
-                 if mixture is None and info.separation else None)
+    if mixture is not None:
+        cuts = mixture.windows(plan)
+    elif info.separation:
+        cuts = _noise_mixtures(rng, plan.count, info.window_samples)
+    else:
+        cuts = None
     started = time.perf_counter()
     text_features = sep._text_batch(texts)
     timings["features"] += time.perf_counter() - started
@@ -126,10 +133,11 @@ def _prepare(sep: Separator, options: Mapping) -> _Request:
     sep._unconditional(negative_text)  # checked now, so that it fails this request alone
     timings["conditioning"] += time.perf_counter() - started
     frames = (None if source is None
-              else WindowFrames(source, plan.start_seconds, sep._video_geometry()))
-    return _Request(texts, negative_text, steps, cfg, length, plan, x0, noise_mix, text_features,
-                    frames, None if mixture is None else mixture.windows(plan),
-                    options.get("sink"), [CrossfadeJoiner(plan) for _ in texts],
+              else PrefetchedWindows(WindowFrames(source, plan.start_seconds,
+                                                  sep._video_geometry(), resizer=sep._resizer)))
+    mode = "separation" if mixture is not None else "generation"
+    return _Request(texts, negative_text, steps, cfg, length, plan, x0, rng, mode, text_features,
+                    frames, cuts, options.get("sink"), [CrossfadeJoiner(plan) for _ in texts],
                     [[] for _ in texts], timings)
 
 
@@ -178,7 +186,7 @@ def _load_windows(sep: Separator, r: _Request, needed: list[int]) -> None:
     for w in new:
         r.windows[w] = sep._window_features(r.frames, r.timings)
     if r.cuts is not None:
-        sep._encode_windows(r.cuts, new, r.windows, r.timings)
+        sep._encode_windows(r.cuts, r.rng, new, r.windows, r.timings)
 
 
 def _run_batch(sep: Separator, live: dict[int, _Request], batch: list, out: list) -> None:
@@ -187,14 +195,11 @@ def _run_batch(sep: Separator, live: dict[int, _Request], batch: list, out: list
     windows = {(i, w): live[i].windows[w] for i, w, _ in batch}
     text_features = {(i, k): live[i].text_features[k] for i, _, k in batch}
     x0 = np.stack([live[i].x0[w * len(live[i].texts) + k] for i, w, k in batch])
-    noise_mix = None
-    if first.noise_mix is not None:
-        noise_mix = np.stack([live[i].noise_mix[w * len(live[i].texts) + k] for i, w, k in batch])
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
     involved = list(dict.fromkeys(i for i, _, _ in batch))
     try:
         audio, _ = sep._run_batch(members, windows, text_features,
-                                  sep._unconditional(first.negative_text), x0, noise_mix,
+                                  sep._unconditional(first.negative_text), x0,
                                   first.steps, first.cfg, timings)
     except Exception as exc:  # noqa: BLE001 - the requests of this batch fail
         for i in involved:
