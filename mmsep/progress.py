@@ -21,7 +21,7 @@ class Progress:
 
     def __init__(self, total: int, desc: str, unit: str, *, enabled: bool = True,
                  stream: TextIO | None = None, interval: float = DEFAULT_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, initial: int = 0):
         self.total, self.desc, self.unit = total, desc, unit
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
@@ -31,11 +31,13 @@ class Progress:
         self._last_line: float | None = None
         self._printed = 0
         self.done = 0
+        self.detail: str | None = None
         self._bar = None
         if enabled and _is_terminal(self.stream):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=False)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                             file=self.stream, leave=False)
 
     def __enter__(self) -> Progress:
         return self
@@ -43,11 +45,15 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, detail: str | None = None) -> None:
+        """``done``: the absolute count; ``detail``: a short status shown after it."""
         self.done = done
+        self.detail = detail
         if not self.enabled:
             return
         if self._bar is not None:
+            if detail is not None:
+                self._bar.set_postfix_str(detail, refresh=False)
             self._bar.update(done - self._bar.n)
             return
         now = self._clock()
@@ -73,8 +79,9 @@ class Progress:
     def _line(self) -> None:
         self._printed = self.done
         elapsed = self._clock() - self._started
-        print(f"{self.desc}: {self.done}/{self.total} {_plural(self.unit)}, {elapsed:.1f} s",
-              file=self.stream, flush=True)
+        detail = f", {self.detail}" if self.detail else ""
+        print(f"{self.desc}: {self.done}/{self.total} {_plural(self.unit)}, {elapsed:.1f} s"
+              f"{detail}", file=self.stream, flush=True)
 
 
 def track(items: Iterable, total: int, desc: str, unit: str, *, enabled: bool = True,

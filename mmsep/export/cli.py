@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..models.io import CheckpointError
+from ..progress import track
 from ..stages import MIXTURE_LATENTS, POSTERIOR_SAMPLE
 from .errors import ExportError, UsageError
 
@@ -105,7 +106,6 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
 def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
          max_batch, seed, force, quiet, engine_options, mixture_latent=POSTERIOR_SAMPLE):
     import torch
-    from tqdm import tqdm
 
     from ..models.components import build_components, load_components
     from .exporter import export_model
@@ -141,7 +141,7 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
                                  components.sources.items() if not path.startswith("random:")}})
 
     def stage_progress(names):
-        return tqdm(names, desc="export", unit="stage", disable=quiet, file=sys.stderr)
+        return track(names, len(names), "export", "stage", enabled=not quiet)
 
     builder, skipped = _engine_builder(engine_options, log)
     return export_model(components, out, max_batch=max_batch, sources=sources, force=force,

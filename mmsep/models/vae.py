@@ -215,15 +215,6 @@ class VAE(nn.Module):
     def _moments(self, mel: torch.Tensor) -> torch.Tensor:
         return self.encoder((mel - self.data_mean) / self.data_std)
 
-    def encode_posterior(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior (mean, std), each (B, C, T // 2), of a raw log-mel (B, M, T).
-
-        ``std = exp(0.5 * logvar)`` with logvar clamped to [-30, 20], as upstream's Gaussian.
-        """
-        moments = self.encoder((mel - self.data_mean) / self.data_std)
-        mean, logvar = moments[:, :self.latent_dim], moments[:, self.latent_dim:]
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw log-mel (B, M, 2N) of a latent (B, C, N)."""
         return self.decoder(z) * self.data_std + self.data_mean

@@ -115,6 +115,7 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
 def run(*, model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
         steps, cfg, seed, overlap, max_batch, backend, threads, verify=True, mux_path=None,
         show_progress=True) -> dict:
+    from ..progress import Progress
     from .atomic import atomic_output
     from .audio import AudioWriter
     from .separator import Separator
@@ -151,10 +152,8 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
             if not show_progress or total < 2:
                 return
             if bar is None:
-                from tqdm import tqdm
-
-                bar = tqdm(total=total, desc=PROG, unit="batch", file=sys.stderr, leave=False)
-            bar.update(done - bar.n)
+                bar = Progress(total, PROG, "batch")
+            bar.update(done)
 
         try:
             result = sep.process(mix=mix, video=video, text=texts or None,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from mmsep.progress import Progress
 from mmsep.runtime.cli import EXIT_OK, console_main
 
 from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, manifest_salt,
@@ -140,12 +141,7 @@ class _Progress:
         self.total, self.skipped, self.done, self.failed = total, skipped, 0, 0
         self.audio_seconds = 0.0
         self.started = time.perf_counter()
-        self.bar = None
-        if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=skipped, desc=PROG, unit="req",
-                            file=sys.stderr, leave=False)
+        self.bar = Progress(total, PROG, "request", enabled=not quiet, initial=skipped)
 
     def update(self, record: dict) -> None:
         if record["status"] == "ok":
@@ -153,18 +149,15 @@ class _Progress:
             self.audio_seconds += record["audio_seconds"]
         else:
             self.failed += 1
-        if self.bar is not None:
-            remaining = self.total - self.skipped - self.done - self.failed
-            self.bar.set_postfix_str(f"done {self.done}, failed {self.failed}, remaining "
-                                     f"{remaining}, {self._rate():.2f} audio s/s", refresh=False)
-            self.bar.update(1)
+        remaining = self.total - self.skipped - self.done - self.failed
+        self.bar.update(self.total - remaining, f"done {self.done}, failed {self.failed}, "
+                        f"remaining {remaining}, {self._rate():.2f} audio s/s")
 
     def _rate(self) -> float:
         return self.audio_seconds / max(time.perf_counter() - self.started, 1e-9)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
     def summary(self, results_path: Path) -> str:
         elapsed = time.perf_counter() - self.started

@@ -3,7 +3,6 @@ path's result; the producer thread's timings and its shutdown on errors."""
 
 import threading
 
-import numpy as np
 import pytest
 
 from mmsep.runtime import Separator
