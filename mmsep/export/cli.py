@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -15,6 +16,8 @@ from ..stages import MIXTURE_LATENTS, POSTERIOR_SAMPLE
 from .errors import ExportError, UsageError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+# a full disk or quota, or a file size limit: the user's to fix (exit 2), not a bug
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,6 +96,10 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
     except Exception as exc:  # noqa: BLE001 - a bug or an environment failure: one line, exit 1
         if os.environ.get("MMSEP_TRACEBACK"):
             raise
+        if isinstance(exc, OSError) and exc.errno in _FULL_DISK:
+            click.echo(f"mmsep-export: error: cannot write the model directory "
+                       f"({os.strerror(exc.errno)}); nothing was written", err=True)
+            sys.exit(EXIT_USAGE)
         click.echo(f"mmsep-export: internal error: {type(exc).__name__}: "
                    f"{' '.join(str(exc).split())[:400]} (nothing was written; set "
                    "MMSEP_TRACEBACK=1 to see where)", err=True)

@@ -74,3 +74,27 @@ def test_the_default_out_is_checked_against_every_file_loaded(sources, tmp_path,
     assert "--out models/tiny contains the vae weights" in result.output
     assert vae.read_bytes() == b"vae" and sorted(p.name for p in vae.parent.iterdir()) == \
         ["vae.pth"]
+
+
+def test_a_full_disk_during_export_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from mmsep.export import exporter
+
+    real, calls = exporter._export_stage, []
+
+    def export_stage(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:  # the disk fills up while the second graph is written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exporter, "_export_stage", export_stage)
+    out = tmp_path / "models" / "tiny"
+    result = CliRunner().invoke(main, ["--preset", "tiny", "--duration", "2", "--out", str(out),
+                                       "--no-engines", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "mmsep-export: error: cannot write the model directory (No space left on device); "
+        "nothing was written"]
+    assert not out.exists() and list(out.parent.iterdir()) == []
