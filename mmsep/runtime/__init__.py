@@ -13,7 +13,7 @@ _EXPORTS = {
     "tokenize": "tokenizer",
     "ClipTokenizer": "tokenizer",
     "Separator": "separator",
-    "SeparationResult": "separator",
+    "SeparationResult": "requests",
     "ModelDir": "model_dir",
     "ModelInfo": "model_dir",
     "create_backend": "backends",

@@ -12,18 +12,16 @@ its place and the others go on; a failing shared batch fails the requests that w
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import audio as audio_io
-from .errors import InputError
 from .prefetch import PrefetchedWindows
-from .separator import (TIMING_KEYS, SeparationResult, Separator, _check_options,
-                        _noise_mixtures, _one_text, _texts)
+from .requests import (TIMING_KEYS, SeparationResult, check_options, noise_mixtures, one_text,
+                       request_length, request_texts)
+from .separator import Separator
 from .video import WindowFrames
 from .windows import CrossfadeJoiner, WindowPlan
 
@@ -104,17 +102,17 @@ def _prepare(sep: Separator, options: Mapping) -> _Request:
     cfg = options.get("cfg")
     cfg = info.default_cfg if cfg is None else cfg
     seed = options.get("seed", 0)
-    _check_options(steps, cfg, seed)
-    texts = _texts(options.get("text"))
+    check_options(steps, cfg, seed)
+    texts = request_texts(options.get("text"))
     negative_text = options.get("negative_text")
     if negative_text is not None:
-        negative_text = _one_text(negative_text, "negative text")
+        negative_text = one_text(negative_text, "negative text")
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
     started = time.perf_counter()
     source = sep._video_source(options.get("video"), options.get("video_fps"))
     mixture = sep._mixture(options.get("mix"), source, options.get("generate", False))
     timings["decode"] += time.perf_counter() - started
-    length = _length(sep, mixture, source, options.get("duration"))
+    length = request_length(sep.info, mixture, source, options.get("duration"))
     sr = info.sample_rate
     plan = WindowPlan(length, info.window_samples, round(sep.overlap * sr), sr)
     shape = (plan.count * len(texts), *info.latent_shape)
@@ -123,7 +121,7 @@ def _prepare(sep: Separator, options: Mapping) -> _Request:
     if mixture is not None:
         cuts = mixture.windows(plan)
     elif info.separation:
-        cuts = _noise_mixtures(rng, plan.count, info.window_samples)
+        cuts = noise_mixtures(rng, plan.count, info.window_samples)
     else:
         cuts = None
     started = time.perf_counter()
@@ -139,28 +137,6 @@ def _prepare(sep: Separator, options: Mapping) -> _Request:
     return _Request(texts, negative_text, steps, cfg, length, plan, x0, rng, mode, text_features,
                     frames, cuts, options.get("sink"), [CrossfadeJoiner(plan) for _ in texts],
                     [[] for _ in texts], timings)
-
-
-def _length(sep: Separator, mixture, source, duration) -> int:
-    sr = sep.info.sample_rate
-    if mixture is not None and duration is not None:
-        raise InputError("duration sets the length of generated audio; with a mixture the "
-                         "output has the mixture's length")
-    if mixture is not None:
-        return mixture.length
-    if duration is not None:
-        if not (isinstance(duration, (int, float)) and math.isfinite(duration)
-                and duration >= audio_io.MIN_SECONDS):
-            raise InputError(f"duration must be at least {audio_io.MIN_SECONDS} s, "
-                             f"got {duration!r}")
-        return round(duration * sr)
-    if source is not None:
-        length = round(source.duration * sr)
-        if length < audio_io.MIN_SECONDS * sr:
-            raise InputError(f"{source.name}: video is {source.duration:.3f} s long; the "
-                             f"minimum is {audio_io.MIN_SECONDS} s")
-        return length
-    return sep.info.window_samples
 
 
 def _run_items(sep: Separator, live: dict[int, _Request], items: list, out: list) -> None:

@@ -27,44 +27,23 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import audio as audio_io
 from .backends import create_backend
 from .errors import InputError
-from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE
+from ..stages import POSTERIOR_SAMPLE
 from .model_dir import ModelDir
 from .tokenizer import ClipTokenizer
 from .prefetch import PrefetchedWindows
+from .requests import (TIMING_KEYS, SeparationResult, check_options, noise_mixtures, one_text,
+                       request_length, request_texts)
 from .video import VideoGeometry, VideoSource, WindowFrames
 from .windows import CrossfadeJoiner, WindowPlan
 
-TIMING_KEYS = ("decode", "features", "mix_encode", "conditioning", "sampling", "vae_decode",
-               "vocode")
 _TEXT_CACHE_SIZE = 256
 _NEGATIVE_CACHE_SIZE = 16
-
-
-@dataclass
-class SeparationResult:
-    audio: np.ndarray | None  # float32 (n_texts, length); None when a sink took it
-    length: int  # output samples per text
-    sample_rate: int
-    mode: str  # "separation" or "generation"
-    windows: int
-    items: int
-    batches: int
-    # seconds per stage group (TIMING_KEYS, each stage's own time) and, for the request as a
-    # whole, "wall"; "decode_wait" and "decode_hidden" split the video's decode time into the part
-    # the model waited for and the part that ran beside model work
-    timings: dict[str, float] = field(default_factory=dict)
-    latents: np.ndarray | None = None  # (items, N, C) final latents, window-major, if kept
-
-    @property
-    def duration(self) -> float:
-        return self.length / self.sample_rate
 
 
 class Separator:
@@ -162,10 +141,10 @@ class Separator:
         info = self.info
         steps = info.default_steps if steps is None else steps
         cfg = info.default_cfg if cfg is None else cfg
-        _check_options(steps, cfg, seed)
-        texts = _texts(text)
+        check_options(steps, cfg, seed)
+        texts = request_texts(text)
         if negative_text is not None:
-            negative_text = _one_text(negative_text, "negative text")
+            negative_text = one_text(negative_text, "negative text")
         timings = dict.fromkeys((*TIMING_KEYS, "decode_wait", "decode_hidden"), 0.0)
         request_started = started = time.perf_counter()
         source = self._video_source(video, video_fps)
@@ -173,24 +152,7 @@ class Separator:
         timings["decode"] += time.perf_counter() - started
 
         sr = info.sample_rate
-        if mixture is not None and duration is not None:
-            raise InputError("duration sets the length of generated audio; with a mixture the "
-                             "output has the mixture's length")
-        if mixture is not None:
-            length = mixture.length
-        elif duration is not None:
-            if not (isinstance(duration, (int, float)) and math.isfinite(duration)
-                    and duration >= audio_io.MIN_SECONDS):
-                raise InputError(f"duration must be at least {audio_io.MIN_SECONDS} s, "
-                                 f"got {duration!r}")
-            length = round(duration * sr)
-        elif source is not None:
-            length = round(source.duration * sr)
-            if length < audio_io.MIN_SECONDS * sr:
-                raise InputError(f"{source.name}: video is {source.duration:.3f} s long; the "
-                                 f"minimum is {audio_io.MIN_SECONDS} s")
-        else:
-            length = info.window_samples
+        length = request_length(info, mixture, source, duration)
         plan = WindowPlan(length, info.window_samples, round(self.overlap * sr), sr)
         n_texts, n_windows = len(texts), plan.count
         items = n_windows * n_texts
@@ -214,7 +176,7 @@ class Separator:
             if mixture is not None:
                 cuts = mixture.windows(plan)
             elif info.separation:
-                cuts = _noise_mixtures(rng, n_windows, info.window_samples)
+                cuts = noise_mixtures(rng, n_windows, info.window_samples)
             else:
                 cuts = None
             joiners = [CrossfadeJoiner(plan) for _ in texts]
@@ -415,39 +377,3 @@ class Separator:
         from .many import process_many
 
         return process_many(self, requests)
-
-
-def _noise_mixtures(rng, count: int, samples: int):
-    """Generation mode's mixture windows: (w, white noise) drawn from ``rng`` as they are read."""
-    for w in range(count):
-        yield w, GENERATION_NOISE_SCALE * rng.standard_normal(samples, dtype=np.float32)
-
-
-def _check_options(steps, cfg, seed) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not \
-            1 <= steps <= 1000:
-        raise InputError(f"steps must be an integer between 1 and 1000, got {steps!r}")
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float, np.floating)) or \
-            not math.isfinite(cfg) or not 0.0 <= cfg <= 100.0:
-        raise InputError(f"cfg must be a number between 0 and 100, got {cfg!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-
-
-def _one_text(text, what: str = "text") -> str:
-    if not isinstance(text, str):
-        raise InputError(f"{what} must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise InputError(f"{what} is empty")
-    return text
-
-
-def _texts(text) -> list[str | None]:
-    if text is None:
-        return [None]
-    if isinstance(text, str):
-        return [_one_text(text)]
-    texts = list(text)
-    if not texts:
-        raise InputError("the list of texts is empty")
-    return [_one_text(t) for t in texts]

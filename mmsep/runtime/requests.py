@@ -1,0 +1,97 @@
+"""One request's checks, output length, generation noise and result, shared by
+``Separator.process`` and ``Separator.process_many``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import audio as audio_io
+from .errors import InputError
+from ..stages import GENERATION_NOISE_SCALE
+
+TIMING_KEYS = ("decode", "features", "mix_encode", "conditioning", "sampling", "vae_decode",
+               "vocode")
+
+
+@dataclass
+class SeparationResult:
+    audio: np.ndarray | None  # float32 (n_texts, length); None when a sink took it
+    length: int  # output samples per text
+    sample_rate: int
+    mode: str  # "separation" or "generation"
+    windows: int
+    items: int
+    batches: int
+    # seconds per stage group (TIMING_KEYS, each stage's own time) and, for the request as a
+    # whole, "wall"; "decode_wait" and "decode_hidden" split the video's decode time into the part
+    # the model waited for and the part that ran beside model work
+    timings: dict[str, float] = field(default_factory=dict)
+    latents: np.ndarray | None = None  # (items, N, C) final latents, window-major, if kept
+
+    @property
+    def duration(self) -> float:
+        return self.length / self.sample_rate
+
+
+def check_options(steps, cfg, seed) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not \
+            1 <= steps <= 1000:
+        raise InputError(f"steps must be an integer between 1 and 1000, got {steps!r}")
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float, np.floating)) or \
+            not math.isfinite(cfg) or not 0.0 <= cfg <= 100.0:
+        raise InputError(f"cfg must be a number between 0 and 100, got {cfg!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def one_text(text, what: str = "text") -> str:
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError(f"{what} is empty")
+    return text
+
+
+def request_texts(text) -> list[str | None]:
+    """The request's text queries: [None] (no text) or one checked string per query."""
+    if text is None:
+        return [None]
+    if isinstance(text, str):
+        return [one_text(text)]
+    texts = list(text)
+    if not texts:
+        raise InputError("the list of texts is empty")
+    return [one_text(t) for t in texts]
+
+
+def request_length(info, mixture, source, duration) -> int:
+    """Output samples at the model's rate: the mixture's length; else ``duration`` seconds of
+    generated audio; else the video's length; else one window."""
+    sr = info.sample_rate
+    if mixture is not None and duration is not None:
+        raise InputError("duration sets the length of generated audio; with a mixture the "
+                         "output has the mixture's length")
+    if mixture is not None:
+        return mixture.length
+    if duration is not None:
+        if not (isinstance(duration, (int, float)) and math.isfinite(duration)
+                and duration >= audio_io.MIN_SECONDS):
+            raise InputError(f"duration must be at least {audio_io.MIN_SECONDS} s, "
+                             f"got {duration!r}")
+        return round(duration * sr)
+    if source is not None:
+        length = round(source.duration * sr)
+        if length < audio_io.MIN_SECONDS * sr:
+            raise InputError(f"{source.name}: video is {source.duration:.3f} s long; the "
+                             f"minimum is {audio_io.MIN_SECONDS} s")
+        return length
+    return info.window_samples
+
+
+def noise_mixtures(rng, count: int, samples: int):
+    """Generation mode's mixture windows: (w, white noise) drawn from ``rng`` as they are read."""
+    for w in range(count):
+        yield w, GENERATION_NOISE_SCALE * rng.standard_normal(samples, dtype=np.float32)
