@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mmsep.model_files import sha256_file
 from mmsep.runtime.cli import output_paths
+from mmsep.runtime.paths import check_outputs as check_paths
 from mmsep.runtime.errors import InputError, one_line
 
 RESULTS = "results.jsonl"
@@ -91,14 +92,13 @@ def _output_names(line: int, output, n_texts: int, options: dict) -> list[str]:
 
 
 def check_outputs(job: Job, out_dir: Path, taken: dict[str, int]) -> None:
-    """Outputs must not overwrite an input, the results file, or another line's output.
-    (The one place that compares outputs with inputs.)"""
-    inputs = {Path(job.options[k]).resolve() for k in ("video", "mix") if k in job.options}
+    """Outputs must not overwrite an input (compared as files by the runtime's
+    ``check_outputs``), the results file, or another line's output."""
+    check_paths({f"output {name}": out_dir / name for name in job.outputs},
+                {k: job.options[k] for k in ("video", "mix") if k in job.options})
     for name in job.outputs:
         if name == RESULTS:
             raise InputError(f"output {name} is the job's results file")
-        if (out_dir / name).resolve() in inputs:
-            raise InputError(f"output {name} would overwrite an input of the same line")
         if taken.setdefault(name, job.line) != job.line:
             raise InputError(f"output {name} is already written by line {taken[name]}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,21 @@ def test_progress_and_summary(model_dir, job_inputs, tmp_path, capsys):
     assert "done 1, failed 1, remaining 0" in err
     assert "mmsep-batch: 1 done, 0 skipped (done before), 1 failed; 1.5 s of audio" in err
     assert os.path.isfile(tmp_path / "o" / "1_other_separated.wav")
+
+
+def test_an_output_that_is_an_input_by_another_name_fails_its_line(model_dir, job_inputs,
+                                                                   tmp_path):
+    """A hard link in --out to a line's mixture is the same file: refused, the input intact."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mix = tmp_path / "mix.wav"
+    shutil.copyfile(job_inputs["mix"], mix)
+    os.link(mix, out / "linked.wav")
+    before = mix.read_bytes()
+    jobs = write_jobs(tmp_path / "j.jsonl", [{"mix": str(mix), "text": "a", "steps": 1,
+                                              "output": "linked.wav"}])
+    assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu", "-q") == 3
+    [record] = records(out)
+    assert record["error"] == (f"output linked.wav {out / 'linked.wav'} is the same file as mix "
+                               f"{mix}; choose another path")
+    assert mix.read_bytes() == before
