@@ -55,7 +55,8 @@ def _run(args, workdir: Path) -> int:
 
     from ..models.components import build_components
     from .mixed_precision import check_reduced_precision, convert_graph
-    from .tensorrt_build import FP32_ENGINE_TOLERANCE, build_engine, check_engine, engine_info
+    from .tensorrt_build import FP32_ENGINE_TOLERANCE, build_engine, engine_info
+    from .tensorrt_parity import check_engine
     from .wrappers import stage_modules, stage_specs
 
     torch.set_grad_enabled(False)

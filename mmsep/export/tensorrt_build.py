@@ -1,4 +1,5 @@
-"""TensorRT engines for the stage graphs: strongly typed builds, profiles, timing cache, parity.
+"""TensorRT engines for the stage graphs: strongly typed builds, profiles, timing cache (the
+engine-vs-PyTorch check is tensorrt_parity.py).
 
 Targets TensorRT 10.x and 11.x with one code path. TensorRT 11 removed weak typing (the FP16/BF16
 builder flags and per-layer precision constraints): every network is strongly typed and takes its
@@ -23,11 +24,9 @@ from pathlib import Path
 
 from ..runtime.atomic import write_bytes_atomically
 from ..stages import StageSpec
-from .errors import ExportError, ParityError
-from .example_inputs import example_inputs
+from .errors import ExportError
 from ..model_files import sha256_file
 from .mixed_precision import PASS_VERSION, PRECISIONS, convert_graph
-from .parity import PARITY_BATCH, ParityResult, relative_l2
 
 MIN_TENSORRT = (10, 0)  # strongly typed networks + the name-based tensor API
 FP32_ENGINE_TOLERANCE = 1e-3  # fp32 engines (TF32 off) against PyTorch fp32 on the GPU
@@ -225,114 +224,6 @@ def _save_timing_cache(config, path: Path, need) -> None:
     write_bytes_atomically(path, memoryview(data))
 
 
-# ---- running ---------------------------------------------------------------------------------
-
-def _torch_dtype(trt, dtype):
-    import torch
-
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-             trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,
-             trt.DataType.BOOL: torch.bool}
-    if hasattr(trt.DataType, "BF16"):
-        table[trt.DataType.BF16] = torch.bfloat16
-    if dtype not in table:
-        raise EngineBuildError(f"engine tensor type {dtype} has no torch equivalent")
-    return table[dtype]
-
-
-def run_engine(engine_path: Path, spec: StageSpec, inputs: dict) -> dict:
-    """Run a serialised engine once on CUDA torch tensors; returns the outputs (CUDA tensors)."""
-    import torch
-
-    trt = _tensorrt()
-    stage = spec.name
-    logger = _logger(trt, stage)
-    need = _checker(logger, stage)
-    runtime = need(trt.Runtime(logger), "create a runtime")
-    engine = need(runtime.deserialize_cuda_engine(Path(engine_path).read_bytes()),
-                  f"deserialise {Path(engine_path).name}")
-    context = need(engine.create_execution_context(), "create an execution context")
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    wanted = set(spec.input_names) | set(spec.output_names)
-    if set(names) != wanted:
-        raise EngineBuildError(f"stage {stage}: engine tensors {sorted(names)} differ from the "
-                               f"contract {sorted(wanted)}")
-    stream = torch.cuda.Stream()
-    keep, outputs = [], {}
-    with torch.cuda.stream(stream):
-        for tensor in spec.inputs:
-            dtype = _torch_dtype(trt, engine.get_tensor_dtype(tensor.name))
-            value = inputs[tensor.name].to(device="cuda", dtype=dtype).contiguous()
-            keep.append(value)
-            need(context.set_input_shape(tensor.name, tuple(value.shape)),
-                 f"set the shape of input {tensor.name} to {tuple(value.shape)}")
-            need(context.set_tensor_address(tensor.name, value.data_ptr()),
-                 f"bind input {tensor.name}")
-        for tensor in spec.outputs:
-            shape = tuple(context.get_tensor_shape(tensor.name))
-            if any(d < 0 for d in shape):
-                need(False, f"infer the shape of output {tensor.name} (got {shape})")
-            dtype = _torch_dtype(trt, engine.get_tensor_dtype(tensor.name))
-            outputs[tensor.name] = torch.empty(shape, dtype=dtype, device="cuda")
-            need(context.set_tensor_address(tensor.name, outputs[tensor.name].data_ptr()),
-                 f"bind output {tensor.name}")
-        missing = context.infer_shapes()
-        if missing:
-            need(False, f"infer shapes (unspecified: {list(missing)})")
-        need(context.execute_async_v3(stream.cuda_stream), "enqueue the engine")
-    stream.synchronize()
-    return outputs
-
-
-def check_engine(module, spec: StageSpec, engine_path: Path, *, tolerance: float | None = None,
-                 batch: int = PARITY_BATCH, seed: int = 1,
-                 raise_on_failure: bool = True) -> ParityResult:
-    """The engine vs the PyTorch fp32 module, both on the GPU: relative L2 per output.
-
-    The bound is ``tolerance`` (default spec.reduced_precision_tolerance; use
-    FP32_ENGINE_TOLERANCE for fp32 engines). The module is moved to the GPU for the reference
-    and moved back afterwards; TF32 is off for the reference.
-    """
-    import torch
-
-    tolerance = spec.reduced_precision_tolerance if tolerance is None else tolerance
-    inputs = example_inputs(spec, batch, seed=seed)
-    expected = _reference_on_gpu(module, spec, inputs)
-    got = run_engine(engine_path, spec, inputs)
-    errors = {}
-    for name in spec.output_names:
-        want_shape = spec.tensor(name).concrete(batch)
-        if tuple(got[name].shape) != want_shape:
-            raise ParityError(f"stage {spec.name}: engine output {name} has shape "
-                              f"{tuple(got[name].shape)}, contract says {want_shape}")
-        errors[name] = relative_l2(got[name].float().cpu().numpy(), expected[name])
-    torch.cuda.synchronize()
-    result = ParityResult(spec.name, "tensorrt", batch, errors, tolerance)
-    if raise_on_failure and not result.passed:
-        worst = max(errors, key=errors.get)
-        raise ParityError(f"stage {spec.name}: TensorRT output {worst} differs from PyTorch fp32 "
-                          f"by relative L2 {errors[worst]:.2e} > {tolerance:.0e}")
-    return result
-
-
-def _reference_on_gpu(module, spec: StageSpec, inputs: dict) -> dict:
-    import torch
-
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        module = module.eval().to("cuda")
-        with torch.no_grad():
-            out = module(*(v.to("cuda") for v in inputs.values()))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {name: o.float().cpu().numpy() for name, o in zip(spec.output_names, outs)}
-    finally:
-        module.to(device)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-        torch.cuda.empty_cache()
-
-
 # ---- a whole model directory -----------------------------------------------------------------
 
 def default_timing_cache(info: dict) -> Path:
@@ -360,6 +251,8 @@ def build_engines(model_dir: Path, manifest: dict, modules: dict, *, precision: 
     with its directory under "_dir") lets unchanged engines be reused. Returns the manifest's
     "tensorrt" section: {"status": "built", ...} or {"status": "skipped", "reason": ...}.
     """
+    from .tensorrt_parity import check_engine  # it imports this module
+
     if precision not in (*PRECISIONS, "fp32"):
         raise ValueError(f"unknown precision {precision!r}; expected fp16, bf16 or fp32")
     reason = unavailable_reason()
