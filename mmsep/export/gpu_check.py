@@ -54,7 +54,8 @@ def _run(args, workdir: Path) -> int:
     import torch
 
     from ..models.components import build_components
-    from .mixed_precision import check_reduced_precision, convert_graph
+    from .mixed_precision import convert_graph
+    from .precision_parity import check_reduced_precision
     from .tensorrt_build import FP32_ENGINE_TOLERANCE, build_engine, engine_info
     from .tensorrt_parity import check_engine
     from .wrappers import stage_modules, stage_specs

@@ -6,7 +6,7 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from mmsep.export import mixed_precision as mp
+from mmsep.export import mixed_precision as mp, precision_parity as pp
 from mmsep.export.errors import ExportError
 from mmsep.export.example_inputs import example_inputs
 from mmsep.export.onnx_graph import check_graph
@@ -69,7 +69,7 @@ def test_fp16_graph_is_valid_and_matches_pytorch(stage, tiny, fp16_dir):
              for x in n.input if x in inits]
     assert heavy and all(i.data_type == FP16 for i in heavy)
     assert summary["weights"]["fp16_bytes"] > 50 * summary["weights"].get("fp32_bytes", 0)
-    result = mp.check_reduced_precision(modules[stage], spec, path, "fp16")
+    result = pp.check_reduced_precision(modules[stage], spec, path, "fp16")
     assert result.batch == 3 and result.backend == "onnxruntime-cpu-fp16"
     assert result.passed and result.worst <= spec.reduced_precision_tolerance
 
@@ -150,11 +150,11 @@ def test_bf16_graph_weights_and_honest_skip(tiny, tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(numpy_helper.to_array(init).view(np.uint16),
                                   src[init.name].astype(ml_dtypes.bfloat16).view(np.uint16))
     # ONNX Runtime refuses bf16 Conv at opset 18: reported as a skip with the reason
-    skipped = mp.check_reduced_precision(modules["conditioner"], spec, path, "bf16")
-    assert isinstance(skipped, mp.SkippedCheck)
+    skipped = pp.check_reduced_precision(modules["conditioner"], spec, path, "bf16")
+    assert isinstance(skipped, pp.SkippedCheck)
     assert "bf16" in skipped.reason and skipped.to_json()["skipped"] == skipped.reason
     # the reference evaluator runs it: bf16 keeps ~3 significant digits (fp16 is the default)
-    emulated = mp.check_reduced_precision(modules["conditioner"], spec, path, "bf16", batch=1,
+    emulated = pp.check_reduced_precision(modules["conditioner"], spec, path, "bf16", batch=1,
                                           emulate=True, raise_on_failure=False)
     assert emulated.backend == "onnx-reference-bf16" and emulated.batch == 1
     assert 1e-3 < emulated.worst < 5e-2
@@ -177,7 +177,7 @@ def test_external_data_in_and_out(tiny, tiny_model_dir, tmp_path, monkeypatch):
     assert big and all(i.data_location == TensorProto.EXTERNAL for i in big)
     assert sorted(p.name for p in dst.parent.iterdir()) == ["vae_decoder.fp16.onnx",
                                                             "vae_decoder.fp16.onnx.data"]
-    assert mp.check_reduced_precision(modules["vae_decoder"], spec, dst, "fp16").passed
+    assert pp.check_reduced_precision(modules["vae_decoder"], spec, dst, "fp16").passed
 
 
 def test_bad_arguments(tiny, tiny_model_dir, tmp_path):
