@@ -30,6 +30,51 @@ GENERATION_NOISE_SCALE = 0.9
 _SYMBOL = re.compile(r"^(?:(\d+)\*)?batch$")
 
 
+class Stage:
+    """Stage names, in pipeline order (the manifest's ``stage_order``)."""
+
+    CLIP_IMAGE = "clip_image"
+    CLIP_TEXT = "clip_text"
+    SYNC = "sync"
+    MIX_ENCODER = "mix_encoder"
+    CONDITIONER = "conditioner"
+    DENOISER = "denoiser"
+    VAE_DECODER = "vae_decoder"
+    VOCODER = "vocoder"
+
+
+class Tensor:
+    """Names of the stage graphs' inputs and outputs. The conditioner's outputs (the denoiser's
+    conditioning inputs) are named from the geometry's conditioning: ``Tensor.conditioning``."""
+
+    FRAMES = "frames"
+    CLIP_FEATURES = "clip_features"
+    TOKENS = "tokens"
+    TEXT_FEATURES = "text_features"
+    SEGMENTS = "segments"
+    SYNC_FEATURES = "sync_features"
+    WAVEFORM = "waveform"
+    NOISE = "noise"
+    MIX_LATENT = "mix_latent"
+    X = "x"
+    T = "t"
+    DT = "dt"
+    CFG = "cfg"
+    X_NEXT = "x_next"
+    LATENT = "latent"
+    MEL = "mel"
+
+    @staticmethod
+    def conditioning(name: str) -> str:
+        return f"cond_{name}"
+
+
+def euler_schedule(steps: int) -> tuple[list[float], float]:
+    """The sampling schedule: Euler from t=0 to 1 in ``steps`` equal steps; returns the step
+    start times ``i / steps`` and the step size ``1 / steps``."""
+    return [i / steps for i in range(steps)], 1.0 / steps
+
+
 def dim_size(dim: Dim, batch: int) -> int:
     """Concrete size of ``dim`` at ``batch``."""
     if isinstance(dim, int):
