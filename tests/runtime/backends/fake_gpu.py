@@ -42,11 +42,16 @@ from __future__ import annotations
 
 import enum
 import json
+import shutil
 import sys
 import threading
 import types
 
 import numpy as np
+import onnx
+
+from mmsep.model_files import sha256_file
+from mmsep.runtime.model_dir import ModelDir
 
 ALIGNMENT = 256  # cudaMalloc's alignment, and what setTensorAddress requires
 
@@ -335,3 +340,31 @@ class Device:
 
     def retain_primary_context(self):
         return type("Context", (Context,), {"gpu": self.gpu})()
+
+
+# the machine FakeGpu() describes, as device_info() reports it and a manifest records it
+HERE = {"version": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+def with_engines(model_dir, out, *, profile_max_batch=None, edit=None, **section):
+    """A copy of ``model_dir`` whose manifest lists one "engine" per stage (for the fake: the
+    stage's fp32 ONNX graph, with its optimisation profile as metadata). ``profile_max_batch``
+    maps a stage to a narrower profile than its spec's; ``edit(stage, graph)`` changes a graph."""
+    shutil.copytree(model_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    specs = ModelDir(out).specs
+    engines = {}
+    for stage, record in manifest["stages"].items():
+        engine = out / f"{stage}.fp16.engine"
+        graph = onnx.load(out / record["onnx"])
+        if edit is not None:
+            edit(stage, graph)
+        high = (profile_max_batch or {}).get(stage)
+        graph.metadata_props.add(key="fake.profile", value=profile_metadata(specs[stage], high))
+        onnx.save(graph, engine)
+        engines[stage] = {"file": engine.name, "sha256": sha256_file(engine),
+                          "bytes": engine.stat().st_size}
+    manifest["tensorrt"] = {"status": "built", **HERE, "precision": "fp16", "engines": engines,
+                            **section}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out

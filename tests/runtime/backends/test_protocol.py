@@ -45,6 +45,20 @@ def test_each_backend_implements_the_member(backend, member):
             f"{inspect.signature(want)}"
 
 
+def test_backend_instances_are_backends(model_dir, gpu, trt_dir):
+    """Both backends as created, TensorRT on the CPU stand-in: the protocol's runtime check, and
+    the members the Separator reads at start."""
+    from mmsep.runtime.backends import create_backend
+    from mmsep.runtime.model_dir import ModelDir
+
+    with create_backend(ModelDir(model_dir), "ort-cpu") as ort, \
+            create_backend(ModelDir(trt_dir), "trt") as trt:
+        assert isinstance(ort, Backend) and isinstance(trt, Backend)
+        assert (ort.name, ort.max_batch) == ("ort-cpu", None)
+        assert (trt.name, trt.max_batch) == ("trt", trt.model.info.max_batch)
+        assert ort.frame_resizer(224, 224) is None and trt.frame_resizer(224, 224) is None
+
+
 def _imported_backends(module: str) -> set[str]:
     """The package's modules that ``module`` imports anywhere in its source (also lazily,
     inside functions)."""

@@ -17,67 +17,14 @@ import pytest
 from mmsep.runtime import Separator
 from mmsep.runtime.errors import BackendError, BackendUnavailable, InputError, ModelDirError
 from mmsep.runtime.example import tones
-from mmsep.model_files import sha256_file
 from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.backends import create_backend
 from mmsep.runtime.backends.cuda_memory import CudaMemory, DeviceArray
 from mmsep.runtime.backends.tensorrt import engine_refusal
 from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
-from tests.runtime.backends.fake_gpu import FakeGpu, profile_metadata
+from tests.runtime.backends.fake_gpu import HERE, with_engines
 
 SR = 44100
-HERE = {"version": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-
-
-def with_engines(model_dir, out, *, profile_max_batch=None, edit=None, **section):
-    """A copy of ``model_dir`` whose manifest lists one "engine" per stage (for the fake: the
-    stage's fp32 ONNX graph, with its optimisation profile as metadata). ``profile_max_batch``
-    maps a stage to a narrower profile than its spec's; ``edit(stage, graph)`` changes a graph."""
-    shutil.copytree(model_dir, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    specs = ModelDir(out).specs
-    engines = {}
-    for stage, record in manifest["stages"].items():
-        engine = out / f"{stage}.fp16.engine"
-        graph = onnx.load(out / record["onnx"])
-        if edit is not None:
-            edit(stage, graph)
-        high = (profile_max_batch or {}).get(stage)
-        graph.metadata_props.add(key="fake.profile", value=profile_metadata(specs[stage], high))
-        onnx.save(graph, engine)
-        engines[stage] = {"file": engine.name, "sha256": sha256_file(engine),
-                          "bytes": engine.stat().st_size}
-    manifest["tensorrt"] = {"status": "built", **HERE, "precision": "fp16", "engines": engines,
-                            **section}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
-
-
-@pytest.fixture(scope="module")
-def trt_dir(model_dir, tmp_path_factory):
-    return with_engines(model_dir, tmp_path_factory.mktemp("trt") / "tiny")
-
-
-@pytest.fixture
-def make_gpu(monkeypatch):
-    """Installs a FakeGpu; at the end of the test, every thread's CUDA context stack must be
-    empty (pycuda aborts the process at exit otherwise)."""
-    made = []
-
-    def make(**options):
-        fake = FakeGpu(**options)
-        fake.install(monkeypatch)
-        made.append(fake)
-        return fake
-
-    yield make
-    for fake in made:
-        assert fake.leftover_contexts() == 0, "a CUDA context was left pushed"
-
-
-@pytest.fixture
-def gpu(make_gpu):
-    return make_gpu()
 
 
 @pytest.fixture(scope="module")
