@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from mmsep.models import video_reference as vref
-from mmsep.models.sampler import mixture_latent
+from mmsep.models.sampler import guided_euler_step, mixture_latent
 from mmsep.runtime import audio as audio_io
 from mmsep.runtime.separator import TIMING_KEYS
 from mmsep.runtime.windows import CrossfadeJoiner, WindowPlan
+from mmsep.stages import euler_schedule
 
 SEGMENT_FRAMES, SEGMENT_STRIDE = 16, 8
 
@@ -129,15 +130,13 @@ class BaselinePipeline:
         now = self._clock()
         timings["conditioning"] += now - started
         x = x0.to(self.device, torch.float32)
-        dt = 1.0 / steps
-        for i in range(steps):
-            t = torch.full((1,), i / steps, device=self.device, dtype=torch.float32)
+        times, dt = euler_schedule(steps)
+        for start in times:
+            t = torch.full((1,), start, device=self.device, dtype=torch.float32)
             xi = x.to(self.dtype)
             v = net.velocity(xi, t, cond, x_mix).float()
-            if cfg != 1:
-                v_u = net.velocity(xi, t, uncond, x_mix).float()
-                v = cfg * v + (1 - cfg) * v_u
-            x = x + dt * v
+            v_u = net.velocity(xi, t, uncond, x_mix).float() if cfg != 1 else None
+            x = guided_euler_step(x, dt, cfg, v, v_u)
         timings["sampling"] += self._clock() - now
         return x
 

@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 
 from benchmarks import flops as flop_count  # noqa: E402
 from benchmarks import machine  # noqa: E402
+from mmsep.runtime.backends import BACKENDS  # noqa: E402
 
 SCHEMA = "mmsep-benchmark/1"
 EXIT_USAGE = 2
@@ -65,7 +66,7 @@ def _video_size(text: str) -> tuple[int, int]:
               help="Release-layout weights directory for the baseline's companion networks "
                    "(default: the paths in the manifest).")
 @click.option("--backend", "backends", default="auto", show_default=True,
-              help="Comma-separated runtime backends to measure (auto, ort-cpu, ort-cuda, trt).")
+              help=f"Comma-separated runtime backends to measure ({', '.join(BACKENDS)}).")
 @click.option("--skip-unavailable", is_flag=True,
               help="Skip (and record) backends that cannot run here instead of failing.")
 @click.option("--durations", help="Comma-separated clip lengths in seconds [default: 8,30,120; "
@@ -140,6 +141,10 @@ def _settings(model_dir, preset, backends, durations, batches, steps, repeats, w
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if not names:
         raise BenchError("--backend: no backend given")
+    unknown = sorted(set(names) - set(BACKENDS))
+    if unknown:
+        raise BenchError(f"--backend: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(BACKENDS)}")
     batch_list = _numbers(batches, int, "batch", 1) if batches else ([1] if quick else [1, 4, 16])
     if max(batch_list) > MAX_QUERIES:
         raise BenchError(f"--batch: at most {MAX_QUERIES} queries per request")

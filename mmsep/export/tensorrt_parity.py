@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..runtime.backends.tensorrt import check_engine_tensors
+from ..runtime.errors import BackendError
 from ..stages import StageSpec
 from . import tensorrt_build as tb
 from .errors import ParityError
@@ -37,11 +39,10 @@ def run_engine(engine_path: Path, spec: StageSpec, inputs: dict) -> dict:
     engine = need(runtime.deserialize_cuda_engine(Path(engine_path).read_bytes()),
                   f"deserialise {Path(engine_path).name}")
     context = need(engine.create_execution_context(), "create an execution context")
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    wanted = set(spec.input_names) | set(spec.output_names)
-    if set(names) != wanted:
-        raise tb.EngineBuildError(f"stage {stage}: engine tensors {sorted(names)} differ from the "
-                               f"contract {sorted(wanted)}")
+    try:
+        check_engine_tensors(trt, spec, engine)
+    except BackendError as exc:
+        raise tb.EngineBuildError(str(exc)) from None
     stream = torch.cuda.Stream()
     keep, outputs = [], {}
     with torch.cuda.stream(stream):

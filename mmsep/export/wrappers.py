@@ -129,12 +129,14 @@ class DenoiserStage(nn.Module):
         self.flow = flow
 
     def step(self, x, mix_latent, t, dt, cfg, conditioning: Conditions):
+        from ..models.sampler import guided_euler_step  # the sampler's formula, one place
+
         mix = None if mix_latent is None else torch.cat([mix_latent, mix_latent], dim=0)
         v = self.flow.velocity(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), conditioning,
                                mix)
         v_cond, v_uncond = v.unflatten(0, (2, -1)).unbind(0)  # chunk() specialises the batch
         cfg = cfg[:, None, None]
-        return x + dt[:, None, None] * (cfg * v_cond + (1.0 - cfg) * v_uncond)
+        return guided_euler_step(x, dt[:, None, None], cfg, v_cond, v_uncond)
 
     def forward(self, x, mix_latent, t, dt, cfg, cond_clip, cond_sync, cond_text, cond_global_c):
         return self.step(x, mix_latent, t, dt, cfg,

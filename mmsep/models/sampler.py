@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..stages import GENERATION_NOISE_SCALE, NORMALIZED_MEAN, POSTERIOR_SAMPLE
+from ..stages import GENERATION_NOISE_SCALE, NORMALIZED_MEAN, POSTERIOR_SAMPLE, euler_schedule
 from .flow import FlowConfig, MMAudioFlow
 
 CONDITION_KEYS = ("clip_f", "sync_f", "text_f")
@@ -81,6 +81,15 @@ def mixture_latent(waveform: torch.Tensor, mel: nn.Module, vae: nn.Module,
                      f"{POSTERIOR_SAMPLE!r} or {NORMALIZED_MEAN!r}")
 
 
+def guided_euler_step(x, dt, cfg, v_cond, v_uncond=None):
+    """One Euler step along the guided velocity: ``x + dt * (cfg * v_cond + (1 - cfg) *
+    v_uncond)``, or ``x + dt * v_cond`` without an unconditional branch. The one formula of this
+    sampler, the exported denoiser stage and the benchmarks' baseline; ``dt`` and ``cfg`` are
+    numbers or tensors that broadcast against ``x``."""
+    v = v_cond if v_uncond is None else cfg * v_cond + (1.0 - cfg) * v_uncond
+    return x + dt * v
+
+
 def _batch(name: str, x: torch.Tensor, batch: int) -> torch.Tensor:
     if x.dim() != 3 or x.shape[0] not in (1, batch):
         raise ValueError(f"{name}: expected (B, T, C) with B = 1 or {batch}, got {tuple(x.shape)}")
@@ -97,10 +106,11 @@ def sample(net: MMAudioFlow, x0: torch.Tensor,
     ``conditions`` maps clip_f / sync_f / text_f to features (batch 1 or B); a missing or None
     modality uses the network's learned empty feature. The unconditional branch uses the empty
     features for all modalities (``negative_text_f`` in place of the empty text when given); both
-    branches see the same ``x_mix``. With step i at t_i = i / steps and dt = 1 / steps:
-    ``v = cfg * v(x, t, cond) + (1 - cfg) * v(x, t, uncond)``, ``x <- x + dt * v``. ``cfg == 1``
-    skips the unconditional branch. Network calls run in the network's dtype, the Euler update in
-    fp32 (fp64 for a float64 network).
+    branches see the same ``x_mix``. Steps at t_i = i / steps with dt = 1 / steps
+    (``mmsep.stages.euler_schedule``), each ``guided_euler_step``: ``v = cfg * v(x, t, cond) +
+    (1 - cfg) * v(x, t, uncond)``, ``x <- x + dt * v``. ``cfg == 1`` skips the unconditional
+    branch. Network calls run in the network's dtype, the Euler update in fp32 (fp64 for a
+    float64 network).
     """
     conditions = dict(conditions or {})
     unknown = sorted(set(conditions) - set(CONDITION_KEYS))
@@ -129,13 +139,11 @@ def sample(net: MMAudioFlow, x0: torch.Tensor,
 
     acc = torch.promote_types(dtype, torch.float32)
     x = x0.to(device=device, dtype=acc)
-    dt = 1.0 / steps
-    for i in range(steps):
-        t = torch.full((batch,), i / steps, device=device, dtype=torch.float32)
+    times, dt = euler_schedule(steps)
+    for start in times:
+        t = torch.full((batch,), start, device=device, dtype=torch.float32)
         xi = x.to(dtype)
         v = net.velocity(xi, t, cond_c, mix).to(acc)
-        if guided:
-            v_u = net.velocity(xi, t, uncond_c, mix).to(acc)
-            v = cfg * v + (1 - cfg) * v_u
-        x = x + dt * v
+        v_u = net.velocity(xi, t, uncond_c, mix).to(acc) if guided else None
+        x = guided_euler_step(x, dt, cfg, v, v_u)
     return x.to(x0.dtype)

@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from .audio_writer import FORMATS, SUBTYPES, output_format
+from .backends import BACKENDS
 from .mux import MUX_FORMATS
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -72,7 +73,7 @@ PROG = "mmsep-run"
                    "(default: the model's, 1 s).")
 @click.option("--max-batch", type=click.IntRange(1, 1024),
               help="Most (window, text) items per batch (default: the model's max batch).")
-@click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
+@click.option("--backend", type=click.Choice(BACKENDS),
               default="auto", show_default=True,
               help="Inference backend; auto picks the fastest usable one: the model's TensorRT "
                    "engines (when built for this GPU and TensorRT version), then ONNX Runtime "

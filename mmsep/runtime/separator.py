@@ -75,14 +75,13 @@ class Separator:
         self.backend_name = self.backend.name
         self._uncond: OrderedDict[str | None, dict[str, np.ndarray]] = OrderedDict()
         try:
-            limit = getattr(self.backend, "max_batch", None)  # fixed engine profiles
+            limit = self.backend.max_batch  # fixed engine profiles; None when unbounded
             if limit is not None and self.max_batch > limit:
                 raise InputError(f"max batch {self.max_batch} exceeds what the "
                                  f"{self.backend_name} engines were built for ({limit}); lower "
                                  "it or rebuild the engines with a larger --max-batch")
-            make_resizer = getattr(self.backend, "frame_resizer", None)  # resize on the device
-            self._resizer = None if make_resizer is None else \
-                make_resizer(info.clip_image_size, info.sync_image_size)
+            self._resizer = self.backend.frame_resizer(info.clip_image_size,  # on the device
+                                                       info.sync_image_size)
             self._unconditional(None)
         except BaseException:
             self.backend.close()  # GPU sessions and buffers are not left to the collector

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from mmsep.progress import Progress
+from mmsep.runtime.backends import BACKENDS
 from mmsep.runtime.cli import EXIT_OK, console_main
 
 from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, manifest_salt,
@@ -34,7 +35,7 @@ PROG = "mmsep-batch"
               required=True, help="Output folder (made if missing); holds results.jsonl.")
 @click.option("--subtype", type=click.Choice(["PCM_16", "PCM_24", "FLOAT"]), default="PCM_16",
               show_default=True, help="Output sample format (FLOAT needs wav outputs).")
-@click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
+@click.option("--backend", type=click.Choice(BACKENDS),
               default="auto", show_default=True, help="Inference backend of every worker.")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="ONNX Runtime intra-op threads per worker (0: its default).")

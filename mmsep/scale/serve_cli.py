@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from mmsep.runtime.backends import BACKENDS
 from mmsep.runtime.cli import EXIT_OK, console_main
 from mmsep.runtime.errors import InputError
 
@@ -24,7 +25,7 @@ PROG = "mmsep-serve"
               help="Model directory written by mmsep-export.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
+@click.option("--backend", type=click.Choice(BACKENDS),
               default="auto", show_default=True, help="Inference backend of every replica.")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="ONNX Runtime intra-op threads per replica (0: its default).")

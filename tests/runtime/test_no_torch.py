@@ -48,7 +48,8 @@ def run_and_report(main, **facts):
 
 SCRIPT = BLOCKER + r"""
 import mmsep.runtime
-modules = [m.name for m in pkgutil.iter_modules(mmsep.runtime.__path__)]
+modules = [m.name.removeprefix("mmsep.runtime.")
+           for m in pkgutil.walk_packages(mmsep.runtime.__path__, "mmsep.runtime.")]
 for name in modules:
     importlib.import_module(f"mmsep.runtime.{name}")
 for name in mmsep.runtime.__all__:
@@ -69,5 +70,6 @@ def test_runtime_runs_without_torch(model_dir, media, tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["code"] == 0, proc.stderr
     assert report["attempts"] == [] and report["loaded"] == [] and report["forbidden"] == []
-    assert {"separator", "backends", "video", "audio", "cli", "mux"} <= set(report["modules"])
+    assert {"separator", "backends", "backends.ort", "backends.tensorrt", "video", "audio", "cli",
+            "mux"} <= set(report["modules"])
     assert out.is_file() and muxed.is_file()

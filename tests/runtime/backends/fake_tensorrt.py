@@ -8,15 +8,31 @@ import types
 
 import numpy as np
 
-from tests.runtime.fake_gpu import ALIGNMENT
+from tests.runtime.backends.fake_gpu import ALIGNMENT
 
 
-class DataType(enum.Enum):
-    FLOAT = "float32"
-    INT64 = "int64"
+class DataType(enum.IntEnum):  # tensorrt.DataType's members and values
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+    INT32 = 3
+    BOOL = 4
+    INT64 = 10
 
 
-_ONNX_TYPES = {"tensor(float)": DataType.FLOAT, "tensor(int64)": DataType.INT64}
+_NUMPY_TYPES = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
+                DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.INT64: np.int64}
+_ONNX_TYPES = {"tensor(float)": DataType.FLOAT, "tensor(float16)": DataType.HALF,
+               "tensor(int8)": DataType.INT8, "tensor(int32)": DataType.INT32,
+               "tensor(bool)": DataType.BOOL, "tensor(int64)": DataType.INT64}
+
+
+def nptype(dtype: DataType):
+    """tensorrt.nptype: the numpy type of a TensorRT data type (TypeError for others)."""
+    if dtype not in _NUMPY_TYPES:
+        raise TypeError(f"could not resolve TensorRT datatype to an equivalent numpy datatype: "
+                        f"{dtype}")
+    return _NUMPY_TYPES[dtype]
 
 
 def tensorrt_module(gpu):
@@ -25,7 +41,7 @@ def tensorrt_module(gpu):
     trt.DataType = DataType
     trt.Logger = Logger
     trt.Runtime = type("Runtime", (Runtime,), {"gpu": gpu})
-    trt.nptype = lambda dtype: np.dtype(dtype.value).type
+    trt.nptype = nptype
     return trt
 
 
@@ -86,7 +102,7 @@ class Engine:
     def output_shape(self, name, shapes):
         key = tuple(sorted(shapes.items()))
         if key not in self._shape_cache:
-            feeds = {n: np.zeros(shapes[n], self.dtypes[n].value) for n in self.inputs}
+            feeds = {n: np.zeros(shapes[n], nptype(self.dtypes[n])) for n in self.inputs}
             values = self.session.run(None, feeds)
             self._shape_cache[key] = {n: v.shape for n, v in zip(self.outputs, values)}
         return self._shape_cache[key][name]
@@ -94,11 +110,11 @@ class Engine:
     def execute(self, shapes, addresses):
         feeds = {}
         for n in self.inputs:
-            dtype = np.dtype(self.dtypes[n].value)
+            dtype = np.dtype(nptype(self.dtypes[n]))
             nbytes = int(np.prod(shapes[n])) * dtype.itemsize
             feeds[n] = self.gpu.view(addresses[n], nbytes).view(dtype).reshape(shapes[n]).copy()
         for n, value in zip(self.outputs, self.session.run(None, feeds)):
-            value = np.ascontiguousarray(value, np.dtype(self.dtypes[n].value))
+            value = np.ascontiguousarray(value, nptype(self.dtypes[n]))
             self.gpu.view(addresses[n], value.nbytes)[:] = value.view(np.uint8).reshape(-1)
 
 
@@ -110,7 +126,8 @@ class Context:
         self.enqueued_shapes = None  # the shapes of the last enqueue that was not captured
 
     def set_input_shape(self, name, shape):
-        assert name in self.engine.inputs, name
+        if name not in self.engine.inputs:
+            return False  # "... is not an input tensor" / unknown name
         capture = self.gpu.capture_of_this_thread()
         if capture is not None:  # shape work is not capturable: the capture is invalidated
             capture["invalid"] = f"set_input_shape({name!r}) during the capture"
@@ -121,9 +138,12 @@ class Context:
         return True
 
     def set_tensor_address(self, name, ptr):
-        assert name in self.engine.dtypes, name
+        if name not in self.engine.dtypes:
+            return False  # "Tensor ... not found"
         if int(ptr) % ALIGNMENT:
             return False  # setTensorAddress: "at least 256-byte alignment"
+        if not self.gpu.is_device_address(int(ptr)):
+            return False  # not device memory: the real engine would fault when it ran
         self.addresses[name] = int(ptr)
         return True
 
@@ -147,5 +167,7 @@ class Context:
         if capture is None:
             self.enqueued_shapes = shapes
         gpu.counts["enqueues"] += 1
+        if capture is None:
+            gpu.run_queued(stream_handle)  # the copies before it have run by the time it reads
         gpu.submit(stream_handle, lambda: self.engine.execute(shapes, addresses))
         return True

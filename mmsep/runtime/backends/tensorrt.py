@@ -26,16 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from ..model_files import sha256_file
-from ..stages import StageSpec
-from .backends import _check_inputs, unconditional_half
+from ...model_files import sha256_file
+from ...stages import Stage, StageSpec, Tensor, euler_schedule
+from ..errors import BackendError, BackendUnavailable, ModelDirError, one_line
+from ..model_dir import ModelDir
 from .cuda_graphs import StepGraphs, import_cudart
 from .cuda_memory import CudaMemory, DeviceArray, aligned
-from .errors import BackendError, BackendUnavailable, ModelDirError, one_line
-from .model_dir import ModelDir
+from .protocol import check_inputs, step_invariant_inputs, unconditional_half
 from .tensorrt_env import device_info, engine_refusal, import_gpu_stack, tensorrt_importable
 
-__all__ = ["DeviceArray", "TrtBackend", "device_info", "engine_refusal", "tensorrt_importable"]
+__all__ = ["DeviceArray", "TrtBackend", "check_engine_tensors", "device_info", "engine_refusal",
+           "tensorrt_importable"]
 
 
 class _Stage:
@@ -95,7 +96,7 @@ class TrtBackend:
         self.device_info = here
         self.precision = model.manifest["tensorrt"].get("precision", "fp16")
         self._verify = verify
-        self._graphs = StepGraphs(import_cudart() if cuda_graphs else None, "denoiser")
+        self._graphs = StepGraphs(import_cudart() if cuda_graphs else None, Stage.DENOISER)
         self._context = cuda.Device(device_id).retain_primary_context()
         self._stages: dict[str, _Stage] = {}
         self._closed = False
@@ -156,6 +157,10 @@ class TrtBackend:
         """The largest batch of windows the engines' optimisation profiles accept."""
         return self.model.info.max_batch
 
+    def frame_resizer(self, clip_size: int, sync_size: int) -> None:
+        """None: video frames are resized on the host (the resize graph runs on ONNX Runtime)."""
+        return None
+
     # -- memory --------------------------------------------------------------------------------
     def max_bytes(self, spec: StageSpec, name: str) -> int:
         """Bytes of tensor ``name`` at the profile's largest batch (the denoiser's latent
@@ -163,11 +168,6 @@ class TrtBackend:
         tensor = spec.tensor(name)
         shape = tensor.concrete(spec.max_batch)
         return int(np.prod(shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
-
-    @_in_context
-    def upload(self, array: np.ndarray) -> DeviceArray:
-        """A device copy of ``array`` in a buffer of its own (kept until ``close``)."""
-        return self.memory.upload(array)
 
     @_in_context
     def to_host(self, value: Any) -> np.ndarray:
@@ -195,22 +195,9 @@ class TrtBackend:
         if engine is None:
             raise BackendError(stage, f"TensorRT could not deserialise {path.name} (built by "
                                       "another TensorRT version, or out of GPU memory)")
-        self._check_engine(spec, engine)
+        check_engine_tensors(self._trt, spec, engine)
         loaded = self._stages[stage] = _Stage(self, spec, engine)
         return loaded
-
-    def _check_engine(self, spec: StageSpec, engine) -> None:
-        trt = self._trt
-        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        wanted = set(spec.input_names) | set(spec.output_names)
-        if names != wanted:
-            raise BackendError(spec.name, f"engine tensors {sorted(names)} differ from the "
-                                          f"manifest's {sorted(wanted)}")
-        for tensor in (*spec.inputs, *spec.outputs):
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor.name)))
-            if dtype != np.dtype(tensor.dtype):
-                raise BackendError(spec.name, f"engine tensor {tensor.name!r} is {dtype}, the "
-                                              f"contract says {tensor.dtype}")
 
     def _bind(self, st: _Stage, inputs: Mapping[str, Any], batch: int,
               outputs: Mapping[str, int] | None = None) -> dict[str, DeviceArray]:
@@ -250,7 +237,7 @@ class TrtBackend:
     def run(self, stage: str, inputs: Mapping[str, Any], *,
             on_device: bool = False) -> dict[str, Any]:
         st = self._stage(stage)
-        bound = self._bind(st, inputs, _check_inputs(st.spec, inputs))
+        bound = self._bind(st, inputs, check_inputs(st.spec, inputs))
         self._enqueue(st)
         if on_device:
             self._stream.synchronize()  # stage timings stay honest; no later launch is waiting
@@ -262,18 +249,19 @@ class TrtBackend:
                   uncond: Mapping[str, np.ndarray]) -> dict[str, DeviceArray]:
         """The conditioner writes the conditional branch straight into the first half of the
         denoiser's conditioning buffers; the cached unconditional branch fills the second."""
-        st = self._stage("conditioner")
-        denoiser = self._stage("denoiser")
-        batch = _check_inputs(st.spec, inputs)
+        st = self._stage(Stage.CONDITIONER)
+        denoiser = self._stage(Stage.DENOISER)
+        batch = check_inputs(st.spec, inputs)
         targets, stacked = {}, {}
         for tensor in st.spec.outputs:
             item = tensor.concrete(1)[1:]
+            dtype = np.dtype(denoiser.spec.tensor(tensor.name).dtype)
             other = unconditional_half(uncond, tensor.name, item)
-            half = batch * int(np.prod(item, dtype=np.int64)) * 4
+            half = batch * int(np.prod(item, dtype=np.int64)) * dtype.itemsize
             ptr = denoiser.buffer(tensor.name, 2 * half)
             targets[tensor.name] = ptr
-            self.memory.put(ptr + half, np.broadcast_to(other, (batch, *item)).astype(np.float32))
-            stacked[tensor.name] = DeviceArray(ptr, (2 * batch, *item), np.dtype(np.float32))
+            self.memory.put(ptr + half, np.broadcast_to(other, (batch, *item)).astype(dtype))
+            stacked[tensor.name] = DeviceArray(ptr, (2 * batch, *item), dtype)
         self._bind(st, inputs, batch, outputs=targets)
         self._enqueue(st)
         self._stream.synchronize()
@@ -284,29 +272,22 @@ class TrtBackend:
                steps: int, cfg: float) -> DeviceArray:
         """Euler + CFG from t=0 to 1 in ``steps`` denoiser launches (one CUDA graph where
         possible); returns the final latent on the device."""
-        st = self._stage("denoiser")
+        st = self._stage(Stage.DENOISER)
         batch = x0.shape[0]
         _check_profile(st.spec, batch)
         fixed = self._fixed_inputs(st, mix_latent, conditioning)
-        latent = np.ascontiguousarray(x0, dtype=np.float32)
-        buffers = (st.buffer("x", latent.nbytes), st.buffer("x_next", latent.nbytes))
-        slot = aligned(batch * 4)  # each step's t, dt and cfg: batch float32 in a slot of its own
-        table = st.buffer("t", steps * slot)  # grows once to the longest request seen
-        scalars = st.buffer("dt", 2 * slot)  # dt, then cfg
-        times = np.zeros((steps, slot // 4), np.float32)
-        times[:, :batch] = (np.arange(steps, dtype=np.float32) / steps)[:, None]
-        dt_cfg = np.zeros((2, slot // 4), np.float32)
-        dt_cfg[0, :batch], dt_cfg[1, :batch] = 1.0 / steps, cfg
+        latent = np.ascontiguousarray(x0, dtype=st.spec.tensor(Tensor.X).dtype)
+        buffers = (st.buffer(Tensor.X, latent.nbytes), st.buffer(Tensor.X_NEXT, latent.nbytes))
         self.memory.put(buffers[0], latent)
-        self.memory.put(table, times)
-        self.memory.put(scalars, dt_cfg)
-        shapes = {"x": latent.shape, "t": (batch,), "dt": (batch,), "cfg": (batch,),
-                  **{name: value.shape for name, value in fixed.items()}}
+        table, scalars, slot = self._put_schedule(st, batch, steps, cfg)
+        shapes = {Tensor.X: latent.shape, Tensor.T: (batch,), Tensor.DT: (batch,),
+                  Tensor.CFG: (batch,), **{name: value.shape for name, value in fixed.items()}}
         fixed_ptrs = {name: value.ptr for name, value in fixed.items()}
 
         def bind_step(i):
-            step = {"x": buffers[i % 2], "x_next": buffers[(i + 1) % 2],
-                    "t": table + i * slot, "dt": scalars, "cfg": scalars + slot, **fixed_ptrs}
+            step = {Tensor.X: buffers[i % 2], Tensor.X_NEXT: buffers[(i + 1) % 2],
+                    Tensor.T: table + i * slot, Tensor.DT: scalars, Tensor.CFG: scalars + slot,
+                    **fixed_ptrs}
             for name, ptr in step.items():
                 st.call(st.context.set_tensor_address(name, ptr), f"bind {name!r} at {ptr:#x}")
 
@@ -328,24 +309,44 @@ class TrtBackend:
         if not self._graphs.launch(key, self._stream.handle, enqueue_steps):
             enqueue_steps()
         self._stream.synchronize()
-        return DeviceArray(buffers[steps % 2], tuple(latent.shape), np.dtype(np.float32))
+        return DeviceArray(buffers[steps % 2], tuple(latent.shape), latent.dtype)
+
+    def _put_schedule(self, st: _Stage, batch: int, steps: int, cfg: float):
+        """Copy the step times (``euler_schedule``), dt and cfg of a batch to the device, each
+        batch of values in an aligned slot of its own; returns (times, dt and cfg, slot bytes):
+        the step times at ``times + i * slot``, dt at ``dt and cfg``, cfg one slot after."""
+        dtypes = {name: np.dtype(st.spec.tensor(name).dtype)
+                  for name in (Tensor.T, Tensor.DT, Tensor.CFG)}
+        slot = aligned(batch * max(d.itemsize for d in dtypes.values()))
+        times, dt = euler_schedule(steps)
+        table = st.buffer(Tensor.T, steps * slot)  # grows once to the longest request seen
+        scalars = st.buffer(Tensor.DT, 2 * slot)
+        self.memory.put(table, _slots([np.full(batch, t, dtypes[Tensor.T]) for t in times], slot))
+        self.memory.put(scalars, _slots([np.full(batch, dt, dtypes[Tensor.DT]),
+                                         np.full(batch, cfg, dtypes[Tensor.CFG])], slot))
+        return table, scalars, slot
 
     def _fixed_inputs(self, st: _Stage, mix_latent: Any,
                       conditioning: Mapping[str, Any]) -> dict[str, DeviceArray]:
         """The denoiser inputs that stay the same across steps, on the device (host values are
         copied into the stage's own buffers)."""
-        fixed: dict[str, Any] = dict(conditioning)
-        if "mix_latent" in st.spec.input_names:
-            if mix_latent is None:
-                raise BackendError("denoiser", "this separation model needs a mixture latent")
-            fixed["mix_latent"] = mix_latent
+        fixed = step_invariant_inputs(st.spec, mix_latent, conditioning)
         for name, value in fixed.items():
             if not isinstance(value, DeviceArray):
-                value = np.ascontiguousarray(value, dtype=np.float32)
+                value = np.ascontiguousarray(value, dtype=st.spec.tensor(name).dtype)
                 ptr = st.buffer(name, value.nbytes)
                 self.memory.put(ptr, value)
                 fixed[name] = DeviceArray(ptr, value.shape, value.dtype)
         return fixed
+
+
+def _slots(rows: list[np.ndarray], slot: int) -> np.ndarray:
+    """The bytes of 1-D arrays ``rows``, each at the start of a ``slot``-byte row."""
+    out = np.zeros((len(rows), slot), np.uint8)
+    for row, values in zip(out, rows):
+        raw = np.ascontiguousarray(values).view(np.uint8)
+        row[:raw.size] = raw
+    return out
 
 
 def _check_profile(spec: StageSpec, batch: int) -> None:
@@ -353,3 +354,18 @@ def _check_profile(spec: StageSpec, batch: int) -> None:
         raise BackendError(spec.name, f"batch {batch} exceeds the engine's optimisation profile "
                                       f"(max {spec.max_batch}); lower --max-batch or rebuild the "
                                       "engines with a larger --max-batch")
+
+
+def check_engine_tensors(trt, spec: StageSpec, engine) -> None:
+    """The engine's I/O tensors against the stage contract: the same names, the same dtypes
+    (``trt.nptype`` of each tensor's type); BackendError naming the stage otherwise."""
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    wanted = set(spec.input_names) | set(spec.output_names)
+    if names != wanted:
+        raise BackendError(spec.name, f"engine tensors {sorted(names)} differ from the stage "
+                                      f"contract's {sorted(wanted)}")
+    for tensor in (*spec.inputs, *spec.outputs):
+        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor.name)))
+        if dtype != np.dtype(tensor.dtype):
+            raise BackendError(spec.name, f"engine tensor {tensor.name!r} is {dtype}, the "
+                                          f"contract says {tensor.dtype}")

@@ -25,7 +25,7 @@ def aligned(nbytes: int) -> int:
 
 @dataclass(frozen=True)
 class DeviceArray:
-    """A float32/int64 tensor in GPU memory at ``ptr`` (owned by the backend)."""
+    """A tensor in GPU memory at ``ptr`` (owned by the backend)."""
 
     ptr: int
     shape: tuple[int, ...]
@@ -62,14 +62,6 @@ class CudaMemory:
         staged = self._pinned(("put", ptr if key is None else key), array.nbytes)
         staged[:] = array.reshape(-1).view(np.uint8)
         self._cuda.memcpy_htod_async(ptr, staged, self.stream)
-
-    def upload(self, array: np.ndarray) -> DeviceArray:
-        """A device copy of ``array`` in an allocation of its own."""
-        array = np.ascontiguousarray(array)
-        ptr = self.alloc(array.nbytes)
-        self.put(ptr, array, key="upload")
-        self.stream.synchronize()
-        return DeviceArray(ptr, tuple(array.shape), array.dtype)
 
     def fetch(self, values: Mapping[str, DeviceArray]) -> dict[str, np.ndarray]:
         """Host copies of ``values`` (the stream is synchronised)."""

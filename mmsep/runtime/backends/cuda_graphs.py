@@ -16,7 +16,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .errors import BackendError
+from ..errors import BackendError
 
 CACHE_SIZE = 8  # captured loops kept per backend, least recently used dropped first
 

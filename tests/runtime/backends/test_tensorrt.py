@@ -3,7 +3,7 @@
 Real TensorRT needs an NVIDIA GPU; these tests check everything around the engines: selection and
 refusal from the manifest, tamper checks, buffer reuse and pointer arithmetic, the double-buffered
 step loop and its CUDA graph capture/replay, against the ONNX Runtime CPU backend on the same
-graphs. `pytest -m gpu` runs the real thing where TensorRT and a GPU exist.
+graphs. `pytest -m gpu` runs the real thing where TensorRT and a GPU exist (the last test).
 """
 
 import json
@@ -17,60 +17,14 @@ import pytest
 from mmsep.runtime import Separator
 from mmsep.runtime.errors import BackendError, BackendUnavailable, InputError, ModelDirError
 from mmsep.runtime.example import tones
-from mmsep.model_files import sha256_file
 from mmsep.runtime.model_dir import ModelDir
-from mmsep.runtime.tensorrt_backend import engine_refusal
-from tests.runtime.fake_gpu import FakeGpu, profile_metadata
+from mmsep.runtime.backends import create_backend
+from mmsep.runtime.backends.cuda_memory import CudaMemory, DeviceArray
+from mmsep.runtime.backends.tensorrt import engine_refusal
+from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
+from tests.runtime.backends.fake_gpu import HERE, with_engines
 
 SR = 44100
-HERE = {"version": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-
-
-def with_engines(model_dir, out, **section):
-    """A copy of ``model_dir`` whose manifest lists one "engine" per stage (for the fake: the
-    stage's fp32 ONNX graph, with its optimisation profile as metadata)."""
-    shutil.copytree(model_dir, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    specs = ModelDir(out).specs
-    engines = {}
-    for stage, record in manifest["stages"].items():
-        engine = out / f"{stage}.fp16.engine"
-        graph = onnx.load(out / record["onnx"])
-        graph.metadata_props.add(key="fake.profile", value=profile_metadata(specs[stage]))
-        onnx.save(graph, engine)
-        engines[stage] = {"file": engine.name, "sha256": sha256_file(engine),
-                          "bytes": engine.stat().st_size}
-    manifest["tensorrt"] = {"status": "built", **HERE, "precision": "fp16", "engines": engines,
-                            **section}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
-
-
-@pytest.fixture(scope="module")
-def trt_dir(model_dir, tmp_path_factory):
-    return with_engines(model_dir, tmp_path_factory.mktemp("trt") / "tiny")
-
-
-@pytest.fixture
-def make_gpu(monkeypatch):
-    """Installs a FakeGpu; at the end of the test, every thread's CUDA context stack must be
-    empty (pycuda aborts the process at exit otherwise)."""
-    made = []
-
-    def make(**options):
-        fake = FakeGpu(**options)
-        fake.install(monkeypatch)
-        made.append(fake)
-        return fake
-
-    yield make
-    for fake in made:
-        assert fake.leftover_contexts() == 0, "a CUDA context was left pushed"
-
-
-@pytest.fixture
-def gpu(make_gpu):
-    return make_gpu()
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +241,125 @@ def test_the_stand_in_refuses_what_tensorrt_and_cuda_refuse(gpu, trt_dir):
         context.pop()
     with pytest.raises(cuda.LogicError, match="cannot pop"):
         context.pop()
+
+
+# ---- what TensorRT refuses, through the backend -------------------------------------------------
+
+def test_a_shape_outside_the_engine_profile_is_a_backend_error(gpu, model_dir, tmp_path):
+    """Engines built with a narrower profile than the manifest says: set_input_shape is False."""
+    narrow = with_engines(model_dir, tmp_path / "narrow", profile_max_batch={"vae_decoder": 2})
+    with create_backend(ModelDir(narrow), "trt") as backend:
+        latent = np.zeros(backend.model.specs["vae_decoder"].tensor("latent").concrete(3),
+                          np.float32)
+        with pytest.raises(BackendError, match=r"stage 'vae_decoder': TensorRT could not set the "
+                                               r"shape of input 'latent' to \(3, 87, 40\)"):
+            backend.run("vae_decoder", {"latent": latent})
+        assert backend.run("vae_decoder", {"latent": latent[:2]})["mel"].shape[0] == 2
+
+
+def test_an_address_tensorrt_refuses_is_a_backend_error(gpu, trt_dir, monkeypatch):
+    """set_tensor_address is False for memory that is not the device's, and for an address
+    that is not 256-byte aligned."""
+    with create_backend(ModelDir(trt_dir), "trt") as backend:
+        spec = backend.model.specs["vae_decoder"]
+        shape = spec.tensor("latent").concrete(1)
+        foreign = DeviceArray(1 << 40, shape, np.dtype(np.float32))
+        with pytest.raises(BackendError, match="stage 'vae_decoder': TensorRT could not bind "
+                                               "input 'latent'"):
+            backend.run("vae_decoder", {"latent": foreign})
+    allocate = CudaMemory.alloc
+    monkeypatch.setattr(CudaMemory, "alloc", lambda self, n: allocate(self, n + 16) + 16)
+    with create_backend(ModelDir(trt_dir), "trt") as backend:
+        with pytest.raises(BackendError, match="stage 'vae_decoder': TensorRT could not bind "
+                                               "input 'latent'"):
+            backend.run("vae_decoder", {"latent": np.zeros(shape, np.float32)})
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int32", "bool"])
+def test_an_engine_tensor_of_another_dtype_is_refused(gpu, model_dir, tmp_path, dtype):
+    def retype_waveform(stage, graph):
+        if stage == "vocoder":
+            cast_to(graph, dtype)
+
+    other = with_engines(model_dir, tmp_path / dtype, edit=retype_waveform)
+    with pytest.raises(BackendError, match=f"stage 'vocoder': engine tensor 'waveform' is "
+                                           f"{dtype}, the contract says float32"):
+        create_backend(ModelDir(other), "trt")
+
+
+def cast_to(graph, dtype: str) -> None:
+    """Make the graph's first output ``dtype``: its producer now writes a tensor that is cast."""
+    output = graph.graph.output[0]
+    for node in graph.graph.node:
+        node.output[:] = [f"{o}_before_cast" if o == output.name else o for o in node.output]
+    element = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph.graph.node.append(onnx.helper.make_node("Cast", [f"{output.name}_before_cast"],
+                                                  [output.name], to=element))
+    output.type.tensor_type.elem_type = element
+
+
+def test_a_staging_buffer_rewritten_before_its_copy_ran_is_caught(gpu, trt_dir, monkeypatch):
+    """Host-to-device copies are asynchronous: one staging buffer shared by all copies (a bug)
+    is rewritten while an earlier copy still waits on the stream."""
+    put = CudaMemory.put
+    monkeypatch.setattr(CudaMemory, "put",
+                        lambda self, ptr, array, key=None: put(self, ptr, array, key="shared"))
+    with pytest.raises(AssertionError, match="rewritten before the copy ran"):
+        with Separator(trt_dir, "trt") as sep:
+            sep.process(**REQUESTS["generation"])
+
+
+def test_the_stand_in_copies_asynchronously(gpu):
+    import pycuda.driver as cuda
+
+    context = cuda.Device(0).retain_primary_context()
+    context.push()
+    try:
+        stream, device = cuda.Stream(), cuda.mem_alloc(256)
+        staged, back = cuda.pagelocked_empty(4, np.float32), cuda.pagelocked_empty(4, np.float32)
+        staged[:] = 1
+        cuda.memcpy_htod_async(device, staged, stream)
+        cuda.memcpy_dtoh_async(back, device, stream)
+        assert not back.any()  # nothing ran yet
+        stream.synchronize()
+        assert (back == 1).all()
+        cuda.memcpy_htod_async(device, np.full(4, 2, np.float32), stream)  # pageable: staged now
+        staged[:] = 3
+        cuda.memcpy_htod_async(device, staged, stream)
+        staged[:] = 4
+        with pytest.raises(AssertionError, match="rewritten before the copy ran"):
+            stream.synchronize()
+    finally:
+        context.pop()
+
+
+# ---- real TensorRT (a GPU with TensorRT and pycuda) ---------------------------------------------
+
+@pytest.mark.gpu
+def test_runtime_trt_backend_matches_onnxruntime(request, tmp_path):
+    """Real engines through the runtime's TensorRT backend (pycuda, CUDA graph) vs ORT CPU."""
+    from mmsep.export import tensorrt_build as tb
+
+    reason = tb.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    pytest.importorskip("pycuda.driver", reason="the runtime's TensorRT backend needs pycuda")
+    from mmsep.export.wrappers import stage_modules
+    from mmsep.models import build_components
+
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(request.getfixturevalue("tiny_model_dir"), model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    modules = stage_modules(build_components("tiny", duration=TINY_WINDOW_SECONDS, seed=TINY_SEED))
+    manifest["tensorrt"] = tb.build_engines(model_dir, manifest, modules, precision="fp16",
+                                            timing_cache=tmp_path / "timing.cache")
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    request_ = dict(mix=tones(3.5, 44100, seed=3), text=["rain", "wind"], steps=2, cfg=1.0,
+                    seed=1, keep_latents=True)
+    with Separator(model_dir, "ort-cpu") as cpu, Separator(model_dir, "trt") as gpu:
+        want, got = cpu.process(**request_), gpu.process(**request_)
+        again = gpu.process(**request_)  # replays the captured step loop
+    err = np.linalg.norm(got.latents - want.latents) / np.linalg.norm(want.latents)
+    print(f"TensorRT fp16 runtime vs ONNX Runtime fp32, final latents (2 steps, cfg 1): {err:.2e}")
+    assert err < 2e-2
+    np.testing.assert_array_equal(again.latents, got.latents)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
-from .errors import BackendUnavailable, one_line
+from ..errors import BackendUnavailable, one_line
 
 
 def import_gpu_stack():

@@ -10,10 +10,19 @@ what the real libraries refuse:
   context stacks are per thread, as in CUDA; ``leftover_contexts()`` counts what was not popped
   (pycuda aborts the process at exit when a stack is not empty);
 - ``set_tensor_address`` returns False for an address that is not 256-byte aligned
-  (``NvInferRuntime.h``: "The pointer must have at least 256-byte alignment"); ``set_input_shape``
-  returns False outside the engine's optimisation profile; ``execute_async_v3`` returns False when
-  an input has no shape or an I/O tensor no address, and when a CUDA error is pending (TensorRT
-  checks ``cudaGetLastError`` after its launches);
+  (``NvInferRuntime.h``: "The pointer must have at least 256-byte alignment"), for one outside
+  every device allocation (where real TensorRT would fault later) and for a name the engine does
+  not have; ``set_input_shape`` returns False for an unknown input and for a shape outside the
+  engine's optimisation profile (its min and max, from the stage spec); ``execute_async_v3``
+  returns False when an input has no shape or an I/O tensor no address, and when a CUDA error is
+  pending (TensorRT checks ``cudaGetLastError`` after its launches);
+- engine tensors have TensorRT's data types (FLOAT, HALF, INT8, INT32, INT64, BOOL) and
+  ``trt.nptype`` maps them to numpy's, as the real one does;
+- work on a stream is asynchronous: copies and engine launches are queued and run in order when
+  the stream is synchronised, and the copies queued so far also when an engine is enqueued. A
+  copy from page-locked memory reads its source when it runs, so rewriting a staging buffer
+  before then is caught (AssertionError); from pageable memory it reads it at once, as CUDA
+  stages such copies synchronously;
 - an enqueue captured before one plain enqueue at the current shapes, or a ``set_input_shape``
   while the thread is capturing, invalidates the capture: ``cudaStreamEndCapture`` then returns
   ``cudaErrorStreamCaptureInvalidated`` and that error stays pending until ``cudaGetLastError``;
@@ -33,11 +42,16 @@ from __future__ import annotations
 
 import enum
 import json
+import shutil
 import sys
 import threading
 import types
 
 import numpy as np
+import onnx
+
+from mmsep.model_files import sha256_file
+from mmsep.runtime.model_dir import ModelDir
 
 ALIGNMENT = 256  # cudaMalloc's alignment, and what setTensorAddress requires
 
@@ -73,6 +87,7 @@ class FakeGpu:
         self._memory: list[np.ndarray] = []
         self._pinned: list[np.ndarray] = []
         self._capturing: dict[int, dict] = {}
+        self._queued: dict[int, list] = {}  # stream handle -> work not run yet, in order
         self._stacks: dict[int, list] = {}
         self.counts = {"enqueues": 0, "captures": 0, "graph_launches": 0, "engines": 0,
                        "pageable_copies": 0}
@@ -116,10 +131,19 @@ class FakeGpu:
         return next((c for c in self._capturing.values()
                      if c["thread"] == threading.get_ident()), None)
 
+    def is_device_address(self, ptr: int) -> bool:
+        return any(b.ctypes.data <= ptr < b.ctypes.data + b.size for b in self._memory)
+
     def submit(self, stream_handle: int, op) -> None:
         if stream_handle in self._capturing:
             self._capturing[stream_handle]["ops"].append(op)
         else:
+            self._queued.setdefault(stream_handle, []).append(op)
+
+    def run_queued(self, stream_handle: int) -> None:
+        """Run the stream's queued work, in order (what the GPU does before a synchronize)."""
+        queue = self._queued.pop(stream_handle, [])
+        for op in queue:
             op()
 
     # -- modules -----------------------------------------------------------------------------------
@@ -166,11 +190,19 @@ class FakeGpu:
 
     def memcpy_htod_async(self, dest, src, stream=None):
         self.need_context("cuMemcpyHtoDAsync")
-        self.counts["pageable_copies"] += not self.is_pinned(src)
-        data = np.ascontiguousarray(src).view(np.uint8).reshape(-1).copy()
-        target = int(dest)
-        self.submit(stream.handle, lambda: self.view(target, data.size).__setitem__(
-            slice(None), data))
+        target, source = int(dest), np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+        if not self.is_pinned(src):  # CUDA stages it before returning: the caller may reuse src
+            self.counts["pageable_copies"] += 1
+            source = source.copy()
+        enqueued = source.copy()
+
+        def op():
+            if not np.array_equal(source, enqueued):
+                raise AssertionError(f"the page-locked source of a copy to {target:#x} was "
+                                     "rewritten before the copy ran (synchronise the stream "
+                                     "before reusing a staging buffer)")
+            self.view(target, source.size)[:] = source
+        self.submit(stream.handle, op)
 
     def memcpy_dtoh_async(self, dest, src, stream=None):
         self.need_context("cuMemcpyDtoHAsync")
@@ -181,7 +213,7 @@ class FakeGpu:
         self.submit(stream.handle, op)
 
     def _tensorrt(self):
-        from tests.runtime.fake_tensorrt import tensorrt_module
+        from tests.runtime.backends.fake_tensorrt import tensorrt_module
 
         return tensorrt_module(self)
 
@@ -240,9 +272,11 @@ class FakeGpu:
         return rt
 
 
-def profile_metadata(spec) -> str:
-    """The ``fake.profile`` metadata of a stage's fake engine: min and max shape per input."""
-    return json.dumps({t.name: [list(t.concrete(spec.min_batch)), list(t.concrete(spec.max_batch))]
+def profile_metadata(spec, max_batch: int | None = None) -> str:
+    """The ``fake.profile`` metadata of a stage's fake engine: min and max shape per input (the
+    spec's profile, or one up to ``max_batch``)."""
+    high = spec.max_batch if max_batch is None else max_batch
+    return json.dumps({t.name: [list(t.concrete(spec.min_batch)), list(t.concrete(high))]
                        for t in spec.inputs})
 
 
@@ -270,6 +304,7 @@ class Stream:
     def synchronize(self):
         self.gpu.need_context("cuStreamSynchronize")
         assert self.handle not in self.gpu._capturing, "synchronize during a capture"
+        self.gpu.run_queued(self.handle)
         if self.gpu.sticky_error:
             raise DriverError(f"cuStreamSynchronize failed: {self.gpu.sticky_error}")
 
@@ -305,3 +340,31 @@ class Device:
 
     def retain_primary_context(self):
         return type("Context", (Context,), {"gpu": self.gpu})()
+
+
+# the machine FakeGpu() describes, as device_info() reports it and a manifest records it
+HERE = {"version": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+def with_engines(model_dir, out, *, profile_max_batch=None, edit=None, **section):
+    """A copy of ``model_dir`` whose manifest lists one "engine" per stage (for the fake: the
+    stage's fp32 ONNX graph, with its optimisation profile as metadata). ``profile_max_batch``
+    maps a stage to a narrower profile than its spec's; ``edit(stage, graph)`` changes a graph."""
+    shutil.copytree(model_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    specs = ModelDir(out).specs
+    engines = {}
+    for stage, record in manifest["stages"].items():
+        engine = out / f"{stage}.fp16.engine"
+        graph = onnx.load(out / record["onnx"])
+        if edit is not None:
+            edit(stage, graph)
+        high = (profile_max_batch or {}).get(stage)
+        graph.metadata_props.add(key="fake.profile", value=profile_metadata(specs[stage], high))
+        onnx.save(graph, engine)
+        engines[stage] = {"file": engine.name, "sha256": sha256_file(engine),
+                          "bytes": engine.stat().st_size}
+    manifest["tensorrt"] = {"status": "built", **HERE, "precision": "fp16", "engines": engines,
+                            **section}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out

@@ -1,62 +1,25 @@
-"""Backends that run the stage graphs of a model directory.
+"""The ONNX Runtime backend (``ort-cpu``, ``ort-cuda``; protocol.py says what a backend offers).
 
-The protocol is small: ``run(stage, inputs) -> outputs`` with numpy arrays in and out, and a
-context-manager lifecycle (``close`` releases sessions). ``run(..., on_device=True)`` returns the
-backend's device values instead of numpy arrays; such values can be passed back as inputs of a
-later ``run``, so a pipeline keeps intermediate tensors where the backend computes (GPU memory for
-ONNX Runtime CUDA) and copies to the host only what it needs there. ``condition`` runs the
-conditioner for the conditional branch and stacks the cached unconditional branch after it, as the
-denoiser takes them. ``sample`` is the Euler + CFG loop written on top of that: one denoiser launch
-per step, no host round trip inside the loop.
-
-Backends:
-    ort-cpu   ONNX Runtime, CPUExecutionProvider.
-    ort-cuda  ONNX Runtime, CUDAExecutionProvider (needs onnxruntime-gpu and a CUDA device);
-              IO binding keeps every intermediate tensor on the GPU.
-    trt       the model directory's TensorRT engines through pycuda (tensorrt_backend.py);
-              refused when they were built for another GPU or TensorRT version.
-    auto      the fastest available: trt, then ort-cuda, then ort-cpu; a faster backend that
-              cannot be used is skipped with a warning saying why (except when its software is
-              simply not installed).
-
-Every failure is raised with the stage named (BackendError), or as BackendUnavailable when a
-backend cannot be used at all.
+Sessions are created once per stage, on first use. On CUDA, IO binding keeps every intermediate
+tensor on the GPU: device values are OrtValues, and the sampling loop uploads the step times once
+and chains the denoiser's outputs from step to step without a host round trip.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from ..stages import StageSpec
-from .errors import BackendError, BackendUnavailable, one_line
-from .model_dir import ModelDir
-
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
-
-
-class Backend(Protocol):
-    name: str
-
-    def run(self, stage: str, inputs: Mapping[str, Any], *,
-            on_device: bool = False) -> dict[str, Any]: ...
-
-    def condition(self, inputs: Mapping[str, np.ndarray],
-                  uncond: Mapping[str, np.ndarray]) -> dict[str, Any]: ...
-
-    def sample(self, x0: np.ndarray, mix_latent: Any, conditioning: Mapping[str, Any],
-               steps: int, cfg: float) -> Any: ...
-
-    def to_host(self, value: Any) -> np.ndarray: ...
-
-    def close(self) -> None: ...
+from ...stages import Stage, Tensor, euler_schedule
+from ..errors import BackendError, BackendUnavailable, one_line
+from ..model_dir import ModelDir
+from .protocol import check_inputs, stack_branches, step_invariant_inputs
 
 
-def _import_ort():
+def import_ort():
     try:
         import onnxruntime
     except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -68,7 +31,7 @@ def _import_ort():
 def cuda_available() -> bool:
     """Whether ONNX Runtime offers its CUDA provider in this environment."""
     try:
-        ort = _import_ort()
+        ort = import_ort()
     except BackendUnavailable:
         return False
     return "CUDAExecutionProvider" in ort.get_available_providers()
@@ -82,11 +45,10 @@ class OrtBackend:
                  threads: int = 0):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        self._ort = _import_ort()
+        self._ort = import_ort()
         self.model = model
         self.device = device
         self.device_id = device_id
-        self.name = f"ort-{device}"
         self._threads = threads
         self._sessions: dict[str, Any] = {}
         self.load_seconds: dict[str, float] = {}
@@ -97,7 +59,16 @@ class OrtBackend:
                     "with a matching CUDA, or use --backend ort-cpu)")
             # Creating one session proves that the provider really loads (ORT falls back to the
             # CPU silently when CUDA libraries are missing, which _session turns into an error).
-            self._session("conditioner")
+            self._session(Stage.CONDITIONER)
+
+    @property
+    def name(self) -> str:
+        return f"ort-{self.device}"
+
+    @property
+    def max_batch(self) -> None:
+        """None: ONNX Runtime's batch axis is dynamic."""
+        return None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> OrtBackend:
@@ -167,7 +138,7 @@ class OrtBackend:
         numpy arrays, or device values with ``on_device=True``."""
         session = self._session(stage)
         spec = self.model.specs[stage]
-        _check_inputs(spec, inputs)
+        check_inputs(spec, inputs)
         ort = self._ort
         try:
             binding = session.io_binding()
@@ -209,7 +180,7 @@ class OrtBackend:
         is faster than the graph's dense matrix products (BENCHMARKS.md, video preprocessing)."""
         if self.device == "cpu":
             return None
-        from .resize import FrameResizer
+        from ..resize import FrameResizer
 
         return FrameResizer(self._ort, self.device, self.device_id, clip_size, sync_size)
 
@@ -221,7 +192,7 @@ class OrtBackend:
         The two halves are joined on the host (once per batch, outside the step loop) and placed
         on the device for CUDA.
         """
-        cond = self.run("conditioner", inputs)
+        cond = self.run(Stage.CONDITIONER, inputs)
         stacked = stack_branches(cond, uncond)
         if self.device == "cpu":
             return stacked
@@ -234,121 +205,21 @@ class OrtBackend:
         ``conditioning`` is the conditioner's output (device values or arrays); ``mix_latent`` is
         None for a generation-only model.
         """
-        batch = x0.shape[0]
-        dt = self.upload(np.full(batch, 1.0 / steps, np.float32))
-        strength = self.upload(np.full(batch, cfg, np.float32))
-        times = [self.upload(np.full(batch, i / steps, np.float32)) for i in range(steps)]
-        fixed = {name: _device(self, v) for name, v in conditioning.items()}
-        if "mix_latent" in self.model.specs["denoiser"].input_names:
-            if mix_latent is None:
-                raise BackendError("denoiser", "this separation model needs a mixture latent")
-            fixed["mix_latent"] = _device(self, mix_latent)
-        x = self.upload(x0.astype(np.float32, copy=False))
-        for i in range(steps):
-            x = self.run("denoiser", {**fixed, "x": x, "t": times[i], "dt": dt, "cfg": strength},
-                         on_device=True)["x_next"]
+        spec = self.model.specs[Stage.DENOISER]
+
+        def per_item(name: str, value: float):
+            return self.upload(np.full(x0.shape[0], value, spec.tensor(name).dtype))
+
+        times, step = euler_schedule(steps)
+        dt, strength = per_item(Tensor.DT, step), per_item(Tensor.CFG, cfg)
+        times = [per_item(Tensor.T, t) for t in times]
+        fixed = step_invariant_inputs(spec, mix_latent, conditioning)
+        fixed = {name: self._on_device(value) for name, value in fixed.items()}
+        x = self.upload(x0.astype(spec.tensor(Tensor.X).dtype, copy=False))
+        for t in times:
+            x = self.run(Stage.DENOISER, {**fixed, Tensor.X: x, Tensor.T: t, Tensor.DT: dt,
+                                          Tensor.CFG: strength}, on_device=True)[Tensor.X_NEXT]
         return x
 
-
-def stack_branches(cond: Mapping[str, np.ndarray],
-                   uncond: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """[conditional; unconditional] on the leading axis, the unconditional batch-1 conditioning
-    repeated to the conditional batch."""
-    return {name: np.concatenate([value, np.broadcast_to(
-        unconditional_half(uncond, name, value.shape[1:]), value.shape)])
-        for name, value in cond.items()}
-
-
-def unconditional_half(uncond: Mapping[str, np.ndarray], name: str,
-                       item: tuple[int, ...]) -> np.ndarray:
-    """``uncond[name]``, checked to be one item (1, *item) of a conditioning tensor."""
-    other = np.asarray(uncond[name])
-    if other.shape != (1, *item):
-        raise BackendError("conditioner", f"unconditional {name!r} has shape {other.shape}, "
-                                          f"expected {(1, *item)}")
-    return other
-
-
-def _device(backend: OrtBackend, value: Any):
-    return value if isinstance(value, backend._ort.OrtValue) else backend.upload(value)
-
-
-def _check_inputs(spec: StageSpec, inputs: Mapping[str, Any]) -> int:
-    """Names, dtypes and shapes against the stage contract, with one consistent batch; returns
-    that batch."""
-    missing = [n for n in spec.input_names if n not in inputs]
-    extra = [n for n in inputs if n not in spec.input_names]
-    if missing or extra:
-        raise BackendError(spec.name, f"inputs missing {missing}, unexpected {extra}")
-    batch = None
-    for tensor in spec.inputs:
-        value = inputs[tensor.name]
-        shape = tuple(value.shape() if callable(value.shape) else value.shape)
-        if hasattr(value, "data_type"):  # an OrtValue
-            dtype = _ORT_TYPES.get(value.data_type(), value.data_type())
-        else:  # a numpy array or a TensorRT DeviceArray
-            dtype = str(np.dtype(value.dtype))
-        if dtype != tensor.dtype:
-            raise BackendError(spec.name, f"input {tensor.name!r} is {dtype}, "
-                                          f"expected {tensor.dtype}")
-        if batch is None and shape:
-            batch = shape[0] // max(tensor.batch_multiple, 1)
-        want = tensor.concrete(batch or 0)
-        if shape != want:
-            raise BackendError(spec.name, f"input {tensor.name!r} has shape {shape}, "
-                                          f"expected {want}")
-    return batch or 0
-
-
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64",
-              "tensor(float16)": "float16", "tensor(int32)": "int32"}
-
-
-def create_backend(model: ModelDir, name: str = "auto", *, threads: int = 0):
-    """The backend called ``name`` (one of BACKENDS) for ``model``; ``auto`` tries trt, ort-cuda
-    and ort-cpu in that order. The chosen backend's ``name`` says which."""
-    backend = _create_backend(model, name, threads=threads)
-    try:
-        model.check_unchanged()  # TensorRT reads every engine up front: not from a swapped dir
-    except BaseException:
-        backend.close()
-        raise
-    return backend
-
-
-def _create_backend(model: ModelDir, name: str, *, threads: int):
-    if name not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "trt":
-        from .tensorrt_backend import TrtBackend
-
-        return TrtBackend(model)
-    if name == "ort-cpu":
-        return OrtBackend(model, "cpu", threads=threads)
-    if name == "ort-cuda":
-        return OrtBackend(model, "cuda", threads=threads)
-    trt = _auto_tensorrt(model)
-    if trt is not None:
-        return trt
-    if cuda_available():
-        try:
-            return OrtBackend(model, "cuda", threads=threads)
-        except (BackendUnavailable, BackendError) as exc:
-            warnings.warn(f"ONNX Runtime CUDA is listed but did not start ({exc}); using the CPU",
-                          RuntimeWarning, stacklevel=2)
-    return OrtBackend(model, "cpu", threads=threads)
-
-
-def _auto_tensorrt(model: ModelDir):
-    """The TensorRT backend when its software, a GPU and matching engines are all there; else
-    None, with a warning when the reason is worth knowing (engines present but unusable)."""
-    from .tensorrt_backend import TrtBackend, tensorrt_importable
-
-    if not tensorrt_importable() or (model.manifest.get("tensorrt") or {}).get("status") != "built":
-        return None
-    try:
-        return TrtBackend(model)
-    except (BackendUnavailable, BackendError) as exc:
-        warnings.warn(f"not using the TensorRT engines: {exc}; falling back to ONNX Runtime",
-                      RuntimeWarning, stacklevel=3)
-        return None
+    def _on_device(self, value: Any):
+        return value if isinstance(value, self._ort.OrtValue) else self.upload(value)
