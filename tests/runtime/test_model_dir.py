@@ -22,6 +22,8 @@ def test_loads_the_exported_directory(model_dir):
     info = model.info
     assert info.separation and info.sample_rate == 44100 and info.window_seconds == 2.0
     assert info.clip_len == 16 and info.clip_fps == 8 and info.sync_frames == 48
+    assert (info.sync_fps, info.geometry.sync_segment_stride) == (25.0, 8)
+    assert info.geometry.clip_len == info.clip_len and info.preset == "tiny"
     assert info.latent_shape == (87, 40) and info.window_samples == 87 * 1024
     assert info.mixture_latent == "posterior-sample"
     assert set(model.specs) >= {"clip_image", "clip_text", "sync", "mix_encoder", "conditioner",
@@ -51,6 +53,23 @@ def test_incompatible_format_version(copy):
     manifest["format_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelDirError, match="format version 99 is not supported"):
+        ModelDir(copy)
+
+
+def test_older_format_version_asks_for_a_re_export(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 2  # before the geometry carried the video rates
+    del manifest["geometry"]["sync_fps"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match="format version 2 is not supported.*re-export"):
+        ModelDir(copy)
+
+
+def test_geometry_without_video_rates_is_incomplete(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["geometry"]["sync_segment_stride"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match="incomplete manifest.*sync_segment_stride"):
         ModelDir(copy)
 
 
