@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from mmsep.model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
 from mmsep.runtime.errors import ModelDirError
 from mmsep.runtime.model_dir import ModelDir
 
@@ -56,20 +57,24 @@ def test_incompatible_format_version(copy):
         ModelDir(copy)
 
 
+def without_video_rates(directory, format_version: int) -> None:
+    """Rewrite the manifest as a format-2 export wrote it: no Synchformer rate or stride."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["format_version"] = format_version
+    for key in ("sync_fps", "sync_segment_stride"):
+        del manifest["geometry"][key]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_older_format_version_asks_for_a_re_export(copy):
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["format_version"] = 2  # before the geometry carried the video rates
-    del manifest["geometry"]["sync_fps"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    without_video_rates(copy, 2)
     with pytest.raises(ModelDirError, match="format version 2 is not supported.*re-export"):
         ModelDir(copy)
 
 
 def test_geometry_without_video_rates_is_incomplete(copy):
-    manifest = json.loads((copy / "manifest.json").read_text())
-    del manifest["geometry"]["sync_segment_stride"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelDirError, match="incomplete manifest.*sync_segment_stride"):
+    without_video_rates(copy, FORMAT_VERSION)
+    with pytest.raises(ModelDirError, match="incomplete manifest.*sync_"):
         ModelDir(copy)
 
 
