@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 SEED = 0
@@ -30,8 +29,8 @@ def prepare_model(model_dir: Path | None, preset: str | None, *, checkpoint=None
         return out, components
     from mmsep.runtime.model_dir import ModelDir
 
-    ModelDir(model_dir, verify=False)  # one-line errors for a missing or broken directory
-    manifest = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))
+    # one-line errors for a missing or broken directory
+    manifest = ModelDir(model_dir, verify=False).manifest
     return model_dir, components_for(manifest, checkpoint=checkpoint, weights_dir=weights_dir)
 
 

@@ -172,6 +172,7 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
 
     from benchmarks.baseline import BaselinePipeline
     from benchmarks.models import prepare_model
+    from mmsep.model_files import read_manifest
     from mmsep.runtime.model_dir import ModelDir
 
     torch.set_num_threads(o["threads"])
@@ -220,8 +221,7 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
             "machine": machine.machine_info(), "versions": machine.versions(),
             "model": {"dir": str(model_dir), "preset": info.preset, "precision": "fp32",
                       "sample_rate": info.sample_rate, "window_seconds": info.window_seconds,
-                      "sources": json.loads((Path(model_dir) / "manifest.json").read_text())
-                      .get("sources")},
+                      "sources": read_manifest(model_dir).get("sources")},
             "settings": {"steps": o["steps"], "cfg": o["cfg"], "repeats": o["repeats"],
                          "warmup": o["warmup"], "threads": o["threads"], "seed": o["seed"],
                          "video_size": None if o["video_size"] is None

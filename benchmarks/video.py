@@ -141,8 +141,8 @@ def per_frame_cpu(resizer, frames: np.ndarray, geometry) -> dict:
     graph_s = (time.perf_counter() - started) / len(frames)
     started = time.perf_counter()
     for frame in frames:
-        clip_image(frame, geometry.clip_size)
-        sync_image(frame, geometry.sync_size)
+        clip_image(frame, geometry.clip_image_size)
+        sync_image(frame, geometry.sync_image_size)
     pil_s = (time.perf_counter() - started) / len(frames)
     return {"frame": list(frames.shape[1:3]), "pil_s": round(pil_s, 4),
             "graph_ort_cpu_s": round(graph_s, 4)}

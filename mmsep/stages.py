@@ -1,9 +1,12 @@
 """Declarative contracts of the exported stage graphs.
 
-One StageSpec per graph: names, dtypes and shapes of its inputs and outputs, the batch range of its
-optimisation profile and its parity tolerance. The exporter, the TensorRT profile builder, the
-manifest and the runtime's buffer allocation all read these; the manifest carries a JSON copy so a
-model directory describes itself. Torch-free on purpose.
+Every fact about a stage is declared once, in ``STAGES`` (pipeline order): its name, which kinds
+of model have it, a description, its inputs and outputs (dtype and a shape in terms of the
+``Geometry``), the batch rule of its optimisation profile and its parity tolerances.
+``build_stage_specs`` turns the declarations and one model's geometry into StageSpecs; the
+exporter, the TensorRT profile builder, the manifest and the runtime's checks all read these, and
+the manifest carries a JSON copy (with the geometry) so a model directory describes itself.
+Torch-free on purpose.
 
 A dimension is an int (fixed per window) or a symbol: ``"batch"`` or ``"<k>*batch"``. Each stage
 has one dynamic axis (the first) whose size is a multiple of the stage's batch.
@@ -12,7 +15,8 @@ has one dynamic axis (the first) whose size is a multiple of the stage's batch.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 
 Dim = int | str
 
@@ -31,7 +35,7 @@ _SYMBOL = re.compile(r"^(?:(\d+)\*)?batch$")
 
 
 class Stage:
-    """Stage names, in pipeline order (the manifest's ``stage_order``)."""
+    """Stage names (their pipeline order is that of ``STAGES``)."""
 
     CLIP_IMAGE = "clip_image"
     CLIP_TEXT = "clip_text"
@@ -112,7 +116,6 @@ class StageSpec:
     # relative L2 bounds against the PyTorch fp32 module (DESIGN.md, "Numerics")
     onnx_tolerance: float = 1e-4
     reduced_precision_tolerance: float = 1e-2
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -144,10 +147,12 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Everything the stage shapes depend on; written by the exporter from the networks."""
+    """Everything the stage shapes and the video preprocessing depend on; written by the exporter
+    from the networks into the manifest's ``geometry``, read back by the runtime (``from_json``)."""
 
     sample_rate: int
     window_samples: int
+    window_seconds: float
     latent_len: int
     latent_dim: int
     n_mels: int
@@ -155,9 +160,11 @@ class Geometry:
     clip_len: int
     clip_dim: int
     clip_image_size: int
+    sync_fps: float  # Synchformer's frame rate
     sync_segments: int
     sync_tokens_per_segment: int
     sync_frames_per_segment: int
+    sync_segment_stride: int  # frames between segment starts (segments overlap)
     sync_dim: int
     sync_image_size: int
     text_len: int
@@ -168,70 +175,192 @@ class Geometry:
     # one of MIXTURE_LATENTS for a separation model; None for a generation-only one
     mixture_latent: str | None = None
 
+    @property
+    def clip_fps(self) -> float:
+        return self.clip_len / self.window_seconds
 
-STAGE_ORDER = ("clip_image", "clip_text", "sync", "mix_encoder", "conditioner", "denoiser",
-               "vae_decoder", "vocoder")
+    @property
+    def sync_frames(self) -> int:
+        """Sync-rate frames of one window (consecutive segments overlap)."""
+        return (self.sync_segments - 1) * self.sync_segment_stride + self.sync_frames_per_segment
+
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["conditioning"] = [[name, list(shape)] for name, shape in self.conditioning]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> Geometry:
+        """The manifest's geometry; KeyError / TypeError / ValueError when incomplete."""
+        values = {f.name: data[f.name] for f in fields(cls) if f.name != "mixture_latent"}
+        values["conditioning"] = tuple((str(name), tuple(int(n) for n in shape))
+                                       for name, shape in data["conditioning"])
+        return cls(**values, mixture_latent=data.get("mixture_latent"))
+
+
+# -- the stage declarations ------------------------------------------------------------------
+F32, I64 = "float32", "int64"
+Tensors = tuple[TensorSpec, ...]
+
+
+def _latent(g: Geometry, name: str) -> TensorSpec:
+    return TensorSpec(name, F32, ("batch", g.latent_len, g.latent_dim))
+
+
+def _mel(g: Geometry) -> TensorSpec:
+    return TensorSpec(Tensor.MEL, F32, ("batch", g.n_mels, g.mel_frames))
+
+
+def _waveform(g: Geometry) -> TensorSpec:
+    return TensorSpec(Tensor.WAVEFORM, F32, ("batch", g.window_samples))
+
+
+def _conditioning(g: Geometry, batch: str) -> Tensors:
+    return tuple(TensorSpec(Tensor.conditioning(name), F32, (batch, *shape))
+                 for name, shape in g.conditioning)
+
+
+def _clip_image(g: Geometry) -> tuple[Tensors, Tensors]:
+    size = g.clip_image_size
+    return ((TensorSpec(Tensor.FRAMES, F32, ("batch", 3, size, size)),),
+            (TensorSpec(Tensor.CLIP_FEATURES, F32, ("batch", g.clip_dim)),))
+
+
+def _clip_text(g: Geometry) -> tuple[Tensors, Tensors]:
+    return ((TensorSpec(Tensor.TOKENS, I64, ("batch", g.text_len)),),
+            (TensorSpec(Tensor.TEXT_FEATURES, F32, ("batch", g.text_len, g.text_dim)),))
+
+
+def _sync(g: Geometry) -> tuple[Tensors, Tensors]:
+    size = g.sync_image_size
+    segment = ("batch", g.sync_frames_per_segment, 3, size, size)
+    return ((TensorSpec(Tensor.SEGMENTS, F32, segment),),
+            (TensorSpec(Tensor.SYNC_FEATURES, F32,
+                        ("batch", g.sync_tokens_per_segment, g.sync_dim)),))
+
+
+def _mix_encoder(g: Geometry) -> tuple[Tensors, Tensors]:
+    noise = (_latent(g, Tensor.NOISE),) if g.mixture_latent == POSTERIOR_SAMPLE else ()
+    return (_waveform(g), *noise), (_latent(g, Tensor.MIX_LATENT),)
+
+
+def _conditioner(g: Geometry) -> tuple[Tensors, Tensors]:
+    sync_tokens = g.sync_segments * g.sync_tokens_per_segment
+    return ((TensorSpec(Tensor.CLIP_FEATURES, F32, ("batch", g.clip_len, g.clip_dim)),
+             TensorSpec(Tensor.SYNC_FEATURES, F32, ("batch", sync_tokens, g.sync_dim)),
+             TensorSpec(Tensor.TEXT_FEATURES, F32, ("batch", g.text_len, g.text_dim))),
+            _conditioning(g, "batch"))
+
+
+def _denoiser(g: Geometry) -> tuple[Tensors, Tensors]:
+    mix = (_latent(g, Tensor.MIX_LATENT),) if g.separation else ()
+    per_item = tuple(TensorSpec(name, F32, ("batch",))
+                     for name in (Tensor.T, Tensor.DT, Tensor.CFG))
+    # both CFG branches stacked [conditional; unconditional] on one axis
+    return ((_latent(g, Tensor.X), *mix, *per_item, *_conditioning(g, "2*batch")),
+            (_latent(g, Tensor.X_NEXT),))
+
+
+def _vae_decoder(g: Geometry) -> tuple[Tensors, Tensors]:
+    return (_latent(g, Tensor.LATENT),), (_mel(g),)
+
+
+def _vocoder(g: Geometry) -> tuple[Tensors, Tensors]:
+    return (_mel(g),), (_waveform(g),)
+
+
+# Batch rules of the optimisation profiles: (geometry, max windows) -> opt and max batch.
+def per_window(g: Geometry, max_batch: int) -> dict:
+    return dict(max_batch=max_batch, opt_batch=min(2, max_batch))
+
+
+def per_frame(g: Geometry, max_batch: int) -> dict:
+    """The CLIP image encoder batches frames, sized for ``max_batch`` windows."""
+    return dict(max_batch=g.clip_len * max_batch, opt_batch=g.clip_len)
+
+
+def per_segment(g: Geometry, max_batch: int) -> dict:
+    """Synchformer batches 16-frame segments, sized for ``max_batch`` windows."""
+    return dict(max_batch=g.sync_segments * max_batch, opt_batch=g.sync_segments)
+
+
+@dataclass(frozen=True)
+class StageDeclaration:
+    """One stage: ``tensors(geometry)`` gives its (inputs, outputs); ``describe(geometry)`` its
+    description; ``profile`` its batch rule; ``separation_only`` whether only separation models
+    have it."""
+
+    name: str
+    describe: Callable[[Geometry], str]
+    tensors: Callable[[Geometry], tuple[Tensors, Tensors]]
+    profile: Callable[[Geometry, int], dict] = per_window
+    separation_only: bool = False
+    onnx_tolerance: float = 1e-4
+    reduced_precision_tolerance: float = 1e-2
+
+    def present(self, separation: bool) -> bool:
+        return separation or not self.separation_only
+
+
+def _mix_encoder_description(g: Geometry) -> str:
+    if g.mixture_latent == POSTERIOR_SAMPLE:
+        return "mixture waveform -> mel -> VAE posterior -> mean + std * noise (not normalised)"
+    return "mixture waveform -> mel -> VAE posterior mean -> normalised"
+
+
+def _fixed(text: str) -> Callable[[Geometry], str]:
+    return lambda g: text
+
+
+# The pipeline, in order (the manifest's ``stage_order``).
+STAGES: tuple[StageDeclaration, ...] = (
+    StageDeclaration(Stage.CLIP_IMAGE,
+                     _fixed("RGB frames in [0,1] -> L2-normalised CLIP image embeddings"),
+                     _clip_image, per_frame),
+    StageDeclaration(Stage.CLIP_TEXT,
+                     _fixed("token ids -> per-token normalised CLIP text hidden states"),
+                     _clip_text),
+    StageDeclaration(Stage.SYNC,
+                     _fixed("16-frame segments in [-1,1] -> Synchformer features (8 per segment)"),
+                     _sync, per_segment),
+    StageDeclaration(Stage.MIX_ENCODER, _mix_encoder_description, _mix_encoder,
+                     separation_only=True),  # a generation-only model has no mixture to encode
+    StageDeclaration(Stage.CONDITIONER,
+                     _fixed("clip/sync/text features -> step-invariant conditioning of one CFG "
+                            "branch (the runtime computes the unconditional branch once and "
+                            "stacks it second)"),
+                     _conditioner),
+    StageDeclaration(Stage.DENOISER,
+                     _fixed("one Euler step with classifier-free guidance, both branches batched"),
+                     _denoiser),
+    StageDeclaration(Stage.VAE_DECODER,
+                     _fixed("normalised latent -> un-normalise -> VAE decoder -> log-mel"),
+                     _vae_decoder),
+    StageDeclaration(Stage.VOCODER,
+                     lambda g: "log-mel -> waveform (BigVGAN "
+                               f"{'v1' if g.sample_rate == 16000 else 'v2'})",
+                     _vocoder),
+)
+STAGE_ORDER = tuple(s.name for s in STAGES)
+
+
+def stage_names(separation: bool) -> tuple[str, ...]:
+    """The stages a model of this kind has, in pipeline order."""
+    return tuple(s.name for s in STAGES if s.present(separation))
 
 
 def build_stage_specs(g: Geometry, *, max_batch: int = 4) -> dict[str, StageSpec]:
-    """The eight stage contracts for one model geometry (DESIGN.md, "Stages and their graphs")."""
-    f32, i64 = "float32", "int64"
-    latent = ("batch", g.latent_len, g.latent_dim)
+    """The stage contracts of one model geometry, in pipeline order (DESIGN.md, "Stages and their
+    graphs")."""
     if g.separation and g.mixture_latent not in MIXTURE_LATENTS:
         raise ValueError(f"mixture latent convention {g.mixture_latent!r}; expected one of "
                          f"{', '.join(MIXTURE_LATENTS)}")
-    posterior = g.mixture_latent == POSTERIOR_SAMPLE
-    # The denoiser takes both CFG branches stacked [conditional; unconditional] on one axis.
-    one_branch_conditioning = tuple(TensorSpec(f"cond_{name}", f32, ("batch", *shape))
-                                    for name, shape in g.conditioning)
-    branch_conditioning = tuple(TensorSpec(f"cond_{name}", f32, ("2*batch", *shape))
-                                for name, shape in g.conditioning)
-    common = dict(max_batch=max_batch, opt_batch=min(2, max_batch))
-    # The visual encoders batch frames / segments, not windows: their batch is per image or
-    # per 16-frame segment, with profiles sized for max_batch windows.
-    per_frame = dict(max_batch=g.clip_len * max_batch, opt_batch=g.clip_len)
-    per_segment = dict(max_batch=g.sync_segments * max_batch, opt_batch=g.sync_segments)
-    specs = [
-        StageSpec("clip_image", "RGB frames in [0,1] -> L2-normalised CLIP image embeddings",
-                  (TensorSpec("frames", f32, ("batch", 3, g.clip_image_size, g.clip_image_size)),),
-                  (TensorSpec("clip_features", f32, ("batch", g.clip_dim)),), **per_frame),
-        StageSpec("clip_text", "token ids -> per-token normalised CLIP text hidden states",
-                  (TensorSpec("tokens", i64, ("batch", g.text_len)),),
-                  (TensorSpec("text_features", f32, ("batch", g.text_len, g.text_dim)),), **common),
-        StageSpec("sync", "16-frame segments in [-1,1] -> Synchformer features (8 per segment)",
-                  (TensorSpec("segments", f32, ("batch", g.sync_frames_per_segment, 3,
-                                                g.sync_image_size, g.sync_image_size)),),
-                  (TensorSpec("sync_features", f32,
-                              ("batch", g.sync_tokens_per_segment, g.sync_dim)),), **per_segment),
-        StageSpec("mix_encoder",
-                  "mixture waveform -> mel -> VAE posterior -> mean + std * noise (not normalised)"
-                  if posterior else "mixture waveform -> mel -> VAE posterior mean -> normalised",
-                  (TensorSpec("waveform", f32, ("batch", g.window_samples)),
-                   *((TensorSpec("noise", f32, latent),) if posterior else ())),
-                  (TensorSpec("mix_latent", f32, latent),), **common),
-        StageSpec("conditioner",
-                  "clip/sync/text features -> step-invariant conditioning of one CFG branch "
-                  "(the runtime computes the unconditional branch once and stacks it second)",
-                  (TensorSpec("clip_features", f32, ("batch", g.clip_len, g.clip_dim)),
-                   TensorSpec("sync_features", f32, ("batch", g.sync_segments * g.sync_tokens_per_segment,
-                                                     g.sync_dim)),
-                   TensorSpec("text_features", f32, ("batch", g.text_len, g.text_dim))),
-                  one_branch_conditioning, **common),
-        StageSpec("denoiser", "one Euler step with classifier-free guidance, both branches batched",
-                  (TensorSpec("x", f32, latent),
-                   *((TensorSpec("mix_latent", f32, latent),) if g.separation else ()),
-                   TensorSpec("t", f32, ("batch",)),
-                   TensorSpec("dt", f32, ("batch",)),
-                   TensorSpec("cfg", f32, ("batch",)),
-                   *branch_conditioning),
-                  (TensorSpec("x_next", f32, latent),), **common),
-        StageSpec("vae_decoder", "normalised latent -> un-normalise -> VAE decoder -> log-mel",
-                  (TensorSpec("latent", f32, latent),),
-                  (TensorSpec("mel", f32, ("batch", g.n_mels, g.mel_frames)),), **common),
-        StageSpec("vocoder", "log-mel -> waveform (BigVGAN "
-                  f"{'v1' if g.sample_rate == 16000 else 'v2'})",
-                  (TensorSpec("mel", f32, ("batch", g.n_mels, g.mel_frames)),),
-                  (TensorSpec("waveform", f32, ("batch", g.window_samples)),), **common),
-    ]
-    # a generation-only model has no mixture to encode
-    return {s.name: s for s in specs if g.separation or s.name != "mix_encoder"}
+    specs = {}
+    for stage in STAGES:
+        if stage.present(g.separation):
+            inputs, outputs = stage.tensors(g)
+            specs[stage.name] = StageSpec(
+                stage.name, stage.describe(g), inputs, outputs, **stage.profile(g, max_batch),
+                onnx_tolerance=stage.onnx_tolerance,
+                reduced_precision_tolerance=stage.reduced_precision_tolerance)
+    return specs

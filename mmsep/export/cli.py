@@ -237,13 +237,14 @@ class _OnnxReference:
 def _engines_only(directory: Path, *, precision, timing_cache, quiet):
     from ..stages import StageSpec
     from .exporter import ExportResult
-    from .manifest import read_manifest, write_manifest
+    from ..model_files import ManifestError, read_manifest
+    from .manifest import write_manifest
     from .tensorrt_build import build_engines, unavailable_reason
 
-    manifest = read_manifest(directory)
-    if manifest is None:
-        raise UsageError(f"{directory}: not an mmsep model directory (no readable manifest.json "
-                         "of this format version)")
+    try:
+        manifest = read_manifest(directory)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
     reason = unavailable_reason()
     if reason is not None:
         raise UsageError(f"cannot build TensorRT engines on this machine: {reason}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..stages import StageSpec, TensorSpec
+from ..stages import StageSpec, Tensor, TensorSpec
 
 CLIP_START, CLIP_END, CLIP_VOCAB = 49406, 49407, 49408
 
@@ -16,23 +16,23 @@ def example_inputs(spec: StageSpec, batch: int, seed: int = 0) -> dict[str, torc
 
 def _example(tensor: TensorSpec, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     name = tensor.name
-    if name == "tokens":
+    if name == Tensor.TOKENS:
         return _tokens(shape, gen)
-    if name == "frames":  # RGB in [0, 1]
+    if name == Tensor.FRAMES:  # RGB in [0, 1]
         return torch.rand(shape, generator=gen)
-    if name == "segments":  # RGB in [-1, 1]
+    if name == Tensor.SEGMENTS:  # RGB in [-1, 1]
         return torch.rand(shape, generator=gen) * 2 - 1
-    if name == "waveform":
+    if name == Tensor.WAVEFORM:
         return (0.3 * torch.randn(shape, generator=gen)).clamp(-1, 1)
-    if name == "mel":  # natural-log magnitudes of speech-like level
+    if name == Tensor.MEL:  # natural-log magnitudes of speech-like level
         return torch.randn(shape, generator=gen) - 4.0
-    if name == "t":
+    if name == Tensor.T:
         return torch.rand(shape, generator=gen) * 0.96
-    if name == "dt":
+    if name == Tensor.DT:
         return torch.full(shape, 0.04)
-    if name == "cfg":
+    if name == Tensor.CFG:
         return torch.full(shape, 4.5)
-    if name.endswith("_features") and name != "sync_features":  # L2-normalised CLIP outputs
+    if name in (Tensor.CLIP_FEATURES, Tensor.TEXT_FEATURES):  # L2-normalised CLIP outputs
         return torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1)
     return torch.randn(shape, generator=gen)
 

@@ -24,9 +24,8 @@ import torch
 
 from ..models.components import Components
 from ..runtime.atomic import fsync_directory
-from ..runtime.tokenizer import VOCAB_FILE
-from ..model_files import sha256_file
-from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, StageSpec
+from ..model_files import VOCAB_FILE, ManifestError, read_manifest, sha256_file
+from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, Stage, StageSpec
 from . import manifest as mf
 from .errors import UsageError
 from .onnx_graph import OPSET, check_graph, export_onnx
@@ -91,7 +90,7 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
             record = _export_stage(name, modules[name], specs[name], tmp, previous, log)
             (reused if record.pop("_reused") else rebuilt).append(name)
             stages[name] = record
-        extras = _write_extras(components, tmp)
+        extras = _write_extras(components, specs[Stage.CONDITIONER], tmp)
         manifest = _manifest(components, specs, stages, extras, sources or {}, max_batch,
                              mixture_latent)
         if engine_builder is not None:
@@ -116,11 +115,12 @@ def _existing(out: Path, force: bool) -> dict | None:
         return None
     if not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
-    previous = mf.read_manifest(out)
-    if previous is None:
+    try:
+        previous = read_manifest(out)
+    except ManifestError:
         if any(out.iterdir()) and not force:
             raise UsageError(f"{out}: exists, is not empty and is not an mmsep model directory; "
-                             "choose another --out or pass --force to replace it")
+                             "choose another --out or pass --force to replace it") from None
         return None
     return {**previous, "_dir": str(out)}
 
@@ -162,10 +162,10 @@ def _reuse_files(files: dict, tmp: Path, old_dir: str) -> bool:
     return True
 
 
-def _write_extras(components: Components, tmp: Path) -> dict:
-    flow = components.flow
-    clip, sync, text = (f[0].detach().float().numpy() for f in flow.empty_conditions(1))
-    np.savez(tmp / EMPTY_FEATURES, clip_features=clip, sync_features=sync, text_features=text)
+def _write_extras(components: Components, conditioner: StageSpec, tmp: Path) -> dict:
+    """The learned empty features (one per conditioner input) and the tokenizer vocabulary."""
+    empty = (f[0].detach().float().numpy() for f in components.flow.empty_conditions(1))
+    np.savez(tmp / EMPTY_FEATURES, **dict(zip(conditioner.input_names, empty, strict=True)))
     shutil.copyfile(VOCAB_FILE, tmp / VOCAB_FILE.name)
     return {role: {"file": name, "sha256": sha256_file(tmp / name)}
             for role, name in (("empty_features", EMPTY_FEATURES), ("tokenizer", VOCAB_FILE.name))}
@@ -183,9 +183,7 @@ def _manifest(components: Components, specs: dict[str, StageSpec], stages: dict,
         "default_overlap_seconds": DEFAULT_OVERLAP, "max_batch": max_batch,
         "noise": NOISE_ORDER,
     }
-    geo = geometry(components, mixture_latent)
-    manifest["geometry"] = {k: v for k, v in geo.__dict__.items() if k != "conditioning"}
-    manifest["geometry"]["conditioning"] = [[n, list(s)] for n, s in geo.conditioning]
+    manifest["geometry"] = geometry(components, mixture_latent).to_json()
     manifest["sources"] = sources
     manifest["stage_order"] = list(specs)
     manifest["stages"] = stages

@@ -47,17 +47,6 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
     return write_bytes_atomically(Path(directory) / MANIFEST, text.encode())
 
 
-def read_manifest(directory: Path) -> dict | None:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if data.get("format_version") == FORMAT_VERSION else None
-
-
 def new_manifest() -> dict:
     return {"format_version": FORMAT_VERSION, "package": "mmsep", "package_version": __version__,
             "environment": environment()}

@@ -1,7 +1,9 @@
 """One explicit export module per stage graph (no patched forwards).
 
 Each wrapper's forward takes the stage's inputs in contract order and returns its outputs in
-contract order (mmsep.stages.build_stage_specs).
+contract order (mmsep.stages.build_stage_specs). Each is registered against its stage name
+(``@wrapper(Stage.X)``) and built the same way, ``from_components(components, geometry)``;
+``stage_modules`` builds one per stage the specs list.
 """
 
 from __future__ import annotations
@@ -11,34 +13,60 @@ from torch import nn
 
 from ..models.components import Components
 from ..models.flow import Conditions, MMAudioFlow
-from ..models.presets import CLIP_IMAGE_SIZE, SYNC_IMAGE_SIZE, SYNC_SEGMENT_FRAMES, \
-    SYNC_TOKENS_PER_SEGMENT
+from ..models.presets import CLIP_IMAGE_SIZE, SYNC_FPS, SYNC_IMAGE_SIZE, SYNC_SEGMENT_FRAMES, \
+    SYNC_SEGMENT_STRIDE, SYNC_TOKENS_PER_SEGMENT
 from ..models.sampler import mixture_latent
-from ..stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, Geometry, StageSpec, build_stage_specs
+from ..stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, Geometry, Stage, StageSpec, \
+    build_stage_specs
+
+WRAPPERS: dict[str, type[nn.Module]] = {}
 
 
+def wrapper(stage: str):
+    """Register a class as the export module of ``stage``."""
+    def register(cls):
+        WRAPPERS[stage] = cls
+        return cls
+    return register
+
+
+@wrapper(Stage.CLIP_IMAGE)
 class ClipImageStage(nn.Module):
     def __init__(self, clip: nn.Module):
         super().__init__()
         self.clip = clip
 
+    @classmethod
+    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
+        return cls(components.clip)
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(frames)
 
 
+@wrapper(Stage.CLIP_TEXT)
 class ClipTextStage(nn.Module):
     def __init__(self, clip: nn.Module):
         super().__init__()
         self.clip = clip
 
+    @classmethod
+    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
+        return cls(components.clip)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(tokens)
 
 
+@wrapper(Stage.SYNC)
 class SyncStage(nn.Module):
     def __init__(self, synchformer: nn.Module):
         super().__init__()
         self.synchformer = synchformer
+
+    @classmethod
+    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
+        return cls(components.synchformer)
 
     def forward(self, segments: torch.Tensor) -> torch.Tensor:
         return self.synchformer(segments)
@@ -53,6 +81,7 @@ class _LatentStats(nn.Module):
         self.register_buffer("latent_std", flow.latent_std.detach().clone().float())
 
 
+@wrapper(Stage.MIX_ENCODER)
 class MixEncoderStage(_LatentStats):
     """Mixture waveform -> the normalised posterior mean (``normalized-mean``)."""
 
@@ -62,6 +91,12 @@ class MixEncoderStage(_LatentStats):
         super().__init__(flow)
         self.mel = mel
         self.vae = vae
+
+    @classmethod
+    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
+        """The encoder of the geometry's mixture latent convention."""
+        encoder = MIX_ENCODERS[geometry.mixture_latent]
+        return encoder(components.mel, components.vae, components.flow)
 
     def encode(self, waveform: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         return mixture_latent(waveform, self.mel, self.vae, self.latent_mean, self.latent_std,
@@ -83,25 +118,36 @@ class PosteriorMixEncoderStage(MixEncoderStage):
 MIX_ENCODERS = {NORMALIZED_MEAN: MixEncoderStage, POSTERIOR_SAMPLE: PosteriorMixEncoderStage}
 
 
+@wrapper(Stage.VAE_DECODER)
 class VaeDecoderStage(_LatentStats):
     def __init__(self, vae: nn.Module, flow: MMAudioFlow):
         super().__init__(flow)
         self.vae = vae
+
+    @classmethod
+    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
+        return cls(components.vae, components.flow)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         z = latent * self.latent_std + self.latent_mean
         return self.vae.decode(z.transpose(1, 2))
 
 
+@wrapper(Stage.VOCODER)
 class VocoderStage(nn.Module):
     def __init__(self, vocoder: nn.Module):
         super().__init__()
         self.vocoder = vocoder
 
+    @classmethod
+    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
+        return cls(components.vocoder)
+
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return self.vocoder(mel)
 
 
+@wrapper(Stage.CONDITIONER)
 class ConditionerStage(nn.Module):
     """Step-invariant conditioning of one CFG branch.
 
@@ -114,10 +160,15 @@ class ConditionerStage(nn.Module):
         super().__init__()
         self.flow = flow
 
+    @classmethod
+    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
+        return cls(components.flow)
+
     def forward(self, clip_features, sync_features, text_features):
         return tuple(self.flow.prepare_conditions(clip_features, sync_features, text_features))
 
 
+@wrapper(Stage.DENOISER)
 class DenoiserStage(nn.Module):
     """One Euler step x <- x + dt * (cfg * v_cond + (1 - cfg) * v_uncond), one network call.
 
@@ -127,6 +178,12 @@ class DenoiserStage(nn.Module):
     def __init__(self, flow: MMAudioFlow):
         super().__init__()
         self.flow = flow
+
+    @classmethod
+    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
+        """The separation denoiser (with a mixture input) or the generation-only one."""
+        denoiser = DenoiserStage if geometry.separation else GenerationDenoiserStage
+        return denoiser(components.flow)
 
     def step(self, x, mix_latent, t, dt, cfg, conditioning: Conditions):
         from ..models.sampler import guided_euler_step  # the sampler's formula, one place
@@ -163,12 +220,13 @@ def geometry(components: Components, mixture_latent: str = POSTERIOR_SAMPLE) -> 
                     ("global_c", (c.hidden_dim,)))
     assert tuple(name for name, _ in conditioning) == Conditions._fields
     return Geometry(
-        sample_rate=c.sample_rate, window_samples=lengths.audio_samples,
+        sample_rate=c.sample_rate, window_samples=lengths.audio_samples, window_seconds=float(c.duration),
         latent_len=c.latent_seq_len, latent_dim=c.latent_dim, n_mels=c.audio_mode.n_mels,
         mel_frames=lengths.mel_frames, clip_len=c.clip_seq_len, clip_dim=c.clip_dim,
-        clip_image_size=CLIP_IMAGE_SIZE, sync_segments=lengths.sync_segments,
-        sync_tokens_per_segment=SYNC_TOKENS_PER_SEGMENT,
-        sync_frames_per_segment=SYNC_SEGMENT_FRAMES, sync_dim=c.sync_dim,
+        clip_image_size=CLIP_IMAGE_SIZE, sync_fps=float(SYNC_FPS),
+        sync_segments=lengths.sync_segments, sync_tokens_per_segment=SYNC_TOKENS_PER_SEGMENT,
+        sync_frames_per_segment=SYNC_SEGMENT_FRAMES, sync_segment_stride=SYNC_SEGMENT_STRIDE,
+        sync_dim=c.sync_dim,
         sync_image_size=SYNC_IMAGE_SIZE, text_len=c.text_seq_len, text_dim=c.text_dim,
         separation=c.separation, conditioning=conditioning,
         mixture_latent=mixture_latent if c.separation else None)
@@ -176,20 +234,9 @@ def geometry(components: Components, mixture_latent: str = POSTERIOR_SAMPLE) -> 
 
 def stage_modules(components: Components,
                   mixture_latent: str = POSTERIOR_SAMPLE) -> dict[str, nn.Module]:
-    comp = components
-    modules = {
-        "clip_image": ClipImageStage(comp.clip),
-        "clip_text": ClipTextStage(comp.clip),
-        "sync": SyncStage(comp.synchformer),
-        "conditioner": ConditionerStage(comp.flow),
-        "denoiser": (DenoiserStage if comp.flow.config.separation
-                     else GenerationDenoiserStage)(comp.flow),
-        "vae_decoder": VaeDecoderStage(comp.vae, comp.flow),
-        "vocoder": VocoderStage(comp.vocoder),
-    }
-    if comp.flow.config.separation:
-        modules["mix_encoder"] = MIX_ENCODERS[mixture_latent](comp.mel, comp.vae, comp.flow)
-    return modules
+    """One export module per stage of the components' specs, in pipeline order."""
+    g = geometry(components, mixture_latent)
+    return {name: WRAPPERS[name].from_components(components, g) for name in build_stage_specs(g)}
 
 
 def stage_specs(components: Components, *, max_batch: int = 4,

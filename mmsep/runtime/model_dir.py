@@ -14,7 +14,6 @@ run stops with a ModelDirError instead of mixing files of two exports.
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -22,58 +21,28 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model_files import MANIFEST, sha256_file
-from ..model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
-from ..stages import MIXTURE_LATENTS, StageSpec
+from ..model_files import MANIFEST, ManifestError, read_manifest, sha256_file
+from ..stages import MIXTURE_LATENTS, Geometry, Stage, StageSpec, stage_names
 from .errors import ModelDirError
-
-_COMMON_STAGES = ("clip_image", "clip_text", "sync", "conditioner", "denoiser", "vae_decoder",
-                  "vocoder")
-_EMPTY_KEYS = ("clip_features", "sync_features", "text_features")
-# Synchformer's frame rate and segment stride: constants of MMAudio, not recorded in the manifest.
-SYNC_FPS = 25.0
-SYNC_SEGMENT_STRIDE = 8
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The model facts the runtime needs (manifest ``model`` and ``geometry``)."""
+    """The model facts the runtime needs: the manifest's ``model`` section and its ``geometry``,
+    read once. The geometry's facts read as attributes of the model (``info.clip_len``)."""
 
     preset: str
-    separation: bool
-    sample_rate: int
-    window_seconds: float
-    window_samples: int
     latent_shape: tuple[int, int]
     default_steps: int
     default_cfg: float
     default_overlap_seconds: float
     max_batch: int
-    clip_len: int
-    clip_image_size: int
-    sync_segments: int
-    sync_frames_per_segment: int
-    sync_tokens_per_segment: int
-    sync_image_size: int
-    text_len: int
-    mixture_latent: str | None  # the mix_encoder's convention (stages.MIXTURE_LATENTS)
+    geometry: Geometry
 
-    @property
-    def clip_fps(self) -> float:
-        return self.clip_len / self.window_seconds
-
-    @property
-    def sync_frames(self) -> int:
-        """Sync-rate frames of one window (segments overlap by half a segment)."""
-        return (self.sync_segments - 1) * self.sync_stride + self.sync_frames_per_segment
-
-    @property
-    def sync_stride(self) -> int:
-        return SYNC_SEGMENT_STRIDE
-
-    @property
-    def sync_fps(self) -> float:
-        return SYNC_FPS
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "geometry":  # not set yet (copy, pickle)
+            raise AttributeError(name)
+        return getattr(self.geometry, name)
 
 
 class ModelDir:
@@ -87,22 +56,11 @@ class ModelDir:
         self._identity = _directory_identity(self.path)
         if not self.path.is_dir():
             raise ModelDirError(f"model directory {self.path} is not a directory")
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise ModelDirError(f"{self.path}: no {MANIFEST}; not an mmsep model directory "
-                                "(create one with mmsep-export)")
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelDirError(f"{manifest_path}: unreadable manifest ({exc})") from None
-        if not isinstance(manifest, dict):
-            raise ModelDirError(f"{manifest_path}: not an mmsep manifest")
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ModelDirError(f"{manifest_path}: format version {version!r} is not supported by "
-                                f"this runtime (reads version {FORMAT_VERSION}); re-export the "
-                                "model with a matching mmsep-export")
-        self.manifest = manifest
+            self.manifest = manifest = read_manifest(self.path)
+        except ManifestError as exc:
+            raise ModelDirError(str(exc)) from None
+        manifest_path = self.path / MANIFEST
         try:
             self.info = _model_info(manifest)
             self.specs = {name: StageSpec.from_json(stage["spec"])
@@ -116,8 +74,7 @@ class ModelDir:
         if self.info.separation and self.info.mixture_latent not in MIXTURE_LATENTS:
             raise ModelDirError(f"{manifest_path}: no mixture latent convention recorded (exported "
                                 "by an older mmsep-export); re-export the model")
-        needed = _COMMON_STAGES + (("mix_encoder",) if self.info.separation else ())
-        missing = [name for name in needed if name not in self.specs]
+        missing = [name for name in stage_names(self.info.separation) if name not in self.specs]
         if missing:
             raise ModelDirError(f"{manifest_path}: no stage {', '.join(missing)} in the manifest")
         for role in ("empty_features", "tokenizer"):
@@ -168,10 +125,10 @@ class ModelDir:
             try:
                 with np.load(path, allow_pickle=False) as data:
                     empty = {key: np.ascontiguousarray(data[key], dtype=np.float32)
-                             for key in _EMPTY_KEYS}
+                             for key in self.specs[Stage.CONDITIONER].input_names}
             except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
                 raise ModelDirError(f"{path}: unreadable empty features ({exc})") from None
-            spec = self.specs["conditioner"]
+            spec = self.specs[Stage.CONDITIONER]
             for key, value in empty.items():
                 want = spec.tensor(key).concrete(1)[1:]
                 if value.shape != want:
@@ -190,17 +147,10 @@ def _directory_identity(path: Path) -> tuple[int, int] | None:
 
 
 def _model_info(manifest: dict) -> ModelInfo:
-    model, geo = manifest["model"], manifest["geometry"]
+    model = manifest["model"]
     return ModelInfo(
-        preset=str(model.get("preset", "")), separation=bool(model["separation"]),
-        sample_rate=int(model["sample_rate"]), window_seconds=float(model["window_seconds"]),
-        window_samples=int(model["window_samples"]),
+        preset=str(model.get("preset", "")),
         latent_shape=(int(model["latent_shape"][0]), int(model["latent_shape"][1])),
         default_steps=int(model["default_steps"]), default_cfg=float(model["default_cfg"]),
         default_overlap_seconds=float(model["default_overlap_seconds"]),
-        max_batch=int(model["max_batch"]), clip_len=int(geo["clip_len"]),
-        clip_image_size=int(geo["clip_image_size"]), sync_segments=int(geo["sync_segments"]),
-        sync_frames_per_segment=int(geo["sync_frames_per_segment"]),
-        sync_tokens_per_segment=int(geo["sync_tokens_per_segment"]),
-        sync_image_size=int(geo["sync_image_size"]), text_len=int(geo["text_len"]),
-        mixture_latent=geo.get("mixture_latent"))
+        max_batch=int(model["max_batch"]), geometry=Geometry.from_json(manifest["geometry"]))

@@ -33,13 +33,13 @@ import numpy as np
 from . import audio as audio_io
 from .backends import create_backend
 from .errors import InputError
-from ..stages import POSTERIOR_SAMPLE
+from ..stages import POSTERIOR_SAMPLE, Geometry
 from .model_dir import ModelDir
 from .tokenizer import ClipTokenizer
 from .prefetch import PrefetchedWindows
 from .requests import (TIMING_KEYS, SeparationResult, check_options, noise_mixtures, one_text,
                        request_length, request_texts)
-from .video import VideoGeometry, VideoSource, WindowFrames
+from .video import VideoSource, WindowFrames
 from .windows import CrossfadeJoiner, WindowPlan
 
 _TEXT_CACHE_SIZE = 256
@@ -294,13 +294,8 @@ class Separator:
         mixture.check()
         return mixture
 
-    def _video_geometry(self) -> VideoGeometry:
-        i = self.info
-        return VideoGeometry(clip_fps=i.clip_fps, clip_frames=i.clip_len,
-                             clip_size=i.clip_image_size, sync_fps=i.sync_fps,
-                             sync_frames=i.sync_frames, sync_size=i.sync_image_size,
-                             segment_frames=i.sync_frames_per_segment,
-                             segment_stride=i.sync_stride)
+    def _video_geometry(self) -> Geometry:
+        return self.info.geometry
 
     # -- stages --------------------------------------------------------------------------------
     def _window_features(self, frames: PrefetchedWindows | None,

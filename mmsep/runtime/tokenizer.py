@@ -22,8 +22,9 @@ import ftfy
 import numpy as np
 import regex
 
+from ..model_files import VOCAB_FILE
+
 CONTEXT_LENGTH = 77
-VOCAB_FILE = Path(__file__).with_name("data") / "bpe_simple_vocab_16e6.txt.gz"
 START_TOKEN = "<start_of_text>"
 END_TOKEN = "<end_of_text>"
 END_OF_WORD = "</w>"

@@ -30,34 +30,16 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from ..stages import Geometry
 from .errors import InputError, one_line
 from .resize import centre_crop, short_side
 
 TIME_TOLERANCE = 1e-6  # seconds; a frame this close below a target still reaches it
-
-
-@dataclass(frozen=True)
-class VideoGeometry:
-    """What a window needs from the video (ModelInfo supplies it)."""
-
-    clip_fps: float
-    clip_frames: int
-    clip_size: int
-    sync_fps: float
-    sync_frames: int
-    sync_size: int
-    segment_frames: int
-    segment_stride: int
-
-    @property
-    def segments(self) -> int:
-        return (self.sync_frames - self.segment_frames) // self.segment_stride + 1
 
 
 class VideoSource:
@@ -229,11 +211,11 @@ class WindowFrames:
     ``resizer.run`` as uint8 and its outputs (device values) are returned instead.
     """
 
-    def __init__(self, source: VideoSource, starts: Sequence[float], geometry: VideoGeometry, *,
+    def __init__(self, source: VideoSource, starts: Sequence[float], geometry: Geometry, *,
                  resizer=None):
         self.geometry = g = geometry
         self.starts = list(starts)
-        self._clip = _Stream(self.starts, g.clip_fps, g.clip_frames, len(self.starts))
+        self._clip = _Stream(self.starts, g.clip_fps, g.clip_len, len(self.starts))
         self._sync = _Stream(self.starts, g.sync_fps, g.sync_frames, len(self.starts))
         self._frames = source.frames()
         self._name = source.name
@@ -297,9 +279,9 @@ class WindowFrames:
             self._sync.fill(sync, held)
             return
         if clip:
-            self._clip.fill(clip, self._submit(clip_image, pixels, self.geometry.clip_size))
+            self._clip.fill(clip, self._submit(clip_image, pixels, self.geometry.clip_image_size))
         if sync:
-            self._sync.fill(sync, self._submit(sync_image, pixels, self.geometry.sync_size))
+            self._sync.fill(sync, self._submit(sync_image, pixels, self.geometry.sync_image_size))
 
     def next_window(self) -> tuple:
         return self.finish(self.next_images())
@@ -332,8 +314,8 @@ class WindowFrames:
 
     def _segment_index(self) -> np.ndarray:
         g = self.geometry
-        return (np.arange(g.segments)[:, None] * g.segment_stride
-                + np.arange(g.segment_frames)[None, :])
+        return (np.arange(g.sync_segments)[:, None] * g.sync_segment_stride
+                + np.arange(g.sync_frames_per_segment)[None, :])
 
     def _inputs(self, clip_images: np.ndarray, sync_images: np.ndarray):
         """Float model inputs from resized uint8 (N, S, S, 3) images."""
@@ -356,7 +338,7 @@ class WindowFrames:
         frames = [p for _, p in distinct.values()]
         if len({p.shape for p in frames}) > 1:  # the resolution changes inside this window
             g = self.geometry
-            return ResizedImages(np.stack([clip_image(p, g.clip_size) for p in clip_images]),
-                                 np.stack([sync_image(p, g.sync_size) for p in sync_images]))
+            return ResizedImages(np.stack([clip_image(p, g.clip_image_size) for p in clip_images]),
+                                 np.stack([sync_image(p, g.sync_image_size) for p in sync_images]))
         sync_index = np.asarray(sync_index, np.int64)[self._segment_index()]
         return self._resizer.run(np.stack(frames), np.asarray(clip_index, np.int64), sync_index)

@@ -11,7 +11,6 @@ in a per-request temporary folder that is removed whatever the answer.
 from __future__ import annotations
 
 import io
-import json
 import math
 import shutil
 import tempfile
@@ -180,6 +179,6 @@ def answer_body(result, several: bool) -> tuple[bytes, str]:
 
 
 def model_facts(model_dir) -> dict:
-    from mmsep.model_files import MANIFEST
+    from mmsep.model_files import read_manifest
 
-    return json.loads((Path(model_dir) / MANIFEST).read_text())["model"]
+    return read_manifest(model_dir)["model"]

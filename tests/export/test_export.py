@@ -18,9 +18,10 @@ from mmsep.model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
 from mmsep.model_files import sha256_file
 from mmsep.export.onnx_graph import check_graph, tensorrt_operator_table
 from mmsep.export.tensorrt_build import unavailable_reason
+from mmsep.export.wrappers import geometry as wrapper_geometry
 from mmsep.export.wrappers import stage_specs
 from mmsep.models import build_components, save_components
-from mmsep.stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, STAGE_ORDER, StageSpec
+from mmsep.stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, STAGE_ORDER, Geometry, StageSpec
 from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
 
 SILENT = dict(log=lambda msg: None)
@@ -79,6 +80,10 @@ def test_manifest_describes_the_model(tiny_model_dir):
     components = _tiny()
     expected = stage_specs(components, max_batch=model["max_batch"])
     assert {n: StageSpec.from_json(s["spec"]) for n, s in manifest["stages"].items()} == expected
+    # the video facts travel with the geometry: 8 fps CLIP frames, 25 fps Synchformer frames
+    assert Geometry.from_json(geometry) == wrapper_geometry(components)
+    assert (geometry["window_seconds"], geometry["sync_fps"], geometry["sync_segment_stride"]) \
+        == (2.0, 25.0, 8)
     empty = np.load(tiny_model_dir / "empty_features.npz")
     clip, sync, text = (f[0].detach().numpy() for f in components.flow.empty_conditions(1))
     np.testing.assert_array_equal(empty["text_features"], text)

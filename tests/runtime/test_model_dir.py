@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from mmsep.model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
 from mmsep.runtime.errors import ModelDirError
 from mmsep.runtime.model_dir import ModelDir
 
@@ -22,6 +23,8 @@ def test_loads_the_exported_directory(model_dir):
     info = model.info
     assert info.separation and info.sample_rate == 44100 and info.window_seconds == 2.0
     assert info.clip_len == 16 and info.clip_fps == 8 and info.sync_frames == 48
+    assert (info.sync_fps, info.geometry.sync_segment_stride) == (25.0, 8)
+    assert info.geometry.clip_len == info.clip_len and info.preset == "tiny"
     assert info.latent_shape == (87, 40) and info.window_samples == 87 * 1024
     assert info.mixture_latent == "posterior-sample"
     assert set(model.specs) >= {"clip_image", "clip_text", "sync", "mix_encoder", "conditioner",
@@ -51,6 +54,27 @@ def test_incompatible_format_version(copy):
     manifest["format_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelDirError, match="format version 99 is not supported"):
+        ModelDir(copy)
+
+
+def without_video_rates(directory, format_version: int) -> None:
+    """Rewrite the manifest as a format-2 export wrote it: no Synchformer rate or stride."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["format_version"] = format_version
+    for key in ("sync_fps", "sync_segment_stride"):
+        del manifest["geometry"][key]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_older_format_version_asks_for_a_re_export(copy):
+    without_video_rates(copy, 2)
+    with pytest.raises(ModelDirError, match="format version 2 is not supported.*re-export"):
+        ModelDir(copy)
+
+
+def test_geometry_without_video_rates_is_incomplete(copy):
+    without_video_rates(copy, FORMAT_VERSION)
+    with pytest.raises(ModelDirError, match="incomplete manifest.*sync_"):
         ModelDir(copy)
 
 

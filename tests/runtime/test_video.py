@@ -7,7 +7,8 @@ import pytest
 
 from mmsep.runtime.errors import InputError
 from mmsep.runtime.prefetch import PrefetchedWindows
-from mmsep.runtime.video import VideoGeometry, VideoSource, WindowFrames, sync_image
+from mmsep.runtime.video import VideoSource, WindowFrames, sync_image
+from mmsep.stages import Geometry
 from tests.runtime.media import decode_rgb
 
 reference = pytest.importorskip("mmsep.models.video_reference")
@@ -15,12 +16,15 @@ reference = pytest.importorskip("mmsep.models.video_reference")
 WINDOW = 2.0
 
 
-def geometry(window: float = WINDOW) -> VideoGeometry:
-    sync_count = int(window * 25)
-    segments = (sync_count - 16) // 8 + 1
-    return VideoGeometry(clip_fps=8, clip_frames=int(window * 8), clip_size=384, sync_fps=25,
-                         sync_frames=(segments - 1) * 8 + 16, sync_size=224, segment_frames=16,
-                         segment_stride=8)
+def geometry(window: float = WINDOW) -> Geometry:
+    """A model geometry with the video facts of MMAudio (8 and 25 fps) and tiny audio facts."""
+    segments = (int(window * 25) - 16) // 8 + 1
+    return Geometry(sample_rate=16000, window_samples=int(window * 16000), window_seconds=window,
+                    latent_len=1, latent_dim=1, n_mels=1, mel_frames=1, clip_len=int(window * 8),
+                    clip_dim=1, clip_image_size=384, sync_fps=25.0, sync_segments=segments,
+                    sync_tokens_per_segment=8, sync_frames_per_segment=16, sync_segment_stride=8,
+                    sync_dim=1, sync_image_size=224, text_len=77, text_dim=1, separation=False,
+                    conditioning=())
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> np.ndarray:
@@ -30,10 +34,10 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> np.ndarray:
         return 10 * np.log10(peak ** 2 / mse)
 
 
-def reference_window(frames, times, start, g: VideoGeometry):
+def reference_window(frames, times, start, g: Geometry):
     clip = reference.clip_frames(frames, times, WINDOW, start=start).numpy()
     sync = reference.sync_frames(frames, times, WINDOW, start=start).numpy()[:g.sync_frames]
-    index = np.arange(g.segments)[:, None] * 8 + np.arange(16)[None, :]
+    index = np.arange(g.sync_segments)[:, None] * 8 + np.arange(16)[None, :]
     return clip, sync[index]
 
 
