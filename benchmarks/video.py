@@ -169,7 +169,7 @@ def end_to_end(sep, path: Path, steps: int, runs: int) -> dict:
 
 
 def measure_clip(sep, name: str, path: Path, steps: int, runs: int) -> dict:
-    info, geometry = sep.info, sep._video_geometry()
+    info, geometry = sep.info, sep.info.geometry
     source = VideoSource(path)
     plan = WindowPlan(round(source.duration * info.sample_rate), info.window_samples,
                       round(sep.overlap * info.sample_rate), info.sample_rate)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import click
 
+from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE
 from ..models.io import CheckpointError
 from ..progress import track
 from ..stages import MIXTURE_LATENTS, POSTERIOR_SAMPLE
 from .errors import ExportError, UsageError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 # a full disk or quota, or a file size limit: the user's to fix (exit 2), not a bug
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -92,7 +92,7 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
         sys.exit(EXIT_INTERNAL)
     except KeyboardInterrupt:
         click.echo("mmsep-export: interrupted; nothing was written", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - a bug or an environment failure: one line, exit 1
         if os.environ.get("MMSEP_TRACEBACK"):
             raise

@@ -6,116 +6,139 @@ Builds random components of the preset, exports the stage graphs into a temporar
 (mmsep.export.exporter.export_model, or only the named stages), writes the reduced-precision
 graphs, builds TensorRT engines and prints one parity row per stage: relative L2 against the
 PyTorch fp32 module of the ONNX fp32 graph (ONNX Runtime CPU), the reduced-precision graph
-(ONNX Runtime CPU) and the engine (GPU), with the bound. Exit status 0 when every check passes,
-1 when one fails or TensorRT / a CUDA GPU is missing (the reason is printed), 2 on bad usage.
+(ONNX Runtime CPU) and the engine (GPU), with the bound. Exit status (``mmsep.exit_codes``): 0
+when every check passes, 1 when one fails or TensorRT / a CUDA GPU is missing (the reason is
+printed), 2 on bad usage, 130 interrupted.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+import click
+
+from ..exit_codes import EXIT_INTERNAL, EXIT_OK
+
+PROG = "python -m mmsep.export.gpu_check"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmsep.export.gpu_check",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny",
-                        help="flow preset with random weights (tiny, small_44k, large_44k_v2, ...)")
-    parser.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"),
-                        help="engine precision (fp32 builds from the fp32 graphs)")
-    parser.add_argument("--stages", default=None,
-                        help="comma-separated stages to check (default: all)")
-    parser.add_argument("--max-batch", type=int, default=4, help="largest batch of the profiles")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep graphs and engines here instead of a temporary directory")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
-    args = parser.parse_args(argv)
-
+@click.command(help=__doc__.split("\n\n")[0],
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--preset", default="tiny",
+              help="flow preset with random weights (tiny, small_44k, large_44k_v2, ...)")
+@click.option("--precision", default="fp16", type=click.Choice(("fp16", "bf16", "fp32")),
+              help="engine precision (fp32 builds from the fp32 graphs)")
+@click.option("--stages", default=None, help="comma-separated stages to check (default: all)")
+@click.option("--max-batch", type=int, default=4, help="largest batch of the profiles")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="keep graphs and engines here instead of a temporary directory")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="also write the results as JSON")
+def cli(preset: str, precision: str, stages: str | None, max_batch: int, workdir: Path | None,
+        json_path: Path | None) -> int:
     from .tensorrt_build import unavailable_reason
 
     reason = unavailable_reason()
     if reason is not None:
-        print(f"gpu_check: cannot run: {reason}", file=sys.stderr)
-        return EXIT_FAILED
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        return _run(args, args.workdir)
+        click.echo(f"{PROG}: cannot run: {reason}", err=True)
+        return EXIT_INTERNAL
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return _run(preset, precision, stages, max_batch, workdir, json_path)
     with tempfile.TemporaryDirectory(prefix="mmsep-gpu-check-") as tmp:
-        return _run(args, Path(tmp))
+        return _run(preset, precision, stages, max_batch, Path(tmp), json_path)
 
 
-def _run(args, workdir: Path) -> int:
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: exit codes from ``mmsep.exit_codes``, one-line errors."""
+    from ..runtime.cli import console_main
+
+    console_main(cli, PROG, argv, interrupted="interrupted")
+
+
+def _run(preset: str, precision: str, stages: str | None, max_batch: int, workdir: Path,
+         json_path: Path | None) -> int:
     import torch
 
-    from ..models.components import build_components
-    from .mixed_precision import convert_graph
-    from .precision_parity import check_reduced_precision
-    from .tensorrt_build import FP32_ENGINE_TOLERANCE, build_engine, engine_info
-    from .tensorrt_parity import check_engine
-    from .wrappers import stage_modules, stage_specs
+    from .tensorrt_build import engine_info
 
     torch.set_grad_enabled(False)
     started = time.perf_counter()
-    try:
-        components = build_components(args.preset, seed=0)
-    except ValueError as exc:
-        print(f"gpu_check: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    specs = stage_specs(components, max_batch=args.max_batch)
-    modules = stage_modules(components)
-    names = list(specs) if not args.stages else [s.strip() for s in args.stages.split(",")]
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        print(f"gpu_check: unknown stage(s) {', '.join(unknown)}; this preset has "
-              f"{', '.join(specs)}", file=sys.stderr)
-        return EXIT_USAGE
+    components, specs, modules, names = _stages(preset, stages, max_batch)
     info = engine_info()
-    print(f"preset {args.preset}, {args.precision}, TensorRT {info['version']} on {info['gpu']} "
-          f"(sm {info['compute_capability']})", flush=True)
-    onnx_parity = _export(components, specs, modules, names, workdir / "model", args.max_batch)
-    timing_cache = workdir / "timing.cache"
+    click.echo(f"preset {preset}, {precision}, TensorRT {info['version']} on {info['gpu']} "
+               f"(sm {info['compute_capability']})")
+    onnx_parity = _export(components, specs, modules, names, workdir / "model", max_batch)
     rows = []
     for name in names:
-        spec, module = specs[name], modules[name]
-        row = {"stage": name, "onnx_fp32": onnx_parity[name], "bound": None}
-        graph = workdir / "model" / f"{name}.onnx"
-        try:
-            if args.precision != "fp32":
-                low = graph.with_name(f"{name}.{args.precision}.onnx")
-                row["conversion"] = convert_graph(graph, low, spec, args.precision)["fp32_nodes"]
-                reduced = check_reduced_precision(module, spec, low, args.precision,
-                                                  raise_on_failure=False)
-                row["onnx_reduced"] = getattr(reduced, "worst", None)
-                row["onnx_reduced_note"] = getattr(reduced, "reason", None)
-                graph = low
-            tolerance = FP32_ENGINE_TOLERANCE if args.precision == "fp32" else None
-            built = build_engine(graph, spec, workdir / f"{name}.{args.precision}.engine",
-                                 timing_cache=timing_cache)
-            engine = check_engine(module, spec, workdir / built["file"], tolerance=tolerance,
-                                  raise_on_failure=False)
-            row.update(engine=engine.worst, bound=engine.tolerance,
-                       build_seconds=built["build_seconds"], passed=engine.passed and (
-                           row.get("onnx_reduced") is None
-                           or row["onnx_reduced"] <= spec.reduced_precision_tolerance))
-        except Exception as exc:  # report every stage, then fail
-            row.update(error=f"{type(exc).__name__}: {exc}", passed=False)
+        row = _check_stage(name, specs[name], modules[name], onnx_parity[name], precision,
+                           workdir)
         rows.append(row)
         _print_row(row)
     ok = all(r["passed"] for r in rows)
-    print(f"{'all checks passed' if ok else 'FAILED'} in {time.perf_counter() - started:.0f} s")
-    if args.json:
+    click.echo(f"{'all checks passed' if ok else 'FAILED'} in "
+               f"{time.perf_counter() - started:.0f} s")
+    if json_path:
         from ..runtime.atomic import write_bytes_atomically
 
-        report = {"preset": args.preset, "precision": args.precision, "tensorrt": info,
-                  "stages": rows}
-        write_bytes_atomically(args.json, (json.dumps(report, indent=2) + "\n").encode())
-    return EXIT_OK if ok else EXIT_FAILED
+        report = {"preset": preset, "precision": precision, "tensorrt": info, "stages": rows}
+        write_bytes_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    return EXIT_OK if ok else EXIT_INTERNAL
+
+
+def _stages(preset: str, stages: str | None, max_batch: int):
+    """The preset's random components, stage specs and modules, and the stages to check."""
+    from ..models.components import build_components
+    from .wrappers import stage_modules, stage_specs
+
+    try:
+        components = build_components(preset, seed=0)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--preset") from None
+    specs = stage_specs(components, max_batch=max_batch)
+    names = list(specs) if not stages else [s.strip() for s in stages.split(",")]
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise click.BadParameter(f"unknown stage(s) {', '.join(unknown)}; this preset has "
+                                 f"{', '.join(specs)}", param_hint="--stages")
+    return components, specs, stage_modules(components), names
+
+
+def _check_stage(name: str, spec, module, onnx_fp32: float, precision: str,
+                 workdir: Path) -> dict:
+    """One parity row: the reduced-precision graph (unless fp32) and the engine built from it;
+    an error is reported in the row, so that every stage is checked."""
+    from .mixed_precision import convert_graph
+    from .precision_parity import check_reduced_precision
+    from .tensorrt_build import FP32_ENGINE_TOLERANCE, build_engine
+    from .tensorrt_parity import check_engine
+
+    row = {"stage": name, "onnx_fp32": onnx_fp32, "bound": None}
+    graph = workdir / "model" / f"{name}.onnx"
+    try:
+        if precision != "fp32":
+            low = graph.with_name(f"{name}.{precision}.onnx")
+            row["conversion"] = convert_graph(graph, low, spec, precision)["fp32_nodes"]
+            reduced = check_reduced_precision(module, spec, low, precision,
+                                              raise_on_failure=False)
+            row["onnx_reduced"] = getattr(reduced, "worst", None)
+            row["onnx_reduced_note"] = getattr(reduced, "reason", None)
+            graph = low
+        tolerance = FP32_ENGINE_TOLERANCE if precision == "fp32" else None
+        built = build_engine(graph, spec, workdir / f"{name}.{precision}.engine",
+                             timing_cache=workdir / "timing.cache")
+        engine = check_engine(module, spec, workdir / built["file"], tolerance=tolerance,
+                              raise_on_failure=False)
+        row.update(engine=engine.worst, bound=engine.tolerance,
+                   build_seconds=built["build_seconds"], passed=engine.passed and (
+                       row.get("onnx_reduced") is None
+                       or row["onnx_reduced"] <= spec.reduced_precision_tolerance))
+    except Exception as exc:  # noqa: BLE001 - report every stage, then fail
+        row.update(error=f"{type(exc).__name__}: {exc}", passed=False)
+    return row
 
 
 def _export(components, specs, modules, names, out: Path, max_batch: int) -> dict[str, float]:
@@ -155,4 +178,4 @@ def _print_row(row: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -41,6 +42,28 @@ def atomic_output(path: str | os.PathLike, *, durable: bool = True) -> Iterator[
     if durable:
         with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
             _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+@contextlib.contextmanager
+def atomic_files(directory: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
+    """Yield a private scratch directory inside ``directory`` in which the caller writes files
+    under their final ``names``: for files that name each other, such as an ONNX graph and its
+    external data file, which cannot be written under temporary names. On success each name is
+    committed into ``directory`` through ``atomic_output``, in the order given (put the file
+    that refers to the others last), and a name that was not written is removed from
+    ``directory``, so no stale companion is left. On any exception ``directory`` is left as it
+    was. The scratch directory is removed either way.
+    """
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=f".{names[-1]}.scratch-") as scratch:
+        yield Path(scratch)
+        for name in names:
+            written = Path(scratch) / name
+            if written.exists():
+                with atomic_output(directory / name) as tmp:
+                    os.replace(written, tmp)
+            else:
+                (directory / name).unlink(missing_ok=True)
 
 
 def write_bytes_atomically(path: str | os.PathLike, data) -> Path:

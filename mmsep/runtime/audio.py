@@ -19,6 +19,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
+from contextlib import closing
 from fractions import Fraction
 from pathlib import Path
 
@@ -161,28 +162,27 @@ class MixtureStream:
         return self._windows(plan)
 
     def _windows(self, plan: WindowPlan) -> Iterator[tuple[int, np.ndarray]]:
-        chunks = self._resampled()
-        held = np.zeros(0, np.float32)  # model-rate samples [held_start, held_start + size)
-        held_start = 0
-        for w in range(plan.count):
-            start = w * plan.hop
-            end = min(start + plan.window, self.length)
-            fresh, have = [], held_start + held.size
-            while have < end:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    raise InputError(f"{self.name}: the file changed while it was being read")
-                fresh.append(chunk)
-                have += chunk.size
-            if fresh:
-                held = np.concatenate([held, *fresh])
-            self.max_held = max(self.max_held, held.size)
-            window = np.zeros(plan.window, np.float32)
-            window[:end - start] = held[start - held_start:end - held_start]
-            yield w, window
-            drop = min((w + 1) * plan.hop, held_start + held.size) - held_start
-            held, held_start = held[drop:], held_start + drop
-        chunks.close()
+        with closing(self._resampled()) as chunks:  # the file, also when not read to the end
+            held = np.zeros(0, np.float32)  # model-rate samples [held_start, held_start + size)
+            held_start = 0
+            for w in range(plan.count):
+                start = w * plan.hop
+                end = min(start + plan.window, self.length)
+                fresh, have = [], held_start + held.size
+                while have < end:
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        raise InputError(f"{self.name}: the file changed while it was being read")
+                    fresh.append(chunk)
+                    have += chunk.size
+                if fresh:
+                    held = np.concatenate([held, *fresh])
+                self.max_held = max(self.max_held, held.size)
+                window = np.zeros(plan.window, np.float32)
+                window[:end - start] = held[start - held_start:end - held_start]
+                yield w, window
+                drop = min((w + 1) * plan.hop, held_start + held.size) - held_start
+                held, held_start = held[drop:], held_start + drop
 
     def _resampled(self) -> Iterator[np.ndarray]:
         """Clipped model-rate samples in chunks of about one block."""

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import click
 
+from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from .audio_writer import FORMATS, SUBTYPES, output_format
 from .backends import BACKENDS
 from .mux import MUX_FORMATS
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "mmsep-run"
 
 
@@ -116,71 +116,40 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
 def run(*, model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
         steps, cfg, seed, overlap, max_batch, backend, threads, verify=True, mux_path=None,
         show_progress=True) -> dict:
-    from ..progress import Progress
     from .atomic import atomic_output
-    from .audio import AudioWriter
+    from .requests import Timings
     from .separator import Separator
 
     total_started = time.perf_counter()
     paths, fmt = _plan_outputs(output, fmt, subtype, len(texts), mix, video, model_dir,
                                mux_path)
-
-    started = time.perf_counter()
-    sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap, threads=threads,
-                    verify=verify)
-    load_s = time.perf_counter() - started
-    write_s = mux_s = 0.0
+    clock = Timings(("load", "write", "mux"))
+    with clock.measure("load"):
+        sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap,
+                        threads=threads, verify=verify)
     # every output goes to a temporary file first, written as the windows are joined (no
     # full-length copy is held); all are renamed into place together at the end, so a failure
     # or Ctrl-C anywhere leaves none of them behind
     with sep, contextlib.ExitStack() as outputs:
-        writers = []
-        for path in paths:
-            tmp = outputs.enter_context(atomic_output(path))
-            writers.append(outputs.enter_context(
-                AudioWriter(tmp, sep.sample_rate, format=fmt, subtype=subtype, name=path)))
-
-        def sink(k, samples):
-            nonlocal write_s
-            started = time.perf_counter()
-            writers[k].write(samples)
-            write_s += time.perf_counter() - started
-
-        bar = None
-
-        def progress(done, total):
-            nonlocal bar
-            if not show_progress or total < 2:
-                return
-            if bar is None:
-                bar = Progress(total, PROG, "batch")
-            bar.update(done)
-
-        try:
-            result = sep.process(mix=mix, video=video, text=texts or None,
-                                 negative_text=negative_text, steps=steps, cfg=cfg, seed=seed,
-                                 generate=generate, duration=duration, progress=progress,
-                                 sink=sink)
-        finally:
-            if bar is not None:
-                bar.close()
-        started = time.perf_counter()
-        for writer in writers:
-            writer.close()  # complete the files: --mux reads them back
-        write_s += time.perf_counter() - started
+        writers = _open_writers(outputs, paths, sep.sample_rate, fmt, subtype)
+        result = _separate(sep, writers, clock, show_progress, mix=mix, video=video,
+                           text=texts or None, negative_text=negative_text, steps=steps,
+                           cfg=cfg, seed=seed, generate=generate, duration=duration)
+        with clock.measure("write"):
+            for writer in writers:
+                writer.close()  # complete the files: --mux reads them back
         frames = writers[0].frames
         if mux_path is not None:
             from .mux import mux
 
-            started = time.perf_counter()
-            tmp = outputs.enter_context(atomic_output(mux_path))
-            mux(video, [w.path for w in writers], result.sample_rate, tmp, titles=texts,
-                atomic=False, name=mux_path)
-            mux_s = time.perf_counter() - started
+            with clock.measure("mux"):
+                tmp = outputs.enter_context(atomic_output(mux_path))
+                mux(video, [w.path for w in writers], result.sample_rate, tmp, titles=texts,
+                    atomic=False, name=mux_path)
     total_s = time.perf_counter() - total_started
     audio_seconds = frames / result.sample_rate
-    timings = {"load": load_s, **result.timings, "write": write_s, "mux": mux_s,
-               "total": total_s}
+    timings = {"load": clock["load"], **result.timings, "write": clock["write"],
+               "mux": clock["mux"], "total": total_s}
     return {
         "outputs": [str(p) for p in paths], "mux": str(mux_path) if mux_path else None,
         "model": str(model_dir), "backend": sep.backend_name, "mode": result.mode,
@@ -192,6 +161,46 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
         # processing seconds per second of audio (below 1: faster than real time)
         "real_time_factor": round(total_s / max(audio_seconds, 1e-9), 4),
     }
+
+
+def _open_writers(outputs: contextlib.ExitStack, paths: list[Path], sample_rate: int, fmt: str,
+                  subtype: str | None) -> list:
+    """One ``AudioWriter`` per output, on its temporary file; both closed with ``outputs``."""
+    from .atomic import atomic_output
+    from .audio import AudioWriter
+
+    writers = []
+    for path in paths:
+        tmp = outputs.enter_context(atomic_output(path))
+        writers.append(outputs.enter_context(
+            AudioWriter(tmp, sample_rate, format=fmt, subtype=subtype, name=path)))
+    return writers
+
+
+def _separate(sep, writers: list, clock, show_progress: bool, **request):
+    """``sep.process(**request)`` with its output streamed into ``writers`` (the time spent
+    writing added to ``clock["write"]``) and a progress bar over the batches."""
+    from ..progress import Progress
+
+    def sink(k, samples):
+        with clock.measure("write"):
+            writers[k].write(samples)
+
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if not show_progress or total < 2:
+            return
+        if bar is None:
+            bar = Progress(total, PROG, "batch")
+        bar.update(done)
+
+    try:
+        return sep.process(**request, progress=progress, sink=sink)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path

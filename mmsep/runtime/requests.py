@@ -1,9 +1,12 @@
-"""One request's checks, output length, generation noise and result, shared by
-``Separator.process`` and ``Separator.process_many``."""
+"""One request's checks, output length, generation noise, timings and result, and one batch's
+inputs, for the request pipeline (``many.py``)."""
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +17,41 @@ from ..stages import GENERATION_NOISE_SCALE
 
 TIMING_KEYS = ("decode", "features", "mix_encode", "conditioning", "sampling", "vae_decode",
                "vocode")
+
+
+class Timings(dict):
+    """Seconds per key (by default the stage groups, ``TIMING_KEYS``), accumulated with
+    ``measure``."""
+
+    def __init__(self, keys: Iterable[str] = TIMING_KEYS):
+        super().__init__(dict.fromkeys(keys, 0.0))
+
+    @contextmanager
+    def measure(self, key: str) -> Iterator[None]:
+        """Add the time spent in the ``with`` block to ``key``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[key] += time.perf_counter() - started
+
+    def add(self, other: dict[str, float]) -> None:
+        for key, seconds in other.items():
+            self[key] += seconds
+
+
+@dataclass
+class BatchInputs:
+    """What one denoiser batch takes: per item (in batch order) its window's features (clip,
+    sync and, for separation models, the mixture latent), its text's features and its initial
+    noise; the sampling settings and the unconditional branch are shared by the batch."""
+
+    windows: list[dict[str, np.ndarray]]
+    text_features: list[np.ndarray]
+    x0: np.ndarray  # (items, N, C)
+    unconditional: dict[str, np.ndarray]
+    steps: int
+    cfg: float
 
 
 @dataclass

@@ -22,9 +22,7 @@ and stacked after the conditional branch for the denoiser.
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -33,14 +31,14 @@ import numpy as np
 from . import audio as audio_io
 from .backends import create_backend
 from .errors import InputError
-from ..stages import POSTERIOR_SAMPLE, Geometry
+from ..stages import POSTERIOR_SAMPLE, Stage, Tensor
+from .many import run_requests
 from .model_dir import ModelDir
 from .tokenizer import ClipTokenizer
 from .prefetch import PrefetchedWindows
-from .requests import (TIMING_KEYS, SeparationResult, check_options, noise_mixtures, one_text,
-                       request_length, request_texts)
+from .requests import BatchInputs, SeparationResult, Timings
 from .video import VideoSource, WindowFrames
-from .windows import CrossfadeJoiner, WindowPlan
+from .windows import WindowPlan
 
 _TEXT_CACHE_SIZE = 256
 _NEGATIVE_CACHE_SIZE = 16
@@ -136,86 +134,15 @@ class Separator:
         it is called in order with each run of finalised samples of text ``k`` (float32, not
         clipped) as the windows are joined, and the result's ``audio`` is then None. A mixture
         file is read in blocks, never whole, so with a sink memory does not grow with length.
+        It is the one-request case of ``process_many`` (``many.py``), failures raised.
         """
-        info = self.info
-        steps = info.default_steps if steps is None else steps
-        cfg = info.default_cfg if cfg is None else cfg
-        check_options(steps, cfg, seed)
-        texts = request_texts(text)
-        if negative_text is not None:
-            negative_text = one_text(negative_text, "negative text")
-        timings = dict.fromkeys((*TIMING_KEYS, "decode_wait", "decode_hidden"), 0.0)
-        request_started = started = time.perf_counter()
-        source = self._video_source(video, video_fps)
-        mixture = self._mixture(mix, source, generate)
-        timings["decode"] += time.perf_counter() - started
-
-        sr = info.sample_rate
-        length = request_length(info, mixture, source, duration)
-        plan = WindowPlan(length, info.window_samples, round(self.overlap * sr), sr)
-        n_texts, n_windows = len(texts), plan.count
-        items = n_windows * n_texts
-        shape = (items, *info.latent_shape)
-        rng = np.random.default_rng(seed)
-        x0 = rng.standard_normal(shape, dtype=np.float32)
-
-        started = time.perf_counter()
-        text_features = self._text_batch(texts)
-        timings["features"] += time.perf_counter() - started
-        started = time.perf_counter()
-        uncond = self._unconditional(negative_text)
-        timings["conditioning"] += time.perf_counter() - started
-
-        frames = None
-        if source is not None:
-            frames = PrefetchedWindows(WindowFrames(source, plan.start_seconds,
-                                                    self._video_geometry(),
-                                                    resizer=self._resizer))
-        try:
-            if mixture is not None:
-                cuts = mixture.windows(plan)
-            elif info.separation:
-                cuts = noise_mixtures(rng, n_windows, info.window_samples)
-            else:
-                cuts = None
-            joiners = [CrossfadeJoiner(plan) for _ in texts]
-            pieces: list[list[np.ndarray]] = [[] for _ in texts]
-            latents = np.empty(shape, np.float32) if keep_latents else None
-            windows: dict[int, dict[str, np.ndarray]] = {}
-            batches = math.ceil(items / self.max_batch)
-            for b in range(batches):
-                first, last = b * self.max_batch, min(items, (b + 1) * self.max_batch)
-                members = [divmod(i, n_texts) for i in range(first, last)]  # (window, text)
-                needed = sorted({w for w, _ in members})
-                windows = {w: windows[w] for w in needed if w in windows}  # keep a straddling one
-                new = [w for w in needed if w not in windows]
-                for w in new:
-                    windows[w] = self._window_features(frames, timings)
-                if cuts is not None:
-                    self._encode_windows(cuts, rng, new, windows, timings)
-                audio, x1 = self._run_batch(members, windows, text_features, uncond,
-                                            x0[first:last], steps, cfg, timings)
-                if latents is not None:
-                    latents[first:last] = x1
-                for (w, k), wave in zip(members, audio):
-                    piece = joiners[k].push(wave)
-                    if sink is None:
-                        pieces[k].append(piece)
-                    elif piece.size:
-                        sink(k, piece)
-                if progress is not None:
-                    progress(b + 1, batches)
-        finally:
-            if frames is not None:
-                frames.close()
-                timings["decode"] += frames.work_s
-                timings["decode_wait"] = frames.wait_s
-                timings["decode_hidden"] = max(0.0, frames.work_s - frames.wait_s)
-        out = None if sink is not None else np.stack([np.concatenate(p) for p in pieces])
-        mode = "separation" if mixture is not None else "generation"
-        timings["wall"] = time.perf_counter() - request_started
-        return SeparationResult(out, length, sr, mode, n_windows, items, batches, timings,
-                                latents)
+        request = dict(mix=mix, video=video, text=text, negative_text=negative_text,
+                       steps=steps, cfg=cfg, seed=seed, video_fps=video_fps, generate=generate,
+                       duration=duration, keep_latents=keep_latents, sink=sink)
+        [result] = run_requests(self, [request], progress=progress)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def text_features(self, text: str | None) -> np.ndarray:
         """CLIP text features (77, Dt) of ``text`` (cached), or the learned empty ones for None."""
@@ -228,10 +155,10 @@ class Separator:
         cached = self._uncond.get(negative_text)
         if cached is None:
             empty = self._empty
-            cached = self.backend.run("conditioner", {
-                "clip_features": empty["clip_features"][None],
-                "sync_features": empty["sync_features"][None],
-                "text_features": self.text_features(negative_text)[None]})
+            cached = self.backend.run(Stage.CONDITIONER, {
+                Tensor.CLIP_FEATURES: empty[Tensor.CLIP_FEATURES][None],
+                Tensor.SYNC_FEATURES: empty[Tensor.SYNC_FEATURES][None],
+                Tensor.TEXT_FEATURES: self.text_features(negative_text)[None]})
             self._uncond[negative_text] = cached
             while len(self._uncond) > _NEGATIVE_CACHE_SIZE:
                 oldest = next(k for k in self._uncond if k is not None)
@@ -243,13 +170,13 @@ class Separator:
         missing = list(dict.fromkeys(t for t in texts if t is not None and t not in self._texts))
         for chunk in range(0, len(missing), self.max_batch):
             group = missing[chunk:chunk + self.max_batch]
-            features = self.backend.run("clip_text", {"tokens": self._tokenizer(group)})
-            for t, f in zip(group, features["text_features"]):
+            features = self.backend.run(Stage.CLIP_TEXT, {Tensor.TOKENS: self._tokenizer(group)})
+            for t, f in zip(group, features[Tensor.TEXT_FEATURES]):
                 self._texts[t] = f
         out = []
         for t in texts:
             if t is None:
-                out.append(self._empty["text_features"])
+                out.append(self._empty[Tensor.TEXT_FEATURES])
             else:
                 self._texts.move_to_end(t)
                 out.append(self._texts[t])
@@ -294,80 +221,74 @@ class Separator:
         mixture.check()
         return mixture
 
-    def _video_geometry(self) -> Geometry:
-        return self.info.geometry
+    def _video_windows(self, source: VideoSource, plan: WindowPlan) -> WindowFrames:
+        """The per-window model inputs of ``source`` for the windows of ``plan``."""
+        return WindowFrames(source, plan.start_seconds, self.info.geometry,
+                            resizer=self._resizer)
 
     # -- stages --------------------------------------------------------------------------------
     def _window_features(self, frames: PrefetchedWindows | None,
-                         timings) -> dict[str, np.ndarray]:
+                         timings: Timings) -> dict[str, np.ndarray]:
         if frames is None:
-            return {"clip_features": self._empty["clip_features"],
-                    "sync_features": self._empty["sync_features"]}
+            return {Tensor.CLIP_FEATURES: self._empty[Tensor.CLIP_FEATURES],
+                    Tensor.SYNC_FEATURES: self._empty[Tensor.SYNC_FEATURES]}
         clip_in, segments = frames.next_window()  # its time: frames.work_s / wait_s
-        started = time.perf_counter()
-        clip = self.backend.run("clip_image", {"frames": clip_in})["clip_features"]
-        sync = self.backend.run("sync", {"segments": segments})["sync_features"]
-        timings["features"] += time.perf_counter() - started
-        return {"clip_features": clip, "sync_features": sync.reshape(-1, sync.shape[-1])}
+        with timings.measure("features"):
+            clip = self.backend.run(Stage.CLIP_IMAGE,
+                                    {Tensor.FRAMES: clip_in})[Tensor.CLIP_FEATURES]
+            sync = self.backend.run(Stage.SYNC,
+                                    {Tensor.SEGMENTS: segments})[Tensor.SYNC_FEATURES]
+        return {Tensor.CLIP_FEATURES: clip,
+                Tensor.SYNC_FEATURES: sync.reshape(-1, sync.shape[-1])}
 
-    def _encode_windows(self, cuts, rng, new: list[int], windows, timings):
+    def _encode_windows(self, cuts, rng, new: list[int], windows, timings: Timings) -> None:
         """Mixture latents of the ``new`` windows; ``cuts`` yields (w, samples) in window order
         and is read (decoding the file as far as needed) only here. Each window's posterior
         noise is drawn from ``rng`` right after its samples (see the module docstring)."""
         posterior = self.info.mixture_latent == POSTERIOR_SAMPLE
         for chunk in range(0, len(new), self.max_batch):
             ws = new[chunk:chunk + self.max_batch]
-            started = time.perf_counter()
-            wave, noise = [], []
-            for w in ws:
-                got, samples = next(cuts)
-                assert got == w, f"mixture window {got} read for window {w}"
-                wave.append(samples)
+            with timings.measure("decode"):
+                wave, noise = [], []
+                for w in ws:
+                    got, samples = next(cuts)
+                    assert got == w, f"mixture window {got} read for window {w}"
+                    wave.append(samples)
+                    if posterior:
+                        noise.append(rng.standard_normal(self.info.latent_shape,
+                                                         dtype=np.float32))
+                inputs = {Tensor.WAVEFORM: np.stack(wave)}
                 if posterior:
-                    noise.append(rng.standard_normal(self.info.latent_shape, dtype=np.float32))
-            inputs = {"waveform": np.stack(wave)}
-            if posterior:
-                inputs["noise"] = np.stack(noise)
-            timings["decode"] += time.perf_counter() - started
-            started = time.perf_counter()
-            latent = self.backend.run("mix_encoder", inputs)["mix_latent"]
-            for w, lat in zip(ws, latent):
-                windows[w]["mix_latent"] = lat
-            timings["mix_encode"] += time.perf_counter() - started
+                    inputs[Tensor.NOISE] = np.stack(noise)
+            with timings.measure("mix_encode"):
+                latent = self.backend.run(Stage.MIX_ENCODER, inputs)[Tensor.MIX_LATENT]
+                for w, lat in zip(ws, latent):
+                    windows[w][Tensor.MIX_LATENT] = lat
 
-    def _run_batch(self, members, windows, text_features, uncond, x0, steps, cfg, timings):
+    def _run_batch(self, batch: BatchInputs, timings: Timings) -> tuple[np.ndarray, np.ndarray]:
+        """One batch through conditioner, denoiser, VAE decoder and vocoder: (waveforms, final
+        latents)."""
         backend = self.backend
-        started = time.perf_counter()
-        inputs = {
-            "clip_features": np.stack([windows[w]["clip_features"] for w, _ in members]),
-            "sync_features": np.stack([windows[w]["sync_features"] for w, _ in members]),
-            "text_features": np.stack([text_features[k] for _, k in members]),
-        }
-        conditioning = backend.condition(inputs, uncond)
-        timings["conditioning"] += time.perf_counter() - started
-
-        started = time.perf_counter()
-        if self.info.separation:
-            mix_latent = np.stack([windows[w]["mix_latent"] for w, _ in members])
-        else:
-            mix_latent = None
-        x1 = backend.sample(x0, mix_latent, conditioning, steps, cfg)
-        timings["sampling"] += time.perf_counter() - started
-
-        started = time.perf_counter()
-        mel = backend.run("vae_decoder", {"latent": x1}, on_device=True)["mel"]
-        timings["vae_decode"] += time.perf_counter() - started
-        started = time.perf_counter()
-        audio = backend.run("vocoder", {"mel": mel})["waveform"]
-        timings["vocode"] += time.perf_counter() - started
+        with timings.measure("conditioning"):
+            inputs = {name: np.stack([w[name] for w in batch.windows])
+                      for name in (Tensor.CLIP_FEATURES, Tensor.SYNC_FEATURES)}
+            inputs[Tensor.TEXT_FEATURES] = np.stack(batch.text_features)
+            conditioning = backend.condition(inputs, batch.unconditional)
+        with timings.measure("sampling"):
+            mix_latent = (np.stack([w[Tensor.MIX_LATENT] for w in batch.windows])
+                          if self.info.separation else None)
+            x1 = backend.sample(batch.x0, mix_latent, conditioning, batch.steps, batch.cfg)
+        with timings.measure("vae_decode"):
+            mel = backend.run(Stage.VAE_DECODER, {Tensor.LATENT: x1}, on_device=True)[Tensor.MEL]
+        with timings.measure("vocode"):
+            audio = backend.run(Stage.VOCODER, {Tensor.MEL: mel})[Tensor.WAVEFORM]
         return audio, backend.to_host(x1)
 
     def process_many(self, requests: Sequence[dict]) -> list:
         """Run several requests at once, their (window, text) items sharing batches; each
         request is a dict of ``process`` keyword arguments (mix, video, text, negative_text,
-        steps, cfg, seed, video_fps, generate, duration, sink). Returns, in order, a
-        ``SeparationResult`` (the same audio as ``process`` with that seed) or the exception that
-        request failed with; one request's failure does not stop the others (``many.py``)."""
-        from .many import process_many
-
-        return process_many(self, requests)
+        steps, cfg, seed, video_fps, generate, duration, keep_latents, sink). Returns, in order,
+        a ``SeparationResult`` (the same audio as ``process`` with that seed) or the exception
+        that request failed with; one request's failure does not stop the others
+        (``many.py``)."""
+        return run_requests(self, requests)

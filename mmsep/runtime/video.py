@@ -235,6 +235,12 @@ class WindowFrames:
         self._in_flight: deque[Future] = deque()
         self._max_in_flight = 2 * workers  # full-resolution frames held by pending resizes
 
+    def __enter__(self) -> WindowFrames:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._frames.close()  # the decoder's file

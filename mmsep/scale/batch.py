@@ -14,14 +14,14 @@ from pathlib import Path
 
 import click
 
+from mmsep.exit_codes import EXIT_OK, EXIT_SOME_FAILED
 from mmsep.progress import Progress
 from mmsep.runtime.backends import BACKENDS
-from mmsep.runtime.cli import EXIT_OK, console_main
+from mmsep.runtime.cli import console_main
 
 from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, manifest_salt,
                    parse_job, remove_stale_partials)
 
-EXIT_SOME_FAILED = 3
 PROG = "mmsep-batch"
 
 

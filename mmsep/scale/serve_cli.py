@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
+from mmsep.exit_codes import EXIT_OK
 from mmsep.runtime.backends import BACKENDS
-from mmsep.runtime.cli import EXIT_OK, console_main
+from mmsep.runtime.cli import console_main
 from mmsep.runtime.errors import InputError
 
 PROG = "mmsep-serve"

@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 8 -m mmsep.train.cli ...   # the same, data-parallel
 
 Exit codes: 0 done, 2 bad usage or input (missing or malformed files, a run directory that
-already holds a checkpoint without --resume), 1 internal failure.
+already holds a checkpoint without --resume), 1 internal failure, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE
 from . import recipe
 from .loop import CHECKPOINT, WEIGHTS, Ranks, TrainOptions, Trainer
 
@@ -69,9 +70,10 @@ def main(**kw) -> None:
 
     out: Path = kw["out"]
     if kw["resume"] and not (out / CHECKPOINT).is_file():
-        _fail(2, f"{out / CHECKPOINT}: no checkpoint to resume from")
+        _fail(EXIT_USAGE, f"{out / CHECKPOINT}: no checkpoint to resume from")
     if not kw["resume"] and (out / CHECKPOINT).exists():
-        _fail(2, f"{out}: already holds a run ({CHECKPOINT}); pass --resume or another --out")
+        _fail(EXIT_USAGE,
+              f"{out}: already holds a run ({CHECKPOINT}); pass --resume or another --out")
     try:
         ranks = _init_distributed()
         trainer = build_trainer(kw, ranks)
@@ -79,11 +81,11 @@ def main(**kw) -> None:
             trainer.resume()
         trainer.fit()
     except (DataError, CheckpointError, ValueError) as exc:
-        _fail(2, str(exc))
+        _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
-        _fail(1, "interrupted")
+        _fail(EXIT_INTERRUPTED, "interrupted")
     except Exception as exc:  # a one-line report instead of a traceback
-        _fail(1, f"internal failure: {type(exc).__name__}: {exc}")
+        _fail(EXIT_INTERNAL, f"internal failure: {type(exc).__name__}: {exc}")
     if ranks.main and not kw["quiet"]:
         click.echo(f"wrote {out / WEIGHTS}")
     _finish_distributed(ranks)

@@ -116,7 +116,7 @@ def _runtime_frame_features(comps, sep, video):
     conventions and the exported graphs."""
     from mmsep.runtime.video import VideoSource, WindowFrames
 
-    frames = WindowFrames(VideoSource(video), [0.0], sep._video_geometry())
+    frames = WindowFrames(VideoSource(video), [0.0], sep.info.geometry)
     try:
         clip_in, segments = frames.next_window()
     finally:

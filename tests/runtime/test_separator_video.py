@@ -43,3 +43,27 @@ def test_producer_thread_stops_when_the_request_fails(separator, media):
     with pytest.raises(RuntimeError, match="disk full"):
         separator.process(video=media["av"], steps=STEPS, sink=failing_sink)
     assert [t for t in threading.enumerate() if t.name.startswith("mmsep-video")] == []
+
+
+def _video_threads() -> list[str]:
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith(("mmsep-video", "mmsep-resize"))]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("device lost"), KeyboardInterrupt()],
+                         ids=["error", "interrupt"])
+@pytest.mark.parametrize("many", [False, True], ids=["process", "process_many"])
+def test_an_error_mid_request_closes_the_video_threads(separator, media, monkeypatch, error,
+                                                       many):
+    def failing_sample(*args, **kwargs):
+        assert _video_threads(), "the video's threads run while the batch samples"
+        raise error
+
+    monkeypatch.setattr(separator.backend, "sample", failing_sample)
+    request = {"video": media["av"], "text": "a dog", "steps": STEPS}
+    with pytest.raises(type(error)):
+        if many:  # an Exception comes back in the request's place, an interrupt is raised
+            [result] = separator.process_many([request])
+            raise result
+        separator.process(**request)
+    assert _video_threads() == []

@@ -1,0 +1,10 @@
+"""Exit codes of every mmsep console program (mmsep-run, mmsep-export, mmsep-batch,
+mmsep-serve, mmsep-finetune, ``python -m mmsep.export.gpu_check``). Torch-free: the runtime
+imports it."""
+
+EXIT_OK = 0  # done (mmsep-serve: stopped by a signal)
+EXIT_INTERNAL = 1  # internal failure (a bug, the backend, the environment); gpu_check: a check
+#                   failed or TensorRT / a CUDA GPU is missing
+EXIT_USAGE = 2  # bad usage or input, or an output that cannot be written; one line names it
+EXIT_SOME_FAILED = 3  # mmsep-batch: some requests failed, the others' outputs are written
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT); nothing was written
