@@ -14,7 +14,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mmsep", "mmsep.*"]),
-    package_data={"mmsep.runtime": ["data/*"], "mmsep.export": ["data/*.json"]},
+    package_data={"mmsep.runtime": ["data/*"], "mmsep.export": ["data/*.json"],
+                  "mmsep.models": ["data/*.json"]},
     # The runtime needs no torch.
     install_requires=[
         "numpy>=1.24",

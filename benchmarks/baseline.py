@@ -22,7 +22,7 @@ import torch
 from mmsep.models import video_reference as vref
 from mmsep.models.sampler import guided_euler_step, mixture_latent
 from mmsep.runtime import audio as audio_io
-from mmsep.runtime.separator import TIMING_KEYS
+from mmsep.runtime.requests import TIMING_KEYS
 from mmsep.runtime.windows import CrossfadeJoiner, WindowPlan
 from mmsep.stages import euler_schedule
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from mmsep.runtime.separator import TIMING_KEYS
+from mmsep.runtime.requests import TIMING_KEYS
 
 from .inputs import Inputs, queries
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmsep.runtime.separator import TIMING_KEYS
+from mmsep.runtime.requests import TIMING_KEYS
 
 
 def _ms(value: float) -> str:

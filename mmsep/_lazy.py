@@ -6,10 +6,11 @@ import importlib
 from collections.abc import Callable
 
 
-def lazy_exports(package: str, table: dict[str, str], namespace: dict
+def lazy_exports(package: str, exports: dict[str, tuple[str, ...]], namespace: dict
                  ) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
-    """(__getattr__, __dir__) for ``package`` whose public names live in the submodules of
-    ``table`` (name -> submodule); resolved values are cached in ``namespace``."""
+    """(__getattr__, __dir__) for ``package`` whose public names live in its submodules
+    (``exports``: submodule -> names); resolved values are cached in ``namespace``."""
+    table = {name: module for module, names in exports.items() for name in names}
 
     def __getattr__(name: str):
         module = table.get(name)

@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
 
+from .closing import Closing
+
 DEFAULT_INTERVAL_S = 10.0
 
 
-class Progress:
+class Progress(Closing):
     """``update(done)`` with the absolute count; ``log(message)`` prints a line (above the bar
     on a terminal); ``close()`` ends it. ``enabled=False`` makes it silent."""
 
@@ -38,12 +40,6 @@ class Progress:
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
                              file=self.stream, leave=False)
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def update(self, done: int, detail: str | None = None) -> None:
         """``done``: the absolute count; ``detail``: a short status shown after it."""

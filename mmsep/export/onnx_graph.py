@@ -28,7 +28,8 @@ def export_onnx(module: torch.nn.Module, spec: StageSpec, path: Path,
     module = module.eval()
     inputs = example_inputs(spec, batch)
     batch_dim = Dim("batch", min=spec.min_batch, max=max(spec.max_batch, batch + 1))
-    dynamic_shapes = {t.name: {0: _scaled(batch_dim, t)} for t in spec.inputs}
+    # positional, like the inputs: a wrapper's argument names need not be the tensor names
+    dynamic_shapes = tuple({0: _scaled(batch_dim, t)} for t in spec.inputs)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("onnxscript", "torch.onnx"):
         warnings.simplefilter("ignore")

@@ -30,46 +30,39 @@ def wrapper(stage: str):
     return register
 
 
-@wrapper(Stage.CLIP_IMAGE)
-class ClipImageStage(nn.Module):
-    def __init__(self, clip: nn.Module):
+class _NetworkCall(nn.Module):
+    """A stage that is one call of one component network: ``network.<method>(x)``, or
+    ``network(x)`` when ``method`` is None."""
+
+    component: str
+    method: str | None = None
+
+    def __init__(self, network: nn.Module):
         super().__init__()
-        self.clip = clip
+        self.network = network
 
     @classmethod
     def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
-        return cls(components.clip)
+        return cls(getattr(components, cls.component))
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(frames)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = self.network if self.method is None else getattr(self.network, self.method)
+        return call(x)
+
+
+@wrapper(Stage.CLIP_IMAGE)
+class ClipImageStage(_NetworkCall):
+    component, method = "clip", "encode_image"
 
 
 @wrapper(Stage.CLIP_TEXT)
-class ClipTextStage(nn.Module):
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.clip = clip
-
-    @classmethod
-    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
-        return cls(components.clip)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_text(tokens)
+class ClipTextStage(_NetworkCall):
+    component, method = "clip", "encode_text"
 
 
 @wrapper(Stage.SYNC)
-class SyncStage(nn.Module):
-    def __init__(self, synchformer: nn.Module):
-        super().__init__()
-        self.synchformer = synchformer
-
-    @classmethod
-    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
-        return cls(components.synchformer)
-
-    def forward(self, segments: torch.Tensor) -> torch.Tensor:
-        return self.synchformer(segments)
+class SyncStage(_NetworkCall):
+    component = "synchformer"
 
 
 class _LatentStats(nn.Module):
@@ -134,17 +127,8 @@ class VaeDecoderStage(_LatentStats):
 
 
 @wrapper(Stage.VOCODER)
-class VocoderStage(nn.Module):
-    def __init__(self, vocoder: nn.Module):
-        super().__init__()
-        self.vocoder = vocoder
-
-    @classmethod
-    def from_components(cls, components: Components, geometry: Geometry) -> nn.Module:
-        return cls(components.vocoder)
-
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.vocoder(mel)
+class VocoderStage(_NetworkCall):
+    component = "vocoder"
 
 
 @wrapper(Stage.CONDITIONER)

@@ -8,40 +8,22 @@ from __future__ import annotations
 
 from mmsep._lazy import lazy_exports
 
-_EXPORTS = {
-    # flow network, presets, checkpoints
-    "build": "flow",
-    "FlowConfig": "flow",
-    "FLOW_PRESETS": "flow",
-    "MMAudioFlow": "flow",
-    "load_flow": "checkpoint",
-    "detect_flow_config": "checkpoint",
-    "convert_to_separation": "checkpoint",
-    "sample": "sampler",
-    "randomize_": "randomize",
-    "CheckpointError": "io",
-    # audio
-    "MelSpectrogram": "mel",
-    "load_vae": "vae",
-    "build_vae": "vae",
-    "load_vocoder": "bigvgan",
-    "build_vocoder": "bigvgan",
-    # feature encoders
-    "load_clip": "clip",
-    "build_clip": "clip",
-    "load_synchformer": "synchformer",
-    "build_synchformer": "synchformer",
-    # everything of one deployment
-    "Components": "components",
-    "build_components": "components",
-    "load_components": "components",
-    "save_components": "components",
-    # geometry
-    "sequence_lengths": "presets",
-    "AUDIO_MODES": "presets",
+_EXPORTS = {  # submodule: the public names it defines
+    "flow": ("build", "FlowConfig", "FLOW_PRESETS", "MMAudioFlow"),
+    "checkpoint": ("load_flow", "detect_flow_config", "convert_to_separation"),
+    "sampler": ("sample",),
+    "randomize": ("randomize_",),
+    "io": ("CheckpointError",),
+    "mel": ("MelSpectrogram",),
+    "vae": ("load_vae", "build_vae"),
+    "bigvgan": ("load_vocoder", "build_vocoder"),
+    "clip": ("load_clip", "build_clip"),
+    "synchformer": ("load_synchformer", "build_synchformer"),
+    "components": ("Components", "build_components", "load_components", "save_components"),
+    "presets": ("sequence_lengths", "AUDIO_MODES"),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -130,8 +130,11 @@ TINY_CONFIG = BigVGANConfig(
     use_tanh_at_final=False, use_bias_at_final=False)
 
 
-def _same_padding(kernel_size: int, dilation: int) -> int:
-    return (kernel_size - 1) * dilation // 2
+def _dilated_convs(channels: int, kernel_size: int, dilations: Sequence[int]) -> nn.ModuleList:
+    """One length-preserving convolution per dilation."""
+    return nn.ModuleList(
+        nn.Conv1d(channels, channels, kernel_size, dilation=d,
+                  padding=(kernel_size - 1) * d // 2) for d in dilations)
 
 
 class AMPBlock1(nn.Module):
@@ -140,12 +143,8 @@ class AMPBlock1(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int],
                  activation: str, logscale: bool):
         super().__init__()
-        self.convs1 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel_size, dilation=d,
-                      padding=_same_padding(kernel_size, d)) for d in dilations)
-        self.convs2 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size, 1))
-            for _ in dilations)
+        self.convs1 = _dilated_convs(channels, kernel_size, dilations)
+        self.convs2 = _dilated_convs(channels, kernel_size, [1] * len(dilations))
         # Interleaved as upstream stores them: activations[2i] before convs1[i], [2i+1] before
         # convs2[i].
         self.activations = nn.ModuleList(
@@ -165,9 +164,7 @@ class AMPBlock2(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int],
                  activation: str, logscale: bool):
         super().__init__()
-        self.convs = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel_size, dilation=d,
-                      padding=_same_padding(kernel_size, d)) for d in dilations)
+        self.convs = _dilated_convs(channels, kernel_size, dilations)
         self.activations = nn.ModuleList(
             make_activation(activation, channels, logscale) for _ in dilations)
 

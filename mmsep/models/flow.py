@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import NamedTuple
 
 import torch
@@ -76,22 +77,10 @@ class FlowConfig:
     def lengths(self) -> presets.SequenceLengths:
         return presets.sequence_lengths(self.mode, self.duration)
 
-    @property
-    def latent_seq_len(self) -> int:
-        return self.lengths.latent
-
-    @property
-    def clip_seq_len(self) -> int:
-        return self.lengths.clip
-
-    @property
-    def sync_seq_len(self) -> int:
-        return self.lengths.sync
-
-    @property
-    def text_seq_len(self) -> int:
-        return self.lengths.text
-
+    latent_seq_len = property(attrgetter("lengths.latent"))
+    clip_seq_len = property(attrgetter("lengths.clip"))
+    sync_seq_len = property(attrgetter("lengths.sync"))
+    text_seq_len = property(attrgetter("lengths.text"))
     @property
     def input_channels(self) -> int:
         """Channels read by the first audio convolution (doubled by the mixture latent)."""

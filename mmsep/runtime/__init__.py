@@ -9,22 +9,16 @@ from __future__ import annotations
 
 from mmsep._lazy import lazy_exports
 
-_EXPORTS = {
-    "tokenize": "tokenizer",
-    "ClipTokenizer": "tokenizer",
-    "Separator": "separator",
-    "SeparationResult": "requests",
-    "ModelDir": "model_dir",
-    "ModelInfo": "model_dir",
-    "create_backend": "backends",
-    "OrtBackend": "backends",
-    "InputError": "errors",
-    "ModelDirError": "errors",
-    "BackendError": "errors",
-    "BackendUnavailable": "errors",
+_EXPORTS = {  # submodule: the public names it defines
+    "tokenizer": ("tokenize", "ClipTokenizer"),
+    "separator": ("Separator",),
+    "requests": ("SeparationResult",),
+    "model_dir": ("ModelDir", "ModelInfo"),
+    "backends": ("create_backend", "OrtBackend"),
+    "errors": ("InputError", "ModelDirError", "BackendError", "BackendUnavailable"),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..closing import Closing
 from .atomic import atomic_output
 from .errors import InputError, OutputError, one_line
 
@@ -59,7 +60,7 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, *,
     return path
 
 
-class AudioWriter:
+class AudioWriter(Closing):
     """A mono wav/flac/ogg file written piece by piece (``write``); PCM and Vorbis are clipped.
 
     Not atomic by itself: open it on ``atomic_output``'s temporary path and close it before
@@ -113,12 +114,6 @@ class AudioWriter:
     def _failure(self, exc: BaseException) -> OutputError:
         reason = one_line(self._sink.error or exc) or type(exc).__name__
         return OutputError(f"{self.name}: cannot write ({reason})")
-
-    def __enter__(self) -> AudioWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_output_file(path: Path):

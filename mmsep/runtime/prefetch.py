@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ..closing import Closing
 from .video import WindowFrames
 
 
-class PrefetchedWindows:
+class PrefetchedWindows(Closing):
     """``WindowFrames`` run one window ahead on a producer thread.
 
     While the caller works on window ``w``, the thread decodes and resizes window ``w + 1``; it
@@ -27,12 +28,6 @@ class PrefetchedWindows:
         self._pending: Future | None = None
         self.work_s = self.wait_s = 0.0
         self._schedule()
-
-    def __enter__(self) -> PrefetchedWindows:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _produce(self):
         started = time.perf_counter()

@@ -28,15 +28,16 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..closing import Closing
+from ..stages import POSTERIOR_SAMPLE, Stage, Tensor
 from . import audio as audio_io
 from .backends import create_backend
 from .errors import InputError
-from ..stages import POSTERIOR_SAMPLE, Stage, Tensor
 from .many import run_requests
 from .model_dir import ModelDir
-from .tokenizer import ClipTokenizer
 from .prefetch import PrefetchedWindows
 from .requests import BatchInputs, SeparationResult, Timings
+from .tokenizer import ClipTokenizer
 from .video import VideoSource, WindowFrames
 from .windows import WindowPlan
 
@@ -44,7 +45,7 @@ _TEXT_CACHE_SIZE = 256
 _NEGATIVE_CACHE_SIZE = 16
 
 
-class Separator:
+class Separator(Closing):
     """Loads a model directory once (sessions, tokenizer, empty features) and serves requests.
 
     ``backend``: "auto" (ONNX Runtime CUDA when available, else CPU), "ort-cpu", "ort-cuda" or
@@ -86,12 +87,6 @@ class Separator:
             raise
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def __enter__(self) -> Separator:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         self.backend.close()
 

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..closing import Closing
 from ..stages import Geometry
 from .errors import InputError, one_line
 from .resize import centre_crop, short_side
@@ -201,7 +202,7 @@ class ResizedImages(NamedTuple):
     sync: np.ndarray
 
 
-class WindowFrames:
+class WindowFrames(Closing):
     """Per-window model inputs from a video, produced in window order.
 
     ``next_window()`` returns (clip, segments): float32 (clip_frames, 3, S, S) in [0, 1] and
@@ -234,12 +235,6 @@ class WindowFrames:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mmsep-resize")
         self._in_flight: deque[Future] = deque()
         self._max_in_flight = 2 * workers  # full-resolution frames held by pending resizes
-
-    def __enter__(self) -> WindowFrames:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -6,19 +6,14 @@ from __future__ import annotations
 
 from mmsep._lazy import lazy_exports
 
-_EXPORTS = {
-    "Backend": "protocol",
-    "check_inputs": "protocol",
-    "stack_branches": "protocol",
-    "unconditional_half": "protocol",
-    "OrtBackend": "ort",
-    "TrtBackend": "tensorrt",
-    "BACKENDS": "factory",
-    "create_backend": "factory",
-    "cuda_available": "factory",
+_EXPORTS = {  # submodule: the public names it defines
+    "protocol": ("Backend", "check_inputs", "stack_branches", "unconditional_half"),
+    "ort": ("OrtBackend",),
+    "tensorrt": ("TrtBackend",),
+    "factory": ("BACKENDS", "create_backend", "cuda_available"),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ...closing import Closing
 from ...stages import Stage, Tensor, euler_schedule
 from ..errors import BackendError, BackendUnavailable, one_line
 from ..model_dir import ModelDir
@@ -37,7 +38,7 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-class OrtBackend:
+class OrtBackend(Closing):
     """ONNX Runtime on CPU or CUDA. Sessions are created once per stage, on first use, and
     reused; ``load_seconds`` records what each creation cost."""
 
@@ -71,12 +72,6 @@ class OrtBackend:
         return None
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def __enter__(self) -> OrtBackend:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         self._sessions.clear()
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ...closing import Closing
 from ...model_files import sha256_file
 from ...stages import Stage, StageSpec, Tensor, euler_schedule
 from ..errors import BackendError, BackendUnavailable, ModelDirError, one_line
@@ -33,7 +34,12 @@ from ..model_dir import ModelDir
 from .cuda_graphs import StepGraphs, import_cudart
 from .cuda_memory import CudaMemory, DeviceArray, aligned
 from .protocol import check_inputs, step_invariant_inputs, unconditional_half
-from .tensorrt_env import device_info, engine_refusal, import_gpu_stack, tensorrt_importable
+from .tensorrt_env import (
+    device_info,
+    engine_refusal,
+    import_gpu_stack,
+    tensorrt_importable,
+)
 
 __all__ = ["DeviceArray", "TrtBackend", "check_engine_tensors", "device_info", "engine_refusal",
            "tensorrt_importable"]
@@ -79,7 +85,7 @@ def _in_context(method):
     return active
 
 
-class TrtBackend:
+class TrtBackend(Closing):
     """TensorRT engines of a model directory on CUDA device ``device_id`` (see module doc)."""
 
     name = "trt"
@@ -121,12 +127,6 @@ class TrtBackend:
         return self._graphs.enabled
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def __enter__(self) -> TrtBackend:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         """Wait for the stream and release graphs, engines and memory; a CUDA error found on the
         way is raised after everything is released."""
