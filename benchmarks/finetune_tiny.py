@@ -134,8 +134,7 @@ def separation(out: Path, weights: Path, batch_size: int, steps: int, cfg: float
             row[name] = _relative_l2(mm.sample(net, x0, conditions, x_mix, steps=steps, cfg=cfg),
                                      x1)
         result[kind] = row
-    noise = (cat["x1"] - cat["x1_mean"]).flatten(1).norm(dim=1) / cat["x1_mean"].flatten(1).norm(dim=1)
-    result["posterior_noise_relative"] = float(noise.mean())
+    result["posterior_noise_relative"] = _relative_l2(cat["x1"], cat["x1_mean"])
     return result
 
 

@@ -1,5 +1,5 @@
 """The issue's proof on this machine's scale: two 300-step fine-tunes of the tiny preset on the
-synthetic corpus (benchmarks/finetune_tiny.py, about 10 minutes on 2 shared cores per seed).
+synthetic corpus (benchmarks/finetune_tiny.py, 7 to 10 minutes per seed on 2 shared cores).
 
 Asserted is what both seeds 0 and 1 reached (BENCHMARKS.md, "Fine-tuning"): the validation loss
 falls for both input-projection starts, and with ``zero-mix`` the sampled latent ends well below
