@@ -96,7 +96,9 @@ class Trainer:
     # ---- batches -----------------------------------------------------------------------------
 
     def _batch(self, table: ClipTable, targets: torch.Tensor, gen: torch.Generator,
-               dropout: bool) -> dict[str, torch.Tensor]:
+               dropout: bool, means: bool = False) -> dict[str, torch.Tensor]:
+        """One batch of fresh mixtures; ``means`` adds the noise-free latents ``x1_mean`` and
+        ``x_mix_mean`` (the normalised posterior means), for evaluation."""
         b = targets.shape[0]
         interferers = draw_interferers(targets, table.classes, gen)
         target, mixture = mix_at_snr(table.audio[targets], table.audio[interferers],
@@ -113,6 +115,8 @@ class Trainer:
                  "x0": torch.randn(eps.shape, generator=gen), "video_keep": video_keep,
                  "text_keep": text_keep, "clip_f": table.clip_f[targets],
                  "sync_f": table.sync_f[targets], "text_f": table.text_f[targets]}
+        if means:
+            batch["x1_mean"], batch["x_mix_mean"] = self.net.normalize(mean).split(b)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,8 +138,8 @@ class Trainer:
             gen = _generator(self.options.val_seed, -1, -1)
             order = torch.arange(len(self.val_table))
             size = self.options.batch_size
-            self._val_batches = [self._batch(self.val_table, order[i:i + size], gen, dropout=False)
-                                 for i in range(0, len(order), size)]
+            self._val_batches = [self._batch(self.val_table, order[i:i + size], gen, dropout=False,
+                                             means=True) for i in range(0, len(order), size)]
         return self._val_batches
 
     # ---- steps -------------------------------------------------------------------------------

@@ -80,3 +80,23 @@ def test_resume_continues_exactly(generator_net, encoders, tables, tmp_path):
     assert [r.get("val_loss") for r in rows] == [r.get("val_loss") for r in again]
     with pytest.raises(ValueError, match="lr"):
         make_trainer(generator_net, encoders, tables, tmp_path / "resumed", lr=1e-3).resume()
+
+
+def test_validation_batches_carry_the_noise_free_latents(generator_net, encoders, tables,
+                                                         tmp_path, monkeypatch):
+    trainer = make_trainer(generator_net, encoders, tables, tmp_path)
+    seen = []
+    posterior = trainer.encoders.posterior
+    monkeypatch.setattr(trainer.encoders, "posterior", lambda w: seen.append(posterior(w))
+                        or seen[-1])
+    batch, net = trainer.val_batches()[0], trainer.net
+    mean, std = seen[0]
+    b = batch["x1"].shape[0]
+    torch.testing.assert_close(batch["x1_mean"], net.normalize(mean[:b]))
+    torch.testing.assert_close(batch["x_mix_mean"], net.normalize(mean[b:]))
+    # the posterior samples around those means share one noise draw
+    eps_target = (net.unnormalize(batch["x1"]) - mean[:b]) / std[:b]
+    eps_mixture = (net.unnormalize(batch["x_mix"]) - mean[b:]) / std[b:]
+    torch.testing.assert_close(eps_target, eps_mixture, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(batch["x1"], batch["x1_mean"])
+    assert "x1_mean" not in trainer.train_batch(0)
