@@ -183,17 +183,8 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
     durations = o["durations"] or [info.window_seconds]
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    log("measuring matrix throughput")
-    matrix = {"cpu_fp32": machine.matrix_tflops("cpu", "float32")}
-    if device == "cuda":
-        matrix["gpu_fp16"] = machine.matrix_tflops("cuda", "float16")
-        matrix["gpu_bf16"] = machine.matrix_tflops("cuda", "bfloat16")
-    log("counting FLOPs")
-    config = components.flow.config
-    model_flops = flop_count.config_flops(config, tiny_clip=config.name == "tiny")
-    flops = {"model": model_flops, "presets": flop_count.preset_flops(o["flops_presets"]),
-             "counter": "torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention; "
-                        "2 FLOPs per multiply-add)"}
+    matrix, flops = _machine_limits(components, device, o["flops_presets"], log)
+    model_flops = flops["model"]
 
     baseline = BaselinePipeline(components, device=device, overlap=info.default_overlap_seconds)
     memory, gpu = machine.PeakRss(), machine.GpuMemory()
@@ -229,6 +220,22 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
                          "quick": o["quick"], "baseline_device": device},
             "matrix_tflops": matrix, "flops": flops, "clip_image": clip_micro,
             "results": results, "skipped": skipped}
+
+
+def _machine_limits(components, device: str, flops_presets, log) -> tuple[dict, dict]:
+    """The machine's matrix throughput and the model's FLOPs: what the speeds are set against."""
+    log("measuring matrix throughput")
+    matrix = {"cpu_fp32": machine.matrix_tflops("cpu", "float32")}
+    if device == "cuda":
+        matrix["gpu_fp16"] = machine.matrix_tflops("cuda", "float16")
+        matrix["gpu_bf16"] = machine.matrix_tflops("cuda", "bfloat16")
+    log("counting FLOPs")
+    config = components.flow.config
+    flops = {"model": flop_count.config_flops(config, tiny_clip=config.name == "tiny"),
+             "presets": flop_count.preset_flops(flops_presets),
+             "counter": "torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention; "
+                        "2 FLOPs per multiply-add)"}
+    return matrix, flops
 
 
 def _candidate(model_dir, backend, o, info, skip_unavailable, skipped, log):

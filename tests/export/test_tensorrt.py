@@ -3,15 +3,14 @@
 import importlib.util
 import json
 import shutil
-import types
 
-import onnx
 import pytest
 import torch
 
 from mmsep.export import tensorrt_build as tb, tensorrt_parity
 from mmsep.export.wrappers import stage_modules, stage_specs
 from mmsep.models import build_components
+from tests.export.fake_tensorrt_builder import fake_tensorrt
 from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
 
 
@@ -39,142 +38,7 @@ def test_build_engines_skips_with_the_reason(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-# ---- a fake TensorRT: checks the calls, flags and error handling of build_engine --------------
-
-def fake_tensorrt(*, strongly_typed_flag=True, parse_ok=True, build_ok=True, version="10.13.0",
-                  corrupt_cache="none"):
-    """A fake TensorRT builder. A timing cache serialises as b"cache:<version>|"; a cache made by
-    another version does not match (set_timing_cache(cache, False) returns False, as TensorRT's
-    does for another GPU or version); a corrupt blob makes create_timing_cache return None or,
-    with ``corrupt_cache="raise"``, raise (TensorRT logs "Serialization assertion magicTagRead ==
-    kMAGIC_TAG failed" for it; what the binding then does is not documented)."""
-    calls = {"shapes": {}, "cleared": [], "pool": None, "flags": None, "cache_in": None}
-
-    class _Severity:
-        INTERNAL_ERROR, ERROR, WARNING, INFO = range(4)
-
-    class ILogger:
-        Severity = _Severity
-
-        def __init__(self):
-            pass
-
-    class Error:
-        def __init__(self, index):
-            self.index = index
-
-        def node(self):
-            return self.index
-
-        def node_name(self):
-            return f"node_{self.index}"
-
-        def node_operator(self):
-            return "Conv"
-
-        def desc(self):
-            return f"unsupported thing {self.index}"
-
-    class Tensor:
-        def __init__(self, name):
-            self.name = name
-
-    class Network:
-        def __init__(self):
-            self.inputs, self.outputs = [], []
-
-        num_inputs = property(lambda self: len(self.inputs))
-        num_outputs = property(lambda self: len(self.outputs))
-
-        def get_input(self, i):
-            return Tensor(self.inputs[i])
-
-        def get_output(self, i):
-            return Tensor(self.outputs[i])
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network, self.num_errors = network, 0
-
-        def parse_from_file(self, path):
-            if not parse_ok:
-                self.num_errors = 2
-                return False
-            graph = onnx.load(path, load_external_data=False).graph
-            self.network.inputs = [v.name for v in graph.input]
-            self.network.outputs = [v.name for v in graph.output]
-            return True
-
-        def get_error(self, i):
-            return Error(i)
-
-    class Cache:
-        def __init__(self, made_by):
-            self.made_by = made_by
-
-        def serialize(self):
-            return b"cache:" + self.made_by.encode() + b"|"
-
-    class Config:
-        def set_memory_pool_limit(self, pool, size):
-            calls["pool"] = (pool, size)
-
-        def clear_flag(self, flag):
-            calls["cleared"].append(flag)
-
-        def add_optimization_profile(self, profile):
-            return 0
-
-        def create_timing_cache(self, blob):
-            calls["cache_in"] = blob = bytes(blob)
-            if not blob:
-                return Cache(version)
-            if not blob.startswith(b"cache:"):
-                if corrupt_cache == "raise":
-                    raise RuntimeError("Serialization assertion magicTagRead == kMAGIC_TAG failed")
-                return None
-            return Cache(blob[len(b"cache:"):blob.index(b"|")].decode())
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            if cache.made_by != version and not ignore_mismatch:
-                return False
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Profile:
-        def set_shape(self, name, low, opt, high):
-            calls["shapes"][name] = (tuple(low), tuple(opt), tuple(high))
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            calls["flags"] = flags
-            return Network()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            if not build_ok:
-                self.logger.log(_Severity.ERROR, "out of workspace")
-                return None
-            return b"ENGINE"
-
-    flags = types.SimpleNamespace(**({"STRONGLY_TYPED": 0} if strongly_typed_flag else {}))
-    trt = types.SimpleNamespace(
-        __version__=version, ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser,
-        NetworkDefinitionCreationFlag=flags, MemoryPoolType=types.SimpleNamespace(WORKSPACE="ws"),
-        BuilderFlag=types.SimpleNamespace(TF32="tf32"))
-    return trt, calls
-
+# ---- a fake TensorRT (fake_tensorrt_builder.py): the calls, flags and error handling of build_engine
 
 @pytest.fixture(scope="module")
 def vocoder_spec():
