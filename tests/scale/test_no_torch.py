@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.runtime.test_no_torch import BLOCKER
 from tests.scale.conftest import write_jobs
 
@@ -24,6 +26,8 @@ run_and_report(main, modules=modules)
 
 
 def test_scale_runs_without_torch(model_dir, job_inputs, tmp_path):
+    for module in ("ray.data", "ray.serve", "fastapi"):  # serve.py and --ray import them
+        pytest.importorskip(module, reason="the ray extra is not installed")
     jobs = write_jobs(tmp_path / "j.jsonl", [
         {"mix": str(job_inputs["other"]), "text": "a tone", "steps": 1}])
     proc = subprocess.run(
