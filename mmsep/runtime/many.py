@@ -226,6 +226,8 @@ def _run_batch(sep: Separator, live: dict[int, _Request], batch: list,
     involved = list(dict.fromkeys(i for i, _, _ in batch))
     try:
         waves, x1 = sep._run_batch(inputs, timings)
+        keeping = any(live[i].latents is not None for i in involved)
+        latents = sep.backend.to_host(x1) if keeping else None  # copied only when kept
     except Exception as exc:  # noqa: BLE001 - the requests of this batch fail
         for i in involved:
             out[i] = exc
@@ -233,9 +235,10 @@ def _run_batch(sep: Separator, live: dict[int, _Request], batch: list,
     for i in involved:  # a shared batch's time counts in each request that took part
         live[i].batches += 1
         live[i].timings.add(timings)
-    for (i, w, k), latent in zip(batch, x1):
-        if live[i].latents is not None:
-            live[i].latents[_item_index(live[i], w, k)] = latent
+    if latents is not None:
+        for (i, w, k), latent in zip(batch, latents):
+            if live[i].latents is not None:
+                live[i].latents[_item_index(live[i], w, k)] = latent
     return waves
 
 

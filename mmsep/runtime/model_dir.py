@@ -32,12 +32,16 @@ class ModelInfo:
     read once. The geometry's facts read as attributes of the model (``info.clip_len``)."""
 
     preset: str
-    latent_shape: tuple[int, int]
     default_steps: int
     default_cfg: float
     default_overlap_seconds: float
     max_batch: int
     geometry: Geometry
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(N, C) of one window's latent."""
+        return self.geometry.latent_len, self.geometry.latent_dim
 
     def __getattr__(self, name: str):
         if name.startswith("__") or name == "geometry":  # not set yet (copy, pickle)
@@ -150,7 +154,6 @@ def _model_info(manifest: dict) -> ModelInfo:
     model = manifest["model"]
     return ModelInfo(
         preset=str(model.get("preset", "")),
-        latent_shape=(int(model["latent_shape"][0]), int(model["latent_shape"][1])),
         default_steps=int(model["default_steps"]), default_cfg=float(model["default_cfg"]),
         default_overlap_seconds=float(model["default_overlap_seconds"]),
         max_batch=int(model["max_batch"]), geometry=Geometry.from_json(manifest["geometry"]))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -260,9 +261,9 @@ class Separator(Closing):
                 for w, lat in zip(ws, latent):
                     windows[w][Tensor.MIX_LATENT] = lat
 
-    def _run_batch(self, batch: BatchInputs, timings: Timings) -> tuple[np.ndarray, np.ndarray]:
+    def _run_batch(self, batch: BatchInputs, timings: Timings) -> tuple[np.ndarray, Any]:
         """One batch through conditioner, denoiser, VAE decoder and vocoder: (waveforms, final
-        latents)."""
+        latents as the backend's device value; ``backend.to_host`` copies them)."""
         backend = self.backend
         with timings.measure("conditioning"):
             inputs = {name: np.stack([w[name] for w in batch.windows])
@@ -277,7 +278,7 @@ class Separator(Closing):
             mel = backend.run(Stage.VAE_DECODER, {Tensor.LATENT: x1}, on_device=True)[Tensor.MEL]
         with timings.measure("vocode"):
             audio = backend.run(Stage.VOCODER, {Tensor.MEL: mel})[Tensor.WAVEFORM]
-        return audio, backend.to_host(x1)
+        return audio, x1
 
     def process_many(self, requests: Sequence[dict]) -> list:
         """Run several requests at once, their (window, text) items sharing batches; each
