@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -18,10 +19,11 @@ from pathlib import Path
 def atomic_output(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
     """Yield a new, empty temporary file in ``path``'s directory; on success it replaces ``path``.
 
-    - The temporary name is unique (``.<stem>.partial-<random><suffix>``, created exclusively),
-      so concurrent writers of one ``path`` never share a file: each renames a complete file
-      into place and the last one to finish wins. The suffix is kept for writers that pick a
-      container from the extension (soundfile, PyAV).
+    - The temporary name is unique (``.<stem>.partial-<pid>-<random><suffix>``, created
+      exclusively), so concurrent writers of one ``path`` never share a file: each renames a
+      complete file into place and the last one to finish wins. The suffix is kept for writers
+      that pick a container from the extension (soundfile, PyAV); the writer's process id lets
+      ``remove_stale_partials`` tell a killed writer's leftovers from a live one's.
     - ``durable``: the file's data is fsynced before the rename and the directory after it, so
       a crash or power loss leaves the old file or the new one, never a truncated one.
     - On any exception, KeyboardInterrupt included, the temporary file is removed and ``path``
@@ -87,7 +89,8 @@ def fsync_directory(directory: str | os.PathLike) -> None:
 
 def _create_unique(path: Path) -> Path:
     while True:
-        tmp = path.with_name(f".{path.stem}.partial-{secrets.token_hex(6)}{path.suffix}")
+        tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}-{secrets.token_hex(6)}"
+                             f"{path.suffix}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -101,3 +104,26 @@ def _fsync(path: Path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_PARTIAL = re.compile(r"^\..+\.partial-(\d+)-[0-9a-f]{12}(\.[^.]+)?$")  # _create_unique's names
+
+
+def remove_stale_partials(directory: str | os.PathLike) -> None:
+    """Remove the temporaries ``atomic_output`` left in ``directory`` when its process was killed
+    (SIGKILL, power loss); those of running processes are kept."""
+    for path in Path(directory).iterdir():
+        match = _PARTIAL.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; not a process id
+        return True
+    return True

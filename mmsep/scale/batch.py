@@ -16,11 +16,12 @@ import click
 
 from mmsep.exit_codes import EXIT_OK, EXIT_SOME_FAILED
 from mmsep.progress import Progress
+from mmsep.runtime.atomic import remove_stale_partials
 from mmsep.runtime.backends import BACKENDS
 from mmsep.runtime.cli import console_main
 
 from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, manifest_salt,
-                   parse_job, remove_stale_partials)
+                   parse_job)
 
 PROG = "mmsep-batch"
 

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,6 @@ from mmsep.runtime.errors import InputError, one_line
 RESULTS = "results.jsonl"
 FIELDS = ("video", "mix", "text", "negative_text", "generate", "duration", "seed", "steps", "cfg",
           "output")
-_PARTIAL = re.compile(r"^\..+\.partial-(\d+)\.[^.]+$")  # mmsep.runtime.atomic's temporary names
 
 
 @dataclass(frozen=True)
@@ -159,22 +157,3 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, InputError):
         return one_line(exc)
     return f"internal error: {type(exc).__name__}: {one_line(exc)}"
-
-
-def remove_stale_partials(out_dir: Path) -> None:
-    """Temporary outputs of a killed run (its process is gone) are removed."""
-    for path in Path(out_dir).iterdir():
-        match = _PARTIAL.match(path.name)
-        if match and not _alive(int(match.group(1))):
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,10 +1,13 @@
-"""atomic_files: files that name each other written under their final names, committed together."""
+"""atomic_files: files that name each other written under their final names, committed together;
+remove_stale_partials: what a killed writer left behind."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
-from mmsep.runtime.atomic import atomic_files
+from mmsep.runtime.atomic import atomic_files, atomic_output, remove_stale_partials
 
 
 def test_files_are_committed_in_order_and_the_scratch_goes(tmp_path, monkeypatch):
@@ -39,3 +42,18 @@ def test_an_error_leaves_the_directory_as_it_was(tmp_path):
             raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
     assert (tmp_path / "g.onnx").read_bytes() == b"old graph"
+
+
+def test_a_killed_writers_temporaries_are_removed_and_a_live_ones_kept(tmp_path):
+    target = tmp_path / "out.wav"
+    with atomic_output(target) as live:  # this process's temporary, in use
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()  # a process id that no longer runs
+        killed = tmp_path / f".out.partial-{gone.pid}-{'0' * 12}.wav"
+        killed.write_bytes(b"half an output")
+        other = tmp_path / ".notes.partial-draft.txt"  # not a name atomic_output makes
+        other.write_bytes(b"x")
+        remove_stale_partials(tmp_path)
+        assert live.name.startswith(f".out.partial-{os.getpid()}-")
+        assert live.exists() and other.exists() and not killed.exists()
+    assert target.exists() and not live.exists()
