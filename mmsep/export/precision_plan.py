@@ -212,6 +212,3 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
         init.data_location = TensorProto.DEFAULT
     return copy
 
-
-def _has_subgraphs(graph) -> bool:
-    return any(a.HasField("g") or len(a.graphs) for n in graph.node for a in n.attribute)

@@ -14,19 +14,6 @@ from .example_inputs import example_inputs
 from .parity import PARITY_BATCH, ParityResult, relative_l2
 
 
-def _torch_dtype(trt, dtype):
-    import torch
-
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-             trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,
-             trt.DataType.BOOL: torch.bool}
-    if hasattr(trt.DataType, "BF16"):
-        table[trt.DataType.BF16] = torch.bfloat16
-    if dtype not in table:
-        raise tb.EngineBuildError(f"engine tensor type {dtype} has no torch equivalent")
-    return table[dtype]
-
-
 def run_engine(engine_path: Path, spec: StageSpec, inputs: dict) -> dict:
     """Run a serialised engine once on CUDA torch tensors; returns the outputs (CUDA tensors)."""
     import torch
@@ -47,7 +34,7 @@ def run_engine(engine_path: Path, spec: StageSpec, inputs: dict) -> dict:
     keep, outputs = [], {}
     with torch.cuda.stream(stream):
         for tensor in spec.inputs:
-            dtype = _torch_dtype(trt, engine.get_tensor_dtype(tensor.name))
+            dtype = getattr(torch, tensor.dtype)  # the engine's, by check_engine_tensors
             value = inputs[tensor.name].to(device="cuda", dtype=dtype).contiguous()
             keep.append(value)
             need(context.set_input_shape(tensor.name, tuple(value.shape)),
@@ -58,7 +45,7 @@ def run_engine(engine_path: Path, spec: StageSpec, inputs: dict) -> dict:
             shape = tuple(context.get_tensor_shape(tensor.name))
             if any(d < 0 for d in shape):
                 need(False, f"infer the shape of output {tensor.name} (got {shape})")
-            dtype = _torch_dtype(trt, engine.get_tensor_dtype(tensor.name))
+            dtype = getattr(torch, tensor.dtype)
             outputs[tensor.name] = torch.empty(shape, dtype=dtype, device="cuda")
             need(context.set_tensor_address(tensor.name, outputs[tensor.name].data_ptr()),
                  f"bind output {tensor.name}")

@@ -15,7 +15,7 @@ from ..models.components import Components
 from ..models.flow import Conditions, MMAudioFlow
 from ..models.presets import CLIP_IMAGE_SIZE, SYNC_FPS, SYNC_IMAGE_SIZE, SYNC_SEGMENT_FRAMES, \
     SYNC_SEGMENT_STRIDE, SYNC_TOKENS_PER_SEGMENT
-from ..models.sampler import mixture_latent
+from ..models.sampler import guided_euler_step, mixture_latent
 from ..stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, Geometry, Stage, StageSpec, \
     build_stage_specs
 
@@ -170,8 +170,6 @@ class DenoiserStage(nn.Module):
         return denoiser(components.flow)
 
     def step(self, x, mix_latent, t, dt, cfg, conditioning: Conditions):
-        from ..models.sampler import guided_euler_step  # the sampler's formula, one place
-
         mix = None if mix_latent is None else torch.cat([mix_latent, mix_latent], dim=0)
         v = self.flow.velocity(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), conditioning,
                                mix)
