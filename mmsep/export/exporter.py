@@ -25,12 +25,13 @@ import torch
 from ..models.components import Components
 from ..runtime.atomic import fsync_directory
 from ..model_files import VOCAB_FILE, ManifestError, read_manifest, sha256_file
-from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, Stage, StageSpec
+from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, Geometry, Stage, StageSpec, \
+    build_stage_specs
 from . import manifest as mf
 from .errors import UsageError
 from .onnx_graph import OPSET, check_graph, export_onnx
 from .parity import check_onnxruntime
-from .wrappers import geometry, stage_modules, stage_specs
+from .wrappers import build_stage_modules, geometry
 
 EMPTY_FEATURES = "empty_features.npz"
 DEFAULT_STEPS = 25
@@ -75,8 +76,9 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     """
     out = Path(out)
     previous = _existing(out, force)
-    specs = stage_specs(components, max_batch=max_batch, mixture_latent=mixture_latent)
-    modules = stage_modules(components, mixture_latent)
+    g = geometry(components, mixture_latent)
+    specs = build_stage_specs(g, max_batch=max_batch)
+    modules = build_stage_modules(components, g)
     _check_disk(out, modules, specs, previous)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +93,7 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
             (reused if record.pop("_reused") else rebuilt).append(name)
             stages[name] = record
         extras = _write_extras(components, specs[Stage.CONDITIONER], tmp)
-        manifest = _manifest(components, specs, stages, extras, sources or {}, max_batch,
-                             mixture_latent)
+        manifest = _manifest(components, g, specs, stages, extras, sources or {}, max_batch)
         if engine_builder is not None:
             manifest["tensorrt"] = engine_builder(tmp, manifest, modules, previous)
         else:
@@ -171,8 +172,8 @@ def _write_extras(components: Components, conditioner: StageSpec, tmp: Path) -> 
             for role, name in (("empty_features", EMPTY_FEATURES), ("tokenizer", VOCAB_FILE.name))}
 
 
-def _manifest(components: Components, specs: dict[str, StageSpec], stages: dict, extras: dict,
-              sources: dict, max_batch: int, mixture_latent: str) -> dict:
+def _manifest(components: Components, g: Geometry, specs: dict[str, StageSpec], stages: dict,
+              extras: dict, sources: dict, max_batch: int) -> dict:
     c = components.flow.config
     manifest = mf.new_manifest()
     manifest["model"] = {
@@ -183,7 +184,7 @@ def _manifest(components: Components, specs: dict[str, StageSpec], stages: dict,
         "default_overlap_seconds": DEFAULT_OVERLAP, "max_batch": max_batch,
         "noise": NOISE_ORDER,
     }
-    manifest["geometry"] = geometry(components, mixture_latent).to_json()
+    manifest["geometry"] = g.to_json()
     manifest["sources"] = sources
     manifest["stage_order"] = list(specs)
     manifest["stages"] = stages

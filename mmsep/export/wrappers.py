@@ -17,7 +17,7 @@ from ..models.presets import CLIP_IMAGE_SIZE, SYNC_FPS, SYNC_IMAGE_SIZE, SYNC_SE
     SYNC_SEGMENT_STRIDE, SYNC_TOKENS_PER_SEGMENT
 from ..models.sampler import guided_euler_step, mixture_latent
 from ..stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, Geometry, Stage, StageSpec, \
-    build_stage_specs
+    build_stage_specs, stage_names
 
 WRAPPERS: dict[str, type[nn.Module]] = {}
 
@@ -214,11 +214,15 @@ def geometry(components: Components, mixture_latent: str = POSTERIOR_SAMPLE) -> 
         mixture_latent=mixture_latent if c.separation else None)
 
 
+def build_stage_modules(components: Components, g: Geometry) -> dict[str, nn.Module]:
+    """One export module per stage a model of geometry ``g`` has, in pipeline order."""
+    return {name: WRAPPERS[name].from_components(components, g)
+            for name in stage_names(g.separation)}
+
+
 def stage_modules(components: Components,
                   mixture_latent: str = POSTERIOR_SAMPLE) -> dict[str, nn.Module]:
-    """One export module per stage of the components' specs, in pipeline order."""
-    g = geometry(components, mixture_latent)
-    return {name: WRAPPERS[name].from_components(components, g) for name in build_stage_specs(g)}
+    return build_stage_modules(components, geometry(components, mixture_latent))
 
 
 def stage_specs(components: Components, *, max_batch: int = 4,
