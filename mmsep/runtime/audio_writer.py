@@ -60,6 +60,19 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, *,
     return path
 
 
+def open_audio_outputs(stack: contextlib.ExitStack, paths: list[Path], sample_rate: int,
+                       fmt: str, subtype: str | None, names: list[str] | None = None) -> list:
+    """One ``AudioWriter`` per output path, on its ``atomic_output`` temporary file, both closed
+    with ``stack`` (on success the files are renamed into place). ``names`` are what errors
+    call the files (default: the paths)."""
+    writers = []
+    for path, name in zip(paths, names or [str(p) for p in paths]):
+        tmp = stack.enter_context(atomic_output(path))
+        writers.append(stack.enter_context(
+            AudioWriter(tmp, sample_rate, format=fmt, subtype=subtype, name=name)))
+    return writers
+
+
 class AudioWriter(Closing):
     """A mono wav/flac/ogg file written piece by piece (``write``); PCM and Vorbis are clipped.
 

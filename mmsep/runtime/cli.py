@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from .audio_writer import FORMATS, SUBTYPES, output_format
+from .audio_writer import FORMATS, SUBTYPES, open_audio_outputs, output_format
 from .backends import BACKENDS
 from .mux import MUX_FORMATS
 
@@ -131,7 +131,7 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     # full-length copy is held); all are renamed into place together at the end, so a failure
     # or Ctrl-C anywhere leaves none of them behind
     with sep, contextlib.ExitStack() as outputs:
-        writers = _open_writers(outputs, paths, sep.sample_rate, fmt, subtype)
+        writers = open_audio_outputs(outputs, paths, sep.sample_rate, fmt, subtype)
         result = _separate(sep, writers, clock, show_progress, mix=mix, video=video,
                            text=texts or None, negative_text=negative_text, steps=steps,
                            cfg=cfg, seed=seed, generate=generate, duration=duration)
@@ -161,20 +161,6 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
         # processing seconds per second of audio (below 1: faster than real time)
         "real_time_factor": round(total_s / max(audio_seconds, 1e-9), 4),
     }
-
-
-def _open_writers(outputs: contextlib.ExitStack, paths: list[Path], sample_rate: int, fmt: str,
-                  subtype: str | None) -> list:
-    """One ``AudioWriter`` per output, on its temporary file; both closed with ``outputs``."""
-    from .atomic import atomic_output
-    from .audio import AudioWriter
-
-    writers = []
-    for path in paths:
-        tmp = outputs.enter_context(atomic_output(path))
-        writers.append(outputs.enter_context(
-            AudioWriter(tmp, sample_rate, format=fmt, subtype=subtype, name=path)))
-    return writers
 
 
 def _separate(sep, writers: list, clock, show_progress: bool, **request):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from mmsep.model_files import sha256_file
 from mmsep.runtime import Separator
-from mmsep.runtime.atomic import atomic_output
 from mmsep.runtime.audio import AudioWriter
+from mmsep.runtime.audio_writer import open_audio_outputs
 from mmsep.runtime.cli import check_input_files
 
 from .jobs import Job, failed_record
@@ -63,12 +63,9 @@ class JobWorker:
         check_input_files(job.options.get("video"), job.options.get("mix"))
         stack = contextlib.ExitStack()
         try:
-            writers = []
-            for name in job.outputs:
-                tmp = stack.enter_context(atomic_output(self.out_dir / name))
-                writers.append(stack.enter_context(AudioWriter(
-                    tmp, self.separator.sample_rate, format=job.format, subtype=self.subtype,
-                    name=name)))
+            writers = open_audio_outputs(stack, [self.out_dir / n for n in job.outputs],
+                                         self.separator.sample_rate, job.format, self.subtype,
+                                         names=list(job.outputs))
         except BaseException as exc:
             stack.__exit__(type(exc), exc, exc.__traceback__)
             raise
