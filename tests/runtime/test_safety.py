@@ -1,7 +1,6 @@
 """Never lose a user's data: outputs that are inputs are refused, writes are safe under faults."""
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from mmsep.model_files import sha256_file
 from mmsep.runtime import audio_writer
 from mmsep.runtime.atomic import atomic_output
 from mmsep.runtime.errors import InputError
@@ -24,14 +24,11 @@ from mmsep.runtime.example import tones
 from mmsep.runtime.mux import MUX_FORMATS, mux
 from mmsep.runtime.paths import check_output_dir, check_outputs
 from mmsep.runtime.separator import Separator
+from tests.runtime.media import decode_rgb
 from tests.runtime.test_cli import run_cli
 
 SR = 44100
 GENERATE = ["--text", "x", "--duration", 0.3, "--steps", 1, "-q"]
-
-
-def digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def listing(directory) -> list[str]:
@@ -111,7 +108,7 @@ def test_an_output_never_replaces_an_input(case, model_dir, media, tmp_path, cap
     tmp.mkdir()
     args, first, second = _clashes(tmp, media, model_dir)[case]
     monkeypatch.chdir(tmp)
-    before = {p: digest(p) for p in [*tmp.iterdir(), *Path(model_dir).iterdir()]}
+    before = {p: sha256_file(p) for p in [*tmp.iterdir(), *Path(model_dir).iterdir()]}
     names = listing(tmp)
 
     def never(*args, **kwargs):
@@ -124,7 +121,7 @@ def test_an_output_never_replaces_an_input(case, model_dir, media, tmp_path, cap
     assert line.startswith(f"mmsep-run: error: {first}"), line
     if second is not None:
         assert f"is the same file as {second}" in line
-    assert {p: digest(p) for p in before} == before and listing(tmp) == names
+    assert {p: sha256_file(p) for p in before} == before and listing(tmp) == names
 
 
 def test_a_model_file_is_never_an_output(model_dir, tmp_path, capsys):
@@ -186,11 +183,6 @@ def test_an_existing_directory_means_the_default_name_inside(model_dir, tmp_path
                                                                                "street.wav"]
 
 
-def _video_frames(path):
-    with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-
-
 @pytest.mark.parametrize("suffix", list(MUX_FORMATS))
 def test_every_mux_container_is_written_and_readable(suffix, media, tmp_path):
     out = tmp_path / f"muxed{suffix}"
@@ -203,7 +195,7 @@ def test_every_mux_container_is_written_and_readable(suffix, media, tmp_path):
         decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)])
     assert abs(decoded.size - stem.size) < 4096
     # the video stream is copied, not re-encoded: the same pictures come out
-    original, copied = _video_frames(media["av"]), _video_frames(out)
+    original, copied = decode_rgb(media["av"])[0], decode_rgb(out)[0]
     assert len(copied) == len(original)
     assert all(np.array_equal(a, b) for a, b in zip(original, copied))
     assert listing(tmp_path) == [out.name]
