@@ -1,5 +1,5 @@
-"""Fixtures of the mmsep.scale tests: the runtime tests' tiny model and media, job files, and one
-local Ray instance per test module (Ray takes seconds to start on a small machine)."""
+"""Fixtures of the mmsep.scale tests (the tiny model and media are tests/conftest.py's): job
+files, and one local Ray instance per test module (Ray takes seconds to start on a small machine)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 import soundfile as sf
 
 from mmsep.runtime.example import tones
-from tests.runtime.conftest import media, model_dir  # noqa: F401 - shared fixtures
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def local_ray():
 
 
 @pytest.fixture(scope="session")
-def job_inputs(tmp_path_factory, media) -> dict[str, Path]:  # noqa: F811
+def job_inputs(tmp_path_factory, media) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("job_inputs")
     sf.write(root / "mix.wav", tones(2.5, 44100, seed=1), 44100)
     sf.write(root / "other.wav", tones(1.5, 44100, seed=2, freqs=(330.0,)), 44100)
