@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark suite: real-size presets with random weights, every available GPU backend
-# against the reference-style PyTorch baseline (bf16), JSON per preset into OUT.
+# against the reference-style PyTorch baseline (bf16), and video preprocessing on the GPU path
+# (benchmarks/video.py; needs PyAV), JSON per preset into OUT.
 #
 #   benchmarks/gpu.sh [OUT]            (default OUT: bench-gpu)
 #
@@ -71,5 +72,11 @@ for preset in $presets; do
         --video-size "$video_size" \
         --flops-presets tiny,small_16k,small_44k,medium_44k,large_44k,large_44k_v2 \
         --cache-dir "$work/cache" --json "$out/rtf-$preset.json"
+    # video preprocessing on the GPU path: the CPU side against decoding, the device-side
+    # convert + resize of one window, end to end with and without the overlap (#12)
+    video_backend=${backends[-1]}
+    [[ $has_ort_cuda == 1 && $has_gpu == 1 ]] && video_backend=ort-cuda
+    python "$here/video.py" --model "$model" --backend "$video_backend" --synthetic 22 \
+        --runs "$repeats" --json "$out/video-$preset.json"
 done
 echo "gpu.sh: results in $out"

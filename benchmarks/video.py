@@ -36,6 +36,7 @@ from benchmarks import machine  # noqa: E402
 from mmsep.runtime import separator as separator_module  # noqa: E402
 from mmsep.runtime.backends import BACKENDS  # noqa: E402
 from mmsep.runtime.example import make_video, pattern_frame  # noqa: E402
+from mmsep.runtime.pixels import YuvFrames, yuv_frame  # noqa: E402
 from mmsep.runtime.video import VideoSource, WindowFrames  # noqa: E402
 from mmsep.runtime.windows import WindowPlan  # noqa: E402
 
@@ -65,16 +66,43 @@ class SerialWindows:
 
 
 class _Recorder:
-    """A stand-in resizer: keeps the first window's upload and returns nothing, so that the
-    host side of the device path (decode, RGB, gathering the distinct frames) is timed alone."""
+    """A stand-in resizer that returns nothing, so that the host side of the device path
+    (decode, the yuv420p planes or RGB, gathering the distinct frames) is timed alone. It notes
+    the kind of each upload; ``first_upload`` keeps a copy of one."""
 
     def __init__(self):
-        self.first = None
+        self.kinds = set()
 
     def run(self, frames, clip_index, sync_index):
-        if self.first is None:
-            self.first = (frames, clip_index, sync_index)
+        self.kinds.add("yuv420p planes" if isinstance(frames, YuvFrames) else "rgb")
         return None, None
+
+
+def yuv_calibration(path: Path) -> float:
+    """Seconds to measure swscale's conversion for the clip's first frame (``pixels``): paid
+    once per process, colour tags and frame size, so it is reported apart."""
+    started = time.perf_counter()
+    for _, frame in VideoSource(path).frames():
+        yuv_frame(frame)
+        break
+    return round(time.perf_counter() - started, 4)
+
+
+def first_upload(path: Path, starts, geometry) -> tuple:
+    """(frames, clip_index, sync_index) of the first window's upload, copied (the runtime
+    reuses its upload buffers)."""
+    kept = []
+
+    class Keeper:
+        def run(self, frames, clip_index, sync_index):
+            if isinstance(frames, YuvFrames):
+                frames = YuvFrames(*(plane.copy() for plane in frames[:3]), frames.conversion)
+            kept.append((frames, clip_index, sync_index))
+            return None, None
+
+    with WindowFrames(VideoSource(path), starts[:1], geometry, resizer=Keeper()) as frames:
+        frames.next_window()
+    return kept[0]
 
 
 def decode_only(path: Path) -> dict:
@@ -113,7 +141,7 @@ def device_times(resizer, window, repeats: int = 5) -> dict:
         resizer.run(frames, clip_index, sync_index)
         run_s.append(time.perf_counter() - started)
     ort = resizer._ort
-    session = resizer._session(*frames.shape[1:3])
+    session = resizer._session(frames)
     binding = session.io_binding()
     for name, value in resizer.graph_inputs(frames, clip_index, sync_index).items():
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
@@ -130,20 +158,31 @@ def device_times(resizer, window, repeats: int = 5) -> dict:
             "device_s": statistics.median(device_s[1:])}
 
 
-def per_frame_cpu(resizer, frames: np.ndarray, geometry) -> dict:
-    """Seconds per frame (both model inputs) of PIL and of the resize graph on ORT CPU."""
+def first_frames(frames, count: int):
+    """The first ``count`` frames of an upload (uint8 RGB array or ``YuvFrames``)."""
+    if isinstance(frames, YuvFrames):
+        return YuvFrames(*(plane[:count] for plane in frames[:3]), frames.conversion)
+    return frames[:count]
+
+
+def per_frame_cpu(resizer, frames, geometry) -> dict:
+    """Seconds per frame (both model inputs) of PIL and of the resize graph on ORT CPU (from
+    the upload's pixels: yuv420p planes or RGB)."""
     from mmsep.runtime.video import clip_image, sync_image
 
-    index = np.arange(len(frames))
-    resizer.run(frames[:1], index[:1], index[None, :1])  # builds the session
+    count = frames.shape[0]
+    index = np.arange(count)
+    resizer.run(first_frames(frames, 1), index[:1], index[None, :1])  # builds the session
     started = time.perf_counter()
     resizer.run(frames, index, index[None])
-    graph_s = (time.perf_counter() - started) / len(frames)
+    graph_s = (time.perf_counter() - started) / count
+    if isinstance(frames, YuvFrames):
+        frames = frames.conversion.to_rgb(*frames[:3])
     started = time.perf_counter()
     for frame in frames:
         clip_image(frame, geometry.clip_image_size)
         sync_image(frame, geometry.sync_image_size)
-    pil_s = (time.perf_counter() - started) / len(frames)
+    pil_s = (time.perf_counter() - started) / count
     return {"frame": list(frames.shape[1:3]), "pil_s": round(pil_s, 4),
             "graph_ort_cpu_s": round(graph_s, 4)}
 
@@ -176,12 +215,16 @@ def measure_clip(sep, name: str, path: Path, steps: int, runs: int) -> dict:
     starts = plan.start_seconds
     row = {"clip": name, "duration_s": round(source.duration, 3), "windows": len(starts),
            "decode_only": decode_only(path), "preprocess_pil": preprocess(path, starts, geometry)}
+    row["yuv_calibration_s"] = yuv_calibration(path)  # once per process and colour tags
     recorder = _Recorder()
     row["device_path_host"] = preprocess(path, starts, geometry, recorder)
+    row["device_path_host"]["upload"] = " + ".join(sorted(recorder.kinds))
+    window = first_upload(path, starts, geometry)
     if sep._resizer is not None:
-        row["per_window"] = device_times(sep._resizer, recorder.first)
+        row["per_window"] = device_times(sep._resizer, window)
     else:  # the per-backend choice: the graph on ORT CPU against PIL, per frame
-        row["per_frame_cpu"] = per_frame_cpu(_cpu_resizer(sep), recorder.first[0][:8], geometry)
+        row["per_frame_cpu"] = per_frame_cpu(_cpu_resizer(sep), first_frames(window[0], 8),
+                                             geometry)
     for key in ("seconds", "cpu_s"):  # CPU time: a fairer ratio on a shared machine
         decode_s = row["decode_only"][key]
         row[f"pil_over_decode_{key}"] = round(row["preprocess_pil"][key] / decode_s, 2)

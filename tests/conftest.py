@@ -78,3 +78,10 @@ def media(tmp_path_factory) -> dict[str, Path]:
         "pcm": make_video(root / "pcm.mkv", 1.5, fps=12, size=(120, 90), audio="pcm_s16le",
                           codec="mpeg4"),
     }
+
+
+@pytest.fixture(scope="session")
+def clip_720p(tmp_path_factory) -> Path:
+    """A short 1280x720 H.264 clip (pattern frames, encoded and decoded by PyAV)."""
+    return make_video(tmp_path_factory.mktemp("video") / "hd.mp4", 0.2, fps=25,
+                      size=(720, 1280), audio=None)

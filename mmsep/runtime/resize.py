@@ -16,8 +16,8 @@ only the rows and columns that the crop keeps.
 ``ResizePlan`` holds the matrices and the value mapping of one model input (CLIP: 384 x 384,
 aspect not kept, [0, 1]; Synchformer: short side 224, centre crop, [-1, 1]); ``resize_frames``
 evaluates a plan with numpy; ``FrameResizer`` runs both plans of a window as one small ONNX
-graph per input resolution on an ONNX Runtime device (uint8 frames in, the stages' float inputs
-out, left on the device). The graph is built with the ``onnx`` package, imported only there.
+graph per input resolution (``resize_graph``) on an ONNX Runtime device (uint8 frames in, the
+stages' float inputs out, left on the device).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+
+from .pixels import YUV_PLANES, YuvFrames
 
 BICUBIC_A = -0.5
 BICUBIC_SUPPORT = 2.0
@@ -132,12 +134,14 @@ def resize_frames(frames: np.ndarray, plan: ResizePlan) -> np.ndarray:
 class FrameResizer:
     """Both model inputs of a window from its uint8 frames, on an ONNX Runtime device.
 
-    ``run(frames, clip_index, sync_index)``: ``frames`` uint8 (U, H, W, 3), the distinct frames
-    the window selects; ``clip_index`` (clip_frames,) and ``sync_index`` (segments,
+    ``run(frames, clip_index, sync_index)``: ``frames`` the distinct frames the window selects,
+    uint8 RGB (U, H, W, 3) or their yuv420p planes (``pixels.YuvFrames``, converted on the
+    device exactly as swscale converts them on the host); ``clip_index`` (clip_frames,) and ``sync_index`` (segments,
     segment_frames) pick rows of ``frames``. Returns (clip, segments) as OrtValues on the device:
     float32 (clip_frames, 3, S, S) and (segments, segment_frames, 3, S', S'). Only the uint8
     frames and the indices are uploaded; each stream resizes only the frames it uses (at most
-    64 + 200 per 8 s window). One session per input resolution, kept.
+    64 + 200 per 8 s window). One session per input resolution (and YUV conversion),
+    kept.
     """
 
     def __init__(self, ort, device: str, device_id: int, clip_size: int, sync_size: int):
@@ -149,30 +153,42 @@ class FrameResizer:
             self._providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         self._sessions: dict[tuple[int, int], object] = {}
 
-    def _session(self, height: int, width: int):
-        session = self._sessions.get((height, width))
+    def _session(self, frames):
+        yuv = isinstance(frames, YuvFrames)
+        height, width = frames.shape[1:3]
+        key = (height, width, frames.conversion.key if yuv else None)
+        session = self._sessions.get(key)
         if session is None:
+            from .resize_graph import resize_graph
+
             graph = resize_graph(clip_plan(height, width, self.clip_size),
-                                 sync_plan(height, width, self.sync_size))
+                                 sync_plan(height, width, self.sync_size),
+                                 frames.conversion if yuv else None)
             options = self._ort.SessionOptions()
             options.log_severity_level = 3
             session = self._ort.InferenceSession(graph, options, providers=self._providers)
-            self._sessions[(height, width)] = session
+            self._sessions[key] = session
         return session
 
     @staticmethod
-    def graph_inputs(frames: np.ndarray, clip_index: np.ndarray,
+    def graph_inputs(frames, clip_index: np.ndarray,
                      sync_index: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph's inputs: segments overlap, so each Synchformer frame is resized once
-        (``sync_frames``) and the segments gathered from those (``segment_index``)."""
+        """The graph's inputs: the frames (RGB, or the three YUV planes), and the indices.
+        Segments overlap, so each Synchformer frame is resized once (``sync_frames``) and the
+        segments gathered from those (``segment_index``)."""
         sync_frames, segment_index = np.unique(sync_index, return_inverse=True)
-        return {"frames": np.ascontiguousarray(frames, np.uint8),
+        if isinstance(frames, YuvFrames):
+            pixels = {name: np.ascontiguousarray(getattr(frames, name), np.uint8)
+                      for name in YUV_PLANES}
+        else:
+            pixels = {"frames": np.ascontiguousarray(frames, np.uint8)}
+        return {**pixels,
                 "clip_index": np.ascontiguousarray(clip_index, np.int64),
                 "sync_frames": sync_frames.astype(np.int64),
                 "segment_index": segment_index.reshape(np.shape(sync_index)).astype(np.int64)}
 
-    def run(self, frames: np.ndarray, clip_index: np.ndarray, sync_index: np.ndarray):
-        session = self._session(*frames.shape[1:3])
+    def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray):
+        session = self._session(frames)
         binding = session.io_binding()
         for name, value in self.graph_inputs(frames, clip_index, sync_index).items():
             binding.bind_cpu_input(name, value)
@@ -181,57 +197,3 @@ class FrameResizer:
         session.run_with_iobinding(binding)
         clip, segments = binding.get_outputs()
         return clip, segments
-
-
-def resize_graph(clip: ResizePlan, sync: ResizePlan) -> bytes:
-    """The serialised ONNX graph of ``FrameResizer`` for one input resolution."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    # pick each stream's frames and transpose while uint8, then the passes in float64
-    nodes = [helper.make_node("Transpose", ["frames"], ["planes"], perm=[0, 3, 1, 2])]
-    doubles = {"half": 0.5, "zero": 0.0, "top": 255.0}
-    floats = {}
-    for name, plan, pick in (("clip", clip, "clip_index"), ("sync", sync, "sync_frames")):
-        doubles.update({f"{name}_rows": plan.rows, f"{name}_cols": plan.cols})
-        floats.update({f"{name}_scale": plan.scale, f"{name}_offset": plan.offset})
-        nodes += [helper.make_node("Gather", ["planes", pick], [f"{name}_u8"], axis=0),
-                  helper.make_node("Cast", [f"{name}_u8"], [f"{name}_in"],
-                                   to=TensorProto.DOUBLE)]
-        nodes += _pass(f"{name}_wide", [f"{name}_in", f"{name}_cols"])
-        nodes += _pass(f"{name}_grey", [f"{name}_rows", f"{name}_wide"])
-        nodes += [helper.make_node("Cast", [f"{name}_grey"], [f"{name}_q"], to=TensorProto.FLOAT),
-                  helper.make_node("Mul", [f"{name}_q", f"{name}_scale"], [f"{name}_scaled"]),
-                  helper.make_node("Add", [f"{name}_scaled", f"{name}_offset"],
-                                   ["clip" if name == "clip" else "sync_all"])]
-    nodes.append(helper.make_node("Gather", ["sync_all", "segment_index"], ["segments"], axis=0))
-    initializers = [numpy_helper.from_array(np.asarray(value, dtype), name)
-                    for values, dtype in ((doubles, np.float64), (floats, np.float32))
-                    for name, value in values.items()]
-    height, width = clip.rows.shape[1], clip.cols.shape[0]
-    inputs = [helper.make_tensor_value_info("frames", TensorProto.UINT8,
-                                            ["frames", height, width, 3]),
-              helper.make_tensor_value_info("clip_index", TensorProto.INT64, ["clip_frames"]),
-              helper.make_tensor_value_info("sync_frames", TensorProto.INT64, ["sync_frames"]),
-              helper.make_tensor_value_info("segment_index", TensorProto.INT64,
-                                            ["segments", "segment_frames"])]
-    outputs = [helper.make_tensor_value_info("clip", TensorProto.FLOAT,
-                                             ["clip_frames", 3, *clip.out_size]),
-               helper.make_tensor_value_info("segments", TensorProto.FLOAT,
-                                             ["segments", "segment_frames", 3, *sync.out_size])]
-    graph = helper.make_graph(nodes, "mmsep_frame_resize", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="mmsep")
-    model.ir_version = 8  # readable by every ONNX Runtime the runtime supports
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
-def _pass(out: str, operands: list[str]) -> list:
-    """One resize pass: the matrix product, then PIL's rounding to a grey level."""
-    from onnx import helper
-
-    return [helper.make_node("MatMul", operands, [f"{out}_sum"]),
-            helper.make_node("Add", [f"{out}_sum", "half"], [f"{out}_up"]),
-            helper.make_node("Floor", [f"{out}_up"], [f"{out}_floor"]),
-            helper.make_node("Clip", [f"{out}_floor", "zero", "top"], [out])]

@@ -16,9 +16,10 @@ Where frames are resized depends on the backend. On the CPU, resizing is PIL's (
 preprocessing time; PIL releases the GIL while it resamples), run on a small thread pool while
 decoding goes on, with a bounded number of frames in flight; the result is the same as resizing
 one frame after the other. Backends that resize on their device (``resize.FrameResizer``) get
-each window's distinct selected frames as one uint8 upload instead. ``next_images`` does the
-decoding and resizing and ``finish`` makes the float inputs, so that ``prefetch`` can run the
-first one window ahead on a producer thread.
+each window's distinct selected frames as one uint8 upload instead: the decoder's yuv420p planes,
+converted on the device exactly as swscale would (``pixels``), or RGB where that conversion
+could not be measured. ``next_images`` does the decoding and resizing and ``finish`` makes the
+float inputs, so that ``prefetch`` can run the first one window ahead on a producer thread.
 
 A video can also be given as an array: uint8 RGB frames of shape (T, H, W, 3) plus a frame rate
 (``VideoSource.from_array``); frame ``i`` then has timestamp ``i / fps``.
@@ -38,6 +39,7 @@ import numpy as np
 from ..closing import Closing
 from ..stages import Geometry
 from .errors import InputError, one_line
+from .pixels import YuvFrame, YuvFrames, rgb, yuv_frame
 from .resize import centre_crop, short_side
 
 TIME_TOLERANCE = 1e-6  # seconds; a frame this close below a target still reaches it
@@ -88,7 +90,8 @@ class VideoSource:
         return self
 
     def frames(self) -> Iterator[tuple[float, object]]:
-        """(timestamp in seconds, frame) in decode order; ``rgb(frame)`` gives uint8 (H, W, 3)."""
+        """(timestamp in seconds, frame) in decode order; ``pixels.rgb(frame)`` gives uint8
+        (H, W, 3)."""
         if self._array is not None:
             for i in range(self._array.shape[0]):
                 yield i / self._fps, self._array[i]
@@ -108,26 +111,6 @@ class VideoSource:
                     yield (index / rate if time is None else float(time)), frame
         except (av.FFmpegError, ValueError) as exc:
             raise InputError(f"{self.path}: corrupt video stream ({one_line(exc)})") from None
-
-
-def rgb(frame, reformatter=None) -> np.ndarray:
-    """uint8 (H, W, 3) RGB pixels of a decoded PyAV frame or an array frame.
-
-    Pass one ``av.video.reformatter.VideoReformatter`` for a stream of frames: it keeps its
-    swscale context, where ``frame.to_ndarray(format="rgb24")`` builds a new one per frame (same
-    pixels, about 30 times slower at small sizes).
-    """
-    if isinstance(frame, np.ndarray):
-        return frame
-    if reformatter is None:
-        return frame.to_ndarray(format="rgb24")
-    if frame.format.name == "yuv420p":
-        # same pixels as the default (bilinear) flag for this unscaled conversion, 2-3x faster
-        from av.video.reformatter import Interpolation
-
-        return reformatter.reformat(frame, format="rgb24",
-                                    interpolation=Interpolation.POINT).to_ndarray()
-    return reformatter.reformat(frame, format="rgb24").to_ndarray()
 
 
 def _duration(container, stream) -> float:
@@ -235,6 +218,7 @@ class WindowFrames(Closing):
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mmsep-resize")
         self._in_flight: deque[Future] = deque()
         self._max_in_flight = 2 * workers  # full-resolution frames held by pending resizes
+        self._upload_buffers: dict[str, np.ndarray] = {}  # YuvFrames.stack's, reused
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -272,13 +256,14 @@ class WindowFrames(Closing):
         clip, sync = self._clip.take(reached), self._sync.take(reached)
         if not clip and not sync:
             return
-        pixels = rgb(frame, self._reformatter)
         if self._resizer is not None:  # resized later, with the whole window
+            pixels = yuv_frame(frame) or rgb(frame, self._reformatter)
             held = Future()
             held.set_result(pixels)
             self._clip.fill(clip, held)
             self._sync.fill(sync, held)
             return
+        pixels = rgb(frame, self._reformatter)
         if clip:
             self._clip.fill(clip, self._submit(clip_image, pixels, self.geometry.clip_image_size))
         if sync:
@@ -332,14 +317,23 @@ class WindowFrames(Closing):
         return clip, segments
 
     def _resize_on_device(self, clip_images: list, sync_images: list):
-        """Upload each distinct selected frame once (uint8) with the indices that pick them."""
-        distinct: dict[int, tuple[int, np.ndarray]] = {}
+        """Upload each distinct selected frame once (uint8: the decoder's YUV planes where the
+        device can convert them as swscale does, else RGB) with the indices that pick them."""
+        distinct: dict[int, tuple[int, object]] = {}
         clip_index = [distinct.setdefault(id(p), (len(distinct), p))[0] for p in clip_images]
         sync_index = [distinct.setdefault(id(p), (len(distinct), p))[0] for p in sync_images]
-        frames = [p for _, p in distinct.values()]
-        if len({p.shape for p in frames}) > 1:  # the resolution changes inside this window
-            g = self.geometry
-            return ResizedImages(np.stack([clip_image(p, g.clip_image_size) for p in clip_images]),
-                                 np.stack([sync_image(p, g.sync_image_size) for p in sync_images]))
         sync_index = np.asarray(sync_index, np.int64)[self._segment_index()]
-        return self._resizer.run(np.stack(frames), np.asarray(clip_index, np.int64), sync_index)
+        clip_index = np.asarray(clip_index, np.int64)
+        frames = [p for _, p in distinct.values()]
+        kinds = {(p.size, p.conversion.key) if isinstance(p, YuvFrame) else p.shape
+                 for p in frames}
+        if len(kinds) == 1 and isinstance(frames[0], YuvFrame):
+            upload = YuvFrames.stack(frames, self._upload_buffers)
+            return self._resizer.run(upload, clip_index, sync_index)
+        as_rgb = {id(p): p.rgb() if isinstance(p, YuvFrame) else p for p in frames}
+        if len({p.shape for p in as_rgb.values()}) > 1:  # the resolution changes in this window
+            g = self.geometry
+            clip = [clip_image(as_rgb[id(p)], g.clip_image_size) for p in clip_images]
+            sync = [sync_image(as_rgb[id(p)], g.sync_image_size) for p in sync_images]
+            return ResizedImages(np.stack(clip), np.stack(sync))
+        return self._resizer.run(np.stack(list(as_rgb.values())), clip_index, sync_index)

@@ -81,7 +81,8 @@ def cache_key(clip: Clip, encoders: Encoders, lengths: SequenceLengths) -> str:
 
 def _decoded_frames(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from mmsep.runtime.errors import InputError
-    from mmsep.runtime.video import VideoSource, rgb
+    from mmsep.runtime.pixels import rgb
+    from mmsep.runtime.video import VideoSource
 
     try:
         pairs = [(t, rgb(frame)) for t, frame in VideoSource(path).frames()]

@@ -4,10 +4,12 @@ ONNX graph on ONNX Runtime (CPU) against the numpy evaluation."""
 import numpy as np
 import pytest
 
-from mmsep.runtime.example import make_video, pattern_frame
+from mmsep.runtime.example import pattern_frame
+from mmsep.runtime.pixels import rgb
 from mmsep.runtime.resize import (FrameResizer, bicubic_weights, clip_plan, resize_frames,
                                   sync_plan)
-from mmsep.runtime.video import VideoSource, WindowFrames, clip_image, rgb, sync_image
+from mmsep.runtime.resize_graph import band
+from mmsep.runtime.video import VideoSource, WindowFrames, clip_image, sync_image
 from tests.runtime.media import decode_rgb
 from tests.runtime.test_video import geometry
 
@@ -50,13 +52,6 @@ def test_synthetic_frames_match_pil(height, width):
     check_fidelity("pattern", pattern)
 
 
-@pytest.fixture(scope="module")
-def clip_720p(tmp_path_factory):
-    """A short 1280x720 H.264 clip (pattern frames, encoded and decoded by PyAV)."""
-    path = tmp_path_factory.mktemp("video") / "hd.mp4"
-    return make_video(path, 0.2, fps=25, size=(720, 1280), audio=None)
-
-
 def test_decoded_clips_match_pil(media, clip_720p):
     for name, path in (("example", media["av"]), ("h264-720p", clip_720p)):
         frames, _ = decode_rgb(path)
@@ -84,24 +79,41 @@ def test_weights_are_pils():
     assert (bicubic_weights(100, 50)[25] != 0).sum() == 8
 
 
-def test_graph_on_ort_cpu_matches_numpy():
+@pytest.mark.parametrize("height,width", [(241, 321), (720, 1280), (480, 270)])
+def test_graph_on_ort_cpu_matches_numpy(height, width):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     rng = np.random.default_rng(1)
-    frames = rng.integers(0, 256, (5, 241, 321, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (5, height, width, 3), dtype=np.uint8)
     clip_index = np.array([0, 0, 1, 2, 3, 4, 4])
     sync_index = np.array([[0, 1, 2], [2, 3, 4]])
     resizer = FrameResizer(ort, "cpu", 0, CLIP, SYNC)
     clip, segments = (v.numpy() for v in resizer.run(frames, clip_index, sync_index))
-    want_clip = resize_frames(frames, clip_plan(241, 321, CLIP))[clip_index]
-    want_sync = resize_frames(frames, sync_plan(241, 321, SYNC))[sync_index]
+    want_clip = resize_frames(frames, clip_plan(height, width, CLIP))[clip_index]
+    want_sync = resize_frames(frames, sync_plan(height, width, SYNC))[sync_index]
     assert clip.shape == (7, 3, CLIP, CLIP) and clip.dtype == np.float32
     assert segments.shape == (2, 3, 3, SYNC, SYNC) and segments.dtype == np.float32
-    for got, want, span in ((clip, want_clip, 1.0), (segments, want_sync, 2.0)):
+    for got, want in ((clip, want_clip), (segments, want_sync)):
         np.testing.assert_array_equal(got, want)
     assert len(resizer._sessions) == 1
     resizer.run(frames[:2], clip_index[:1], sync_index[:1, :1])
     assert len(resizer._sessions) == 1  # one graph per input resolution, reused
+
+
+@pytest.mark.parametrize("n_in,n_out", [(1280, 384), (720, 384), (1280, 224), (321, 384),
+                                        (50, 50), (100, 33)])
+def test_banded_weights_give_the_dense_product(n_in, n_out):
+    """The graph's blocks hold every weight of the dense matrix and read only a band of inputs
+    (a 1280 -> 384 pass multiplies a tenth of what the dense product does, 1280 -> 224 a
+    sixth)."""
+    dense = bicubic_weights(n_in, n_out)
+    index, weights = band(dense)
+    x = np.random.default_rng(n_in).integers(0, 256, (3, n_in)).astype(np.float64)
+    banded = np.einsum("bks,ksj->bkj", x[:, index], weights).reshape(3, -1)[:, :n_out]
+    np.testing.assert_array_equal(banded, x @ dense.T)
+    assert index.min() >= 0 and index.max() < n_in
+    if n_in >= 4 * n_out:
+        assert weights.size < dense.size / 4
 
 
 @pytest.mark.parametrize("fps", [5, 30])
