@@ -33,7 +33,10 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
-from mmsep.runtime import separator as separator_module  # noqa: E402
+from mmsep.closing import Closing  # noqa: E402
+from mmsep.runtime import many as pipeline  # noqa: E402
+from mmsep.runtime.requests import TIMING_KEYS  # noqa: E402
+from mmsep.runtime.separator import Separator  # noqa: E402
 from mmsep.runtime.backends import BACKENDS  # noqa: E402
 from mmsep.runtime.example import make_video, pattern_frame  # noqa: E402
 from mmsep.runtime.pixels import YuvFrames, yuv_frame  # noqa: E402
@@ -44,7 +47,7 @@ SCHEMA = "mmsep-video-benchmark/1"
 HD = (720, 1280)  # (height, width)
 
 
-class SerialWindows:
+class SerialWindows(Closing):
     """``PrefetchedWindows`` without the thread: each window is made when asked for (the
     behaviour before overlapping), with the same timing attributes."""
 
@@ -158,6 +161,19 @@ def device_times(resizer, window, repeats: int = 5) -> dict:
             "device_s": statistics.median(device_s[1:])}
 
 
+def fidelity(resizer, path: Path, start: float, geometry) -> dict:
+    """The device path's model inputs for the window at ``start`` against the host path's (PIL),
+    in grey levels: the largest difference and the mean (a shift) per model input."""
+    row = {}
+    with WindowFrames(VideoSource(path), [start], geometry) as host, \
+            WindowFrames(VideoSource(path), [start], geometry, resizer=resizer) as device:
+        pairs = zip(host.next_window(), device.next_window())
+        for name, span, (want, got) in zip(("clip", "sync"), (1.0, 2.0), pairs):
+            diff = (got.numpy().astype(np.float64) - want) * (255 / span)  # OrtValue: copied
+            row[name] = {"max_abs": float(np.abs(diff).max()), "mean": float(diff.mean())}
+    return row
+
+
 def first_frames(frames, count: int):
     """The first ``count`` frames of an upload (uint8 RGB array or ``YuvFrames``)."""
     if isinstance(frames, YuvFrames):
@@ -194,11 +210,11 @@ def end_to_end(sep, path: Path, steps: int, runs: int) -> dict:
     for _ in range(runs):
         for kind in ("before", "after"):
             if kind == "before":
-                with mock.patch.object(separator_module, "PrefetchedWindows", SerialWindows):
+                with mock.patch.object(pipeline, "PrefetchedWindows", SerialWindows):
                     timings = sep.process(video=path, steps=steps).timings
             else:
                 timings = sep.process(video=path, steps=steps).timings
-            stages = sum(timings[k] for k in separator_module.TIMING_KEYS)
+            stages = sum(timings[k] for k in TIMING_KEYS)
             results[kind].append({**timings, "stages_sum": stages})
     out = {}
     for kind, rows in results.items():
@@ -220,11 +236,12 @@ def measure_clip(sep, name: str, path: Path, steps: int, runs: int) -> dict:
     row["device_path_host"] = preprocess(path, starts, geometry, recorder)
     row["device_path_host"]["upload"] = " + ".join(sorted(recorder.kinds))
     window = first_upload(path, starts, geometry)
+    resizer = sep._resizer or _cpu_resizer(sep)
+    row["device_path_fidelity"] = fidelity(resizer, path, starts[0], geometry)
     if sep._resizer is not None:
         row["per_window"] = device_times(sep._resizer, window)
     else:  # the per-backend choice: the graph on ORT CPU against PIL, per frame
-        row["per_frame_cpu"] = per_frame_cpu(_cpu_resizer(sep), first_frames(window[0], 8),
-                                             geometry)
+        row["per_frame_cpu"] = per_frame_cpu(resizer, first_frames(window[0], 8), geometry)
     for key in ("seconds", "cpu_s"):  # CPU time: a fairer ratio on a shared machine
         decode_s = row["decode_only"][key]
         row[f"pil_over_decode_{key}"] = round(row["preprocess_pil"][key] / decode_s, 2)
@@ -294,7 +311,7 @@ def main(model_dir, backend, videos, synthetic, example, long_s, serial, steps, 
     report = {"schema": SCHEMA, "machine": machine.machine_info(), "versions": machine.versions(),
               "model": str(model_dir), "steps": steps, "runs": runs}
     with tempfile.TemporaryDirectory() as tmp, \
-            separator_module.Separator(model_dir, backend=backend) as sep:
+            Separator(model_dir, backend=backend) as sep:
         report["backend"] = sep.backend_name
         if long_s:
             path = Path(tmp) / "long.mp4"
@@ -305,8 +322,8 @@ def main(model_dir, backend, videos, synthetic, example, long_s, serial, steps, 
             child.join()
             if child.exitcode != 0:
                 raise click.ClickException(f"generating the {long_s:g} s video failed")
-            with mock.patch.object(separator_module, "PrefetchedWindows",
-                                   SerialWindows if serial else separator_module.PrefetchedWindows):
+            with mock.patch.object(pipeline, "PrefetchedWindows",
+                                   SerialWindows if serial else pipeline.PrefetchedWindows):
                 report["long"] = {"video_seconds": long_s, "serial": serial,
                                   **peak_rss(sep, path, steps)}
         else:

@@ -10,8 +10,9 @@ those same integer coefficients divided by 2**22 and the passes round the same w
 every product of a grey level and a coefficient, and every partial sum, is then a multiple of
 2**-22 below 2**9, exact in a double whatever the summation order, so the result equals PIL's
 bit for bit. (In float32 the sums are not exact and a value near a half can tip, by up to two
-grey levels after an upscale's second pass.) A centre crop is folded into the matrices by keeping
-only the rows and columns that the crop keeps.
+grey levels after an upscale's second pass; the device graph, ``resize_graph``, gets the same
+exactness in float32 by splitting each coefficient into small integer parts.) A centre crop is
+folded into the matrices by keeping only the rows and columns that the crop keeps.
 
 ``ResizePlan`` holds the matrices and the value mapping of one model input (CLIP: 384 x 384,
 aspect not kept, [0, 1]; Synchformer: short side 224, centre crop, [-1, 1]); ``resize_frames``

@@ -5,10 +5,18 @@ Each resize pass is banded: a bicubic output reads only a few neighbouring input
 times the downscale factor), so a dense ``(W, out)`` matrix product would multiply mostly zeros
 (at 1280 -> 384, 1 weight in 27 is non-zero). The outputs are split into blocks of
 ``BAND_BLOCK`` consecutive ones; each block reads one contiguous run of inputs, gathered once,
-and its weights form a small dense matrix, so one batched MatMul does the pass. The products and
-sums are those of the dense product in another order, exact in float64 (see ``resize``), so the
-result is still PIL's bit for bit. The graph is built with the ``onnx`` package, imported only
-here.
+and its weights form a small dense matrix, so one batched MatMul does the pass.
+
+The arithmetic is float32 and exact, with no float64 (which TensorRT lacks and most GPUs other
+than data-centre parts run at 1/32 to 1/64 of their float32 rate). PIL's coefficients are
+integers in units of 2**-22; each is split into three integer parts of at most 8 significant
+bits (``weight_parts``), and one MatMul against the three side by side gives three integer
+partial sums, each below 2**24 (exact in float32 whatever the summation order, and exact even
+where the device multiplies in TF32 or float16 with float32 accumulation). PIL's rounding,
+floor(sum + 1/2), is then taken from the three sums by carrying from the lowest part up
+(``_round_grey``), again in integers below 2**24. The result is PIL's grey levels bit for bit,
+like ``resize.resize_frames``'s float64 products. The graph is built with the ``onnx`` package,
+imported only here.
 """
 
 from __future__ import annotations
@@ -16,9 +24,13 @@ from __future__ import annotations
 import numpy as np
 
 from .pixels import YUV_PLANES
-from .resize import ResizePlan
+from .resize import PRECISION_BITS, ResizePlan
 
 BAND_BLOCK = 32  # outputs per block of a banded pass
+PART_BITS = 7  # a weight's 22 fixed-point bits in three integer parts (8, 7, 7 bits)
+PART_MASK = (1 << PART_BITS) - 1
+HALF = float(1 << (PRECISION_BITS - 1))  # one half, in units of 2**-22
+EXACT_FLOAT32 = 1 << 24  # integers below this are exact in float32
 
 
 def band(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,55 +75,85 @@ class _Graph:
         return name
 
 
-def _round_grey(g: _Graph, value: str, name: str) -> str:
-    """PIL's rounding of a pass: half up, clamped to [0, 255]."""
-    up = g.node("Add", [value, "half"], f"{name}_up")
-    floor = g.node("Floor", [up], f"{name}_floor")
-    return g.node("Clip", [floor, "zero", "top"], name)
+def weight_parts(weights: np.ndarray, axis: int) -> np.ndarray:
+    """Weights (multiples of 2**-22) as three float32 integer parts concatenated along ``axis``:
+    ``w * 2**22 = high * 2**14 + middle * 2**7 + low`` with middle and low in [0, 128)."""
+    fixed = np.rint(weights * (1 << PRECISION_BITS)).astype(np.int64)
+    assert np.array_equal(fixed / (1 << PRECISION_BITS), weights), "not PIL's fixed point"
+    parts = [fixed >> 2 * PART_BITS, (fixed >> PART_BITS) & PART_MASK, fixed & PART_MASK]
+    parts = np.concatenate(parts, axis=axis).astype(np.float32)
+    # every partial sum of 255 * part, plus the half added in rounding, stays an exact float32
+    span_axis = 1 if axis == 2 else 2
+    assert 255 * np.abs(parts).sum(axis=span_axis).max() + HALF < EXACT_FLOAT32
+    return parts
+
+
+def _round_grey(g: _Graph, summed: str, axis: int, size: int, name: str) -> str:
+    """PIL's rounding of a pass, floor(S + 1/2) clamped to [0, 255], from the three partial sums
+    along ``axis`` (``size`` each): S * 2**22 = A * 2**14 + B * 2**7 + C. The carries go from C
+    up to A, so every value is an integer below 2**24 and exact in float32."""
+    high, middle, low = (f"{name}_{part}" for part in ("high", "middle", "low"))
+    g.nodes.append(_split_node(summed, [high, middle, low], axis,
+                               g.constant(f"{name}_parts", [size] * 3, np.int64)))
+    low = g.node("Add", [low, "half"], f"{name}_low_up")
+    carry = g.node("Floor", [g.node("Mul", [low, "part_unit"], f"{name}_low_shift")],
+                   f"{name}_low_carry")
+    middle = g.node("Add", [middle, carry], f"{name}_middle_up")
+    carry = g.node("Floor", [g.node("Mul", [middle, "part_unit"], f"{name}_middle_shift")],
+                   f"{name}_middle_carry")
+    high = g.node("Add", [high, carry], f"{name}_high_up")
+    grey = g.node("Floor", [g.node("Mul", [high, "high_unit"], f"{name}_high_shift")],
+                  f"{name}_floor")
+    return g.node("Clip", [grey, "zero", "top"], name)
+
+
+def _split_node(value: str, outputs: list[str], axis: int, sizes: str):
+    from onnx import helper
+
+    return helper.make_node("Split", [value, sizes], outputs, axis=axis)
 
 
 def _columns_pass(g: _Graph, planes: str, cols: np.ndarray, name: str) -> str:
-    """uint8 (n, 3, H, W) -> float64 grey levels (n, 3, H, out_w)."""
+    """uint8 (n, 3, H, W) -> float32 grey levels (n, 3, H, out_w)."""
     from onnx import TensorProto
 
     index, weights = band(cols.T)
     runs = g.node("Gather", [planes, g.constant(f"{name}_index", index, np.int64)],
                   f"{name}_runs", axis=3)  # (n, 3, H, K, span), still uint8
     runs = g.node("Transpose", [runs], f"{name}_blocks", perm=[0, 1, 3, 2, 4])
-    runs = g.node("Cast", [runs], f"{name}_in", to=TensorProto.DOUBLE)
-    summed = g.node("MatMul", [runs, g.constant(f"{name}_weights", weights)], f"{name}_sum")
-    summed = g.node("Transpose", [summed], f"{name}_rows", perm=[0, 1, 3, 2, 4])  # (n,3,H,K,B)
-    flat = g.node("Reshape", [summed, g.constant(f"{name}_flat", [0, 0, 0, -1], np.int64)],
+    runs = g.node("Cast", [runs], f"{name}_in", to=TensorProto.FLOAT)
+    parts = g.constant(f"{name}_weights", weight_parts(weights, axis=2), np.float32)
+    summed = g.node("MatMul", [runs, parts], f"{name}_sum")  # (n, 3, K, H, 3 * B)
+    grey = _round_grey(g, summed, 4, BAND_BLOCK, f"{name}_grey")
+    grey = g.node("Transpose", [grey], f"{name}_rows", perm=[0, 1, 3, 2, 4])  # (n, 3, H, K, B)
+    flat = g.node("Reshape", [grey, g.constant(f"{name}_flat", [0, 0, 0, -1], np.int64)],
                   f"{name}_flat_out")
-    kept = g.node("Slice", [flat, g.constant(f"{name}_start", [0], np.int64),
+    return g.node("Slice", [flat, g.constant(f"{name}_start", [0], np.int64),
                             g.constant(f"{name}_stop", [cols.shape[1]], np.int64),
-                            g.constant(f"{name}_axis", [3], np.int64)], f"{name}_kept")
-    return _round_grey(g, kept, name)
+                            g.constant(f"{name}_axis", [3], np.int64)], name)
 
 
 def _rows_pass(g: _Graph, wide: str, rows: np.ndarray, out_w: int, name: str) -> str:
-    """float64 (n, 3, H, out_w) -> grey levels (n, 3, out_h, out_w)."""
+    """float32 grey levels (n, 3, H, out_w) -> (n, 3, out_h, out_w)."""
     index, weights = band(rows)
     runs = g.node("Gather", [wide, g.constant(f"{name}_index", index, np.int64)],
                   f"{name}_runs", axis=2)  # (n, 3, K, span, out_w)
-    weights = g.constant(f"{name}_weights", weights.transpose(0, 2, 1))  # (K, B, span)
-    summed = g.node("MatMul", [weights, runs], f"{name}_sum")  # (n, 3, K, B, out_w)
-    flat = g.node("Reshape", [summed, g.constant(f"{name}_flat", [0, 0, -1, out_w], np.int64)],
+    parts = weight_parts(weights.transpose(0, 2, 1), axis=1)  # (K, 3 * B, span)
+    summed = g.node("MatMul", [g.constant(f"{name}_weights", parts, np.float32), runs],
+                    f"{name}_sum")  # (n, 3, K, 3 * B, out_w)
+    grey = _round_grey(g, summed, 3, BAND_BLOCK, f"{name}_grey")
+    flat = g.node("Reshape", [grey, g.constant(f"{name}_flat", [0, 0, -1, out_w], np.int64)],
                   f"{name}_flat_out")
-    kept = g.node("Slice", [flat, g.constant(f"{name}_start", [0], np.int64),
+    return g.node("Slice", [flat, g.constant(f"{name}_start", [0], np.int64),
                             g.constant(f"{name}_stop", [rows.shape[0]], np.int64),
-                            g.constant(f"{name}_axis", [2], np.int64)], f"{name}_kept")
-    return _round_grey(g, kept, name)
+                            g.constant(f"{name}_axis", [2], np.int64)], name)
 
 
 def _stream(g: _Graph, name: str, plan: ResizePlan, pick: str, output: str) -> None:
     """One model input: pick its frames, both passes, then the stage's value mapping."""
-    from onnx import TensorProto
-
     frames = g.node("Gather", ["planes", pick], f"{name}_u8", axis=0)
     wide = _columns_pass(g, frames, plan.cols, f"{name}_wide")
-    grey = _rows_pass(g, wide, plan.rows, plan.out_size[1], f"{name}_grey")
-    grey = g.node("Cast", [grey], f"{name}_q", to=TensorProto.FLOAT)
+    grey = _rows_pass(g, wide, plan.rows, plan.out_size[1], f"{name}_tall")
     scaled = g.node("Mul", [grey, g.constant(f"{name}_scale", plan.scale, np.float32)],
                     f"{name}_scaled")
     g.node("Add", [scaled, g.constant(f"{name}_offset", plan.offset, np.float32)], output)
@@ -125,8 +167,9 @@ def resize_graph(clip: ResizePlan, sync: ResizePlan, conversion=None) -> bytes:
 
     height, width = clip.rows.shape[1], clip.cols.shape[0]
     g = _Graph()
-    for name, value in (("half", 0.5), ("zero", 0.0), ("top", 255.0)):
-        g.constant(name, value)
+    for name, value in (("half", HALF), ("zero", 0.0), ("top", 255.0),
+                        ("part_unit", 2.0 ** -PART_BITS), ("high_unit", 2.0 ** -8)):
+        g.constant(name, value, np.float32)
     if conversion is None:
         inputs = [helper.make_tensor_value_info("frames", TensorProto.UINT8,
                                                 ["frames", height, width, 3])]

@@ -36,3 +36,23 @@ def test_serial_windows_match_and_count_all_time_as_waited():
     assert serial.work_s == serial.wait_s > 0
     serial.close()
     plain.close()
+
+
+def test_a_short_run_reports_the_device_path(tiny_model_dir, tmp_path):
+    """One small clip end to end: the host side of the device path uploads yuv420p planes, and
+    the device path's model inputs (the graph on ORT CPU here) are PIL's, to the grey level."""
+    import json
+
+    out = tmp_path / "video.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny_model_dir),
+                           "--example", "2", "--runs", "1", "--steps", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (clip,) = json.loads(out.read_text())["clips"]
+    assert clip["device_path_host"]["upload"] == "yuv420p planes"
+    for model_input in ("clip", "sync"):
+        assert clip["device_path_fidelity"][model_input] == {"max_abs": 0.0, "mean": 0.0}
+    assert clip["yuv_calibration_s"] > 0 and clip["per_frame_cpu"]["graph_ort_cpu_s"] > 0
+    before, after = clip["end_to_end"]["before"], clip["end_to_end"]["after"]
+    assert before["decode_hidden"] == 0 < before["decode"]  # serial: the producer thread is off
+    assert after["decode"] > 0 and after["wall"] > 0

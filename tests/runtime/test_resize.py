@@ -8,7 +8,7 @@ from mmsep.runtime.example import pattern_frame
 from mmsep.runtime.pixels import rgb
 from mmsep.runtime.resize import (FrameResizer, bicubic_weights, clip_plan, resize_frames,
                                   sync_plan)
-from mmsep.runtime.resize_graph import band
+from mmsep.runtime.resize_graph import band, weight_parts
 from mmsep.runtime.video import VideoSource, WindowFrames, clip_image, sync_image
 from tests.runtime.media import decode_rgb
 from tests.runtime.test_video import geometry
@@ -114,6 +114,17 @@ def test_banded_weights_give_the_dense_product(n_in, n_out):
     assert index.min() >= 0 and index.max() < n_in
     if n_in >= 4 * n_out:
         assert weights.size < dense.size / 4
+
+
+def test_weight_parts_are_small_exact_integers():
+    """Three parts that give back PIL's fixed-point coefficients, each with at most 8 significant
+    bits (so that TF32 or float16 multipliers hold them exactly)."""
+    _, weights = band(bicubic_weights(1280, 384))
+    parts = weight_parts(weights, axis=2).astype(np.int64)
+    high, middle, low = np.split(parts, 3, axis=2)
+    np.testing.assert_array_equal((high * 2**14 + middle * 2**7 + low) / 2**22, weights)
+    assert np.abs(high).max() <= 256 and 0 <= middle.min() and middle.max() < 128
+    assert 0 <= low.min() and low.max() < 128 and high.min() < 0  # negative lobes kept
 
 
 @pytest.mark.parametrize("fps", [5, 30])
