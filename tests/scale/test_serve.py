@@ -59,7 +59,7 @@ def server(model_dir, tmp_path_factory):
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or a busy machine
             pass
         assert time.monotonic() < deadline, "mmsep-serve did not come up"
         time.sleep(1)
