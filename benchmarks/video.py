@@ -223,6 +223,23 @@ def end_to_end(sep, path: Path, steps: int, runs: int) -> dict:
     return out
 
 
+def preprocessing_passes(path: Path, starts, geometry, runs: int) -> dict:
+    """``decode_only``, ``preprocess_pil`` and ``device_path_host``, alternated over ``runs``
+    passes: the median of each field. ``first_pass_s`` is the device path's first pass, which
+    also allocates the decoder's and the upload's buffers."""
+    passes = {"decode_only": [], "preprocess_pil": [], "device_path_host": []}
+    recorder = _Recorder()
+    for _ in range(runs):
+        passes["decode_only"].append(decode_only(path))
+        passes["preprocess_pil"].append(preprocess(path, starts, geometry))
+        passes["device_path_host"].append(preprocess(path, starts, geometry, recorder))
+    row = {name: {key: statistics.median(p[key] for p in results) for key in results[0]}
+           for name, results in passes.items()}
+    row["device_path_host"]["first_pass_s"] = passes["device_path_host"][0]["seconds"]
+    row["device_path_host"]["upload"] = " + ".join(sorted(recorder.kinds))
+    return row
+
+
 def measure_clip(sep, name: str, path: Path, steps: int, runs: int) -> dict:
     info, geometry = sep.info, sep.info.geometry
     source = VideoSource(path)
@@ -230,11 +247,8 @@ def measure_clip(sep, name: str, path: Path, steps: int, runs: int) -> dict:
                       round(sep.overlap * info.sample_rate), info.sample_rate)
     starts = plan.start_seconds
     row = {"clip": name, "duration_s": round(source.duration, 3), "windows": len(starts),
-           "decode_only": decode_only(path), "preprocess_pil": preprocess(path, starts, geometry)}
-    row["yuv_calibration_s"] = yuv_calibration(path)  # once per process and colour tags
-    recorder = _Recorder()
-    row["device_path_host"] = preprocess(path, starts, geometry, recorder)
-    row["device_path_host"]["upload"] = " + ".join(sorted(recorder.kinds))
+           "yuv_calibration_s": yuv_calibration(path),  # once per process and colour tags
+           **preprocessing_passes(path, starts, geometry, runs)}
     window = first_upload(path, starts, geometry)
     resizer = sep._resizer or _cpu_resizer(sep)
     row["device_path_fidelity"] = fidelity(resizer, path, starts[0], geometry)
@@ -301,7 +315,8 @@ def peak_rss(sep, path: Path, steps: int) -> dict:
 @click.option("--serial", is_flag=True, help="With --long: decode serially (as before the "
               "overlap), for comparison.")
 @click.option("--steps", type=click.IntRange(1, 100), default=4, show_default=True)
-@click.option("--runs", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--runs", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Passes of each preprocessing measure and requests per end-to-end mode.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 def main(model_dir, backend, videos, synthetic, example, long_s, serial, steps, runs,
          json_path):

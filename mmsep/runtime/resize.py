@@ -165,11 +165,15 @@ class FrameResizer:
             graph = resize_graph(clip_plan(height, width, self.clip_size),
                                  sync_plan(height, width, self.sync_size),
                                  frames.conversion if yuv else None)
-            options = self._ort.SessionOptions()
-            options.log_severity_level = 3
-            session = self._ort.InferenceSession(graph, options, providers=self._providers)
+            session = self._ort.InferenceSession(graph, self._session_options(),
+                                                 providers=self._providers)
             self._sessions[key] = session
         return session
+
+    def _session_options(self):
+        options = self._ort.SessionOptions()
+        options.log_severity_level = 3
+        return options
 
     @staticmethod
     def graph_inputs(frames, clip_index: np.ndarray,

@@ -1,0 +1,54 @@
+"""The frame-resize graph on ONNX Runtime's CUDA provider (GPU machines only): every node on the
+GPU, and PIL's grey levels bit for bit from the decoder's yuv420p planes of a 720p H.264 clip."""
+
+import numpy as np
+import pytest
+
+from mmsep.runtime.pixels import YuvFrames, rgb, yuv_frame
+from mmsep.runtime.resize import FrameResizer, clip_plan, resize_frames, sync_plan
+
+pytestmark = pytest.mark.gpu
+CLIP, SYNC = 384, 224
+
+
+@pytest.fixture
+def ort_cuda():
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    return ort
+
+
+class StrictCudaResizer(FrameResizer):
+    """A FrameResizer whose sessions refuse to place any node on the CPU (ONNX Runtime then
+    wants the CUDA provider alone)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._providers = self._providers[:1]
+
+    def _session_options(self):
+        options = super()._session_options()
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        return options
+
+
+def test_yuv_frames_resize_on_the_gpu_as_pil(ort_cuda, clip_720p):
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    with av.open(str(clip_720p)) as container:
+        frames = [frame for _, frame in zip(range(4), container.decode(video=0))]
+    planes = YuvFrames.stack([yuv_frame(frame) for frame in frames])
+    reformatter = VideoReformatter()
+    colour = np.stack([rgb(frame, reformatter) for frame in frames])
+    clip_index, sync_index = np.array([0, 1, 2, 3]), np.array([[0, 1], [2, 3]])
+    resizer = StrictCudaResizer(ort_cuda, "cuda", 0, CLIP, SYNC)
+    want_clip = resize_frames(colour, clip_plan(720, 1280, CLIP))[clip_index]
+    want_sync = resize_frames(colour, sync_plan(720, 1280, SYNC))[sync_index]
+    for upload in (planes, colour):
+        clip, segments = resizer.run(upload, clip_index, sync_index)
+        assert clip.device_name() == segments.device_name() == "cuda"
+        np.testing.assert_array_equal(clip.numpy(), want_clip)
+        np.testing.assert_array_equal(segments.numpy(), want_sync)
