@@ -137,15 +137,18 @@ def _plane_view(plane) -> np.ndarray:
 def conversion_for(colorspace: int, color_range: int, height: int,
                    width: int) -> YuvConversion | None:
     """The measured conversion of (colour space, range), checked at this frame size; None where
-    swscale does not follow the additive model there."""
-    conversion = measure_conversion(colorspace, color_range)
-    if conversion is None:
+    swscale does not follow the additive model there, or refuses these tags (then so does the
+    RGB path, which reports it)."""
+    try:
+        conversion = measure_conversion(colorspace, color_range)
+        if conversion is None:
+            return None
+        rng = np.random.default_rng(height * 100_003 + width)
+        planes = _random_planes(rng, height, width)
+        return conversion if _matches_swscale(conversion, planes, colorspace, color_range) \
+            else None
+    except (OSError, ValueError):  # PyAV's FFmpeg errors derive from these
         return None
-    rng = np.random.default_rng(height * 100_003 + width)
-    planes = _random_planes(rng, height, width)
-    if not _matches_swscale(conversion, planes, colorspace, color_range):
-        return None
-    return conversion
 
 
 @functools.lru_cache(maxsize=8)

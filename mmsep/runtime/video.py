@@ -256,18 +256,28 @@ class WindowFrames(Closing):
         clip, sync = self._clip.take(reached), self._sync.take(reached)
         if not clip and not sync:
             return
+        pixels = self._pixels(frame)
         if self._resizer is not None:  # resized later, with the whole window
-            pixels = yuv_frame(frame) or rgb(frame, self._reformatter)
             held = Future()
             held.set_result(pixels)
             self._clip.fill(clip, held)
             self._sync.fill(sync, held)
             return
-        pixels = rgb(frame, self._reformatter)
         if clip:
             self._clip.fill(clip, self._submit(clip_image, pixels, self.geometry.clip_image_size))
         if sync:
             self._sync.fill(sync, self._submit(sync_image, pixels, self.geometry.sync_image_size))
+
+    def _pixels(self, frame):
+        """What the resize takes: for a device resizer the yuv420p planes where its conversion
+        holds, else RGB. A frame that swscale cannot convert is bad input."""
+        try:
+            if self._resizer is not None:
+                return yuv_frame(frame) or rgb(frame, self._reformatter)
+            return rgb(frame, self._reformatter)
+        except (OSError, ValueError) as exc:  # PyAV's FFmpeg errors derive from these
+            raise InputError(f"{self._name}: cannot convert a frame to RGB "
+                             f"({one_line(exc)})") from None
 
     def next_window(self) -> tuple:
         return self.finish(self.next_images())

@@ -8,6 +8,7 @@ from av.video.reformatter import VideoReformatter
 
 from mmsep.runtime import pixels
 from mmsep.runtime.pixels import YuvFrame, YuvFrames, conversion_for, rgb, yuv_frame
+from mmsep.runtime.errors import InputError
 from mmsep.runtime.video import VideoSource, WindowFrames
 from tests.runtime.test_video import geometry
 
@@ -57,6 +58,18 @@ def test_odd_height_keeps_the_rgb_path():
     assert yuv_frame(frame) is None
     assert yuv_frame(np.zeros((4, 4, 3), np.uint8)) is None
     assert yuv_frame(av.VideoFrame(64, 48, "yuv444p")) is None
+
+
+@pytest.mark.parametrize("with_resizer", [False, True], ids=["host", "device"])
+def test_a_frame_swscale_cannot_convert_is_bad_input(media, recorder, with_resizer):
+    frames = list(decoded(media["av"]))[:10]
+    frames[4].colorspace = 3  # reserved: swscale refuses it
+    assert conversion_for(3, 0, 96, 128) is None  # refused, not raised
+    source = DecodedFrames(frames, 30.0)
+    with WindowFrames(source, [0.0], geometry(1.0),
+                      resizer=recorder if with_resizer else None) as windows, \
+            pytest.raises(InputError, match="decoded frames: cannot convert a frame to RGB"):
+        windows.next_window()
 
 
 def test_a_conversion_that_is_not_additive_is_refused(monkeypatch):
