@@ -137,12 +137,12 @@ class FrameResizer:
 
     ``run(frames, clip_index, sync_index)``: ``frames`` the distinct frames the window selects,
     uint8 RGB (U, H, W, 3) or their yuv420p planes (``pixels.YuvFrames``, converted on the
-    device exactly as swscale converts them on the host); ``clip_index`` (clip_frames,) and ``sync_index`` (segments,
-    segment_frames) pick rows of ``frames``. Returns (clip, segments) as OrtValues on the device:
-    float32 (clip_frames, 3, S, S) and (segments, segment_frames, 3, S', S'). Only the uint8
-    frames and the indices are uploaded; each stream resizes only the frames it uses (at most
-    64 + 200 per 8 s window). One session per input resolution (and YUV conversion),
-    kept.
+    device exactly as swscale converts them on the host); ``clip_index`` (clip_frames,) and
+    ``sync_index`` (segments, segment_frames) pick rows of ``frames``. Returns (clip, segments)
+    as OrtValues on the device: float32 (clip_frames, 3, S, S) and (segments, segment_frames, 3,
+    S', S'). Only the uint8 frames and the indices are uploaded; each stream resizes only the
+    frames it uses (at most 64 + 200 per 8 s window). One session per input resolution (and YUV
+    conversion), kept.
     """
 
     def __init__(self, ort, device: str, device_id: int, clip_size: int, sync_size: int):
@@ -152,7 +152,7 @@ class FrameResizer:
         self._providers = ["CPUExecutionProvider"]
         if device == "cuda":
             self._providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        self._sessions: dict[tuple[int, int], object] = {}
+        self._sessions: dict[tuple, object] = {}  # (height, width, YUV conversion key or None)
 
     def _session(self, frames):
         yuv = isinstance(frames, YuvFrames)
