@@ -173,9 +173,9 @@ def resize_graph(clip: ResizePlan, sync: ResizePlan, conversion=None) -> bytes:
     if conversion is None:
         inputs = [helper.make_tensor_value_info("frames", TensorProto.UINT8,
                                                 ["frames", height, width, 3])]
+        g.node("Transpose", ["frames"], "planes", perm=[0, 3, 1, 2])  # channels first, uint8
     else:
         inputs = _yuv_to_rgb(g, conversion, height, width)
-    g.node("Transpose", ["frames"], "planes", perm=[0, 3, 1, 2])  # channels first, uint8
     _stream(g, "clip", clip, "clip_index", "clip")
     _stream(g, "sync", sync, "sync_frames", "sync_all")
     g.node("Gather", ["sync_all", "segment_index"], "segments", axis=0)
@@ -196,8 +196,9 @@ def resize_graph(clip: ResizePlan, sync: ResizePlan, conversion=None) -> bytes:
 
 
 def _yuv_to_rgb(g: _Graph, conversion, height: int, width: int) -> list:
-    """Inputs and nodes that make uint8 RGB ``frames`` (N, H, W, 3) from yuv420p planes with
-    ``conversion``'s tables: each plane's table looked up (float32, exact for these small
+    """Inputs and nodes that make uint8 RGB ``planes`` (N, 3, H, W) from yuv420p planes with
+    ``conversion``'s tables, one channel at a time (so that the float intermediates are one
+    channel's, 4 bytes per pixel): each plane's table looked up (float32, exact for these small
     integers), the chroma terms repeated over their 2 x 2 blocks, summed, clamped."""
     from onnx import TensorProto, helper
 
@@ -205,22 +206,30 @@ def _yuv_to_rgb(g: _Graph, conversion, height: int, width: int) -> list:
     sizes = ((height, width), (chroma_h, chroma_w), (chroma_h, chroma_w))
     inputs = [helper.make_tensor_value_info(name, TensorProto.UINT8, ["frames", *size])
               for name, size in zip(YUV_PLANES, sizes)]
-    for name, table in zip(YUV_PLANES, (conversion.luma, conversion.blue, conversion.red)):
-        at = g.node("Cast", [name], f"{name}_at", to=TensorProto.INT32)
-        g.node("Gather", [g.constant(f"{name}_table", table, np.float32), at], f"{name}_term",
-               axis=0)
-    chroma = g.node("Add", ["cb_term", "cr_term"], "chroma")
-    blocks = g.node("Unsqueeze", [chroma, g.constant("block_axes", [2, 4], np.int64)],
-                    "chroma_blocks")  # (N, h, 1, w, 1, 3)
-    repeated = g.node("Mul", [blocks, g.constant("blocks", np.ones((1, 1, 2, 1, 2, 1)),
-                                                 np.float32)], "chroma_repeated")
-    wide = g.node("Reshape", [repeated, g.constant(
-        "chroma_shape", [-1, 2 * chroma_h, 2 * chroma_w, 3], np.int64)], "chroma_wide")
-    full = g.node("Slice", [wide, g.constant("crop_start", [0, 0], np.int64),
-                            g.constant("crop_stop", [height, width], np.int64),
-                            g.constant("crop_axes", [1, 2], np.int64)], "chroma_full")
-    summed = g.node("Add", ["luma_term", full], "rgb_sum")
-    clamped = g.node("Clip", [summed, g.constant("rgb_min", 0.0, np.float32),
-                              g.constant("rgb_max", 255.0, np.float32)], "rgb_float")
-    g.node("Cast", [clamped], "frames", to=TensorProto.UINT8)
+    at = {name: g.node("Cast", [name], f"{name}_at", to=TensorProto.INT32) for name in YUV_PLANES}
+    for name, value in (("block_axes", [2, 4]), ("chroma_shape", [0, 2 * chroma_h, 2 * chroma_w]),
+                        ("crop_start", [0, 0]), ("crop_stop", [height, width]),
+                        ("crop_axes", [1, 2]), ("channel_axis", [1])):
+        g.constant(name, value, np.int64)
+    g.constant("blocks", np.ones((1, 1, 2, 1, 2)), np.float32)
+    g.constant("rgb_min", 0.0, np.float32)
+    g.constant("rgb_max", 255.0, np.float32)
+    channels = []
+    for c, colour in enumerate("rgb"):
+        terms = {name: g.node("Gather", [g.constant(f"{colour}_{name}_table", table[:, c],
+                                                    np.float32), at[name]],
+                              f"{colour}_{name}_term", axis=0)
+                 for name, table in zip(YUV_PLANES, (conversion.luma, conversion.blue,
+                                                     conversion.red))}
+        chroma = g.node("Add", [terms["cb"], terms["cr"]], f"{colour}_chroma")  # (N, h, w)
+        blocks = g.node("Unsqueeze", [chroma, "block_axes"], f"{colour}_chroma_blocks")
+        repeated = g.node("Mul", [blocks, "blocks"], f"{colour}_chroma_repeated")
+        wide = g.node("Reshape", [repeated, "chroma_shape"], f"{colour}_chroma_wide")
+        full = g.node("Slice", [wide, "crop_start", "crop_stop", "crop_axes"],
+                      f"{colour}_chroma_full")
+        summed = g.node("Add", [terms["luma"], full], f"{colour}_sum")
+        clamped = g.node("Clip", [summed, "rgb_min", "rgb_max"], f"{colour}_float")
+        grey = g.node("Cast", [clamped], f"{colour}_u8", to=TensorProto.UINT8)
+        channels.append(g.node("Unsqueeze", [grey, "channel_axis"], f"{colour}_plane"))
+    g.node("Concat", channels, "planes", axis=1)
     return inputs
