@@ -98,9 +98,7 @@ def first_upload(path: Path, starts, geometry) -> tuple:
 
     class Keeper:
         def run(self, frames, clip_index, sync_index):
-            if isinstance(frames, YuvFrames):
-                frames = YuvFrames(*(plane.copy() for plane in frames[:3]), frames.conversion)
-            kept.append((frames, clip_index, sync_index))
+            kept.append((each_plane(frames, np.copy), clip_index, sync_index))
             return None, None
 
     with WindowFrames(VideoSource(path), starts[:1], geometry, resizer=Keeper()) as frames:
@@ -174,11 +172,16 @@ def fidelity(resizer, path: Path, start: float, geometry) -> dict:
     return row
 
 
+def each_plane(frames, change):
+    """``change`` applied to an upload: a uint8 RGB array, or each plane of ``YuvFrames``."""
+    if isinstance(frames, YuvFrames):
+        return YuvFrames(*(change(plane) for plane in frames[:3]), frames.conversion)
+    return change(frames)
+
+
 def first_frames(frames, count: int):
     """The first ``count`` frames of an upload (uint8 RGB array or ``YuvFrames``)."""
-    if isinstance(frames, YuvFrames):
-        return YuvFrames(*(plane[:count] for plane in frames[:3]), frames.conversion)
-    return frames[:count]
+    return each_plane(frames, lambda planes: planes[:count])
 
 
 def per_frame_cpu(resizer, frames, geometry) -> dict:
@@ -193,7 +196,7 @@ def per_frame_cpu(resizer, frames, geometry) -> dict:
     resizer.run(frames, index, index[None])
     graph_s = (time.perf_counter() - started) / count
     if isinstance(frames, YuvFrames):
-        frames = frames.conversion.to_rgb(*frames[:3])
+        frames = frames.rgb()
     started = time.perf_counter()
     for frame in frames:
         clip_image(frame, geometry.clip_image_size)

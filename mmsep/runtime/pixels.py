@@ -28,6 +28,12 @@ CALIBRATION_ROWS = 64  # chroma rows of a calibration frame: 4 luma values per 2
 YUV_PLANES = ("luma", "cb", "cr")  # the plane fields of YuvFrame / YuvFrames, in plane order
 
 
+def chroma_size(height: int, width: int) -> tuple[int, int]:
+    """(height, width) of a yuv420p frame's chroma planes: one sample per 2 x 2 block, the last
+    row and column of odd sizes included."""
+    return (height + 1) // 2, (width + 1) // 2
+
+
 def rgb(frame, reformatter=None) -> np.ndarray:
     """uint8 (H, W, 3) RGB pixels of a decoded PyAV frame or an array frame.
 
@@ -113,6 +119,9 @@ class YuvFrames(NamedTuple):
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.luma.shape
+
+    def rgb(self) -> np.ndarray:
+        return self.conversion.to_rgb(self.luma, self.cb, self.cr)
 
 
 def yuv_frame(frame) -> YuvFrame | None:
@@ -248,7 +257,7 @@ def _merge(table: np.ndarray, learnt: np.ndarray) -> bool:
 
 
 def _random_planes(rng, height: int, width: int):
-    chroma = ((height + 1) // 2, (width + 1) // 2)
+    chroma = chroma_size(height, width)
     return (rng.integers(0, 256, (height, width), dtype=np.uint8),
             rng.integers(0, 256, chroma, dtype=np.uint8),
             rng.integers(0, 256, chroma, dtype=np.uint8))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .pixels import YUV_PLANES
+from .pixels import YUV_PLANES, chroma_size
 from .resize import PRECISION_BITS, ResizePlan
 
 BAND_BLOCK = 32  # outputs per block of a banded pass
@@ -62,13 +62,15 @@ class _Graph:
     def __init__(self):
         self.nodes, self.initializers = [], []
 
-    def node(self, op: str, inputs: list[str], output: str, **attributes) -> str:
+    def node(self, op: str, inputs: list[str], output: str | list[str], **attributes):
+        """Add one node; returns its output name (or names, given a list)."""
         from onnx import helper
 
-        self.nodes.append(helper.make_node(op, inputs, [output], **attributes))
+        outputs = [output] if isinstance(output, str) else output
+        self.nodes.append(helper.make_node(op, inputs, outputs, **attributes))
         return output
 
-    def constant(self, name: str, value, dtype=np.float64) -> str:
+    def constant(self, name: str, value, dtype) -> str:
         from onnx import numpy_helper
 
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype), name))
@@ -92,9 +94,9 @@ def _round_grey(g: _Graph, summed: str, axis: int, size: int, name: str) -> str:
     """PIL's rounding of a pass, floor(S + 1/2) clamped to [0, 255], from the three partial sums
     along ``axis`` (``size`` each): S * 2**22 = A * 2**14 + B * 2**7 + C. The carries go from C
     up to A, so every value is an integer below 2**24 and exact in float32."""
-    high, middle, low = (f"{name}_{part}" for part in ("high", "middle", "low"))
-    g.nodes.append(_split_node(summed, [high, middle, low], axis,
-                               g.constant(f"{name}_parts", [size] * 3, np.int64)))
+    sizes = g.constant(f"{name}_parts", [size] * 3, np.int64)
+    high, middle, low = g.node("Split", [summed, sizes],
+                               [f"{name}_{part}" for part in ("high", "middle", "low")], axis=axis)
     low = g.node("Add", [low, "half"], f"{name}_low_up")
     carry = g.node("Floor", [g.node("Mul", [low, "part_unit"], f"{name}_low_shift")],
                    f"{name}_low_carry")
@@ -107,10 +109,15 @@ def _round_grey(g: _Graph, summed: str, axis: int, size: int, name: str) -> str:
     return g.node("Clip", [grey, "zero", "top"], name)
 
 
-def _split_node(value: str, outputs: list[str], axis: int, sizes: str):
-    from onnx import helper
-
-    return helper.make_node("Split", [value, sizes], outputs, axis=axis)
+def _join_blocks(g: _Graph, blocks: str, shape: list[int], axis: int, size: int,
+                 name: str) -> str:
+    """Blocks of outputs reshaped to ``shape`` (the block axes merged into ``axis``), then the
+    last block's padding cut so that ``axis`` holds ``size`` outputs."""
+    flat = g.node("Reshape", [blocks, g.constant(f"{name}_flat", shape, np.int64)],
+                  f"{name}_flat_out")
+    return g.node("Slice", [flat, g.constant(f"{name}_start", [0], np.int64),
+                            g.constant(f"{name}_stop", [size], np.int64),
+                            g.constant(f"{name}_axis", [axis], np.int64)], name)
 
 
 def _columns_pass(g: _Graph, planes: str, cols: np.ndarray, name: str) -> str:
@@ -126,11 +133,7 @@ def _columns_pass(g: _Graph, planes: str, cols: np.ndarray, name: str) -> str:
     summed = g.node("MatMul", [runs, parts], f"{name}_sum")  # (n, 3, K, H, 3 * B)
     grey = _round_grey(g, summed, 4, BAND_BLOCK, f"{name}_grey")
     grey = g.node("Transpose", [grey], f"{name}_rows", perm=[0, 1, 3, 2, 4])  # (n, 3, H, K, B)
-    flat = g.node("Reshape", [grey, g.constant(f"{name}_flat", [0, 0, 0, -1], np.int64)],
-                  f"{name}_flat_out")
-    return g.node("Slice", [flat, g.constant(f"{name}_start", [0], np.int64),
-                            g.constant(f"{name}_stop", [cols.shape[1]], np.int64),
-                            g.constant(f"{name}_axis", [3], np.int64)], name)
+    return _join_blocks(g, grey, [0, 0, 0, -1], 3, cols.shape[1], name)
 
 
 def _rows_pass(g: _Graph, wide: str, rows: np.ndarray, out_w: int, name: str) -> str:
@@ -142,11 +145,7 @@ def _rows_pass(g: _Graph, wide: str, rows: np.ndarray, out_w: int, name: str) ->
     summed = g.node("MatMul", [g.constant(f"{name}_weights", parts, np.float32), runs],
                     f"{name}_sum")  # (n, 3, K, 3 * B, out_w)
     grey = _round_grey(g, summed, 3, BAND_BLOCK, f"{name}_grey")
-    flat = g.node("Reshape", [grey, g.constant(f"{name}_flat", [0, 0, -1, out_w], np.int64)],
-                  f"{name}_flat_out")
-    return g.node("Slice", [flat, g.constant(f"{name}_start", [0], np.int64),
-                            g.constant(f"{name}_stop", [rows.shape[0]], np.int64),
-                            g.constant(f"{name}_axis", [2], np.int64)], name)
+    return _join_blocks(g, grey, [0, 0, -1, out_w], 2, rows.shape[0], name)
 
 
 def _stream(g: _Graph, name: str, plan: ResizePlan, pick: str, output: str) -> None:
@@ -202,7 +201,7 @@ def _yuv_to_rgb(g: _Graph, conversion, height: int, width: int) -> list:
     integers), the chroma terms repeated over their 2 x 2 blocks, summed, clamped."""
     from onnx import TensorProto, helper
 
-    chroma_h, chroma_w = (height + 1) // 2, (width + 1) // 2
+    chroma_h, chroma_w = chroma_size(height, width)
     sizes = ((height, width), (chroma_h, chroma_w), (chroma_h, chroma_w))
     inputs = [helper.make_tensor_value_info(name, TensorProto.UINT8, ["frames", *size])
               for name, size in zip(YUV_PLANES, sizes)]

@@ -7,12 +7,12 @@ import pytest
 from av.video.reformatter import VideoReformatter
 
 from mmsep.runtime import pixels
-from mmsep.runtime.pixels import YuvFrame, YuvFrames, conversion_for, rgb, yuv_frame
 from mmsep.runtime.errors import InputError
+from mmsep.runtime.pixels import YuvFrame, YuvFrames, conversion_for, rgb, yuv_frame
 from mmsep.runtime.video import VideoSource, WindowFrames
+from tests.runtime.test_resize import CLIP, SYNC
 from tests.runtime.test_video import geometry
 
-CLIP, SYNC = 384, 224
 UNSPECIFIED, BT709, BT470BG = 2, 1, 5  # AVColorSpace
 MPEG, JPEG = 1, 2  # AVColorRange: limited, full
 

@@ -6,9 +6,9 @@ import pytest
 
 from mmsep.runtime.pixels import YuvFrames, rgb, yuv_frame
 from mmsep.runtime.resize import FrameResizer, clip_plan, resize_frames, sync_plan
+from tests.runtime.test_resize import CLIP, SYNC
 
 pytestmark = pytest.mark.gpu
-CLIP, SYNC = 384, 224
 
 
 @pytest.fixture
