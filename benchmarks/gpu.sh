@@ -1,27 +1,46 @@
 #!/usr/bin/env bash
-# GPU benchmark suite: real-size presets with random weights, every available GPU backend
-# against the reference-style PyTorch baseline (bf16), and video preprocessing on the GPU path
-# (benchmarks/video.py; needs PyAV), JSON per preset into OUT.
+# GPU suite, in phases (BENCHMARKS.md, "GPU run", says how it fits the H200 machine's calls):
+#   pytest   pytest -m gpu (every GPU test that runs without TensorRT), log in OUT
+#   export   random real-size weights of each preset and its model directory (fp32 + fp16 graphs;
+#            engines too where TensorRT is installed)
+#   loop     the denoiser loop alone: fp16/fp32 graphs, CUDA graphs on/off (denoiser_loop.py)
+#   parity   every stage's ONNX Runtime graphs (fp32, fp16) against PyTorch fp32 on the GPU, and
+#            the 25-step drift of fp16 next to the PyTorch reference's bf16 (gpu_parity.py)
+#   rtf      the runtime against the reference-style PyTorch pipeline (bf16), per stage and end
+#            to end (rtf.py)
+#   video    video preprocessing on the GPU path (video.py; needs PyAV)
+# Each phase's JSON (or log) goes to OUT; a phase that fails is reported and the next one runs;
+# the exit status is 1 when any failed. Model directories and inputs stay in MMSEP_BENCH_WORK, so
+# that a later call on the same machine can run the remaining phases.
 #
 #   benchmarks/gpu.sh [OUT]            (default OUT: bench-gpu)
 #
-# Environment: MMSEP_BENCH_PRESETS (default "large_44k_v2 small_16k"), MMSEP_BENCH_DURATIONS
-# (default "8"; "8,30" if time allows), MMSEP_BENCH_BATCH (default "1,4"), MMSEP_BENCH_REPEATS
-# (default 3), MMSEP_BENCH_VIDEO_SIZE (default 1280x720), MMSEP_BENCH_WORK (weights, model
-# directories and inputs; default OUT/work).
+# Environment: MMSEP_GPU_PHASES (default "pytest export loop parity rtf video"),
+# MMSEP_PARITY_STAGES (gpu_parity.py --stages; default all), MMSEP_BENCH_PRESETS (default
+# "large_44k_v2"), MMSEP_BENCH_DURATIONS (default "8"),
+# MMSEP_BENCH_BATCH (default "1,4"), MMSEP_BENCH_REPEATS (default 3), MMSEP_BENCH_VIDEO_SIZE
+# (default 1280x720), MMSEP_BENCH_WORK (default OUT/work).
 # MMSEP_BENCH_PRESETS=tiny runs the same logic on a CPU-only machine (ort-cpu, tiny model).
-set -euo pipefail
+set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${1:-bench-gpu}
-presets=${MMSEP_BENCH_PRESETS:-large_44k_v2 small_16k}
+phases=" ${MMSEP_GPU_PHASES:-pytest export loop parity rtf video} "
+presets=${MMSEP_BENCH_PRESETS:-large_44k_v2}
 durations=${MMSEP_BENCH_DURATIONS:-8}
 batch=${MMSEP_BENCH_BATCH:-1,4}
 repeats=${MMSEP_BENCH_REPEATS:-3}
 video_size=${MMSEP_BENCH_VIDEO_SIZE:-1280x720}
 work=${MMSEP_BENCH_WORK:-$out/work}
-mkdir -p "$out" "$work"
+mkdir -p "$out" "$work" || exit 2
+export PYTHONUNBUFFERED=1
+failed=()
 
+python - <<'PY' || exit 2
+import onnxruntime as ort
+if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu: CUDA and cuDNN from the torch install
+    ort.preload_dlls()
+PY
 has_gpu=$(python -c 'import torch; print(int(torch.cuda.is_available()))')
 has_ort_cuda=$(python -c 'import onnxruntime as o; print(int("CUDAExecutionProvider" in o.get_available_providers()))')
 has_trt=0
@@ -29,54 +48,72 @@ python -c 'import tensorrt' 2>/dev/null && has_trt=1
 
 backends=()
 if [[ $has_gpu == 1 ]]; then
-    if [[ $has_trt == 1 ]]; then
-        backends+=(trt)
-    else
-        echo "gpu.sh: TensorRT is not installed: no engines, measuring ONNX Runtime CUDA and torch"
-    fi
-    if [[ $has_ort_cuda == 1 ]]; then
-        backends+=(ort-cuda)
-    else
-        echo "gpu.sh: onnxruntime-gpu (CUDAExecutionProvider) is not installed: no ort-cuda"
-    fi
+    [[ $has_trt == 1 ]] && backends+=(trt) \
+        || echo "gpu.sh: TensorRT is not installed: no engines, measuring ONNX Runtime CUDA and torch"
+    [[ $has_ort_cuda == 1 ]] && backends+=(ort-cuda) \
+        || echo "gpu.sh: onnxruntime-gpu (CUDAExecutionProvider) is not installed: no ort-cuda"
     if [[ ${#backends[@]} == 0 ]]; then
         echo "gpu.sh: error: a GPU is present but neither TensorRT nor onnxruntime-gpu is" \
              "installed; install one of them" >&2
         exit 2
     fi
+    ort_backend=ort-cuda device=cuda
+    [[ $has_ort_cuda == 1 ]] || ort_backend=ort-cpu device=cpu
 else
     echo "gpu.sh: no CUDA GPU: falling back to ort-cpu (a check of this script's logic, not a GPU result)"
     backends=(ort-cpu)
+    ort_backend=ort-cpu device=cpu
 fi
 backend_list=$(IFS=,; echo "${backends[*]}")
 
+phase() {  # phase NAME COMMAND...: run it if selected, time it, record a failure
+    local name=$1
+    shift
+    [[ $phases == *" ${name%%:*} "* ]] || return 0
+    echo "gpu.sh: --- $name ---"
+    local started=$SECONDS
+    if "$@"; then
+        echo "gpu.sh: $name done in $((SECONDS - started)) s"
+    else
+        echo "gpu.sh: $name FAILED (exit $?) after $((SECONDS - started)) s"
+        failed+=("$name")
+    fi
+}
+
+export_model() {  # export_model PRESET DIR
+    if [[ $1 == tiny ]]; then
+        mmsep-export --preset tiny --out "$2" --quiet
+        return
+    fi
+    local weights=$work/weights-$1
+    if [[ ! -f $weights/weights/mmaudiosep_$1.pth ]]; then
+        python -m mmsep.models.random_weights --preset "$1" --out "$weights" || return
+    fi
+    # engines are built here where TensorRT and a GPU are present
+    mmsep-export --weights-dir "$weights" --variant "$1" --out "$2" --quiet
+}
+
+phase pytest bash -c "python -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee '$out/pytest-gpu.log'"
 for preset in $presets; do
-    case $preset in
-    tiny)
-        model=$work/models/tiny
-        mmsep-export --preset tiny --out "$model" --quiet
-        ;;
-    *)
-        weights=$work/weights-$preset
-        model=$work/models/$preset
-        if [[ ! -f $weights/weights/mmaudiosep_$preset.pth ]]; then
-            python -m mmsep.models.random_weights --preset "$preset" --out "$weights"
-        fi
-        # engines are built here where TensorRT and a GPU are present
-        mmsep-export --weights-dir "$weights" --variant "$preset" --out "$model" --quiet
-        ;;
-    esac
-    echo "gpu.sh: $preset on $backend_list (+ baseline), durations $durations, batch $batch"
-    python "$here/rtf.py" --model "$model" --backend "$backend_list" --skip-unavailable \
-        --durations "$durations" --batch "$batch" --repeats "$repeats" --warmup 1 \
-        --video-size "$video_size" \
+    model=$work/models/$preset
+    phase "export:$preset" export_model "$preset" "$model"
+    phase "loop:$preset" python "$here/denoiser_loop.py" --model "$model" --backend "$ort_backend" \
+        --batch "$batch" --repeats "$((repeats + 2))" --json "$out/loop-$preset.json"
+    phase "parity:$preset" python "$here/gpu_parity.py" --preset "$preset" --device "$device" \
+        ${MMSEP_PARITY_STAGES:+--stages "$MMSEP_PARITY_STAGES"} --workdir "$work/parity-$preset" \
+        --json "$out/parity-$preset.json"
+    phase "rtf:$preset" python "$here/rtf.py" --model "$model" --backend "$backend_list" \
+        --skip-unavailable --durations "$durations" --batch "$batch" --repeats "$repeats" \
+        --warmup 1 --video-size "$video_size" \
         --flops-presets tiny,small_16k,small_44k,medium_44k,large_44k,large_44k_v2 \
         --cache-dir "$work/cache" --json "$out/rtf-$preset.json"
-    # video preprocessing on the GPU path: the CPU side against decoding, the device-side
-    # convert + resize of one window, end to end with and without the overlap (#12)
-    video_backend=${backends[-1]}
-    [[ $has_ort_cuda == 1 && $has_gpu == 1 ]] && video_backend=ort-cuda
-    python "$here/video.py" --model "$model" --backend "$video_backend" --synthetic 22 \
-        --runs "$repeats" --json "$out/video-$preset.json"
+    # the CPU side against decoding, the device-side convert + resize of one window, end to end
+    # with and without the overlap (#12)
+    phase "video:$preset" python "$here/video.py" --model "$model" --backend "$ort_backend" \
+        --synthetic 22 --runs "$repeats" --json "$out/video-$preset.json"
 done
 echo "gpu.sh: results in $out"
+if [[ ${#failed[@]} -gt 0 ]]; then
+    echo "gpu.sh: failed phases: ${failed[*]}"
+    exit 1
+fi

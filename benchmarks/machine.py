@@ -70,7 +70,22 @@ def versions() -> dict:
     ort = _version("onnxruntime") or _version("onnxruntime", "onnxruntime-gpu")
     return {"python": sys.version.split()[0], "numpy": _version("numpy"), "onnxruntime": ort,
             "torch": _version("torch"), "tensorrt": _version("tensorrt"),
-            "mmsep": _version("mmsep")}
+            "mmsep": _version("mmsep"), "commit": git_commit()}
+
+
+def git_commit() -> str | None:
+    """The checkout's HEAD (with "+changes" when the tree differs from it), or None."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", root, *args], check=True, text=True,
+                                  capture_output=True, timeout=10).stdout.strip()
+
+        head = git("rev-parse", "HEAD")
+        return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
+                       else "") if head else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def rss_bytes() -> int:

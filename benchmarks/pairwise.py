@@ -31,7 +31,7 @@ class Candidate:
 
         self.sep = Separator(model_dir, backend=backend, threads=threads, max_batch=max_batch)
         self.name = self.sep.backend_name
-        self.precision = "fp32"  # ONNX Runtime runs the fp32 graphs
+        self.precision = self.sep.backend.precision  # ort-cuda: fp16 graphs, ort-cpu: fp32
         self.memory_kind = "device"
 
     def process(self, *, mix, video, texts, steps, cfg, seed):

@@ -179,7 +179,8 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
     torch.set_grad_enabled(False)
     model_dir, components = prepare_model(o["model_dir"], o["preset"], checkpoint=checkpoint,
                                           weights_dir=weights_dir, cache_dir=cache_dir, log=log)
-    info = ModelDir(model_dir, verify=False).info
+    model = ModelDir(model_dir, verify=False)
+    info = model.info
     durations = o["durations"] or [info.window_seconds]
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -210,7 +211,8 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
                          + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine.machine_info(), "versions": machine.versions(),
-            "model": {"dir": str(model_dir), "preset": info.preset, "precision": "fp32",
+            "model": {"dir": str(model_dir), "preset": info.preset,
+                      "graph_precisions": [p for p in ("fp32", "fp16") if model.has_precision(p)],
                       "sample_rate": info.sample_rate, "window_seconds": info.window_seconds,
                       "sources": read_manifest(model_dir).get("sources")},
             "settings": {"steps": o["steps"], "cfg": o["cfg"], "repeats": o["repeats"],
@@ -317,7 +319,8 @@ def _clip_image(candidate, baseline, model_flops, matrix, repeats) -> dict:
             if r:
                 times[name].append(time.perf_counter() - started)
     out = {"frames": model_flops["clip_frames"], "flops": model_flops["clip_image"]}
-    for name, on_gpu, precision in (("candidate", candidate.name != "ort-cpu", "fp32"),
+    for name, on_gpu, precision in (("candidate", candidate.name != "ort-cpu",
+                                     candidate.precision),
                                     ("baseline", baseline.device.type == "cuda",
                                      baseline.precision)):
         median = statistics.median(times[name])

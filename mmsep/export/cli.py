@@ -56,8 +56,11 @@ _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
                    "sample mean + std * noise, not normalised (the authors' evaluation), or the "
                    "normalised posterior mean. Recorded in the manifest.")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
-              show_default=True, help="TensorRT engine precision (strongly typed: fp16/bf16 engines "
-                                      "are built from mixed-precision copies of the graphs).")
+              show_default=True,
+              help="Reduced precision. fp16: mixed-precision copies of the graphs (fp32 inputs and "
+                   "outputs) are written and checked, ONNX Runtime CUDA runs them, and fp16 "
+                   "TensorRT engines are built from them; bf16: bf16 engines, no ONNX copies; "
+                   "fp32: no copies, fp32 engines.")
 @click.option("--engines/--no-engines", default=True, show_default=True,
               help="Build TensorRT engines when TensorRT and a CUDA GPU are present.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
@@ -83,7 +86,8 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
                 checkpoint = _variant_checkpoint(checkpoint, preset, weights_dir, variant)
             result = _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer,
                           out, duration, max_batch, seed, force, quiet,
-                          engine_options if engines else None, mixture_latent)
+                          engine_options if engines else None, mixture_latent,
+                          ("fp16",) if precision == "fp16" else ())
     except (UsageError, CheckpointError) as exc:
         click.echo(f"mmsep-export: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -111,7 +115,8 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
 
 
 def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
-         max_batch, seed, force, quiet, engine_options, mixture_latent=POSTERIOR_SAMPLE):
+         max_batch, seed, force, quiet, engine_options, mixture_latent=POSTERIOR_SAMPLE,
+         onnx_precisions=()):
     import torch
 
     from ..models.components import build_components, load_components
@@ -153,7 +158,8 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     builder, skipped = _engine_builder(engine_options, log)
     return export_model(components, out, max_batch=max_batch, sources=sources, force=force,
                         stage_progress=stage_progress, log=log, engine_builder=builder,
-                        engines_skipped=skipped, mixture_latent=mixture_latent)
+                        engines_skipped=skipped, mixture_latent=mixture_latent,
+                        onnx_precisions=onnx_precisions)
 
 
 def _check_out(out: Path, inputs: dict) -> None:

@@ -3,6 +3,8 @@
 Layout of a model directory:
     manifest.json              contracts, sources, hashes, validation results (mmsep.export.manifest)
     <stage>.onnx[.data]        one graph per stage (external data for large graphs)
+    <stage>.fp16.onnx[.data]   its mixed-precision copy (fp32 I/O), for ONNX Runtime CUDA and
+                               TensorRT, unless the export's precision is not fp16
     <stage>.<precision>.engine TensorRT engines, when built
     empty_features.npz         the flow network's learned empty clip/sync/text features
     bpe_simple_vocab_16e6.txt.gz   CLIP tokenizer vocabulary
@@ -63,7 +65,8 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
                  stage_progress: Callable | None = None, log: Progress = print,
                  engine_builder: Callable | None = None,
                  engines_skipped: str = "not requested",
-                 mixture_latent: str = POSTERIOR_SAMPLE) -> ExportResult:
+                 mixture_latent: str = POSTERIOR_SAMPLE,
+                 onnx_precisions: tuple[str, ...] = ("fp16",)) -> ExportResult:
     """Export every stage of ``components`` into ``out``.
 
     Stages whose content key (contract, weights, opset, exporter versions) matches the manifest
@@ -72,14 +75,16 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     ``engine_builder(tmp_dir, manifest, modules, previous)`` returns the manifest's "tensorrt"
     section; without one, that section records ``engines_skipped`` as the reason.
     ``mixture_latent`` is the mix_encoder's convention (``mmsep.stages.MIXTURE_LATENTS``),
-    recorded in the manifest's geometry.
+    recorded in the manifest's geometry. ``onnx_precisions`` are the reduced-precision graph
+    copies written beside each fp32 graph (``mixed_precision.convert_graph``) and checked against
+    PyTorch fp32 on ONNX Runtime's CPU provider; each is recorded under the stage's "reduced".
     """
     out = Path(out)
     previous = _existing(out, force)
     g = geometry(components, mixture_latent)
     specs = build_stage_specs(g, max_batch=max_batch)
     modules = build_stage_modules(components, g)
-    _check_disk(out, modules, specs, previous)
+    _check_disk(out, modules, specs, len(onnx_precisions))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(6)}"  # unique per run
@@ -90,7 +95,10 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
         iterator = stage_progress(names) if stage_progress else names
         for name in iterator:
             record = _export_stage(name, modules[name], specs[name], tmp, previous, log)
-            (reused if record.pop("_reused") else rebuilt).append(name)
+            record["reduced"], converted = _reduced_graphs(
+                name, modules[name], specs[name], record["key"], tmp, previous, onnx_precisions,
+                log)
+            (reused if record.pop("_reused") and not converted else rebuilt).append(name)
             stages[name] = record
         extras = _write_extras(components, specs[Stage.CONDITIONER], tmp)
         manifest = _manifest(components, g, specs, stages, extras, sources or {}, max_batch)
@@ -142,10 +150,45 @@ def _export_stage(name: str, module: torch.nn.Module, spec: StageSpec, tmp: Path
     files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
                    p.name.startswith(f"{name}.onnx."))
     log(f"{name}: exported in {export_s:.1f} s, ONNX Runtime rel L2 {parity.worst:.1e}")
-    return {"key": key, "weights_sha256": weights, "spec": spec.to_json(), "files": {
-        f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
-        "onnx": path.name, "graph": graph, "parity": {"onnxruntime": parity.to_json()},
-        "export_seconds": round(export_s, 2), "_reused": False}
+    return {"key": key, "weights_sha256": weights, "spec": spec.to_json(),
+            "files": _file_records(tmp, files), "onnx": path.name, "graph": graph,
+            "parity": {"onnxruntime": parity.to_json()}, "export_seconds": round(export_s, 2),
+            "_reused": False}
+
+
+def _reduced_graphs(name: str, module: torch.nn.Module, spec: StageSpec, key: str, tmp: Path,
+                    previous: dict | None, precisions: tuple[str, ...],
+                    log: Progress) -> tuple[dict, bool]:
+    """The stage's reduced-precision copies of ``tmp/<name>.onnx`` (content key ``key``): reused
+    from ``previous`` when made from the same fp32 graph by the same conversion pass and intact,
+    else converted and checked. Returns them and whether any was converted."""
+    from .mixed_precision import PASS_VERSION, convert_graph
+    from .precision_parity import check_reduced_precision
+
+    old = (previous or {}).get("stages", {}).get(name, {}).get("reduced", {})
+    records = {}
+    for precision in precisions:
+        kept = old.get(precision)
+        if kept and kept.get("source_key") == key and kept.get("pass") == PASS_VERSION \
+                and _reuse_files(kept["files"], tmp, previous["_dir"]):
+            records[precision] = kept
+            continue
+        path = tmp / f"{name}.{precision}.onnx"
+        summary = convert_graph(tmp / f"{name}.onnx", path, spec, precision)
+        parity = check_reduced_precision(module, spec, path, precision)
+        log(f"{name}: {precision} graph, ONNX Runtime CPU rel L2 {parity.worst:.1e}")
+        files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
+                       p.name.startswith(f"{path.name}."))
+        records[precision] = {
+            "onnx": path.name, "files": _file_records(tmp, files), "source_key": key,
+            "pass": PASS_VERSION, "fp32_nodes": summary["fp32_nodes"],
+            "parity": {"onnxruntime": parity.to_json()}}
+    return records, any(records[p] is not old.get(p) for p in records)
+
+
+def _file_records(directory: Path, names: list[str]) -> dict:
+    return {f: {"sha256": sha256_file(directory / f), "bytes": (directory / f).stat().st_size}
+            for f in names}
 
 
 def _reuse_files(files: dict, tmp: Path, old_dir: str) -> bool:
@@ -198,7 +241,13 @@ def _same_payload(previous: dict, manifest: dict) -> bool:
     return all(previous.get(k) == manifest.get(k) for k in keys) and \
         {n: s["key"] for n, s in previous["stages"].items()} == \
         {n: s["key"] for n, s in manifest["stages"].items()} and \
+        _reduced_keys(previous) == _reduced_keys(manifest) and \
         _engine_keys(previous) == _engine_keys(manifest)
+
+
+def _reduced_keys(manifest: dict) -> dict:
+    return {n: {p: (r["source_key"], r["pass"]) for p, r in s.get("reduced", {}).items()}
+            for n, s in manifest["stages"].items()}
 
 
 def _engine_keys(manifest: dict) -> tuple:
@@ -207,9 +256,9 @@ def _engine_keys(manifest: dict) -> tuple:
     return section.get("status"), section.get("reason"), {n: e["key"] for n, e in engines.items()}
 
 
-def _check_disk(out: Path, modules: dict, specs: dict, previous: dict | None) -> None:
+def _check_disk(out: Path, modules: dict, specs: dict, reduced_copies: int) -> None:
     needed = sum(p.numel() * 4 for name in specs for p in modules[name].parameters())
-    needed = int(needed * 1.2) + (64 << 20)
+    needed = int(needed * (1.2 + 0.6 * reduced_copies)) + (64 << 20)  # a copy: half the weights
     parent = out.parent if out.parent.exists() else Path.cwd()
     free = shutil.disk_usage(parent).free
     if free < needed:

@@ -24,7 +24,7 @@ import click
 
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from .audio_writer import FORMATS, SUBTYPES, open_audio_outputs, output_format
-from .backends import BACKENDS
+from .backends import BACKENDS, PRECISIONS
 from .mux import MUX_FORMATS
 
 PROG = "mmsep-run"
@@ -80,6 +80,11 @@ PROG = "mmsep-run"
                    "CUDA, then ONNX Runtime CPU, and says which.")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="ONNX Runtime's graphs: auto runs the fp16 mixed-precision graphs on CUDA "
+                   "(fp32 where the model directory has none) and fp32 on the CPU; fp32 runs "
+                   "fp32 with TF32 off. TensorRT engines keep the precision they were built "
+                   "with.")
 @click.option("--no-verify", is_flag=True,
               help="Skip the SHA-256 check of the model files at load (sizes are still "
                    "checked); saves seconds on multi-GB models.")
@@ -95,14 +100,16 @@ PROG = "mmsep-run"
                    "lists every field.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary output.")
 def cli(model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
-        steps, cfg, seed, overlap, max_batch, backend, threads, no_verify, mux, as_json, quiet):
+        steps, cfg, seed, overlap, max_batch, backend, threads, precision, no_verify, mux, as_json,
+        quiet):
     """Separate the sound of a video / text query from a mixture (or generate it) with an
     exported MMAudioSep model, without PyTorch."""
     summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
                   negative_text=negative_text, generate=generate, duration=duration,
                   output=output, fmt=fmt, subtype=subtype, steps=steps, cfg=cfg, seed=seed,
                   overlap=overlap, max_batch=max_batch, backend=backend, threads=threads,
-                  verify=not no_verify, mux_path=mux, show_progress=not (quiet or as_json))
+                  precision=precision, verify=not no_verify, mux_path=mux,
+                  show_progress=not (quiet or as_json))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -114,8 +121,8 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
 
 
 def run(*, model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
-        steps, cfg, seed, overlap, max_batch, backend, threads, verify=True, mux_path=None,
-        show_progress=True) -> dict:
+        steps, cfg, seed, overlap, max_batch, backend, threads, precision="auto", verify=True,
+        mux_path=None, show_progress=True) -> dict:
     from .atomic import atomic_output
     from .requests import Timings
     from .separator import Separator
@@ -126,7 +133,7 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     clock = Timings(("load", "write", "mux"))
     with clock.measure("load"):
         sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap,
-                        threads=threads, verify=verify)
+                        threads=threads, precision=precision, verify=verify)
     # every output goes to a temporary file first, written as the windows are joined (no
     # full-length copy is held); all are renamed into place together at the end, so a failure
     # or Ctrl-C anywhere leaves none of them behind
@@ -152,7 +159,8 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
                "mux": clock["mux"], "total": total_s}
     return {
         "outputs": [str(p) for p in paths], "mux": str(mux_path) if mux_path else None,
-        "model": str(model_dir), "backend": sep.backend_name, "mode": result.mode,
+        "model": str(model_dir), "backend": sep.backend_name,
+        "precision": sep.backend.precision, "mode": result.mode,
         "sample_rate": result.sample_rate, "audio_seconds": audio_seconds,
         "windows": result.windows, "items": result.items, "batches": result.batches,
         "steps": steps or sep.info.default_steps,

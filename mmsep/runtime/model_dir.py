@@ -70,7 +70,12 @@ class ModelDir:
             self.specs = {name: StageSpec.from_json(stage["spec"])
                           for name, stage in manifest["stages"].items()}
             self._files = {name: stage["files"] for name, stage in manifest["stages"].items()}
-            self._onnx = {name: stage["onnx"] for name, stage in manifest["stages"].items()}
+            self._onnx = {name: {"fp32": stage["onnx"], **{
+                precision: copy["onnx"] for precision, copy in stage.get("reduced", {}).items()}}
+                for name, stage in manifest["stages"].items()}
+            self._files.update({f"{name}.{precision}": copy["files"]
+                                for name, stage in manifest["stages"].items()
+                                for precision, copy in stage.get("reduced", {}).items()})
             self._extras = {role: entry["file"] for role, entry in manifest["files"].items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelDirError(f"{manifest_path}: incomplete manifest (bad or missing {exc})") \
@@ -115,8 +120,13 @@ class ModelDir:
                 raise ModelDirError(f"{path}: SHA-256 does not match the manifest "
                                     "(tampered or incomplete)")
 
-    def onnx_path(self, stage: str) -> Path:
-        return self.path / self._onnx[stage]
+    def onnx_path(self, stage: str, precision: str = "fp32") -> Path:
+        """The stage's graph: the fp32 export, or a reduced-precision copy it lists."""
+        return self.path / self._onnx[stage][precision]
+
+    def has_precision(self, precision: str) -> bool:
+        """Whether every stage has a graph in ``precision`` (fp32 always)."""
+        return all(precision in graphs for graphs in self._onnx.values())
 
     @property
     def tokenizer_vocab(self) -> Path:

@@ -24,6 +24,7 @@ stages' float inputs out, left on the device).
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,8 +146,10 @@ class FrameResizer:
     conversion), kept.
     """
 
-    def __init__(self, ort, device: str, device_id: int, clip_size: int, sync_size: int):
+    def __init__(self, ort, device: str, device_id: int, clip_size: int, sync_size: int, *,
+                 lock: threading.Lock | None = None):
         self._ort = ort
+        self._lock = lock or threading.Lock()  # the backend's: no upload during its graph capture
         self.device, self.device_id = device, device_id
         self.clip_size, self.sync_size = clip_size, sync_size
         self._providers = ["CPUExecutionProvider"]
@@ -193,12 +196,14 @@ class FrameResizer:
                 "segment_index": segment_index.reshape(np.shape(sync_index)).astype(np.int64)}
 
     def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray):
-        session = self._session(frames)
-        binding = session.io_binding()
-        for name, value in self.graph_inputs(frames, clip_index, sync_index).items():
-            binding.bind_cpu_input(name, value)
-        for name in ("clip", "segments"):
-            binding.bind_output(name, self.device, self.device_id)
-        session.run_with_iobinding(binding)
-        clip, segments = binding.get_outputs()
+        inputs = self.graph_inputs(frames, clip_index, sync_index)
+        with self._lock:
+            session = self._session(frames)
+            binding = session.io_binding()
+            for name, value in inputs.items():
+                binding.bind_cpu_input(name, value)
+            for name in ("clip", "segments"):
+                binding.bind_output(name, self.device, self.device_id)
+            session.run_with_iobinding(binding)
+            clip, segments = binding.get_outputs()
         return clip, segments

@@ -52,12 +52,13 @@ class Separator(Closing):
     ``backend``: "auto" (ONNX Runtime CUDA when available, else CPU), "ort-cpu", "ort-cuda" or
     "trt"; ``backend_name`` tells which one runs. ``max_batch`` bounds the items per batch
     (default: the manifest's), ``overlap`` is the window overlap in seconds (default: the
-    manifest's, 1 s). ``threads`` sets ONNX Runtime's intra-op threads (0: its default).
+    manifest's, 1 s). ``threads`` sets ONNX Runtime's intra-op threads (0: its default);
+    ``precision`` its graphs ("auto": fp16 on CUDA, fp32 on the CPU; backends/factory.py).
     """
 
     def __init__(self, model_dir: str | os.PathLike = "models/tiny", backend: str = "auto", *,
                  max_batch: int | None = None, overlap: float | None = None, threads: int = 0,
-                 verify: bool = True):
+                 precision: str = "auto", verify: bool = True):
         self.model = ModelDir(model_dir, verify=verify)
         self.info = info = self.model.info
         self.max_batch = info.max_batch if max_batch is None else max_batch
@@ -71,7 +72,7 @@ class Separator(Closing):
         self._empty = self.model.empty_features()
         self._tokenizer = ClipTokenizer(self.model.tokenizer_vocab)
         self._texts: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.backend = create_backend(self.model, backend, threads=threads)
+        self.backend = create_backend(self.model, backend, threads=threads, precision=precision)
         self.backend_name = self.backend.name
         self._uncond: OrderedDict[str | None, dict[str, np.ndarray]] = OrderedDict()
         try:

@@ -50,7 +50,7 @@ def test_quick_run_writes_schema(quick_run, tiny_model_dir):
         set(report["versions"])
     model = report["model"]
     assert model["preset"] == "tiny" and model["window_seconds"] == 2.0
-    assert model["dir"] == str(tiny_model_dir) and model["precision"] == "fp32"
+    assert model["dir"] == str(tiny_model_dir) and model["graph_precisions"] == ["fp32", "fp16"]
     settings = report["settings"]
     assert (settings["repeats"], settings["warmup"], settings["steps"]) == (2, 1, 4)
     assert _positive(report["matrix_tflops"]["cpu_fp32"])

@@ -58,6 +58,24 @@ def test_every_stage_exported_checked_and_hashed(tiny_model_dir):
         assert set(stage["graph"]["operators"]) <= supported, name
 
 
+def test_fp16_copies_are_written_checked_and_hashed(tiny_model_dir):
+    manifest = _manifest(tiny_model_dir)
+    for name in STAGE_ORDER:
+        stage = manifest["stages"][name]
+        copy = stage["reduced"]["fp16"]
+        assert copy["onnx"] == f"{name}.fp16.onnx" and copy["source_key"] == stage["key"]
+        path = tiny_model_dir / copy["onnx"]
+        check_graph(path, StageSpec.from_json(stage["spec"]))  # fp32 I/O: the same contract
+        graph = onnx.load(str(path))
+        assert {p.key: p.value for p in graph.metadata_props}["mmsep.precision"] == "fp16"
+        assert any(w.data_type == onnx.TensorProto.FLOAT16 for w in graph.graph.initializer)
+        for file, meta in copy["files"].items():
+            assert sha256_file(tiny_model_dir / file) == meta["sha256"], file
+        parity = copy["parity"]["onnxruntime"]
+        assert parity["passed"] and parity["tolerance"] == 1e-2
+        assert 0 < max(parity["rel_l2"].values()) <= 1e-2
+
+
 def test_manifest_describes_the_model(tiny_model_dir):
     manifest = _manifest(tiny_model_dir)
     model = manifest["model"]
@@ -130,15 +148,33 @@ def test_rerun_is_a_noop_and_changed_weights_rebuild_only_their_stages(tiny_mode
     assert result.unchanged and result.rebuilt == []
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
+    (out / "denoiser.fp16.onnx").write_bytes(b"damaged")  # a damaged copy is made again
+    result = export_model(components, out, sources=SOURCES, **SILENT)
+    assert result.rebuilt == ["denoiser"]
+    assert sha256_file(out / "denoiser.fp16.onnx") == sha256_file(
+        tiny_model_dir / "denoiser.fp16.onnx")
+
     with torch.no_grad():
         components.vocoder.conv_post.weight.mul_(1.5)
     result = export_model(components, out, sources=SOURCES, **SILENT)
     assert result.rebuilt == ["vocoder"]
     assert set(result.reused) == set(STAGE_ORDER) - {"vocoder"}
-    manifest = _manifest(out)
+    manifest, before = _manifest(out), _manifest(tiny_model_dir)
     assert manifest["stages"]["vocoder"]["files"]["vocoder.onnx"]["sha256"] == \
         sha256_file(out / "vocoder.onnx")
+    fp16 = {name: stage["reduced"]["fp16"]["files"][f"{name}.fp16.onnx"]["sha256"]
+            for name, stage in manifest["stages"].items()}
+    assert fp16["vocoder"] == sha256_file(out / "vocoder.fp16.onnx") != \
+        before["stages"]["vocoder"]["reduced"]["fp16"]["files"]["vocoder.fp16.onnx"]["sha256"]
+    assert all(fp16[name] == sha256_file(tiny_model_dir / f"{name}.fp16.onnx")
+               for name in STAGE_ORDER if name != "vocoder")
     assert not list(tmp_path.glob(".tiny.*"))
+
+    result = export_model(components, out, sources=SOURCES, onnx_precisions=(), **SILENT)
+    assert result.rebuilt == []  # the graphs are reused ...
+    manifest = _manifest(out)  # ... and the fp16 copies dropped
+    assert not any(stage["reduced"] for stage in manifest["stages"].values())
+    assert not list(out.glob("*.fp16.onnx"))
 
 
 def test_convention_change_reexports_only_the_mix_encoder(tiny_model_dir, tmp_path):

@@ -38,6 +38,7 @@ def test_video_text_mux_json(model_dir, media, tmp_path, capsys):
     summary = json.loads(stdout)
     assert summary["outputs"] == [str(out)] and summary["mux"] == str(muxed)
     assert summary["backend"] == "ort-cpu" and summary["mode"] == "separation"
+    assert summary["precision"] == "fp32"  # auto: fp32 on the CPU
     assert set(summary["timings_s"]) >= {"load", "decode", "features", "conditioning",
                                          "sampling", "vae_decode", "vocode", "write", "total"}
     assert summary["real_time_factor"] > 0 and summary["windows"] == 3
@@ -59,6 +60,32 @@ def test_video_text_mux_json(model_dir, media, tmp_path, capsys):
         decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)])
     assert abs(decoded.size - audio.size) < 4096  # AAC frames round up; priming is trimmed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dog.mp4", "dog.wav"]
+
+
+def test_precision_option(model_dir, media, tmp_path, capsys):
+    """--precision fp16 runs the mixed-precision graphs (here on the CPU); a model directory
+    without them refuses it in one line with exit code 2 and writes nothing."""
+    args = ["--model", model_dir, "--mix", media["av"], "--steps", 2, "--json"]
+    outputs = {}
+    for precision in ("fp32", "fp16"):
+        out = tmp_path / f"{precision}.wav"
+        code, stdout, stderr = run_cli([*args, "--precision", precision, "-o", out], capsys)
+        assert code == 0, stderr
+        assert json.loads(stdout)["precision"] == precision
+        outputs[precision] = sf.read(out, dtype="float32")[0]
+    difference = np.linalg.norm(outputs["fp16"] - outputs["fp32"])
+    assert 0 < difference < 0.1 * np.linalg.norm(outputs["fp32"])
+
+    copy = tmp_path / "fp32-only"
+    shutil.copytree(model_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for stage in manifest["stages"].values():
+        stage.pop("reduced")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, _, stderr = run_cli(["--model", copy, "--mix", media["av"], "--precision", "fp16",
+                               "-o", tmp_path / "no.wav"], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "has no fp16 graphs" in stderr and not (tmp_path / "no.wav").exists()
 
 
 def test_multi_text_naming_flac_and_default_names(model_dir, tmp_path, capsys, monkeypatch):

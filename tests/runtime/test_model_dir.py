@@ -114,6 +114,15 @@ def test_tampered_file(copy):
     ModelDir(copy, verify=False)  # sizes still match: only the hash check catches it
 
 
+def test_tampered_fp16_copy(copy):
+    path = copy / "denoiser.fp16.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match=r"denoiser.fp16.onnx: SHA-256 does not match"):
+        ModelDir(copy)
+
+
 def test_truncated_file(copy):
     path = copy / "empty_features.npz"
     path.write_bytes(path.read_bytes()[:100])

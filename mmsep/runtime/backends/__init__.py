@@ -8,7 +8,7 @@ from mmsep._lazy import lazy_exports
 
 _EXPORTS = {  # submodule: the public names it defines
     "protocol": ("Backend", "check_inputs", "stack_branches", "unconditional_half"),
-    "ort": ("OrtBackend",),
+    "ort": ("OrtBackend", "PRECISIONS"),
     "tensorrt": ("TrtBackend",),
     "factory": ("BACKENDS", "create_backend", "cuda_available"),
 }

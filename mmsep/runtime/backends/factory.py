@@ -8,6 +8,9 @@
               cannot be used is skipped with a warning saying why (except when its software is
               simply not installed).
 
+``precision`` chooses ONNX Runtime's graphs (ort.graph_precision: "auto" runs the fp16 graphs on
+CUDA, fp32 on the CPU); TensorRT engines run in the precision they were built with.
+
 BackendUnavailable says why a backend cannot be used at all. tensorrt.py is imported only when
 TensorRT is asked for or tried.
 """
@@ -26,10 +29,11 @@ BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
 __all__ = ["BACKENDS", "create_backend", "cuda_available"]
 
 
-def create_backend(model: ModelDir, name: str = "auto", *, threads: int = 0) -> Backend:
+def create_backend(model: ModelDir, name: str = "auto", *, threads: int = 0,
+                   precision: str = "auto") -> Backend:
     """The backend called ``name`` (one of BACKENDS) for ``model``; ``auto`` tries trt, ort-cuda
-    and ort-cpu in that order. The chosen backend's ``name`` says which."""
-    backend = _create_backend(model, name, threads=threads)
+    and ort-cpu in that order. The chosen backend's ``name`` and ``precision`` say which."""
+    backend = _create_backend(model, name, threads=threads, precision=precision)
     try:
         model.check_unchanged()  # TensorRT reads every engine up front: not from a swapped dir
     except BaseException:
@@ -38,7 +42,7 @@ def create_backend(model: ModelDir, name: str = "auto", *, threads: int = 0) -> 
     return backend
 
 
-def _create_backend(model: ModelDir, name: str, *, threads: int) -> Backend:
+def _create_backend(model: ModelDir, name: str, *, threads: int, precision: str) -> Backend:
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "trt":
@@ -46,19 +50,19 @@ def _create_backend(model: ModelDir, name: str, *, threads: int) -> Backend:
 
         return TrtBackend(model)
     if name == "ort-cpu":
-        return OrtBackend(model, "cpu", threads=threads)
+        return OrtBackend(model, "cpu", threads=threads, precision=precision)
     if name == "ort-cuda":
-        return OrtBackend(model, "cuda", threads=threads)
+        return OrtBackend(model, "cuda", threads=threads, precision=precision)
     trt = _auto_tensorrt(model)
     if trt is not None:
         return trt
     if cuda_available():
         try:
-            return OrtBackend(model, "cuda", threads=threads)
+            return OrtBackend(model, "cuda", threads=threads, precision=precision)
         except (BackendUnavailable, BackendError) as exc:
             warnings.warn(f"ONNX Runtime CUDA is listed but did not start ({exc}); using the CPU",
                           RuntimeWarning, stacklevel=2)
-    return OrtBackend(model, "cpu", threads=threads)
+    return OrtBackend(model, "cpu", threads=threads, precision=precision)
 
 
 def _auto_tensorrt(model: ModelDir) -> Backend | None:

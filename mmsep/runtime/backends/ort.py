@@ -1,13 +1,19 @@
 """The ONNX Runtime backend (``ort-cpu``, ``ort-cuda``; protocol.py says what a backend offers).
 
 Sessions are created once per stage, on first use. On CUDA, IO binding keeps every intermediate
-tensor on the GPU: device values are OrtValues, and the sampling loop uploads the step times once
-and chains the denoiser's outputs from step to step without a host round trip.
+tensor on the GPU: device values are OrtValues, and the sampling loop chains the denoiser's outputs
+from step to step without a host round trip, replaying CUDA graphs of the steps (ort_graphs.py).
+
+Precision: on CUDA the stages run their fp16 mixed-precision graphs (fp32 inputs and outputs;
+``mmsep-export --precision fp16``, the default, writes them) where the model directory has them;
+fp32 graphs run with TF32 off, so that fp32 means fp32. The CPU runs the fp32 graphs.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +23,10 @@ from ...closing import Closing
 from ...stages import Stage, Tensor, euler_schedule
 from ..errors import BackendError, BackendUnavailable, one_line
 from ..model_dir import ModelDir
+from .ort_graphs import DenoiserGraphs
 from .protocol import check_inputs, stack_branches, step_invariant_inputs
+
+PRECISIONS = ("auto", "fp16", "fp32")
 
 
 def import_ort():
@@ -38,12 +47,31 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def graph_precision(model: ModelDir, device: str, precision: str = "auto") -> str:
+    """The graphs to run: "auto" is fp16 on CUDA where the model directory has fp16 graphs (else
+    fp32, with a warning) and fp32 on the CPU; "fp16" without fp16 graphs is refused."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device == "cpu"):
+        return "fp32"
+    if model.has_precision("fp16"):
+        return "fp16"
+    reason = (f"{model.path} has no fp16 graphs (exported with --precision bf16/fp32, or by an "
+              "older mmsep-export); re-export it with mmsep-export --precision fp16")
+    if precision == "fp16":
+        raise BackendUnavailable(reason)
+    warnings.warn(f"{reason}; running the fp32 graphs", RuntimeWarning, stacklevel=3)
+    return "fp32"
+
+
 class OrtBackend(Closing):
     """ONNX Runtime on CPU or CUDA. Sessions are created once per stage, on first use, and
-    reused; ``load_seconds`` records what each creation cost."""
+    reused; ``load_seconds`` records what each creation cost. ``precision``: see
+    ``graph_precision``. ``cuda_graphs`` (default: on CUDA) replays the denoiser loop as CUDA
+    graphs; on the CPU it runs the same pinned loop uncaptured (ort_graphs.py)."""
 
     def __init__(self, model: ModelDir, device: str = "cpu", *, device_id: int = 0,
-                 threads: int = 0):
+                 threads: int = 0, precision: str = "auto", cuda_graphs: bool | None = None):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self._ort = import_ort()
@@ -53,6 +81,15 @@ class OrtBackend(Closing):
         self._threads = threads
         self._sessions: dict[str, Any] = {}
         self.load_seconds: dict[str, float] = {}
+        self._precision = graph_precision(model, device, precision)
+        self.lock = threading.Lock()  # device work that must not overlap a capture (ort_graphs)
+        self._graphs = None
+        if device == "cuda" if cuda_graphs is None else cuda_graphs:
+            self._graphs = DenoiserGraphs(
+                self._ort, model.onnx_path(Stage.DENOISER, self.precision),
+                model.specs[Stage.DENOISER], options=self._session_options,
+                providers=self._providers(), device=device, device_id=device_id, lock=self.lock,
+                check_unchanged=model.check_unchanged)
         if device == "cuda":
             if not cuda_available():
                 raise BackendUnavailable(
@@ -67,27 +104,35 @@ class OrtBackend(Closing):
         return f"ort-{self.device}"
 
     @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the denoiser loop replays CUDA graphs (off after a failed capture)."""
+        return self.device == "cuda" and self._graphs is not None and self._graphs.enabled
+
+    @property
     def max_batch(self) -> None:
         """None: ONNX Runtime's batch axis is dynamic."""
         return None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
+        if self._graphs is not None:
+            self._graphs.close()
         self._sessions.clear()
 
     # -- sessions ------------------------------------------------------------------------------
     def _providers(self) -> list:
         if self.device == "cuda":
-            return [("CUDAExecutionProvider", {"device_id": self.device_id}),
-                    "CPUExecutionProvider"]
+            options = {"device_id": self.device_id}
+            if self.precision == "fp32":
+                options["use_tf32"] = "0"
+            return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def _session(self, stage: str):
-        session = self._sessions.get(stage)
-        if session is not None:
-            return session
-        if stage not in self.model.specs:
-            raise BackendError(stage, "this model has no such stage")
+    def _session_options(self):
         ort = self._ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -98,11 +143,20 @@ class OrtBackend(Closing):
         options.enable_cpu_mem_arena = False
         if self._threads:
             options.intra_op_num_threads = self._threads
-        path = self.model.onnx_path(stage)
+        return options
+
+    def _session(self, stage: str):
+        session = self._sessions.get(stage)
+        if session is not None:
+            return session
+        if stage not in self.model.specs:
+            raise BackendError(stage, "this model has no such stage")
+        path = self.model.onnx_path(stage, self.precision)
         started = time.perf_counter()
         self.model.check_unchanged()  # a graph is read only from the directory that was checked
         try:
-            session = ort.InferenceSession(str(path), options, providers=self._providers())
+            session = self._ort.InferenceSession(str(path), self._session_options(),
+                                                 providers=self._providers())
         except Exception as exc:  # ORT raises its own pybind exception types
             self.model.check_unchanged()  # a swap mid-load is reported as such
             raise BackendError(stage, f"cannot load {path.name} with ONNX Runtime "
@@ -177,30 +231,37 @@ class OrtBackend(Closing):
             return None
         from ..resize import FrameResizer
 
-        return FrameResizer(self._ort, self.device, self.device_id, clip_size, sync_size)
+        return FrameResizer(self._ort, self.device, self.device_id, clip_size, sync_size,
+                            lock=self.lock)
 
     def condition(self, inputs: Mapping[str, np.ndarray],
                   uncond: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Both CFG branches' conditioning for the denoiser: the conditioner's output for
         ``inputs`` (batch B), then ``uncond`` (batch 1, one branch's conditioning) repeated B times.
 
-        The two halves are joined on the host (once per batch, outside the step loop) and placed
-        on the device for CUDA.
+        The two halves are joined on the host (once per batch, outside the step loop); ``sample``
+        places them on the device.
         """
-        cond = self.run(Stage.CONDITIONER, inputs)
-        stacked = stack_branches(cond, uncond)
-        if self.device == "cpu":
-            return stacked
-        return {name: self.upload(value) for name, value in stacked.items()}
+        return stack_branches(self.run(Stage.CONDITIONER, inputs), uncond)
 
     def sample(self, x0: np.ndarray, mix_latent: Any, conditioning: Mapping[str, Any],
                steps: int, cfg: float):
-        """Euler from t=0 to 1 in ``steps`` steps with guidance ``cfg``; returns a device value.
+        """Euler from t=0 to 1 in ``steps`` steps with guidance ``cfg``; returns a device value
+        (a host array from the CUDA graphs, whose buffers the next request reuses).
 
         ``conditioning`` is the conditioner's output (device values or arrays); ``mix_latent`` is
         None for a generation-only model.
         """
         spec = self.model.specs[Stage.DENOISER]
+        if self._graphs is not None:
+            fixed = {name: self.to_host(value) for name, value in
+                     step_invariant_inputs(spec, mix_latent, conditioning).items()}
+            per_step = np.zeros(x0.shape[0], spec.tensor(Tensor.T).dtype)
+            check_inputs(spec, {**fixed, Tensor.X: x0, Tensor.T: per_step, Tensor.DT: per_step,
+                                Tensor.CFG: per_step})  # bad input is not a capture failure
+            x1 = self._graphs.sample(x0, fixed, steps, cfg)
+            if x1 is not None:
+                return x1
 
         def per_item(name: str, value: float):
             return self.upload(np.full(x0.shape[0], value, spec.tensor(name).dtype))

@@ -29,6 +29,10 @@ class Backend(Protocol):
     name: str  # one of factory.BACKENDS except "auto": what actually runs
 
     @property
+    def precision(self) -> str:
+        """What the graphs or engines compute in: "fp16" (mixed, fp32 I/O), "bf16" or "fp32"."""
+
+    @property
     def max_batch(self) -> int | None:
         """The largest batch of windows the backend accepts (fixed engine profiles), or None
         when its batch axis is unbounded."""
@@ -46,8 +50,8 @@ class Backend(Protocol):
     def sample(self, x0: np.ndarray, mix_latent: Any, conditioning: Mapping[str, Any],
                steps: int, cfg: float) -> Any:
         """Euler + CFG from ``x0`` at t=0 to t=1 in ``steps`` denoiser runs with guidance
-        ``cfg``; returns the final latent as a device value. ``mix_latent`` is None for a
-        generation-only model."""
+        ``cfg``; returns the final latent as a device value (or a host array). ``mix_latent`` is
+        None for a generation-only model."""
 
     def to_host(self, value: Any) -> np.ndarray:
         """A numpy copy of a device value (numpy arrays are returned as they are)."""

@@ -100,7 +100,7 @@ class TrtBackend(Closing):
         self._trt, self._cuda = trt, cuda
         self.model = model
         self.device_info = here
-        self.precision = model.manifest["tensorrt"].get("precision", "fp16")
+        self._precision = model.manifest["tensorrt"].get("precision", "fp16")
         self._verify = verify
         self._graphs = StepGraphs(import_cudart() if cuda_graphs else None, Stage.DENOISER)
         self._context = cuda.Device(device_id).retain_primary_context()
@@ -120,6 +120,11 @@ class TrtBackend(Closing):
             self._release()
             self._closed = True
             raise
+
+    @property
+    def precision(self) -> str:
+        """The engines' precision, as built (the manifest's)."""
+        return self._precision
 
     @property
     def cuda_graphs(self) -> bool:

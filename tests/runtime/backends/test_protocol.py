@@ -19,7 +19,7 @@ MEMBERS = sorted({name for name in vars(Backend) if not name.startswith("_")}
 
 def test_the_protocol_states_what_the_runtime_uses():
     assert MEMBERS == ["__enter__", "__exit__", "close", "condition", "frame_resizer",
-                       "max_batch", "name", "run", "sample", "to_host"]
+                       "max_batch", "name", "precision", "run", "sample", "to_host"]
 
 
 def _parameters(function) -> list[tuple]:
@@ -54,8 +54,9 @@ def test_backend_instances_are_backends(model_dir, gpu, trt_dir):
     with create_backend(ModelDir(model_dir), "ort-cpu") as ort, \
             create_backend(ModelDir(trt_dir), "trt") as trt:
         assert isinstance(ort, Backend) and isinstance(trt, Backend)
-        assert (ort.name, ort.max_batch) == ("ort-cpu", None)
+        assert (ort.name, ort.max_batch, ort.precision) == ("ort-cpu", None, "fp32")
         assert (trt.name, trt.max_batch) == ("trt", trt.model.info.max_batch)
+        assert trt.precision == trt.model.manifest["tensorrt"]["precision"]
         assert ort.frame_resizer(224, 224) is None and trt.frame_resizer(224, 224) is None
 
 

@@ -1,0 +1,391 @@
+"""ONNX Runtime stage graphs (fp32, fp16 mixed precision) against PyTorch fp32 on one device, and
+a whole sampling trajectory's reduced-precision drift next to the PyTorch reference's own.
+
+    python benchmarks/gpu_parity.py --preset large_44k_v2 --device cuda --json gpu_parity.json
+
+Per stage (random weights): relative L2 per output at --batch, gated at the stage's bounds, and
+median milliseconds per run. Per --cfg, with the denoiser checked: the final latents of every
+TRAJECTORIES variant and their decoded waveforms' SI-SDR, not gated (random weights amplify
+rounding). Exit 0 when every gated check passes, 1 when one fails, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import onnxruntime as ort
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import machine  # noqa: E402
+from mmsep.exit_codes import EXIT_INTERNAL, EXIT_OK  # noqa: E402
+from mmsep.export.example_inputs import example_inputs  # noqa: E402
+from mmsep.export.mixed_precision import convert_graph  # noqa: E402
+from mmsep.export.onnx_graph import check_graph, export_onnx  # noqa: E402
+from mmsep.export.parity import relative_l2  # noqa: E402
+from mmsep.export.wrappers import stage_modules, stage_specs  # noqa: E402
+from mmsep.models.components import build_components  # noqa: E402
+from mmsep.models.sampler import CONDITION_KEYS, sample  # noqa: E402
+from mmsep.runtime.atomic import write_bytes_atomically  # noqa: E402
+from mmsep.runtime.backends.protocol import stack_branches  # noqa: E402
+from mmsep.runtime.cli import console_main  # noqa: E402
+from mmsep.runtime.errors import one_line as message_line  # noqa: E402
+from mmsep.stages import STAGE_ORDER, Stage, Tensor, euler_schedule  # noqa: E402
+
+SCHEMA = "mmsep-gpu-parity/1"
+RUNS = {"cuda": (2, 5), "cpu": (1, 1)}  # (warm-up, timed) calls per timing (cpu: a logic check)
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+TRAJECTORIES = {
+    "ort_fp32": "the fp32 denoiser graph",
+    "ort_fp16": "the fp16 mixed-precision denoiser graph (its Euler update stays fp32)",
+    "torch_fp32": "the PyTorch fp32 denoiser stage",
+    "torch_bf16": "the PyTorch reference sampler (mmsep.models.sampler.sample; benchmarks/"
+                  "baseline.py on CUDA), network in bf16, t and the Euler state in fp32",
+    "torch_fp16": "the same with the network in fp16",
+}
+
+
+say = functools.partial(print, flush=True)  # progress lines show as they come
+
+
+@click.command(help=__doc__.split("\n\n")[0],
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--preset", default="large_44k_v2", show_default=True,
+              help="Flow preset built with random weights (tiny, small_44k, large_44k_v2, ...).")
+@click.option("--device", type=click.Choice(("auto", "cuda", "cpu")), default="auto",
+              show_default=True,
+              help="cuda: torch CUDA and ONNX Runtime's CUDA provider; cpu: a logic check; "
+                   "auto: cuda when both are there, else cpu.")
+@click.option("--stages", help="Comma-separated stages to check [default: all the preset's].")
+@click.option("--batch", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Batch of the stage inputs and of the trajectories.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True,
+              help="Euler steps of each trajectory.")
+@click.option("--cfg", "cfg_text", default="4.5,1", show_default=True,
+              help="Comma-separated guidance strengths, one trajectory each.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the example inputs and of the initial noise.")
+@click.option("--duration", type=click.FloatRange(2, 30), default=8.0, show_default=True,
+              help="Window seconds of the random components (the models are trained on 8).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the graphs here [default: a temporary directory].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the results as JSON to this file.")
+def cli(preset, device, stages, batch, steps, cfg_text, seed, duration, workdir, json_path):
+    if json_path is not None and not json_path.resolve().parent.is_dir():
+        raise click.BadParameter(f"no directory {json_path.parent}", param_hint="--json")
+    settings = {"preset": preset, "device": resolve_device(device), "names": parse_stages(stages),
+                "batch": batch, "steps": steps, "cfgs": parse_cfg(cfg_text), "seed": seed,
+                "duration": duration, "json_path": json_path}
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return run(workdir=workdir, **settings)
+    with tempfile.TemporaryDirectory(prefix="mmsep-gpu-parity-") as tmp:
+        return run(workdir=Path(tmp), **settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    console_main(cli, "gpu_parity.py", argv, interrupted="interrupted")
+
+
+def resolve_device(choice: str) -> str:
+    missing = [what for what, ok in (("torch sees no CUDA device", torch.cuda.is_available()), (
+        "ONNX Runtime has no CUDAExecutionProvider", CUDA in ort.get_available_providers()))
+        if not ok]
+    if choice == "cuda" and missing:
+        raise click.UsageError(f"--device cuda: {'; '.join(missing)}")
+    if choice == "auto" and missing:
+        say(f"note: {'; '.join(missing)}: running on the CPU - a logic check, not a GPU result")
+    return choice if choice != "auto" else "cpu" if missing else "cuda"
+
+
+def parse_cfg(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise click.BadParameter(f"expected numbers >= 0, got {text!r}", param_hint="--cfg")
+    return values
+
+
+def parse_stages(text: str | None) -> list[str] | None:
+    """The requested stages, in the given order (None: every stage of the preset)."""
+    names = list(dict.fromkeys(s.strip() for s in (text or "").split(",") if s.strip()))
+    unknown = [n for n in names if n not in STAGE_ORDER]
+    if unknown or (text is not None and not names):
+        raise click.BadParameter(f"unknown stage(s) {', '.join(unknown) or repr(text)}; "
+                                 f"choose from {', '.join(STAGE_ORDER)}", param_hint="--stages")
+    return names or None
+
+
+def run(*, preset, device, names, batch, steps, cfgs, seed, duration, json_path, workdir) -> int:
+    torch.set_grad_enabled(False)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
+        torch.backends.cudnn.allow_tf32 = False
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+    started = time.perf_counter()
+    components, specs, modules, names = build(preset, names, batch, duration)
+    export_errors = export(names, specs, modules, workdir)
+    for module in modules.values():  # after the export, which traces on the CPU
+        module.to(device).eval()
+    rows, trajectory, denoiser_sessions = [], [], None
+    for name in names:
+        say(f"{name}: checking at batch {batch} on {device}")
+        row, sessions = check_stage(specs[name], modules[name], workdir, device, batch, seed,
+                                    export_errors.get(name))
+        rows.append(row)
+        print_row(row)
+        if name == Stage.DENOISER and row["error"] is None:
+            denoiser_sessions = sessions
+    for cfg in cfgs if denoiser_sessions else ():
+        trajectory.append(sample_all(components, specs, modules, denoiser_sessions, device,
+                                     batch, seed, steps, cfg))
+        print_trajectory(trajectory[-1])
+    passed = bool(rows) and all(r["passed"] for r in rows)
+    say(f"{'all checks passed' if passed else 'FAILED'} in {time.perf_counter() - started:.0f} s")
+    if json_path is not None:
+        versions = {**machine.versions(), "onnxruntime_providers": ort.get_available_providers(),
+                    "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+        report = {"schema": SCHEMA, "preset": preset, "device": device, "batch": batch,
+                  "steps": steps, "duration": duration, "machine": machine.machine_info(),
+                  "versions": versions, "stages": rows,
+                  "trajectory_variants": TRAJECTORIES, "trajectory": trajectory, "passed": passed}
+        write_bytes_atomically(json_path, (json.dumps(finite(report), indent=2) + "\n").encode())
+        say(f"wrote {json_path}")
+    return EXIT_OK if passed else EXIT_INTERNAL
+
+
+def build(preset: str, names: list[str] | None, batch: int, duration: float):
+    """Random components of ``preset``, their stage specs and modules, and the stages to check."""
+    say(f"building random {preset} components ({duration:g} s windows)")
+    try:
+        components = build_components(preset, duration=duration, seed=0)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--preset") from None
+    specs = stage_specs(components, max_batch=max(batch, 4))  # a separation model: every stage
+    return components, specs, stage_modules(components), names or list(specs)
+
+
+def export(names, specs, modules, workdir: Path) -> dict[str, str]:
+    """fp32 and fp16 graphs in ``workdir`` (no parity here); returns each failed stage's error."""
+    errors = {}
+    for name in names:
+        started = time.perf_counter()
+        try:
+            path = export_onnx(modules[name], specs[name], workdir / f"{name}.onnx")
+            check_graph(path, specs[name])
+            convert_graph(path, workdir / f"{name}.fp16.onnx", specs[name], "fp16")
+            say(f"{name}: exported fp32 and fp16 in {time.perf_counter() - started:.0f} s")
+        except Exception as exc:  # noqa: BLE001 - reported in the stage's row; the others go on
+            errors[name] = one_line(exc)
+            say(f"{name}: export failed: {errors[name]}")
+    return errors
+
+
+def one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {message_line(exc, 400)}"
+
+
+def session(path: Path, device: str, precision: str):
+    options, providers, wanted = ort.SessionOptions(), [CPU], CPU
+    options.log_severity_level = 3
+    if device == "cuda":  # no TF32 in the fp32 graph, so that fp32 is fp32
+        cuda = {"device_id": 0, "use_tf32": "0"} if precision == "fp32" else {"device_id": 0}
+        providers, wanted = [(CUDA, cuda), CPU], CUDA
+    result = ort.InferenceSession(str(path), options, providers=providers)
+    if result.get_providers()[0] != wanted:
+        raise RuntimeError(f"{path.name} runs on {result.get_providers()[0]}, not {wanted}")
+    return result
+
+
+def timed(call, device: str):
+    """Median milliseconds of ``call`` after warm-up calls, and its last result."""
+    warm, runs = RUNS[device]
+    times = []
+    for _ in range(warm + runs):
+        started = time.perf_counter()
+        result = call()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times[warm:]), result
+
+
+def check_stage(spec, module, workdir: Path, device: str, batch: int, seed: int, error):
+    """One stage's row and ORT sessions; timed calls take and return host arrays (both sides)."""
+    row, sessions = {"stage": spec.name, "passed": False, "error": error}, {}
+    if error is not None:
+        return row, sessions
+
+    def torch_call():
+        out = module(*(torch.from_numpy(v).to(device) for v in feeds.values()))
+        return [o.float().cpu().numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+    try:
+        feeds = {k: v.numpy() for k, v in example_inputs(spec, batch, seed).items()}
+        ms, reference = timed(torch_call, device)
+        row["ms"] = {"torch_fp32": ms}
+        for precision, bound in (("fp32", spec.onnx_tolerance),
+                                 ("fp16", spec.reduced_precision_tolerance)):
+            graph = workdir / f"{spec.name}{'' if precision == 'fp32' else '.fp16'}.onnx"
+            sess = sessions[precision] = session(graph, device, precision)
+            row["ms"][f"ort_{precision}"], got = timed(lambda s=sess: s.run(None, feeds), device)
+            errors = {n: relative_l2(g, r) for n, g, r in zip(spec.output_names, got, reference)}
+            worst = max(errors.values())
+            row[precision] = {"rel_l2": errors, "worst": worst, "bound": bound,
+                              "passed": worst <= bound}
+        row["provider"] = sessions["fp32"].get_providers()[0]
+        row["passed"] = row["fp32"]["passed"] and row["fp16"]["passed"]
+    except Exception as exc:  # noqa: BLE001 - report every stage, then fail
+        row["error"] = one_line(exc)
+    return row, sessions
+
+
+def denoiser_inputs(components, specs, modules, device: str, batch: int, seed: int):
+    """Example conditioner features, the denoiser's step-invariant inputs (the CFG branches
+    stacked as the runtime does, the unconditional one from the learned empty features), x0."""
+    conditioner, spec = modules[Stage.CONDITIONER], specs[Stage.DENOISER]
+    names = specs[Stage.CONDITIONER].output_names
+
+    def condition(features) -> dict[str, np.ndarray]:
+        out = conditioner(*(torch.as_tensor(f).to(device) for f in features))
+        return {n: o.float().cpu().numpy() for n, o in zip(names, out)}
+
+    features = list(example_inputs(specs[Stage.CONDITIONER], batch, seed).values())
+    fixed = stack_branches(condition(features), condition(components.flow.empty_conditions(1)))
+    if Tensor.MIX_LATENT in spec.input_names:
+        fixed[Tensor.MIX_LATENT] = example_inputs(spec, batch, seed)[Tensor.MIX_LATENT].numpy()
+    shape = spec.tensor(Tensor.X).concrete(batch)
+    return features, fixed, np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def step_inputs(names, fixed: dict, x, t: float, dt: float, cfg: float) -> dict:
+    """One Euler step's denoiser inputs, in the graph's input order."""
+    values = {**fixed, Tensor.X: x, **{n: np.full(len(x), v, np.float32) for n, v in (
+        (Tensor.T, t), (Tensor.DT, dt), (Tensor.CFG, cfg))}}
+    return {n: values[n] for n in names}
+
+
+def sample_graph(sess, names, fixed, x0, steps: int, cfg: float) -> np.ndarray:
+    times, dt = euler_schedule(steps)
+    x = x0
+    for t in times:
+        (x,) = sess.run([Tensor.X_NEXT], step_inputs(names, fixed, x, t, dt, cfg))
+    return x
+
+
+def sample_stage(module, names, fixed, x0, steps: int, cfg: float, device) -> np.ndarray:
+    """Euler with the torch fp32 denoiser stage (it does the update itself)."""
+    fixed = {n: torch.from_numpy(v).to(device) for n, v in fixed.items()}
+    times, dt = euler_schedule(steps)
+    x = torch.from_numpy(x0).to(device)
+    for t in times:
+        inputs = step_inputs(names, fixed, x, t, dt, cfg)
+        x = module(*(torch.as_tensor(v).to(device) for v in inputs.values()))
+    return x.cpu().numpy()
+
+
+def sample_reference(flow, features, fixed, x0, steps: int, cfg: float, dtype, device):
+    """The reference sampler, a copy of the network in ``dtype``. Not the denoiser stage cast to
+    it: that does the Euler update itself, rounding the state to bf16 every step (3.3e-1 against
+    2.9e-2 with an fp32 state: tiny, 3 steps, cfg 4.5), which no cast between steps undoes."""
+    mix = fixed.get(Tensor.MIX_LATENT)
+    x1 = sample(copy.deepcopy(flow).to(device, dtype), torch.from_numpy(x0).to(device),
+                {k: f.to(device) for k, f in zip(CONDITION_KEYS, features)},
+                None if mix is None else torch.from_numpy(mix).to(device), steps, cfg)
+    return x1.float().cpu().numpy()
+
+
+def sample_all(components, specs, modules, sessions, device, batch, seed, steps, cfg) -> dict:
+    """One trajectory entry: every TRAJECTORIES variant's final latent against torch fp32."""
+    say(f"trajectory cfg {cfg}: {steps} steps, {', '.join(TRAJECTORIES)}")
+    entry = {"cfg": cfg, "steps": steps, "seconds": {}, "error": None}
+    try:
+        features, fixed, x0 = denoiser_inputs(components, specs, modules, device, batch, seed)
+        names, stage, finals = specs[Stage.DENOISER].input_names, modules[Stage.DENOISER], {}
+        for label in TRAJECTORIES:
+            started, precision = time.perf_counter(), label.split("_")[1]
+            if label.startswith("ort"):
+                final = sample_graph(sessions[precision], names, fixed, x0, steps, cfg)
+            elif precision == "fp32":
+                final = sample_stage(stage, names, fixed, x0, steps, cfg, device)
+            else:
+                dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+                final = sample_reference(components.flow, features, fixed, x0, steps, cfg, dtype,
+                                         device)
+            finals[label], entry["seconds"][label] = final, time.perf_counter() - started
+        rel = {"ort_fp16_vs_ort_fp32": relative_l2(finals["ort_fp16"], finals["ort_fp32"])}
+        rel.update({f"{label}_vs_torch_fp32": relative_l2(final, finals["torch_fp32"])
+                    for label, final in finals.items() if label != "torch_fp32"})
+        # both against the same fp32 reference; a nan compares False
+        entry["fp16_within_reference_bf16"] = bool(
+            rel["ort_fp16_vs_torch_fp32"] <= rel["torch_bf16_vs_torch_fp32"])
+        entry["rel_l2"], entry["si_sdr_db"] = rel, decoded_si_sdr(modules, finals, device)
+    except Exception as exc:  # noqa: BLE001 - not gated: reported, and the report still written
+        entry["error"] = one_line(exc)
+    return entry
+
+
+def decoded_si_sdr(modules, finals: dict[str, np.ndarray], device: str) -> dict:
+    """SI-SDR (dB, batch mean) of each final latent's waveform against torch fp32's."""
+    decode, vocode = modules[Stage.VAE_DECODER], modules[Stage.VOCODER]  # torch fp32
+    waves = {label: vocode(decode(torch.from_numpy(latent).to(device))).double().cpu().numpy()
+             for label, latent in finals.items()}
+    ref = waves.pop("torch_fp32")
+    scale = (ref * ref).sum(-1, keepdims=True)
+    targets = {label: (est * ref).sum(-1, keepdims=True) / scale * ref
+               for label, est in waves.items()}
+    return {label: float(np.mean(10 * np.log10((target ** 2).sum(-1) / np.maximum(
+        ((waves[label] - target) ** 2).sum(-1), 1e-30)))) for label, target in targets.items()}
+
+
+def print_row(row: dict) -> None:
+    if row["error"]:
+        say(f"{row['stage']:<12} ERROR {row['error']}")
+        return
+    fp32, fp16, ms = row["fp32"], row["fp16"], row["ms"]
+    say(f"{row['stage']:<12} rel L2 fp32 {fp32['worst']:.2e} (<= {fp32['bound']:.0e})  "
+        f"fp16 {fp16['worst']:.2e} (<= {fp16['bound']:.0e})  ms: torch fp32 "
+        f"{ms['torch_fp32']:.2f}, ort fp32 {ms['ort_fp32']:.2f}, ort fp16 {ms['ort_fp16']:.2f}  "
+        f"{'ok' if row['passed'] else 'FAIL'}")
+
+
+def print_trajectory(entry: dict) -> None:
+    head = f"trajectory cfg {entry['cfg']} ({entry['steps']} steps, not gated)"
+    if entry["error"]:
+        say(f"{head}: ERROR {entry['error']}")
+        return
+    say(f"{head}: final latent rel L2; SI-SDR of the decoded waveform vs torch_fp32")
+    scores = entry["si_sdr_db"]
+    for pair, value in entry["rel_l2"].items():
+        score = scores.get(pair.removesuffix("_vs_torch_fp32"))
+        say(f"  {pair:<32} {value:.2e}" + ("" if score is None else f"  {score:7.1f} dB"))
+    say(f"  fp16_within_reference_bf16: {str(entry['fp16_within_reference_bf16']).lower()}")
+
+
+def finite(value):
+    """JSON has no inf or nan: they become null."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+
+if __name__ == "__main__":
+    main()
