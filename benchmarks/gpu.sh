@@ -4,8 +4,9 @@
 #   export   random real-size weights of each preset and its model directory (fp32 + fp16 graphs;
 #            engines too where TensorRT is installed)
 #   loop     the denoiser loop alone: fp16/fp32 graphs, CUDA graphs on/off (denoiser_loop.py)
-#   parity   every stage's ONNX Runtime graphs (fp32, fp16) against PyTorch fp32 on the GPU, and
-#            the 25-step drift of fp16 next to the PyTorch reference's bf16 (gpu_parity.py)
+#   parity   every stage's ONNX Runtime graphs (fp32, fp16) of the exported directory against
+#            PyTorch fp32 on the GPU, and the 25-step drift of fp16 next to the PyTorch
+#            reference's bf16 (gpu_parity.py --model)
 #   rtf      the runtime against the reference-style PyTorch pipeline (bf16), per stage and end
 #            to end (rtf.py)
 #   video    video preprocessing on the GPU path (video.py; needs PyAV)
@@ -99,9 +100,8 @@ for preset in $presets; do
     phase "export:$preset" export_model "$preset" "$model"
     phase "loop:$preset" python "$here/denoiser_loop.py" --model "$model" --backend "$ort_backend" \
         --batch "$batch" --repeats "$((repeats + 2))" --json "$out/loop-$preset.json"
-    phase "parity:$preset" python "$here/gpu_parity.py" --preset "$preset" --device "$device" \
-        ${MMSEP_PARITY_STAGES:+--stages "$MMSEP_PARITY_STAGES"} --workdir "$work/parity-$preset" \
-        --json "$out/parity-$preset.json"
+    phase "parity:$preset" python "$here/gpu_parity.py" --model "$model" --device "$device" \
+        ${MMSEP_PARITY_STAGES:+--stages "$MMSEP_PARITY_STAGES"} --json "$out/parity-$preset.json"
     phase "rtf:$preset" python "$here/rtf.py" --model "$model" --backend "$backend_list" \
         --skip-unavailable --durations "$durations" --batch "$batch" --repeats "$repeats" \
         --warmup 1 --video-size "$video_size" \

@@ -2,6 +2,11 @@
 a whole sampling trajectory's reduced-precision drift next to the PyTorch reference's own.
 
     python benchmarks/gpu_parity.py --preset large_44k_v2 --device cuda --json gpu_parity.json
+    python benchmarks/gpu_parity.py --model models/large_44k_v2 --device cuda --json parity.json
+
+``--preset`` builds random components and exports the stages it checks; ``--model`` checks the
+graphs of a directory written by mmsep-export (with its fp16 copies) against the components its
+manifest names (benchmarks/models.py), exporting nothing.
 
 Per stage (random weights): relative L2 per output at --batch, gated at the stage's bounds, and
 median milliseconds per run. Per --cfg, with the denoiser checked: the final latents of every
@@ -11,8 +16,6 @@ rounding). Exit 0 when every gated check passes, 1 when one fails, 2 on bad usag
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import math
 import statistics
@@ -22,7 +25,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -31,6 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
+from benchmarks.drift import TRAJECTORIES, one_line, print_trajectory, sample_all, say  # noqa: E402
 from mmsep.exit_codes import EXIT_INTERNAL, EXIT_OK  # noqa: E402
 from mmsep.export.example_inputs import example_inputs  # noqa: E402
 from mmsep.export.mixed_precision import convert_graph  # noqa: E402
@@ -38,33 +41,22 @@ from mmsep.export.onnx_graph import check_graph, export_onnx  # noqa: E402
 from mmsep.export.parity import relative_l2  # noqa: E402
 from mmsep.export.wrappers import stage_modules, stage_specs  # noqa: E402
 from mmsep.models.components import build_components  # noqa: E402
-from mmsep.models.sampler import CONDITION_KEYS, sample  # noqa: E402
 from mmsep.runtime.atomic import write_bytes_atomically  # noqa: E402
-from mmsep.runtime.backends.protocol import stack_branches  # noqa: E402
 from mmsep.runtime.cli import console_main  # noqa: E402
-from mmsep.runtime.errors import one_line as message_line  # noqa: E402
-from mmsep.stages import STAGE_ORDER, Stage, Tensor, euler_schedule  # noqa: E402
+from mmsep.stages import STAGE_ORDER, Stage  # noqa: E402
 
 SCHEMA = "mmsep-gpu-parity/1"
 RUNS = {"cuda": (2, 5), "cpu": (1, 1)}  # (warm-up, timed) calls per timing (cpu: a logic check)
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-TRAJECTORIES = {
-    "ort_fp32": "the fp32 denoiser graph",
-    "ort_fp16": "the fp16 mixed-precision denoiser graph (its Euler update stays fp32)",
-    "torch_fp32": "the PyTorch fp32 denoiser stage",
-    "torch_bf16": "the PyTorch reference sampler (mmsep.models.sampler.sample; benchmarks/"
-                  "baseline.py on CUDA), network in bf16, t and the Euler state in fp32",
-    "torch_fp16": "the same with the network in fp16",
-}
-
-
-say = functools.partial(print, flush=True)  # progress lines show as they come
 
 
 @click.command(help=__doc__.split("\n\n")[0],
                context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--preset", default="large_44k_v2", show_default=True,
-              help="Flow preset built with random weights (tiny, small_44k, large_44k_v2, ...).")
+@click.option("--preset", default=None,
+              help="Flow preset built with random weights (tiny, small_44k, large_44k_v2, ...) "
+                   "[default: large_44k_v2 without --model].")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Check this model directory's graphs instead of exporting a preset.")
 @click.option("--device", type=click.Choice(("auto", "cuda", "cpu")), default="auto",
               show_default=True,
               help="cuda: torch CUDA and ONNX Runtime's CUDA provider; cpu: a logic check; "
@@ -84,10 +76,14 @@ say = functools.partial(print, flush=True)  # progress lines show as they come
               help="Keep the graphs here [default: a temporary directory].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the results as JSON to this file.")
-def cli(preset, device, stages, batch, steps, cfg_text, seed, duration, workdir, json_path):
+def cli(preset, model_dir, device, stages, batch, steps, cfg_text, seed, duration, workdir,
+        json_path):
     if json_path is not None and not json_path.resolve().parent.is_dir():
         raise click.BadParameter(f"no directory {json_path.parent}", param_hint="--json")
-    settings = {"preset": preset, "device": resolve_device(device), "names": parse_stages(stages),
+    if model_dir is not None and preset is not None:
+        raise click.UsageError("give --preset or --model, not both")
+    source = {"preset": preset or "large_44k_v2"} if model_dir is None else {"model": model_dir}
+    settings = {"source": source, "device": resolve_device(device), "names": parse_stages(stages),
                 "batch": batch, "steps": steps, "cfgs": parse_cfg(cfg_text), "seed": seed,
                 "duration": duration, "json_path": json_path}
     if workdir is not None:
@@ -132,7 +128,7 @@ def parse_stages(text: str | None) -> list[str] | None:
     return names or None
 
 
-def run(*, preset, device, names, batch, steps, cfgs, seed, duration, json_path, workdir) -> int:
+def run(*, source, device, names, batch, steps, cfgs, seed, duration, json_path, workdir) -> int:
     torch.set_grad_enabled(False)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
@@ -140,15 +136,22 @@ def run(*, preset, device, names, batch, steps, cfgs, seed, duration, json_path,
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
     started = time.perf_counter()
-    components, specs, modules, names = build(preset, names, batch, duration)
-    export_errors = export(names, specs, modules, workdir)
+    if "model" in source:
+        components, specs, modules, names, graphs = from_model(source["model"], names)
+        export_errors, preset = {}, components.flow.config.name
+    else:
+        preset = source["preset"]
+        components, specs, modules, names = build(preset, names, batch, duration)
+        export_errors = export(names, specs, modules, workdir)
+        graphs = {name: {"fp32": workdir / f"{name}.onnx", "fp16": workdir / f"{name}.fp16.onnx"}
+                  for name in names}
     for module in modules.values():  # after the export, which traces on the CPU
         module.to(device).eval()
     rows, trajectory, denoiser_sessions = [], [], None
     for name in names:
         say(f"{name}: checking at batch {batch} on {device}")
-        row, sessions = check_stage(specs[name], modules[name], workdir, device, batch, seed,
-                                    export_errors.get(name))
+        row, sessions = check_stage(specs[name], modules[name], graphs[name], device, batch,
+                                    seed, export_errors.get(name))
         rows.append(row)
         print_row(row)
         if name == Stage.DENOISER and row["error"] is None:
@@ -182,6 +185,33 @@ def build(preset: str, names: list[str] | None, batch: int, duration: float):
     return components, specs, stage_modules(components), names or list(specs)
 
 
+def from_model(model_dir: Path, names: list[str] | None):
+    """A model directory's components (its manifest's sources), stage specs and modules (its
+    geometry: the mixture-latent convention too), the stages to check and their graphs."""
+    from benchmarks.models import WeightsError, components_for
+    from mmsep.export.wrappers import build_stage_modules
+    from mmsep.runtime.errors import InputError
+    from mmsep.runtime.model_dir import ModelDir
+    from mmsep.stages import Geometry
+
+    try:
+        model = ModelDir(model_dir, verify=False)
+        if not model.has_precision("fp16"):
+            raise InputError(f"{model_dir} has no fp16 graphs (export it with --precision fp16)")
+        say(f"loading the components {model_dir}'s manifest names")
+        components = components_for(model.manifest)
+    except (InputError, WeightsError) as exc:
+        raise click.UsageError(str(exc)) from None
+    names = names or list(model.specs)
+    missing = [n for n in names if n not in model.specs]
+    if missing:
+        raise click.BadParameter(f"{model_dir} has no stage {', '.join(missing)}",
+                                 param_hint="--stages")
+    modules = build_stage_modules(components, Geometry.from_json(model.manifest["geometry"]))
+    graphs = {n: {p: model.onnx_path(n, p) for p in ("fp32", "fp16")} for n in names}
+    return components, model.specs, modules, names, graphs
+
+
 def export(names, specs, modules, workdir: Path) -> dict[str, str]:
     """fp32 and fp16 graphs in ``workdir`` (no parity here); returns each failed stage's error."""
     errors = {}
@@ -196,10 +226,6 @@ def export(names, specs, modules, workdir: Path) -> dict[str, str]:
             errors[name] = one_line(exc)
             say(f"{name}: export failed: {errors[name]}")
     return errors
-
-
-def one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {message_line(exc, 400)}"
 
 
 def session(path: Path, device: str, precision: str):
@@ -225,7 +251,8 @@ def timed(call, device: str):
     return statistics.median(times[warm:]), result
 
 
-def check_stage(spec, module, workdir: Path, device: str, batch: int, seed: int, error):
+def check_stage(spec, module, graphs: dict[str, Path], device: str, batch: int, seed: int,
+                error):
     """One stage's row and ORT sessions; timed calls take and return host arrays (both sides)."""
     row, sessions = {"stage": spec.name, "passed": False, "error": error}, {}
     if error is not None:
@@ -241,8 +268,7 @@ def check_stage(spec, module, workdir: Path, device: str, batch: int, seed: int,
         row["ms"] = {"torch_fp32": ms}
         for precision, bound in (("fp32", spec.onnx_tolerance),
                                  ("fp16", spec.reduced_precision_tolerance)):
-            graph = workdir / f"{spec.name}{'' if precision == 'fp32' else '.fp16'}.onnx"
-            sess = sessions[precision] = session(graph, device, precision)
+            sess = sessions[precision] = session(graphs[precision], device, precision)
             row["ms"][f"ort_{precision}"], got = timed(lambda s=sess: s.run(None, feeds), device)
             errors = {n: relative_l2(g, r) for n, g, r in zip(spec.output_names, got, reference)}
             worst = max(errors.values())
@@ -255,104 +281,6 @@ def check_stage(spec, module, workdir: Path, device: str, batch: int, seed: int,
     return row, sessions
 
 
-def denoiser_inputs(components, specs, modules, device: str, batch: int, seed: int):
-    """Example conditioner features, the denoiser's step-invariant inputs (the CFG branches
-    stacked as the runtime does, the unconditional one from the learned empty features), x0."""
-    conditioner, spec = modules[Stage.CONDITIONER], specs[Stage.DENOISER]
-    names = specs[Stage.CONDITIONER].output_names
-
-    def condition(features) -> dict[str, np.ndarray]:
-        out = conditioner(*(torch.as_tensor(f).to(device) for f in features))
-        return {n: o.float().cpu().numpy() for n, o in zip(names, out)}
-
-    features = list(example_inputs(specs[Stage.CONDITIONER], batch, seed).values())
-    fixed = stack_branches(condition(features), condition(components.flow.empty_conditions(1)))
-    if Tensor.MIX_LATENT in spec.input_names:
-        fixed[Tensor.MIX_LATENT] = example_inputs(spec, batch, seed)[Tensor.MIX_LATENT].numpy()
-    shape = spec.tensor(Tensor.X).concrete(batch)
-    return features, fixed, np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-
-
-def step_inputs(names, fixed: dict, x, t: float, dt: float, cfg: float) -> dict:
-    """One Euler step's denoiser inputs, in the graph's input order."""
-    values = {**fixed, Tensor.X: x, **{n: np.full(len(x), v, np.float32) for n, v in (
-        (Tensor.T, t), (Tensor.DT, dt), (Tensor.CFG, cfg))}}
-    return {n: values[n] for n in names}
-
-
-def sample_graph(sess, names, fixed, x0, steps: int, cfg: float) -> np.ndarray:
-    times, dt = euler_schedule(steps)
-    x = x0
-    for t in times:
-        (x,) = sess.run([Tensor.X_NEXT], step_inputs(names, fixed, x, t, dt, cfg))
-    return x
-
-
-def sample_stage(module, names, fixed, x0, steps: int, cfg: float, device) -> np.ndarray:
-    """Euler with the torch fp32 denoiser stage (it does the update itself)."""
-    fixed = {n: torch.from_numpy(v).to(device) for n, v in fixed.items()}
-    times, dt = euler_schedule(steps)
-    x = torch.from_numpy(x0).to(device)
-    for t in times:
-        inputs = step_inputs(names, fixed, x, t, dt, cfg)
-        x = module(*(torch.as_tensor(v).to(device) for v in inputs.values()))
-    return x.cpu().numpy()
-
-
-def sample_reference(flow, features, fixed, x0, steps: int, cfg: float, dtype, device):
-    """The reference sampler, a copy of the network in ``dtype``. Not the denoiser stage cast to
-    it: that does the Euler update itself, rounding the state to bf16 every step (3.3e-1 against
-    2.9e-2 with an fp32 state: tiny, 3 steps, cfg 4.5), which no cast between steps undoes."""
-    mix = fixed.get(Tensor.MIX_LATENT)
-    x1 = sample(copy.deepcopy(flow).to(device, dtype), torch.from_numpy(x0).to(device),
-                {k: f.to(device) for k, f in zip(CONDITION_KEYS, features)},
-                None if mix is None else torch.from_numpy(mix).to(device), steps, cfg)
-    return x1.float().cpu().numpy()
-
-
-def sample_all(components, specs, modules, sessions, device, batch, seed, steps, cfg) -> dict:
-    """One trajectory entry: every TRAJECTORIES variant's final latent against torch fp32."""
-    say(f"trajectory cfg {cfg}: {steps} steps, {', '.join(TRAJECTORIES)}")
-    entry = {"cfg": cfg, "steps": steps, "seconds": {}, "error": None}
-    try:
-        features, fixed, x0 = denoiser_inputs(components, specs, modules, device, batch, seed)
-        names, stage, finals = specs[Stage.DENOISER].input_names, modules[Stage.DENOISER], {}
-        for label in TRAJECTORIES:
-            started, precision = time.perf_counter(), label.split("_")[1]
-            if label.startswith("ort"):
-                final = sample_graph(sessions[precision], names, fixed, x0, steps, cfg)
-            elif precision == "fp32":
-                final = sample_stage(stage, names, fixed, x0, steps, cfg, device)
-            else:
-                dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-                final = sample_reference(components.flow, features, fixed, x0, steps, cfg, dtype,
-                                         device)
-            finals[label], entry["seconds"][label] = final, time.perf_counter() - started
-        rel = {"ort_fp16_vs_ort_fp32": relative_l2(finals["ort_fp16"], finals["ort_fp32"])}
-        rel.update({f"{label}_vs_torch_fp32": relative_l2(final, finals["torch_fp32"])
-                    for label, final in finals.items() if label != "torch_fp32"})
-        # both against the same fp32 reference; a nan compares False
-        entry["fp16_within_reference_bf16"] = bool(
-            rel["ort_fp16_vs_torch_fp32"] <= rel["torch_bf16_vs_torch_fp32"])
-        entry["rel_l2"], entry["si_sdr_db"] = rel, decoded_si_sdr(modules, finals, device)
-    except Exception as exc:  # noqa: BLE001 - not gated: reported, and the report still written
-        entry["error"] = one_line(exc)
-    return entry
-
-
-def decoded_si_sdr(modules, finals: dict[str, np.ndarray], device: str) -> dict:
-    """SI-SDR (dB, batch mean) of each final latent's waveform against torch fp32's."""
-    decode, vocode = modules[Stage.VAE_DECODER], modules[Stage.VOCODER]  # torch fp32
-    waves = {label: vocode(decode(torch.from_numpy(latent).to(device))).double().cpu().numpy()
-             for label, latent in finals.items()}
-    ref = waves.pop("torch_fp32")
-    scale = (ref * ref).sum(-1, keepdims=True)
-    targets = {label: (est * ref).sum(-1, keepdims=True) / scale * ref
-               for label, est in waves.items()}
-    return {label: float(np.mean(10 * np.log10((target ** 2).sum(-1) / np.maximum(
-        ((waves[label] - target) ** 2).sum(-1), 1e-30)))) for label, target in targets.items()}
-
-
 def print_row(row: dict) -> None:
     if row["error"]:
         say(f"{row['stage']:<12} ERROR {row['error']}")
@@ -362,19 +290,6 @@ def print_row(row: dict) -> None:
         f"fp16 {fp16['worst']:.2e} (<= {fp16['bound']:.0e})  ms: torch fp32 "
         f"{ms['torch_fp32']:.2f}, ort fp32 {ms['ort_fp32']:.2f}, ort fp16 {ms['ort_fp16']:.2f}  "
         f"{'ok' if row['passed'] else 'FAIL'}")
-
-
-def print_trajectory(entry: dict) -> None:
-    head = f"trajectory cfg {entry['cfg']} ({entry['steps']} steps, not gated)"
-    if entry["error"]:
-        say(f"{head}: ERROR {entry['error']}")
-        return
-    say(f"{head}: final latent rel L2; SI-SDR of the decoded waveform vs torch_fp32")
-    scores = entry["si_sdr_db"]
-    for pair, value in entry["rel_l2"].items():
-        score = scores.get(pair.removesuffix("_vs_torch_fp32"))
-        say(f"  {pair:<32} {value:.2e}" + ("" if score is None else f"  {score:7.1f} dB"))
-    say(f"  fp16_within_reference_bf16: {str(entry['fp16_within_reference_bf16']).lower()}")
 
 
 def finite(value):

@@ -278,7 +278,9 @@ def _summary(result) -> dict:
     return {"directory": str(result.directory), "unchanged": result.unchanged,
             "rebuilt": result.rebuilt, "reused": result.reused,
             "stages": {name: {"rel_l2": s["parity"]["onnxruntime"]["rel_l2"],
-                              "bytes": sum(f["bytes"] for f in s["files"].values())}
+                              "bytes": sum(f["bytes"] for f in s["files"].values()),
+                              **{f"{p}_rel_l2": r["parity"]["onnxruntime"]["rel_l2"]
+                                 for p, r in s.get("reduced", {}).items()}}
                        for name, s in m["stages"].items()},
             "tensorrt": m.get("tensorrt")}
 
@@ -288,12 +290,16 @@ def _print_summary(result) -> None:
     status = "unchanged (nothing to do)" if result.unchanged else \
         f"{len(result.rebuilt)} stage(s) exported, {len(result.reused)} reused"
     click.echo(f"\n{result.directory}: {status}")
-    click.echo(f"{'stage':<13}{'size':>10}  {'ORT vs PyTorch (rel L2)':>24}  {'bound':>7}")
+    click.echo(f"{'stage':<13}{'size':>10}  {'ORT vs PyTorch (rel L2)':>24}  {'bound':>7}"
+               f"  {'fp16 copy':>10}  {'bound':>7}")
     for name, s in m["stages"].items():
         size = sum(f["bytes"] for f in s["files"].values())
         parity = s["parity"]["onnxruntime"]
+        fp16 = s.get("reduced", {}).get("fp16", {}).get("parity", {}).get("onnxruntime")
+        copy = f"  {max(fp16['rel_l2'].values()):>10.2e}  {fp16['tolerance']:>7.0e}" if fp16 \
+            else ""
         click.echo(f"{name:<13}{_size(size):>10}  {max(parity['rel_l2'].values()):>24.2e}  "
-                   f"{parity['tolerance']:>7.0e}")
+                   f"{parity['tolerance']:>7.0e}{copy}")
     trt = m.get("tensorrt") or {}
     if trt.get("status") == "skipped":
         click.echo(f"TensorRT engines skipped: {trt.get('reason')}")

@@ -131,23 +131,50 @@ def test_bad_cfg_is_bad_usage(gpu_parity, capsys):
     assert code == 2 and err.strip().count("\n") == 0 and "--cfg" in err
 
 
+def test_a_model_directory_is_checked_without_exporting(tiny_model_dir, tmp_path):
+    """--model: the directory's own fp32 and fp16 graphs against the components its manifest
+    names (the tiny preset, seed 0, 2 s windows); nothing is exported."""
+    out = tmp_path / "parity.json"
+    result = run_script("--model", tiny_model_dir, "--device", "cpu", "--stages",
+                        "denoiser,conditioner,mix_encoder", "--steps", 2, "--cfg", 4.5,
+                        "--json", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "exported" not in result.stdout
+    report = json.loads(out.read_text())
+    assert report["preset"] == "tiny" and report["passed"] is True
+    for row in report["stages"]:
+        assert row["fp32"]["worst"] < 1e-4 and 0 < row["fp16"]["worst"] < 1e-2
+    [entry] = report["trajectory"]
+    assert entry["error"] is None and entry["rel_l2"]["ort_fp32_vs_torch_fp32"] < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parity.json"]
+
+
+def test_preset_and_model_together_are_bad_usage(gpu_parity, capsys, tmp_path):
+    code, err = run_in_process(gpu_parity, capsys, "--device", "cpu", "--preset", "tiny",
+                               "--model", tmp_path)
+    assert code == 2 and "--preset or --model, not both" in err
+
+
 def test_a_failing_stage_is_reported_in_its_row(gpu_parity, tmp_path):
     """An exception (here: no graph to load) fails that stage's row and is not raised."""
     from mmsep.stages import StageSpec, TensorSpec
 
     spec = StageSpec("vocoder", "x -> x", (TensorSpec("mel", "float32", ("batch", 3)),),
                      (TensorSpec("waveform", "float32", ("batch", 3)),))
-    row, sessions = gpu_parity.check_stage(spec, torch.nn.Identity(), tmp_path, "cpu", 2, 0, None)
+    graphs = {"fp32": tmp_path / "vocoder.onnx", "fp16": tmp_path / "vocoder.fp16.onnx"}
+    row, sessions = gpu_parity.check_stage(spec, torch.nn.Identity(), graphs, "cpu", 2, 0, None)
     assert row["passed"] is False and sessions == {}
     assert "vocoder.onnx" in row["error"] and "\n" not in row["error"]
-    row, _ = gpu_parity.check_stage(spec, torch.nn.Identity(), tmp_path, "cpu", 2, 0, "boom")
+    row, _ = gpu_parity.check_stage(spec, torch.nn.Identity(), graphs, "cpu", 2, 0, "boom")
     assert row == {"stage": "vocoder", "passed": False, "error": "boom"}
 
 
 def test_helpers(gpu_parity):
     assert gpu_parity.finite({"a": [float("nan"), 1.0], "b": float("inf"), "c": "NaN"}) == \
         {"a": [None, 1.0], "b": None, "c": "NaN"}
-    inputs = gpu_parity.step_inputs(("x", "mix_latent", "t", "dt", "cfg"),
+    from benchmarks.drift import step_inputs
+
+    inputs = step_inputs(("x", "mix_latent", "t", "dt", "cfg"),
                                     {"mix_latent": np.zeros((2, 1))}, np.ones((2, 1)), 0.5,
                                     0.25, 4.5)
     assert list(inputs) == ["x", "mix_latent", "t", "dt", "cfg"]

@@ -72,7 +72,7 @@ def test_fp16_copies_are_written_checked_and_hashed(tiny_model_dir):
         for file, meta in copy["files"].items():
             assert sha256_file(tiny_model_dir / file) == meta["sha256"], file
         parity = copy["parity"]["onnxruntime"]
-        assert parity["passed"] and parity["tolerance"] == 1e-2
+        assert parity["passed"] and parity["tolerance"] == 1e-2 and parity["batch"] == 1
         assert 0 < max(parity["rel_l2"].values()) <= 1e-2
 
 
@@ -283,6 +283,7 @@ def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights,
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert set(summary["stages"]) == set(STAGE_ORDER) - {"mix_encoder"}
+    assert all(0 < max(s["fp16_rel_l2"].values()) <= 1e-2 for s in summary["stages"].values())
     manifest = _manifest(out)
     assert manifest["model"]["separation"] is False
     assert manifest["geometry"]["mixture_latent"] is None  # no mixture to encode
@@ -330,11 +331,12 @@ def test_cli_internal_error_is_one_line_with_exit_code_1(tmp_path):
     assert not out.exists()
 
 
-def test_cli_mixture_latent_option(tmp_path):
-    """--mixture-latent reaches the exporter; a bad value is exit 2."""
+def test_cli_mixture_latent_and_precision_options(tmp_path):
+    """--mixture-latent and --precision reach the exporter (fp16, the default, asks for the fp16
+    copies; fp32 and bf16 for none); a bad value is exit 2."""
     script = ("import sys, mmsep.export.cli as cli, mmsep.export.exporter as exporter\n"
               "def record(*a, **k):\n"
-              "    print('convention', k['mixture_latent'])\n"
+              "    print('convention', k['mixture_latent'], 'copies', k['onnx_precisions'])\n"
               "    sys.exit(0)\n"
               "exporter.export_model = record\n"
               "sys.argv = ['mmsep-export', '--preset', 'tiny', '--quiet', *sys.argv[1:]]\n"
@@ -343,7 +345,13 @@ def test_cli_mixture_latent_option(tmp_path):
                            "--mixture-latent", NORMALIZED_MEAN],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"convention {NORMALIZED_MEAN}"
+    assert done.stdout.strip() == f"convention {NORMALIZED_MEAN} copies ('fp16',)"
+    for precision in ("fp32", "bf16"):
+        done = subprocess.run([sys.executable, "-c", script, "--out", str(tmp_path / "m"),
+                               "--precision", precision, "--no-engines"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"convention {POSTERIOR_SAMPLE} copies ()"
     proc = _cli("--preset", "tiny", "--mixture-latent", "mean", "--out", tmp_path / "out")
     assert proc.returncode == 2 and "Invalid value for '--mixture-latent'" in proc.stderr
     assert not (tmp_path / "out").exists()

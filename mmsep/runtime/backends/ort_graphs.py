@@ -14,15 +14,16 @@ run uncaptured, with the same results. Captures are kept per calling thread by O
 ORT captures in CUDA's global mode, in which a synchronous CUDA call from another thread (the
 next window's frames uploaded for resizing, say) invalidates the capture: every device run of the
 backend holds the backend's ``lock``. A batch size's session holds its own copy of the denoiser's
-weights; at most ``SESSIONS`` are kept, the least recently used dropped first. On the CPU the same
-pinned, bound loop runs without capture (how its buffer logic is tested without a GPU).
+weights and takes seconds to load, so the first ``SESSIONS`` batch sizes used get one and keep it
+(a service whose batch sizes vary would otherwise load sessions over and over); other batch sizes
+run the plain loop. On the CPU the same pinned, bound loop runs without capture (how its buffer
+logic is tested without a GPU).
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from ...closing import Closing
 from ...stages import StageSpec, Tensor, euler_schedule
 from ..errors import ModelDirError, one_line
 
-SESSIONS = 2  # pinned sessions kept: a steady batch size and the last, smaller batch of a job
+SESSIONS = 2  # pinned batch sizes: a job's steady batch and its last, smaller one
 
 
 def batch_dims(spec: StageSpec, batch: int) -> dict[str, int]:
@@ -102,7 +103,8 @@ class PinnedDenoiser(Closing):
 
 
 class DenoiserGraphs(Closing):
-    """Pinned denoiser sessions by batch size; ``sample`` returns None once graphs are off."""
+    """Pinned denoiser sessions by batch size; ``sample`` returns None where the plain loop
+    runs instead (graphs off, or a batch size beyond the first ``SESSIONS``)."""
 
     def __init__(self, ort, path: Path, spec: StageSpec, *, options: Callable[[], object],
                  providers: list, device: str, device_id: int, lock: threading.Lock,
@@ -112,14 +114,15 @@ class DenoiserGraphs(Closing):
         self._options, self._providers = options, providers
         self._device, self._device_id, self._lock = device, device_id, lock
         self._capture = device == "cuda"
-        self._pinned: OrderedDict[int, PinnedDenoiser] = OrderedDict()
+        self._pinned: dict[int, PinnedDenoiser] = {}
         self.enabled = True
 
     def sample(self, x0: np.ndarray, fixed: Mapping[str, np.ndarray], steps: int,
                cfg: float) -> np.ndarray | None:
         """The final latent of the loop, or None when graphs are (now) off: a failure to create
         or capture turns them off with a warning, and the caller runs the steps one by one."""
-        if not self.enabled:
+        if not self.enabled or (x0.shape[0] not in self._pinned and
+                                len(self._pinned) >= SESSIONS):
             return None
         times, step = euler_schedule(steps)
         try:
@@ -149,9 +152,6 @@ class DenoiserGraphs(Closing):
                                         capture=self._capture)
             self._check_unchanged()
             self._pinned[batch] = pinned
-            while len(self._pinned) > SESSIONS:
-                self._pinned.popitem(last=False)[1].close()
-        self._pinned.move_to_end(batch)
         return pinned
 
     def close(self) -> None:
