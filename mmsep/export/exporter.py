@@ -260,8 +260,10 @@ def _engine_keys(manifest: dict) -> tuple:
 
 
 def _check_disk(out: Path, modules: dict, specs: dict, reduced_copies: int) -> None:
-    needed = sum(p.numel() * 4 for name in specs for p in modules[name].parameters())
-    needed = int(needed * (1.2 + 0.6 * reduced_copies)) + (64 << 20)  # a copy: half the weights
+    # each weight once: stage modules share networks (CLIP's towers, the VAE), each graph keeps
+    # only the weights it uses
+    weights = {id(p): p.numel() for name in specs for p in modules[name].parameters()}
+    needed = int(sum(weights.values()) * 4 * (1.2 + 0.6 * reduced_copies)) + (64 << 20)
     parent = out.parent if out.parent.exists() else Path.cwd()
     free = shutil.disk_usage(parent).free
     if free < needed:
