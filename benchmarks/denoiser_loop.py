@@ -136,15 +136,16 @@ def _floor_inputs(model, device: str) -> dict:
 
 
 def _row(variant, batch, steps, times, result, reference, floor) -> dict:
+    from mmsep.export.parity import relative_l2
+
     median = statistics.median(times)
     efficiency = denoiser_efficiency(floor["step_flops"], steps, batch, median, floor["tflops"])
-    diff = np.linalg.norm(result.astype(np.float64) - reference)
     return {"variant": f"{variant[0]}{' graphs' if variant[1] else ''}",
             "precision": variant[0], "cuda_graphs": variant[1], "batch": batch,
             "seconds": {"median": median, "p90": float(np.percentile(times, 90))},
             "ms_per_loop": median * 1e3, "ms_per_step": median * 1e3 / steps,
             "ratio_to_floor": efficiency["ratio_to_floor"], "tflops": efficiency["tflops"],
-            "rel_l2_vs_fp32": float(diff / np.linalg.norm(reference.astype(np.float64)))}
+            "rel_l2_vs_fp32": relative_l2(result, reference)}
 
 
 if __name__ == "__main__":

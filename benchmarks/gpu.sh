@@ -37,11 +37,6 @@ mkdir -p "$out" "$work" || exit 2
 export PYTHONUNBUFFERED=1
 failed=()
 
-python - <<'PY' || exit 2
-import onnxruntime as ort
-if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu: CUDA and cuDNN from the torch install
-    ort.preload_dlls()
-PY
 has_gpu=$(python -c 'import torch; print(int(torch.cuda.is_available()))')
 has_ort_cuda=$(python -c 'import onnxruntime as o; print(int("CUDAExecutionProvider" in o.get_available_providers()))')
 has_trt=0

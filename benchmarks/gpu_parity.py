@@ -42,6 +42,7 @@ from mmsep.export.parity import relative_l2  # noqa: E402
 from mmsep.export.wrappers import stage_modules, stage_specs  # noqa: E402
 from mmsep.models.components import build_components  # noqa: E402
 from mmsep.runtime.atomic import write_bytes_atomically  # noqa: E402
+from mmsep.runtime.backends.ort import preload_cuda_libraries  # noqa: E402
 from mmsep.runtime.cli import console_main  # noqa: E402
 from mmsep.stages import STAGE_ORDER, Stage  # noqa: E402
 
@@ -133,8 +134,7 @@ def run(*, source, device, names, batch, steps, cfgs, seed, duration, json_path,
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
         torch.backends.cudnn.allow_tf32 = False
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
+        preload_cuda_libraries()
     started = time.perf_counter()
     if "model" in source:
         components, specs, modules, names, graphs = from_model(source["model"], names)

@@ -19,3 +19,21 @@ def _to_numpy(x):
     if hasattr(x, "detach"):
         return x.detach().cpu().double().numpy()
     return x
+
+
+def without_fp16_copies(model_dir, dest):
+    """A copy of ``model_dir`` as mmsep-export --precision fp32 writes it: no fp16 graphs, none
+    listed in its manifest."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    dest = Path(dest)
+    shutil.copytree(model_dir, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for stage in manifest["stages"].values():
+        for copy in stage.pop("reduced", {}).values():
+            for name in copy["files"]:
+                (dest / name).unlink()
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest

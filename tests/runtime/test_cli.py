@@ -11,6 +11,7 @@ import soundfile as sf
 
 from mmsep.runtime.cli import main
 from mmsep.runtime.example import tones
+from tests.helpers import without_fp16_copies
 
 SR = 44100
 
@@ -76,12 +77,7 @@ def test_precision_option(model_dir, media, tmp_path, capsys):
     difference = np.linalg.norm(outputs["fp16"] - outputs["fp32"])
     assert 0 < difference < 0.1 * np.linalg.norm(outputs["fp32"])
 
-    copy = tmp_path / "fp32-only"
-    shutil.copytree(model_dir, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    for stage in manifest["stages"].values():
-        stage.pop("reduced")
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = without_fp16_copies(model_dir, tmp_path / "fp32-only")
     code, _, stderr = run_cli(["--model", copy, "--mix", media["av"], "--precision", "fp16",
                                "-o", tmp_path / "no.wav"], capsys)
     assert code == 2 and len(stderr.strip().splitlines()) == 1

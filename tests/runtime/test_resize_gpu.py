@@ -17,6 +17,9 @@ def ort_cuda():
     pytest.importorskip("onnx")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    from mmsep.runtime.backends.ort import preload_cuda_libraries
+
+    preload_cuda_libraries()
     return ort
 
 

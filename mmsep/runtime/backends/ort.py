@@ -11,6 +11,7 @@ fp32 graphs run with TF32 off, so that fp32 means fp32. The CPU runs the fp32 gr
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import warnings
@@ -36,6 +37,16 @@ def import_ort():
         raise BackendUnavailable(f"onnxruntime is not installed ({exc}); "
                                  "pip install onnxruntime (or onnxruntime-gpu)") from None
     return onnxruntime
+
+
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """onnxruntime-gpu's own loading of CUDA and cuDNN from the NVIDIA wheels beside it (the
+    PyTorch install's, for instance), where it offers one: without it a CUDA session can fail to
+    find them. Done once, before the first CUDA session."""
+    ort = import_ort()
+    if hasattr(ort, "preload_dlls") and "CUDAExecutionProvider" in ort.get_available_providers():
+        ort.preload_dlls()
 
 
 def cuda_available() -> bool:
@@ -95,6 +106,7 @@ class OrtBackend(Closing):
                 raise BackendUnavailable(
                     "ONNX Runtime's CUDA provider is not available here (install onnxruntime-gpu "
                     "with a matching CUDA, or use --backend ort-cpu)")
+            preload_cuda_libraries()
             # Creating one session proves that the provider really loads (ORT falls back to the
             # CPU silently when CUDA libraries are missing, which _session turns into an error).
             self._session(Stage.CONDITIONER)

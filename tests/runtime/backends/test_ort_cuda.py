@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from mmsep.runtime.backends import OrtBackend
+from mmsep.runtime.backends.ort import preload_cuda_libraries
 from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.resize import FrameResizer
 
-from .test_ort_graphs import relative_l2, request
+from tests.helpers import rel_l2 as relative_l2
+
+from .test_ort_graphs import request
 
 pytestmark = pytest.mark.gpu
 
@@ -22,8 +25,7 @@ def ort_cuda():
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
+    preload_cuda_libraries()
 
 
 @pytest.fixture(scope="module")

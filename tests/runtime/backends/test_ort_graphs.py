@@ -14,6 +14,8 @@ from mmsep.runtime.backends.ort import graph_precision
 from mmsep.runtime.errors import BackendUnavailable, ModelDirError
 from mmsep.runtime.model_dir import ModelDir
 from mmsep.stages import Stage
+from tests.helpers import rel_l2 as relative_l2
+from tests.helpers import without_fp16_copies
 
 from .test_ort import random_inputs
 
@@ -26,17 +28,7 @@ def model(model_dir):
 @pytest.fixture(scope="module")
 def fp32_only(model_dir, tmp_path_factory):
     """The tiny model as exported with --precision fp32: no fp16 copies in its manifest."""
-    import json
-
-    copy = tmp_path_factory.mktemp("fp32only") / "tiny"
-    shutil.copytree(model_dir, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    for stage in manifest["stages"].values():
-        for record in stage.pop("reduced", {}).values():
-            for name in record["files"]:
-                (copy / name).unlink()
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    return ModelDir(copy)
+    return ModelDir(without_fp16_copies(model_dir, tmp_path_factory.mktemp("fp32only") / "tiny"))
 
 
 def request(model, batch, seed=0):
@@ -53,10 +45,6 @@ def request(model, batch, seed=0):
 def plain_loop(model, x0, mix, conditioning, steps, cfg, precision="fp32"):
     with OrtBackend(model, "cpu", precision=precision, cuda_graphs=False) as backend:
         return backend.to_host(backend.sample(x0, mix, conditioning, steps, cfg))
-
-
-def relative_l2(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_precision_choice(model, fp32_only):
