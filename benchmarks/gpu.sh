@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU suite, in phases (BENCHMARKS.md, "GPU run", says how it fits the H200 machine's calls):
 #   pytest   pytest -m gpu (every GPU test that runs without TensorRT), log in OUT
-#   export   random real-size weights of each preset and its model directory (fp32 + fp16 graphs;
-#            engines too where TensorRT is installed)
+#   export   random real-size weights of each preset and its model directory (fp32 + fp16 graphs,
+#            each checked against PyTorch fp32 on the GPU; engines too where TensorRT is installed)
 #   loop     the denoiser loop alone: fp16/fp32 graphs, CUDA graphs on/off (denoiser_loop.py)
-#   parity   every stage's ONNX Runtime graphs (fp32, fp16) of the exported directory against
-#            PyTorch fp32 on the GPU, and the 25-step drift of fp16 next to the PyTorch
-#            reference's bf16 (gpu_parity.py --model)
+#   parity   the denoiser's ONNX Runtime graphs (fp32, fp16) of the exported directory against
+#            PyTorch fp32 on the GPU, one step timed, and the 25-step drift of fp16 next to the
+#            PyTorch reference's bf16 (gpu_parity.py --model; every stage's graphs were checked
+#            on the GPU by the export, whose manifest is copied to OUT)
 #   rtf      the runtime against the reference-style PyTorch pipeline (bf16), per stage and end
 #            to end (rtf.py)
 #   video    video preprocessing on the GPU path (video.py; needs PyAV)
@@ -17,8 +18,8 @@
 #   benchmarks/gpu.sh [OUT]            (default OUT: bench-gpu)
 #
 # Environment: MMSEP_GPU_PHASES (default "pytest export loop parity rtf video"),
-# MMSEP_PARITY_STAGES (gpu_parity.py --stages; default all), MMSEP_BENCH_PRESETS (default
-# "large_44k_v2"), MMSEP_BENCH_DURATIONS (default "8"),
+# MMSEP_PARITY_STAGES (gpu_parity.py --stages; default denoiser, "all" for every stage),
+# MMSEP_BENCH_PRESETS (default "large_44k_v2"), MMSEP_BENCH_DURATIONS (default "8"),
 # MMSEP_BENCH_BATCH (default "1,4"), MMSEP_BENCH_REPEATS (default 3), MMSEP_BENCH_VIDEO_SIZE
 # (default 1280x720), MMSEP_BENCH_WORK (default OUT/work).
 # MMSEP_BENCH_PRESETS=tiny runs the same logic on a CPU-only machine (ort-cpu, tiny model).
@@ -61,6 +62,8 @@ else
     ort_backend=ort-cpu device=cpu
 fi
 backend_list=$(IFS=,; echo "${backends[*]}")
+parity_stages=(--stages "${MMSEP_PARITY_STAGES:-denoiser}")
+[[ ${MMSEP_PARITY_STAGES:-} == all ]] && parity_stages=()
 
 phase() {  # phase NAME COMMAND...: run it if selected, time it, record a failure
     local name=$1
@@ -77,16 +80,18 @@ phase() {  # phase NAME COMMAND...: run it if selected, time it, record a failur
 }
 
 export_model() {  # export_model PRESET DIR
-    if [[ $1 == tiny ]]; then
-        mmsep-export --preset tiny --out "$2" --quiet
-        return
+    # every graph checked on the GPU (PyTorch and ONNX Runtime CUDA), engines built where
+    # TensorRT is present
+    local source=(--preset tiny)
+    if [[ $1 != tiny ]]; then
+        local weights=$work/weights-$1
+        if [[ ! -f $weights/weights/mmaudiosep_$1.pth ]]; then
+            python -m mmsep.models.random_weights --preset "$1" --out "$weights" || return
+        fi
+        source=(--weights-dir "$weights" --variant "$1")
     fi
-    local weights=$work/weights-$1
-    if [[ ! -f $weights/weights/mmaudiosep_$1.pth ]]; then
-        python -m mmsep.models.random_weights --preset "$1" --out "$weights" || return
-    fi
-    # engines are built here where TensorRT and a GPU are present
-    mmsep-export --weights-dir "$weights" --variant "$1" --out "$2" --quiet
+    mmsep-export "${source[@]}" --out "$2" --parity-device "$device" --quiet || return
+    cp "$2/manifest.json" "$out/manifest-$1.json"  # the per-stage parity, measured on the GPU
 }
 
 phase pytest bash -c "python -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee '$out/pytest-gpu.log'"
@@ -96,7 +101,7 @@ for preset in $presets; do
     phase "loop:$preset" python "$here/denoiser_loop.py" --model "$model" --backend "$ort_backend" \
         --batch "$batch" --repeats "$((repeats + 2))" --json "$out/loop-$preset.json"
     phase "parity:$preset" python "$here/gpu_parity.py" --model "$model" --device "$device" \
-        ${MMSEP_PARITY_STAGES:+--stages "$MMSEP_PARITY_STAGES"} --json "$out/parity-$preset.json"
+        ${parity_stages[@]+"${parity_stages[@]}"} --json "$out/parity-$preset.json"
     phase "rtf:$preset" python "$here/rtf.py" --model "$model" --backend "$backend_list" \
         --skip-unavailable --durations "$durations" --batch "$batch" --repeats "$repeats" \
         --warmup 1 --video-size "$video_size" \

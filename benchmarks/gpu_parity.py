@@ -38,7 +38,7 @@ from mmsep.exit_codes import EXIT_INTERNAL, EXIT_OK  # noqa: E402
 from mmsep.export.example_inputs import example_inputs  # noqa: E402
 from mmsep.export.mixed_precision import convert_graph  # noqa: E402
 from mmsep.export.onnx_graph import check_graph, export_onnx  # noqa: E402
-from mmsep.export.parity import relative_l2  # noqa: E402
+from mmsep.export.parity import onnxruntime_session, relative_l2  # noqa: E402
 from mmsep.export.wrappers import stage_modules, stage_specs  # noqa: E402
 from mmsep.models.components import build_components  # noqa: E402
 from mmsep.runtime.atomic import write_bytes_atomically  # noqa: E402
@@ -48,7 +48,7 @@ from mmsep.stages import STAGE_ORDER, Stage  # noqa: E402
 
 SCHEMA = "mmsep-gpu-parity/1"
 RUNS = {"cuda": (2, 5), "cpu": (1, 1)}  # (warm-up, timed) calls per timing (cpu: a logic check)
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 
 
 @click.command(help=__doc__.split("\n\n")[0],
@@ -228,18 +228,6 @@ def export(names, specs, modules, workdir: Path) -> dict[str, str]:
     return errors
 
 
-def session(path: Path, device: str, precision: str):
-    options, providers, wanted = ort.SessionOptions(), [CPU], CPU
-    options.log_severity_level = 3
-    if device == "cuda":  # no TF32 in the fp32 graph, so that fp32 is fp32
-        cuda = {"device_id": 0, "use_tf32": "0"} if precision == "fp32" else {"device_id": 0}
-        providers, wanted = [(CUDA, cuda), CPU], CUDA
-    result = ort.InferenceSession(str(path), options, providers=providers)
-    if result.get_providers()[0] != wanted:
-        raise RuntimeError(f"{path.name} runs on {result.get_providers()[0]}, not {wanted}")
-    return result
-
-
 def timed(call, device: str):
     """Median milliseconds of ``call`` after warm-up calls, and its last result."""
     warm, runs = RUNS[device]
@@ -268,7 +256,8 @@ def check_stage(spec, module, graphs: dict[str, Path], device: str, batch: int, 
         row["ms"] = {"torch_fp32": ms}
         for precision, bound in (("fp32", spec.onnx_tolerance),
                                  ("fp16", spec.reduced_precision_tolerance)):
-            sess = sessions[precision] = session(graphs[precision], device, precision)
+            sess = sessions[precision] = onnxruntime_session(graphs[precision], spec, device,
+                                                             precision)
             row["ms"][f"ort_{precision}"], got = timed(lambda s=sess: s.run(None, feeds), device)
             errors = {n: relative_l2(g, r) for n, g, r in zip(spec.output_names, got, reference)}
             worst = max(errors.values())

@@ -15,6 +15,7 @@ from ..models.io import CheckpointError
 from ..progress import track
 from ..stages import MIXTURE_LATENTS, POSTERIOR_SAMPLE
 from .errors import ExportError, UsageError
+from .parity import PARITY_DEVICES, resolve_parity_device
 
 # a full disk or quota, or a file size limit: the user's to fix (exit 2), not a bug
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -35,7 +36,8 @@ _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
               help="Released variant to export from --weights-dir (small_16k, small_44k, "
                    "medium_44k, large_44k): weights/mmaudiosep_<variant>.pth, else MMAudio's "
                    "weights/mmaudio_<variant>.pth.")
-@click.option("--vae", type=click.Path(path_type=Path), help="VAE checkpoint (overrides --weights-dir).")
+@click.option("--vae", type=click.Path(path_type=Path),
+              help="VAE checkpoint (overrides --weights-dir).")
 @click.option("--vocoder", type=click.Path(path_type=Path),
               help="BigVGAN v2 directory with config.json + bigvgan_generator.pt (44.1 kHz), or "
                    "MMAudio's BigVGAN v1 file best_netG.pt (16 kHz).")
@@ -61,6 +63,12 @@ _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
                    "outputs) are written and checked, ONNX Runtime CUDA runs them, and fp16 "
                    "TensorRT engines are built from them; bf16: bf16 engines, no ONNX copies; "
                    "fp32: no copies, fp32 engines.")
+@click.option("--parity-device", type=click.Choice(PARITY_DEVICES), default="auto",
+              show_default=True,
+              help="Where every graph is checked against its PyTorch fp32 module: cuda runs both "
+                   "PyTorch and ONNX Runtime on the GPU (needs onnxruntime-gpu; the fp16 copies "
+                   "are then checked with the GPU's own fp16 kernels), cpu on the CPU; auto "
+                   "takes cuda where both see a GPU.")
 @click.option("--engines/--no-engines", default=True, show_default=True,
               help="Build TensorRT engines when TensorRT and a CUDA GPU are present.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
@@ -73,9 +81,10 @@ _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, synchformer, out,
-         duration, max_batch, seed, mixture_latent, precision, engines, timing_cache, engines_only,
-         force, quiet, as_json):
-    """Export every MMAudioSep stage to ONNX, check it, and write a self-contained model directory."""
+         duration, max_batch, seed, mixture_latent, precision, parity_device, engines, timing_cache,
+         engines_only, force, quiet, as_json):
+    """Export every MMAudioSep stage to ONNX, check it, and write a self-contained model
+    directory."""
     quiet = quiet or as_json
     engine_options = dict(precision=precision, timing_cache=timing_cache, quiet=quiet)
     try:
@@ -87,7 +96,8 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
             result = _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer,
                           out, duration, max_batch, seed, force, quiet,
                           engine_options if engines else None, mixture_latent,
-                          ("fp16",) if precision == "fp16" else ())
+                          ("fp16",) if precision == "fp16" else (),
+                          parity_device=resolve_parity_device(parity_device))
     except (UsageError, CheckpointError) as exc:
         click.echo(f"mmsep-export: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -116,7 +126,7 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
 
 def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
          max_batch, seed, force, quiet, engine_options, mixture_latent=POSTERIOR_SAMPLE,
-         onnx_precisions=()):
+         onnx_precisions=(), parity_device="cpu"):
     import torch
 
     from ..models.components import build_components, load_components
@@ -131,6 +141,7 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     if out is not None:
         _check_out(out, given)  # before anything is loaded
     log = _log(quiet)
+    log(f"parity checks on {parity_device}")
     torch.set_grad_enabled(False)
     if checkpoint is None:
         preset = preset or "tiny"
@@ -159,7 +170,7 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     return export_model(components, out, max_batch=max_batch, sources=sources, force=force,
                         stage_progress=stage_progress, log=log, engine_builder=builder,
                         engines_skipped=skipped, mixture_latent=mixture_latent,
-                        onnx_precisions=onnx_precisions)
+                        onnx_precisions=onnx_precisions, parity_device=parity_device)
 
 
 def _check_out(out: Path, inputs: dict) -> None:
@@ -254,7 +265,8 @@ def _engines_only(directory: Path, *, precision, timing_cache, quiet):
     reason = unavailable_reason()
     if reason is not None:
         raise UsageError(f"cannot build TensorRT engines on this machine: {reason}")
-    references = {name: _OnnxReference(directory / stage["onnx"], StageSpec.from_json(stage["spec"]))
+    references = {name: _OnnxReference(directory / stage["onnx"],
+                                       StageSpec.from_json(stage["spec"]))
                   for name, stage in manifest["stages"].items()}
     previous = {**manifest, "_dir": str(directory)}
     manifest["tensorrt"] = build_engines(directory, manifest, references, precision=precision,
@@ -278,8 +290,11 @@ def _summary(result) -> dict:
     return {"directory": str(result.directory), "unchanged": result.unchanged,
             "rebuilt": result.rebuilt, "reused": result.reused,
             "stages": {name: {"rel_l2": s["parity"]["onnxruntime"]["rel_l2"],
+                              "checked_with": s["parity"]["onnxruntime"]["backend"],
                               "bytes": sum(f["bytes"] for f in s["files"].values()),
                               **{f"{p}_rel_l2": r["parity"]["onnxruntime"]["rel_l2"]
+                                 for p, r in s.get("reduced", {}).items()},
+                              **{f"{p}_checked_with": r["parity"]["onnxruntime"]["backend"]
                                  for p, r in s.get("reduced", {}).items()}}
                        for name, s in m["stages"].items()},
             "tensorrt": m.get("tensorrt")}
@@ -291,15 +306,16 @@ def _print_summary(result) -> None:
         f"{len(result.rebuilt)} stage(s) exported, {len(result.reused)} reused"
     click.echo(f"\n{result.directory}: {status}")
     click.echo(f"{'stage':<13}{'size':>10}  {'ORT vs PyTorch (rel L2)':>24}  {'bound':>7}"
-               f"  {'fp16 copy':>10}  {'bound':>7}")
+               f"  {'fp16 copy':>10}  {'bound':>7}  checked with")
     for name, s in m["stages"].items():
         size = sum(f["bytes"] for f in s["files"].values())
         parity = s["parity"]["onnxruntime"]
         fp16 = s.get("reduced", {}).get("fp16", {}).get("parity", {}).get("onnxruntime")
         copy = f"  {max(fp16['rel_l2'].values()):>10.2e}  {fp16['tolerance']:>7.0e}" if fp16 \
-            else ""
+            else f"  {'-':>10}  {'-':>7}"
         click.echo(f"{name:<13}{_size(size):>10}  {max(parity['rel_l2'].values()):>24.2e}  "
-                   f"{parity['tolerance']:>7.0e}{copy}")
+                   f"{parity['tolerance']:>7.0e}{copy}  {parity['backend']}"
+                   f"{', ' + fp16['backend'] if fp16 else ''}")
     trt = m.get("tensorrt") or {}
     if trt.get("status") == "skipped":
         click.echo(f"TensorRT engines skipped: {trt.get('reason')}")

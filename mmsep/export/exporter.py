@@ -1,7 +1,8 @@
 """Turn a set of components into a self-contained model directory, atomically and incrementally.
 
 Layout of a model directory:
-    manifest.json              contracts, sources, hashes, validation results (mmsep.export.manifest)
+    manifest.json              contracts, sources, hashes, validation results
+                               (mmsep.export.manifest)
     <stage>.onnx[.data]        one graph per stage (external data for large graphs)
     <stage>.fp16.onnx[.data]   its mixed-precision copy (fp32 I/O), for ONNX Runtime CUDA and
                                TensorRT, unless the export's precision is not fp16
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..models.components import Components
 from ..runtime.atomic import fsync_directory
@@ -32,7 +32,7 @@ from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, Geometry, Stage, 
 from . import manifest as mf
 from .errors import UsageError
 from .onnx_graph import OPSET, check_graph, export_onnx
-from .parity import check_onnxruntime
+from .parity import PARITY_BATCH, StageReference, check_onnxruntime
 from .wrappers import build_stage_modules, geometry
 
 EMPTY_FEATURES = "empty_features.npz"
@@ -66,7 +66,8 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
                  engine_builder: Callable | None = None,
                  engines_skipped: str = "not requested",
                  mixture_latent: str = POSTERIOR_SAMPLE,
-                 onnx_precisions: tuple[str, ...] = ("fp16",)) -> ExportResult:
+                 onnx_precisions: tuple[str, ...] = ("fp16",),
+                 parity_device: str = "cpu") -> ExportResult:
     """Export every stage of ``components`` into ``out``.
 
     Stages whose content key (contract, weights, opset, exporter versions) matches the manifest
@@ -76,8 +77,9 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     section; without one, that section records ``engines_skipped`` as the reason.
     ``mixture_latent`` is the mix_encoder's convention (``mmsep.stages.MIXTURE_LATENTS``),
     recorded in the manifest's geometry. ``onnx_precisions`` are the reduced-precision graph
-    copies written beside each fp32 graph (``mixed_precision.convert_graph``) and checked against
-    PyTorch fp32 on ONNX Runtime's CPU provider; each is recorded under the stage's "reduced".
+    copies written beside each fp32 graph (``mixed_precision.convert_graph``); each is recorded
+    under the stage's "reduced". Every graph is checked against PyTorch fp32 on
+    ``parity_device`` ("cpu", or "cuda": PyTorch and ONNX Runtime on the GPU).
     """
     out = Path(out)
     previous = _existing(out, force)
@@ -94,10 +96,10 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
         names = list(specs)
         iterator = stage_progress(names) if stage_progress else names
         for name in iterator:
-            record = _export_stage(name, modules[name], specs[name], tmp, previous, log)
+            reference = StageReference(modules[name], specs[name], parity_device)
+            record = _export_stage(name, reference, tmp, previous, log)
             record["reduced"], converted = _reduced_graphs(
-                name, modules[name], specs[name], record["key"], tmp, previous, onnx_precisions,
-                log)
+                name, reference, record["key"], tmp, previous, onnx_precisions, log)
             (reused if record.pop("_reused") and not converted else rebuilt).append(name)
             stages[name] = record
         extras = _write_extras(components, specs[Stage.CONDITIONER], tmp)
@@ -134,8 +136,9 @@ def _existing(out: Path, force: bool) -> dict | None:
     return {**previous, "_dir": str(out)}
 
 
-def _export_stage(name: str, module: torch.nn.Module, spec: StageSpec, tmp: Path,
-                  previous: dict | None, log: Progress) -> dict:
+def _export_stage(name: str, reference: StageReference, tmp: Path, previous: dict | None,
+                  log: Progress) -> dict:
+    module, spec = reference.module, reference.spec
     weights = mf.sha256_state(module)
     key = mf.stage_key(spec, weights, opset=OPSET)
     old = (previous or {}).get("stages", {}).get(name)
@@ -146,17 +149,18 @@ def _export_stage(name: str, module: torch.nn.Module, spec: StageSpec, tmp: Path
     export_onnx(module, spec, path)
     export_s = time.perf_counter() - started
     graph = check_graph(path, spec)
-    parity = check_onnxruntime(module, spec, path)
+    parity = check_onnxruntime(module, spec, path, device=reference.device, reference=reference)
     files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
                    p.name.startswith(f"{name}.onnx."))
-    log(f"{name}: exported in {export_s:.1f} s, ONNX Runtime rel L2 {parity.worst:.1e}")
+    log(f"{name}: exported in {export_s:.1f} s, ONNX Runtime {reference.device} rel L2 "
+        f"{parity.worst:.1e}")
     return {"key": key, "weights_sha256": weights, "spec": spec.to_json(),
             "files": _file_records(tmp, files), "onnx": path.name, "graph": graph,
             "parity": {"onnxruntime": parity.to_json()}, "export_seconds": round(export_s, 2),
             "_reused": False}
 
 
-def _reduced_graphs(name: str, module: torch.nn.Module, spec: StageSpec, key: str, tmp: Path,
+def _reduced_graphs(name: str, reference: StageReference, key: str, tmp: Path,
                     previous: dict | None, precisions: tuple[str, ...],
                     log: Progress) -> tuple[dict, bool]:
     """The stage's reduced-precision copies of ``tmp/<name>.onnx`` (content key ``key``): reused
@@ -165,6 +169,7 @@ def _reduced_graphs(name: str, module: torch.nn.Module, spec: StageSpec, key: st
     from .mixed_precision import PASS_VERSION, convert_graph
     from .precision_parity import check_reduced_precision
 
+    spec, device = reference.spec, reference.device
     old = (previous or {}).get("stages", {}).get(name, {}).get("reduced", {})
     records = {}
     for precision in precisions:
@@ -175,11 +180,14 @@ def _reduced_graphs(name: str, module: torch.nn.Module, spec: StageSpec, key: st
             continue
         path = tmp / f"{name}.{precision}.onnx"
         summary = convert_graph(tmp / f"{name}.onnx", path, spec, precision)
-        # at batch 1: the fp32 check ran at another batch than the export's, and the copy keeps
-        # its axes (convert_graph checks the contract); ORT's CPU fp16 kernels are slow
-        # (BigVGAN v2's vocoder: 7 minutes at batch 3 on 2 cores)
-        parity = check_reduced_precision(module, spec, path, precision, batch=1)
-        log(f"{name}: {precision} graph, ONNX Runtime CPU rel L2 {parity.worst:.1e}")
+        # on the CPU at batch 1: the fp32 check ran at another batch than the export's, the copy
+        # keeps its axes (convert_graph checks the contract), and ORT's CPU fp16 kernels are slow
+        # (BigVGAN v2's vocoder: 7 minutes at batch 3 on 2 cores); on the GPU at the fp32
+        # check's batch, against the same PyTorch outputs
+        batch = PARITY_BATCH if device == "cuda" else 1
+        parity = check_reduced_precision(reference.module, spec, path, precision, batch=batch,
+                                         device=device, reference=reference)
+        log(f"{name}: {precision} graph, ONNX Runtime {device} rel L2 {parity.worst:.1e}")
         files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
                        p.name.startswith(f"{path.name}."))
         records[precision] = {

@@ -5,8 +5,9 @@
 Builds random components of the preset, exports the stage graphs into a temporary directory
 (mmsep.export.exporter.export_model, or only the named stages), writes the reduced-precision
 graphs, builds TensorRT engines and prints one parity row per stage: relative L2 against the
-PyTorch fp32 module of the ONNX fp32 graph (ONNX Runtime CPU), the reduced-precision graph
-(ONNX Runtime CPU) and the engine (GPU), with the bound. Exit status (``mmsep.exit_codes``): 0
+PyTorch fp32 module of the ONNX fp32 graph, the reduced-precision graph (both on ONNX Runtime
+CUDA where onnxruntime-gpu is installed, else its CPU provider) and the engine (GPU), with the
+bound. Exit status (``mmsep.exit_codes``): 0
 when every check passes, 1 when one fails or TensorRT / a CUDA GPU is missing (the reason is
 printed), 2 on bad usage, 130 interrupted.
 """
@@ -63,19 +64,22 @@ def _run(preset: str, precision: str, stages: str | None, max_batch: int, workdi
          json_path: Path | None) -> int:
     import torch
 
+    from .parity import resolve_parity_device
     from .tensorrt_build import engine_info
 
     torch.set_grad_enabled(False)
+    device = resolve_parity_device("auto")
     started = time.perf_counter()
     components, specs, modules, names = _stages(preset, stages, max_batch)
     info = engine_info()
     click.echo(f"preset {preset}, {precision}, TensorRT {info['version']} on {info['gpu']} "
                f"(sm {info['compute_capability']})")
-    onnx_parity = _export(components, specs, modules, names, workdir / "model", max_batch)
+    onnx_parity = _export(components, specs, modules, names, workdir / "model", max_batch,
+                          device)
     rows = []
     for name in names:
         row = _check_stage(name, specs[name], modules[name], onnx_parity[name], precision,
-                           workdir)
+                           workdir, device)
         rows.append(row)
         _print_row(row)
     ok = all(r["passed"] for r in rows)
@@ -107,8 +111,8 @@ def _stages(preset: str, stages: str | None, max_batch: int):
     return components, specs, stage_modules(components), names
 
 
-def _check_stage(name: str, spec, module, onnx_fp32: float, precision: str,
-                 workdir: Path) -> dict:
+def _check_stage(name: str, spec, module, onnx_fp32: float, precision: str, workdir: Path,
+                 device: str) -> dict:
     """One parity row: the reduced-precision graph (unless fp32) and the engine built from it;
     an error is reported in the row, so that every stage is checked."""
     from .mixed_precision import convert_graph
@@ -122,7 +126,7 @@ def _check_stage(name: str, spec, module, onnx_fp32: float, precision: str,
         if precision != "fp32":
             low = graph.with_name(f"{name}.{precision}.onnx")
             row["conversion"] = convert_graph(graph, low, spec, precision)["fp32_nodes"]
-            reduced = check_reduced_precision(module, spec, low, precision,
+            reduced = check_reduced_precision(module, spec, low, precision, device=device,
                                               raise_on_failure=False)
             row["onnx_reduced"] = getattr(reduced, "worst", None)
             row["onnx_reduced_note"] = getattr(reduced, "reason", None)
@@ -141,12 +145,14 @@ def _check_stage(name: str, spec, module, onnx_fp32: float, precision: str,
     return row
 
 
-def _export(components, specs, modules, names, out: Path, max_batch: int) -> dict[str, float]:
-    """fp32 graphs of ``names`` in ``out``; returns their ONNX Runtime parity (worst rel L2)."""
+def _export(components, specs, modules, names, out: Path, max_batch: int,
+            device: str) -> dict[str, float]:
+    """fp32 graphs of ``names`` in ``out``; returns their ONNX Runtime parity on ``device``
+    (worst rel L2)."""
     if set(names) == set(specs):
         from .exporter import export_model
 
-        result = export_model(components, out, max_batch=max_batch,
+        result = export_model(components, out, max_batch=max_batch, parity_device=device,
                               log=lambda message: print(message, flush=True))
         return {name: max(stage["parity"]["onnxruntime"]["rel_l2"].values())
                 for name, stage in result.manifest["stages"].items()}
@@ -158,7 +164,7 @@ def _export(components, specs, modules, names, out: Path, max_batch: int) -> dic
     for name in names:
         path = export_onnx(modules[name], specs[name], out / f"{name}.onnx")
         check_graph(path, specs[name])
-        parity[name] = check_onnxruntime(modules[name], specs[name], path).worst
+        parity[name] = check_onnxruntime(modules[name], specs[name], path, device=device).worst
         print(f"{name}: exported, ONNX Runtime rel L2 {parity[name]:.1e}", flush=True)
     return parity
 

@@ -121,7 +121,8 @@ def operator_histogram(model: onnx.ModelProto) -> dict[str, int]:
     def visit(graph):
         for node in graph.node:
             if (node.domain, node.op_type) not in local:
-                key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+                key = node.op_type if node.domain in ("", "ai.onnx") else \
+                    f"{node.domain}::{node.op_type}"
                 counts[key] = counts.get(key, 0) + 1
             for attr in node.attribute:
                 for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):

@@ -1,4 +1,5 @@
-"""Run an exported graph with ONNX Runtime (CPU, fp32) against its PyTorch module."""
+"""Run an exported graph with ONNX Runtime (CPU, or CUDA where the export runs on a GPU)
+against its PyTorch fp32 module."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from ..stages import StageSpec
-from .errors import ParityError
+from .errors import ExportError, ParityError, UsageError
 from .example_inputs import example_inputs
 
 PARITY_BATCH = 3  # deliberately not the export batch, so a baked-in batch size shows up
@@ -44,24 +45,105 @@ def relative_l2(value: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(value - reference) / max(np.linalg.norm(reference), 1e-30))
 
 
-def torch_reference(module: torch.nn.Module, spec: StageSpec, inputs: dict[str, torch.Tensor]):
-    with torch.no_grad():
-        out = module.eval()(*inputs.values())
+PARITY_DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_parity_device(choice: str = "auto") -> str:
+    """The device of the export's parity checks: "cuda" (PyTorch and ONNX Runtime on the GPU)
+    where both see one, else "cpu"; an explicit "cuda" that cannot run raises UsageError."""
+    if choice not in PARITY_DEVICES:
+        raise ValueError(f"parity device must be one of {', '.join(PARITY_DEVICES)}, got "
+                         f"{choice!r}")
+    if choice == "cpu":
+        return "cpu"
+    from ..runtime.backends.ort import cuda_available
+
+    missing = [why for why, ok in (("PyTorch sees no CUDA GPU", torch.cuda.is_available()),
+                                   ("ONNX Runtime has no CUDAExecutionProvider (install "
+                                    "onnxruntime-gpu)", cuda_available())) if not ok]
+    if missing and choice == "cuda":
+        raise UsageError(f"--parity-device cuda: {'; '.join(missing)}")
+    return "cpu" if missing else "cuda"
+
+
+def torch_reference(module: torch.nn.Module, spec: StageSpec, inputs: dict[str, torch.Tensor],
+                    device: str = "cpu") -> dict[str, np.ndarray]:
+    """The module's fp32 outputs (host arrays). On "cuda" the module is moved to the GPU and back
+    afterwards, with TF32 off, so that the reference is fp32."""
+    if device == "cpu":
+        with torch.no_grad():
+            return _named_outputs(spec, module.eval()(*inputs.values()))
+    home = next((p.device for p in module.parameters()), torch.device("cpu"))
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        module = module.eval().to(device)
+        with torch.no_grad():
+            return _named_outputs(spec, module(*(v.to(device) for v in inputs.values())))
+    finally:
+        module.to(home)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        torch.cuda.empty_cache()  # the memory goes back to ONNX Runtime's sessions
+
+
+def _named_outputs(spec: StageSpec, out) -> dict[str, np.ndarray]:
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    return {name: o.float().numpy() for name, o in zip(spec.output_names, outs)}
+    return {name: o.float().cpu().numpy() for name, o in zip(spec.output_names, outs)}
+
+
+class StageReference:
+    """A stage's random inputs and PyTorch fp32 outputs per batch size, each computed once on
+    ``device`` (the fp32 graph and its reduced copies are checked against the same numbers)."""
+
+    def __init__(self, module: torch.nn.Module, spec: StageSpec, device: str = "cpu",
+                 seed: int = 1):
+        self.module, self.spec, self.device, self.seed = module, spec, device, seed
+        self._cache: dict[int, tuple[dict, dict]] = {}
+
+    def at(self, batch: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(inputs, expected outputs) at ``batch``, as host arrays."""
+        if batch not in self._cache:
+            inputs = example_inputs(self.spec, batch, seed=self.seed)
+            expected = torch_reference(self.module, self.spec, inputs, self.device)
+            self._cache[batch] = ({k: v.numpy() for k, v in inputs.items()}, expected)
+        return self._cache[batch]
+
+
+def onnxruntime_session(path: Path, spec: StageSpec, device: str = "cpu",
+                        precision: str = "fp32"):
+    """An ONNX Runtime session of ``path`` on ``device``; ExportError when it cannot load or
+    would not run on that device (ONNX Runtime falls back to the CPU silently)."""
+    import onnxruntime as ort
+
+    from ..runtime.backends.ort import preload_cuda_libraries, session_providers
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if device == "cuda":
+        preload_cuda_libraries()
+    try:
+        session = ort.InferenceSession(str(path), options,
+                                       providers=session_providers(device, 0, precision))
+    except Exception as exc:  # ORT raises its own exception types (NOT_IMPLEMENTED, ...)
+        raise ExportError(f"stage {spec.name}: ONNX Runtime cannot load {Path(path).name} on "
+                          f"{device}: {str(exc).splitlines()[0][:300]}") from exc
+    wanted = session_providers(device)[0]
+    wanted = wanted[0] if isinstance(wanted, tuple) else wanted
+    if session.get_providers()[0] != wanted:
+        raise ExportError(f"stage {spec.name}: {Path(path).name} runs on "
+                          f"{session.get_providers()[0]}, not {wanted}")
+    return session
 
 
 def check_onnxruntime(module: torch.nn.Module, spec: StageSpec, path: Path,
-                      *, batch: int = PARITY_BATCH, seed: int = 1) -> ParityResult:
-    """Relative L2 per output of ORT-CPU vs PyTorch fp32 on random inputs; raises ParityError."""
-    import onnxruntime as ort
-
-    inputs = example_inputs(spec, batch, seed=seed)
-    expected = torch_reference(module, spec, inputs)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = session.run(list(spec.output_names), {k: v.numpy() for k, v in inputs.items()})
+                      *, batch: int = PARITY_BATCH, seed: int = 1, device: str = "cpu",
+                      reference: StageReference | None = None) -> ParityResult:
+    """Relative L2 per output of the fp32 graph on ONNX Runtime (``device``) vs PyTorch fp32 on
+    random inputs; raises ParityError beyond the stage's bound."""
+    reference = reference or StageReference(module, spec, device, seed)
+    inputs, expected = reference.at(batch)
+    session = onnxruntime_session(path, spec, device, "fp32")
+    got = session.run(list(spec.output_names), inputs)
     errors = {}
     for name, value in zip(spec.output_names, got):
         want_shape = spec.tensor(name).concrete(batch)
@@ -69,7 +151,8 @@ def check_onnxruntime(module: torch.nn.Module, spec: StageSpec, path: Path,
             raise ParityError(f"stage {spec.name}: ONNX Runtime output {name} has shape "
                               f"{value.shape}, contract says {want_shape} at batch {batch}")
         errors[name] = relative_l2(value, expected[name])
-    result = ParityResult(spec.name, "onnxruntime-cpu-fp32", batch, errors, spec.onnx_tolerance)
+    result = ParityResult(spec.name, f"onnxruntime-{device}-fp32", batch, errors,
+                          spec.onnx_tolerance)
     if not result.passed:
         worst = max(errors, key=errors.get)
         raise ParityError(f"stage {spec.name}: ONNX Runtime output {worst} differs from PyTorch by "

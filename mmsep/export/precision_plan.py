@@ -23,16 +23,16 @@ inserts the Casts that make the types agree:
 * everything else (MatMul, Gemm, Conv, the activations, the adaLN modulation, attention logits,
   softmax) runs in the reduced type; weights used only there are stored in the reduced type.
 
-What is needed was measured on the tiny denoiser (one Euler step, cfg 4.5, every op rounding to
-fp16 as on a GPU - onnx's reference evaluator; see precision_parity.check_reduced_precision):
-all islands 5.7e-4 relative L2, no islands 7.0e-2. The timestep embedding alone makes the difference (its Mul/Sin/Cos
-in fp16: 7.0e-2); the Euler/guidance arithmetic in fp16 adds a little (7.3e-4); an fp32 softmax
-or fp32 RoPE changes nothing (5.6e-4 / 5.7e-4), so both stay in the reduced type: the rotary
-tables are computed in fp32 at export and only their cos/sin values are stored, and TensorRT's
-fused attention accumulates the softmax in fp32 internally, and Casts around the softmax could get
-in the way of its MatMul-Softmax-MatMul fusion. Norms, reductions and powers change little at the
-tiny preset's scale but stay fp32 because fp16 statistics (sums of squares) overflow at real
-activation magnitudes; TensorRT's own builder warns that fp16 LayerNorm may overflow.
+What is needed was measured on the tiny denoiser (one Euler step, cfg 4.5, every op rounding to fp16
+as on a GPU - onnx's reference evaluator; see precision_parity.check_reduced_precision): all islands
+5.7e-4 relative L2, no islands 7.0e-2. The timestep embedding alone makes the difference (its
+Mul/Sin/Cos in fp16: 7.0e-2); the Euler/guidance arithmetic in fp16 adds a little (7.3e-4); an fp32
+softmax or fp32 RoPE changes nothing (5.6e-4 / 5.7e-4), so both stay in the reduced type: the rotary
+tables are computed in fp32 at export and only their cos/sin values are stored, and TensorRT's fused
+attention accumulates the softmax in fp32 internally, and Casts around the softmax could get in the
+way of its MatMul-Softmax-MatMul fusion. Norms, reductions and powers change little at the tiny
+preset's scale but stay fp32 because fp16 statistics (sums of squares) overflow at real activation
+magnitudes; TensorRT's own builder warns that fp16 LayerNorm may overflow.
 
 Nodes are identified by op type and by the torch module scope that the dynamo exporter records in
 ``node.metadata_props`` (never by node names). Pointwise fp32 islands cost next to nothing in

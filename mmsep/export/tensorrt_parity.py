@@ -11,7 +11,7 @@ from ..stages import StageSpec
 from . import tensorrt_build as tb
 from .errors import ParityError
 from .example_inputs import example_inputs
-from .parity import PARITY_BATCH, ParityResult, relative_l2
+from .parity import PARITY_BATCH, ParityResult, relative_l2, torch_reference
 
 
 def run_engine(engine_path: Path, spec: StageSpec, inputs: dict) -> dict:
@@ -70,7 +70,7 @@ def check_engine(module, spec: StageSpec, engine_path: Path, *, tolerance: float
 
     tolerance = spec.reduced_precision_tolerance if tolerance is None else tolerance
     inputs = example_inputs(spec, batch, seed=seed)
-    expected = _reference_on_gpu(module, spec, inputs)
+    expected = torch_reference(module, spec, inputs, "cuda")
     got = run_engine(engine_path, spec, inputs)
     errors = {}
     for name in spec.output_names:
@@ -86,21 +86,3 @@ def check_engine(module, spec: StageSpec, engine_path: Path, *, tolerance: float
         raise ParityError(f"stage {spec.name}: TensorRT output {worst} differs from PyTorch fp32 "
                           f"by relative L2 {errors[worst]:.2e} > {tolerance:.0e}")
     return result
-
-
-def _reference_on_gpu(module, spec: StageSpec, inputs: dict) -> dict:
-    import torch
-
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        module = module.eval().to("cuda")
-        with torch.no_grad():
-            out = module(*(v.to("cuda") for v in inputs.values()))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {name: o.float().cpu().numpy() for name, o in zip(spec.output_names, outs)}
-    finally:
-        module.to(device)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-        torch.cuda.empty_cache()

@@ -202,7 +202,8 @@ def geometry(components: Components, mixture_latent: str = POSTERIOR_SAMPLE) -> 
                     ("global_c", (c.hidden_dim,)))
     assert tuple(name for name, _ in conditioning) == Conditions._fields
     return Geometry(
-        sample_rate=c.sample_rate, window_samples=lengths.audio_samples, window_seconds=float(c.duration),
+        sample_rate=c.sample_rate, window_samples=lengths.audio_samples,
+        window_seconds=float(c.duration),
         latent_len=c.latent_seq_len, latent_dim=c.latent_dim, n_mels=c.audio_mode.n_mels,
         mel_frames=lengths.mel_frames, clip_len=c.clip_seq_len, clip_dim=c.clip_dim,
         clip_image_size=CLIP_IMAGE_SIZE, sync_fps=float(SYNC_FPS),

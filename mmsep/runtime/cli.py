@@ -24,7 +24,7 @@ import click
 
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from .audio_writer import FORMATS, SUBTYPES, open_audio_outputs, output_format
-from .backends import BACKENDS, PRECISIONS
+from .backend_options import backend_options
 from .mux import MUX_FORMATS
 
 PROG = "mmsep-run"
@@ -73,21 +73,7 @@ PROG = "mmsep-run"
                    "(default: the model's, 1 s).")
 @click.option("--max-batch", type=click.IntRange(1, 1024),
               help="Most (window, text) items per batch (default: the model's max batch).")
-@click.option("--backend", type=click.Choice(BACKENDS),
-              default="auto", show_default=True,
-              help="Inference backend; auto picks the fastest usable one: the model's TensorRT "
-                   "engines (when built for this GPU and TensorRT version), then ONNX Runtime "
-                   "CUDA, then ONNX Runtime CPU, and says which.")
-@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
-              help="ONNX Runtime intra-op threads (0: its default).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="ONNX Runtime's graphs: auto runs the fp16 mixed-precision graphs on CUDA "
-                   "(fp32 where the model directory has none) and fp32 on the CPU; fp32 runs "
-                   "fp32 with TF32 off. TensorRT engines keep the precision they were built "
-                   "with.")
-@click.option("--no-verify", is_flag=True,
-              help="Skip the SHA-256 check of the model files at load (sizes are still "
-                   "checked); saves seconds on multi-GB models.")
+@backend_options()
 @click.option("--mux", type=click.Path(path_type=Path),
               help=f"Also write this video file ({', '.join(MUX_FORMATS)}): the input video "
                    "stream copied without re-encoding plus the separated audio as AAC (one "
@@ -100,16 +86,14 @@ PROG = "mmsep-run"
                    "lists every field.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary output.")
 def cli(model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
-        steps, cfg, seed, overlap, max_batch, backend, threads, precision, no_verify, mux, as_json,
-        quiet):
+        steps, cfg, seed, overlap, max_batch, backend_options, mux, as_json, quiet):
     """Separate the sound of a video / text query from a mixture (or generate it) with an
     exported MMAudioSep model, without PyTorch."""
     summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
                   negative_text=negative_text, generate=generate, duration=duration,
                   output=output, fmt=fmt, subtype=subtype, steps=steps, cfg=cfg, seed=seed,
-                  overlap=overlap, max_batch=max_batch, backend=backend, threads=threads,
-                  precision=precision, verify=not no_verify, mux_path=mux,
-                  show_progress=not (quiet or as_json))
+                  overlap=overlap, max_batch=max_batch, **backend_options.separator_kwargs(),
+                  mux_path=mux, show_progress=not (quiet or as_json))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:

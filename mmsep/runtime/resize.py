@@ -152,9 +152,9 @@ class FrameResizer:
         self._lock = lock or threading.Lock()  # the backend's: no upload during its graph capture
         self.device, self.device_id = device, device_id
         self.clip_size, self.sync_size = clip_size, sync_size
-        self._providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            self._providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        from .backends.ort import session_providers
+
+        self._providers = session_providers(device, device_id)
         self._sessions: dict[tuple, object] = {}  # (height, width, YUV conversion key or None)
 
     def _session(self, frames):

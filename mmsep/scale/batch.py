@@ -17,7 +17,7 @@ import click
 from mmsep.exit_codes import EXIT_OK, EXIT_SOME_FAILED
 from mmsep.progress import Progress
 from mmsep.runtime.atomic import remove_stale_partials
-from mmsep.runtime.backends import BACKENDS
+from mmsep.runtime.backend_options import backend_options
 from mmsep.runtime.cli import console_main
 
 from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, manifest_salt,
@@ -36,11 +36,7 @@ PROG = "mmsep-batch"
               required=True, help="Output folder (made if missing); holds results.jsonl.")
 @click.option("--subtype", type=click.Choice(["PCM_16", "PCM_24", "FLOAT"]), default="PCM_16",
               show_default=True, help="Output sample format (FLOAT needs wav outputs).")
-@click.option("--backend", type=click.Choice(BACKENDS),
-              default="auto", show_default=True, help="Inference backend of every worker.")
-@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
-              help="ONNX Runtime intra-op threads per worker (0: its default).")
-@click.option("--no-verify", is_flag=True, help="Skip the SHA-256 check of the model files.")
+@backend_options("worker")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray Data: starts or joins a local Ray instance (see --ray-address).")
 @click.option("--ray-address", help="Ray cluster to connect to ('auto': the one `ray start` "
@@ -51,8 +47,8 @@ PROG = "mmsep-batch"
               help="With Ray on machines without GPUs: CPUs reserved per actor (with GPUs "
                    "each actor takes one GPU).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def cli(jobs, model_dir, out_dir, subtype, backend, threads, no_verify, use_ray, ray_address,
-        workers, cpus_per_worker, quiet):
+def cli(jobs, model_dir, out_dir, subtype, backend_options, use_ray, ray_address, workers,
+        cpus_per_worker, quiet):
     """Separate every request of JOBS (JSON lines with the fields of an mmsep-run request:
     video, mix, text, negative_text, generate, duration, seed, steps, cfg and an optional output
     file name) into --out. Requests whose outputs exist with their recorded SHA-256 are skipped,
@@ -71,8 +67,7 @@ def cli(jobs, model_dir, out_dir, subtype, backend, threads, no_verify, use_ray,
     for record in plan.failed:
         results.append(record)
         progress.update(record)
-    worker_options = {"backend": backend, "threads": threads, "subtype": subtype,
-                      "verify": not no_verify}
+    worker_options = {"backend_options": backend_options, "subtype": subtype}
     try:
         if use_ray or ray_address:
             from .ray_batch import run_on_ray

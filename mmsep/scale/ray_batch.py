@@ -50,7 +50,7 @@ def run_on_ray(jobs: list[Job], model_dir, out_dir, worker_options: dict, *,
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         on_gpu = (ray.cluster_resources().get("GPU", 0) >= 1
-                  and worker_options.get("backend") != "ort-cpu")
+                  and worker_options["backend_options"].backend != "ort-cpu")
         resources = {"num_gpus": 1} if on_gpu else {"num_cpus": cpus_per_worker}
         # requests per actor call: up to the model's max batch (their items can fill one
         # batch), fewer when that keeps some of the pool idle

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
 from mmsep.runtime import InputError, Separator
+from mmsep.runtime.backend_options import BackendOptions
 
 from .service import (HttpError, Limits, Upload, answer_body, model_facts, read_limited_body,
                       request_options)
@@ -54,10 +55,11 @@ async def _form(request, body: bytes):
 class SeparationService:
     """One replica: one Separator, requests batched by ``run_batch``."""
 
-    def __init__(self, model_dir: str, backend: str, threads: int, verify: bool,
-                 batch_wait_ms: float, limits: Limits, work_dir: str | None):
-        self.separator = Separator(model_dir, backend, threads=threads, verify=verify)
-        self.facts = {**model_facts(model_dir), "backend": self.separator.backend_name}
+    def __init__(self, model_dir: str, backend_options: BackendOptions, batch_wait_ms: float,
+                 limits: Limits, work_dir: str | None):
+        self.separator = Separator(model_dir, **backend_options.separator_kwargs())
+        self.facts = {**model_facts(model_dir), "backend": self.separator.backend_name,
+                      "precision": self.separator.backend.precision}
         self.limits, self.work_dir = limits, work_dir
         self.held = 0  # requests in this replica: being read, waiting or running
         self.run_batch.set_max_batch_size(self.separator.max_batch)
@@ -112,7 +114,7 @@ class SeparationService:
             "X-Mmsep-Audio-Seconds": f"{result.duration:.4f}"})
 
 
-def build_app(model_dir, *, backend: str = "auto", threads: int = 0, verify: bool = True,
+def build_app(model_dir, *, backend_options: BackendOptions = BackendOptions(),
               batch_wait_ms: float = 20.0, limits: Limits, work_dir: str | None = None,
               replicas: int = 1, autoscaling: dict | None = None, cpus_per_replica: float = 1.0,
               gpus_per_replica: float = 0.0):
@@ -122,5 +124,5 @@ def build_app(model_dir, *, backend: str = "auto", threads: int = 0, verify: boo
         max_ongoing_requests=limits.max_queue + 1,
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
         **scaling)
-    return deployment.bind(str(Path(model_dir).resolve()), backend, threads, verify,
-                           batch_wait_ms, limits, work_dir)
+    return deployment.bind(str(Path(model_dir).resolve()), backend_options, batch_wait_ms,
+                           limits, work_dir)

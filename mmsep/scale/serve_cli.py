@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mmsep.exit_codes import EXIT_OK
-from mmsep.runtime.backends import BACKENDS
+from mmsep.runtime.backend_options import backend_options
 from mmsep.runtime.cli import console_main
 from mmsep.runtime.errors import InputError
 
@@ -26,11 +26,7 @@ PROG = "mmsep-serve"
               help="Model directory written by mmsep-export.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS),
-              default="auto", show_default=True, help="Inference backend of every replica.")
-@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
-              help="ONNX Runtime intra-op threads per replica (0: its default).")
-@click.option("--no-verify", is_flag=True, help="Skip the SHA-256 check of the model files.")
+@backend_options("replica")
 @click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=20.0,
               show_default=True, help="How long a request waits for others to share its batch.")
 @click.option("--max-upload-mb", type=click.FloatRange(0.001), default=100.0, show_default=True,
@@ -55,7 +51,7 @@ PROG = "mmsep-serve"
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for uploads while a request runs (default: the system's temporary "
                    "folder); each request's files are removed when it is answered.")
-def cli(model_dir, host, port, backend, threads, no_verify, batch_wait_ms, max_upload_mb,
+def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
         max_seconds, max_queue, replicas, min_replicas, max_replicas, target_ongoing_requests,
         cpus_per_replica, gpus_per_replica, ray_address, work_dir):
     """Serve separation over HTTP: POST /v1/separate (multipart form: mix and/or video files,
@@ -84,8 +80,8 @@ def cli(model_dir, host, port, backend, threads, no_verify, batch_wait_ms, max_u
             autoscaling = {"min_replicas": min_replicas, "max_replicas": max_replicas,
                            "target_ongoing_requests": target_ongoing_requests}
         limits = Limits(round(max_upload_mb * 2 ** 20), max_seconds, max_queue)
-        application = build_app(model_dir, backend=backend, threads=threads,
-                                verify=not no_verify, batch_wait_ms=batch_wait_ms,
+        application = build_app(model_dir, backend_options=backend_options,
+                                batch_wait_ms=batch_wait_ms,
                                 limits=limits, work_dir=str(work_dir) if work_dir else None,
                                 replicas=replicas, autoscaling=autoscaling,
                                 cpus_per_replica=cpus_per_replica,

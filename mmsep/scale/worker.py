@@ -15,6 +15,7 @@ from mmsep.model_files import sha256_file
 from mmsep.runtime import Separator
 from mmsep.runtime.audio import AudioWriter
 from mmsep.runtime.audio_writer import open_audio_outputs
+from mmsep.runtime.backend_options import BackendOptions
 from mmsep.runtime.cli import check_input_files
 
 from .jobs import Job, failed_record
@@ -23,11 +24,11 @@ from .jobs import Job, failed_record
 class JobWorker:
     """Holds one Separator (models loaded once); ``run(jobs)`` returns one record per job."""
 
-    def __init__(self, model_dir, out_dir, *, backend: str = "auto", threads: int = 0,
-                 subtype: str = "PCM_16", verify: bool = True):
+    def __init__(self, model_dir, out_dir, *, backend_options: BackendOptions = BackendOptions(),
+                 subtype: str = "PCM_16"):
         self.out_dir = Path(out_dir)
         self.subtype = subtype
-        self.separator = Separator(model_dir, backend, threads=threads, verify=verify)
+        self.separator = Separator(model_dir, **backend_options.separator_kwargs())
 
     @property
     def max_batch(self) -> int:

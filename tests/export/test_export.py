@@ -17,6 +17,7 @@ from mmsep.export.exporter import export_model
 from mmsep.model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
 from mmsep.model_files import sha256_file
 from mmsep.export.onnx_graph import check_graph, tensorrt_operator_table
+from mmsep.export.parity import resolve_parity_device
 from mmsep.export.tensorrt_build import unavailable_reason
 from mmsep.export.wrappers import geometry as wrapper_geometry
 from mmsep.export.wrappers import stage_specs
@@ -42,7 +43,8 @@ def test_every_stage_exported_checked_and_hashed(tiny_model_dir):
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["package_version"] == mmsep.__version__
     assert manifest["stage_order"] == list(STAGE_ORDER)
-    supported = {op for op, row in tensorrt_operator_table()["operators"].items() if row["supported"]}
+    supported = {op for op, row in tensorrt_operator_table()["operators"].items()
+                 if row["supported"]}
     for name in STAGE_ORDER:
         stage = manifest["stages"][name]
         spec = StageSpec.from_json(stage["spec"])
@@ -284,6 +286,10 @@ def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights,
     summary = json.loads(proc.stdout)
     assert set(summary["stages"]) == set(STAGE_ORDER) - {"mix_encoder"}
     assert all(0 < max(s["fp16_rel_l2"].values()) <= 1e-2 for s in summary["stages"].values())
+    device = resolve_parity_device("auto")
+    assert all(s["checked_with"] == f"onnxruntime-{device}-fp32" and
+               s["fp16_checked_with"] == f"onnxruntime-{device}-fp16"
+               for s in summary["stages"].values())
     manifest = _manifest(out)
     assert manifest["model"]["separation"] is False
     assert manifest["geometry"]["mixture_latent"] is None  # no mixture to encode
@@ -332,11 +338,13 @@ def test_cli_internal_error_is_one_line_with_exit_code_1(tmp_path):
 
 
 def test_cli_mixture_latent_and_precision_options(tmp_path):
-    """--mixture-latent and --precision reach the exporter (fp16, the default, asks for the fp16
-    copies; fp32 and bf16 for none); a bad value is exit 2."""
+    """--mixture-latent, --precision and --parity-device reach the exporter (fp16, the default,
+    asks for the fp16 copies; fp32 and bf16 for none; auto parity is where a GPU is usable); a bad
+    value is exit 2."""
     script = ("import sys, mmsep.export.cli as cli, mmsep.export.exporter as exporter\n"
               "def record(*a, **k):\n"
-              "    print('convention', k['mixture_latent'], 'copies', k['onnx_precisions'])\n"
+              "    print('convention', k['mixture_latent'], 'copies', k['onnx_precisions'],\n"
+              "          'parity on', k['parity_device'])\n"
               "    sys.exit(0)\n"
               "exporter.export_model = record\n"
               "sys.argv = ['mmsep-export', '--preset', 'tiny', '--quiet', *sys.argv[1:]]\n"
@@ -345,13 +353,14 @@ def test_cli_mixture_latent_and_precision_options(tmp_path):
                            "--mixture-latent", NORMALIZED_MEAN],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"convention {NORMALIZED_MEAN} copies ('fp16',)"
+    assert done.stdout.strip() == (f"convention {NORMALIZED_MEAN} copies ('fp16',) parity on "
+                                   f"{resolve_parity_device('auto')}")
     for precision in ("fp32", "bf16"):
         done = subprocess.run([sys.executable, "-c", script, "--out", str(tmp_path / "m"),
-                               "--precision", precision, "--no-engines"],
+                               "--precision", precision, "--no-engines", "--parity-device", "cpu"],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == f"convention {POSTERIOR_SAMPLE} copies ()"
+        assert done.stdout.strip() == f"convention {POSTERIOR_SAMPLE} copies () parity on cpu"
     proc = _cli("--preset", "tiny", "--mixture-latent", "mean", "--out", tmp_path / "out")
     assert proc.returncode == 2 and "Invalid value for '--mixture-latent'" in proc.stderr
     assert not (tmp_path / "out").exists()

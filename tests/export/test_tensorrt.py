@@ -38,7 +38,8 @@ def test_build_engines_skips_with_the_reason(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-# ---- a fake TensorRT (fake_tensorrt_builder.py): the calls, flags and error handling of build_engine
+# ---- a fake TensorRT (fake_tensorrt_builder.py): the calls, flags and error handling of
+# build_engine
 
 @pytest.fixture(scope="module")
 def vocoder_spec():

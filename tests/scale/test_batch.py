@@ -17,7 +17,7 @@ import soundfile as sf
 
 from mmsep.runtime import Separator
 from mmsep.scale.batch import main
-from tests.helpers import rel_l2
+from tests.helpers import rel_l2, without_fp16_copies
 from tests.scale.conftest import six_requests, write_jobs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,3 +211,17 @@ def test_an_output_that_is_an_input_by_another_name_fails_its_line(model_dir, jo
     assert record["error"] == (f"output linked.wav {out / 'linked.wav'} is the same file as mix "
                                f"{mix}; choose another path")
     assert mix.read_bytes() == before
+
+
+def test_backend_options_reach_every_worker(model_dir, job_inputs, tmp_path, capsys):
+    """--precision is mmsep-run's: fp16 asked of a model without fp16 graphs is refused (exit 2,
+    the one-line reason) before any request runs; fp32 runs."""
+    bare = without_fp16_copies(model_dir, tmp_path / "fp32_only")
+    jobs = write_jobs(tmp_path / "j.jsonl", [{"mix": str(job_inputs["other"]), "steps": 1}])
+    assert run_batch(jobs, "--model", bare, "--out", tmp_path / "o", "--backend", "ort-cpu",
+                     "--precision", "fp16", "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmsep-batch: ") and "has no fp16 graphs" in err, err
+    assert len(err.splitlines()) == 1 and not list((tmp_path / "o").glob("*.wav"))
+    assert run_batch(jobs, "--model", bare, "--out", tmp_path / "o", "--backend", "ort-cpu",
+                     "--precision", "fp32", "--threads", "1", "--no-verify", "-q") == 0

@@ -48,7 +48,8 @@ def server(model_dir, tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmsep.scale.serve_cli", "--model", str(model_dir), "--host",
-         "127.0.0.1", "--port", str(port), "--backend", "ort-cpu", "--max-queue",
+         "127.0.0.1", "--port", str(port), "--backend", "ort-cpu", "--precision", "fp32",
+         "--max-queue",
          str(MAX_QUEUE), "--max-upload-mb", "1", "--max-seconds", "3", "--batch-wait-ms",
          "300", "--work-dir", str(work), "--cpus-per-replica", "1"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -78,6 +79,7 @@ def test_health_model_and_unknown_routes(server, model_dir):
     facts = requests.get(f"{url}/v1/model", timeout=30).json()
     assert facts["preset"] == "tiny" and facts["sample_rate"] == 44100
     assert facts["backend"] == "ort-cpu" and facts["max_batch"] == 4
+    assert facts["precision"] == "fp32"
     assert requests.get(f"{url}/v2/separate", timeout=30).status_code == 404
 
 

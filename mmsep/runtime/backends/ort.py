@@ -49,6 +49,17 @@ def preload_cuda_libraries() -> None:
         ort.preload_dlls()
 
 
+def session_providers(device: str, device_id: int = 0, precision: str = "fp16") -> list:
+    """ONNX Runtime's providers for ``device`` ("cpu" or "cuda"); an fp32 graph runs with TF32
+    off on CUDA, so that fp32 means fp32."""
+    if device == "cuda":
+        options = {"device_id": device_id}
+        if precision == "fp32":
+            options["use_tf32"] = "0"
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def cuda_available() -> bool:
     """Whether ONNX Runtime offers its CUDA provider in this environment."""
     try:
@@ -137,12 +148,7 @@ class OrtBackend(Closing):
 
     # -- sessions ------------------------------------------------------------------------------
     def _providers(self) -> list:
-        if self.device == "cuda":
-            options = {"device_id": self.device_id}
-            if self.precision == "fp32":
-                options["use_tf32"] = "0"
-            return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
+        return session_providers(self.device, self.device_id, self.precision)
 
     def _session_options(self):
         ort = self._ort
