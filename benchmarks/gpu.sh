@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU suite, in phases (BENCHMARKS.md, "GPU run", says how it fits the H200 machine's calls):
-#   pytest   pytest -m gpu (every GPU test that runs without TensorRT), log in OUT
+#   pytest   pytest -m gpu (every GPU test that runs without TensorRT), log in OUT; in the
+#            background beside the first export, waited for before the first timed phase
 #   export   random real-size weights of each preset and its model directory (fp32 + fp16 graphs,
 #            each checked against PyTorch fp32 on the GPU; engines too where TensorRT is installed)
 #   loop     the denoiser loop alone: fp16/fp32 graphs, CUDA graphs on/off (denoiser_loop.py)
@@ -90,14 +91,33 @@ export_model() {  # export_model PRESET DIR
         fi
         source=(--weights-dir "$weights" --variant "$1")
     fi
-    mmsep-export "${source[@]}" --out "$2" --parity-device "$device" --quiet || return
+    mmsep-export "${source[@]}" --out "$2" --parity-device "$device" --jobs 8 --quiet || return
     cp "$2/manifest.json" "$out/manifest-$1.json"  # the per-stage parity, measured on the GPU
 }
 
-phase pytest bash -c "python -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee '$out/pytest-gpu.log'"
+# pytest runs in the background, beside the export (CPU-bound tracing, mostly one core), and is
+# waited for before the first timed phase, so that it disturbs no measurement
+pytest_pid=
+if [[ $phases == *" pytest "* ]]; then
+    echo "gpu.sh: --- pytest (in the background; log in $out/pytest-gpu.log) ---"
+    python -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests \
+        > "$out/pytest-gpu.log" 2>&1 &
+    pytest_pid=$! pytest_started=$SECONDS
+fi
+join_pytest() {
+    [[ -n $pytest_pid ]] || return 0
+    if wait "$pytest_pid"; then
+        echo "gpu.sh: pytest done ($((SECONDS - pytest_started)) s): $(tail -n 1 "$out/pytest-gpu.log")"
+    else
+        echo "gpu.sh: pytest FAILED ($((SECONDS - pytest_started)) s): $(tail -n 1 "$out/pytest-gpu.log")"
+        failed+=(pytest)
+    fi
+    pytest_pid=
+}
 for preset in $presets; do
     model=$work/models/$preset
     phase "export:$preset" export_model "$preset" "$model"
+    join_pytest
     phase "loop:$preset" python "$here/denoiser_loop.py" --model "$model" --backend "$ort_backend" \
         --batch "$batch" --repeats "$((repeats + 2))" --json "$out/loop-$preset.json"
     phase "parity:$preset" python "$here/gpu_parity.py" --model "$model" --device "$device" \
@@ -112,6 +132,7 @@ for preset in $presets; do
     phase "video:$preset" python "$here/video.py" --model "$model" --backend "$ort_backend" \
         --synthetic 22 --runs "$repeats" --json "$out/video-$preset.json"
 done
+join_pytest
 echo "gpu.sh: results in $out"
 if [[ ${#failed[@]} -gt 0 ]]; then
     echo "gpu.sh: failed phases: ${failed[*]}"

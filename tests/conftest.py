@@ -32,17 +32,20 @@ def _seed_torch():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """The tiny preset (random weights, seed 0, 2 s windows) exported once per test session."""
+    """The tiny preset (random weights, seed 0, 2 s windows) exported once per test session (its
+    graphs checked on the GPU where PyTorch and ONNX Runtime both see one: --parity-device auto)."""
     pytest.importorskip("torch", reason="exporting the test model needs torch")
     import torch
 
     from mmsep.export.exporter import export_model
+    from mmsep.export.parity import resolve_parity_device
     from mmsep.models import build_components
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     with torch.no_grad():
         export_model(build_components("tiny", duration=TINY_WINDOW_SECONDS, seed=TINY_SEED), out,
-                     sources={"preset": "tiny", "seed": TINY_SEED}, log=lambda msg: None)
+                     sources={"preset": "tiny", "seed": TINY_SEED}, log=lambda msg: None,
+                     parity_device=resolve_parity_device("auto"))
     return out
 
 

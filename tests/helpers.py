@@ -37,3 +37,30 @@ def without_fp16_copies(model_dir, dest):
                 (dest / name).unlink()
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
+
+
+def damaged_copy(model_dir, dest, name: str, offset: int = 100):
+    """A copy of ``model_dir`` whose file ``name`` has three bytes overwritten at ``offset`` (its
+    size unchanged, its SHA-256 not)."""
+    import shutil
+    from pathlib import Path
+
+    dest = Path(dest)
+    shutil.copytree(model_dir, dest)
+    with open(dest / name, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x00\x01\x02")
+    return dest
+
+
+def interrupting(call, on_call: int):
+    """``call`` wrapped to raise KeyboardInterrupt (a Ctrl-C) on its ``on_call``-th use."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise KeyboardInterrupt
+        return call(*args, **kwargs)
+
+    return wrapped

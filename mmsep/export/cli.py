@@ -69,6 +69,11 @@ _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
                    "PyTorch and ONNX Runtime on the GPU (needs onnxruntime-gpu; the fp16 copies "
                    "are then checked with the GPU's own fp16 kernels), cpu on the CPU; auto "
                    "takes cuda where both see a GPU.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Stages whose graphs are written side by side, each in a process of its own "
+                   "(tracing and the fp16 conversion use about one core each; every process "
+                   "holds one stage's trace in memory, up to 10 GB for large_44k_v2's "
+                   "denoiser); the checks run in this process meanwhile.")
 @click.option("--engines/--no-engines", default=True, show_default=True,
               help="Build TensorRT engines when TensorRT and a CUDA GPU are present.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
@@ -81,8 +86,8 @@ _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, synchformer, out,
-         duration, max_batch, seed, mixture_latent, precision, parity_device, engines, timing_cache,
-         engines_only, force, quiet, as_json):
+         duration, max_batch, seed, mixture_latent, precision, parity_device, jobs, engines,
+         timing_cache, engines_only, force, quiet, as_json):
     """Export every MMAudioSep stage to ONNX, check it, and write a self-contained model
     directory."""
     quiet = quiet or as_json
@@ -97,7 +102,7 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
                           out, duration, max_batch, seed, force, quiet,
                           engine_options if engines else None, mixture_latent,
                           ("fp16",) if precision == "fp16" else (),
-                          parity_device=resolve_parity_device(parity_device))
+                          parity_device=resolve_parity_device(parity_device), jobs=jobs)
     except (UsageError, CheckpointError) as exc:
         click.echo(f"mmsep-export: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -126,7 +131,7 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
 
 def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
          max_batch, seed, force, quiet, engine_options, mixture_latent=POSTERIOR_SAMPLE,
-         onnx_precisions=(), parity_device="cpu"):
+         onnx_precisions=(), parity_device="cpu", jobs=1):
     import torch
 
     from ..models.components import build_components, load_components
@@ -170,7 +175,8 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     return export_model(components, out, max_batch=max_batch, sources=sources, force=force,
                         stage_progress=stage_progress, log=log, engine_builder=builder,
                         engines_skipped=skipped, mixture_latent=mixture_latent,
-                        onnx_precisions=onnx_precisions, parity_device=parity_device)
+                        onnx_precisions=onnx_precisions, parity_device=parity_device,
+                        jobs=jobs)
 
 
 def _check_out(out: Path, inputs: dict) -> None:

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,10 @@ from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, Geometry, Stage, 
     build_stage_specs
 from . import manifest as mf
 from .errors import UsageError
-from .onnx_graph import OPSET, check_graph, export_onnx
+from .mixed_precision import PASS_VERSION
+from .onnx_graph import OPSET
 from .parity import PARITY_BATCH, StageReference, check_onnxruntime
+from .stage_graphs import GraphsWritten, GraphWork, GraphWriter
 from .wrappers import build_stage_modules, geometry
 
 EMPTY_FEATURES = "empty_features.npz"
@@ -67,7 +68,7 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
                  engines_skipped: str = "not requested",
                  mixture_latent: str = POSTERIOR_SAMPLE,
                  onnx_precisions: tuple[str, ...] = ("fp16",),
-                 parity_device: str = "cpu") -> ExportResult:
+                 parity_device: str = "cpu", jobs: int = 1) -> ExportResult:
     """Export every stage of ``components`` into ``out``.
 
     Stages whose content key (contract, weights, opset, exporter versions) matches the manifest
@@ -79,7 +80,9 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     recorded in the manifest's geometry. ``onnx_precisions`` are the reduced-precision graph
     copies written beside each fp32 graph (``mixed_precision.convert_graph``); each is recorded
     under the stage's "reduced". Every graph is checked against PyTorch fp32 on
-    ``parity_device`` ("cpu", or "cuda": PyTorch and ONNX Runtime on the GPU).
+    ``parity_device`` ("cpu", or "cuda": PyTorch and ONNX Runtime on the GPU). ``jobs`` > 1
+    writes the stages' graphs in that many processes while this one checks them
+    (``stage_graphs.GraphWriter``).
     """
     out = Path(out)
     previous = _existing(out, force)
@@ -92,16 +95,12 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(6)}"  # unique per run
     tmp.mkdir()  # exclusive, with the usual permissions (mkdtemp's 0700 would stay on the model)
     try:
-        stages, rebuilt, reused = {}, [], []
-        names = list(specs)
-        iterator = stage_progress(names) if stage_progress else names
-        for name in iterator:
-            reference = StageReference(modules[name], specs[name], parity_device)
-            record = _export_stage(name, reference, tmp, previous, log)
-            record["reduced"], converted = _reduced_graphs(
-                name, reference, record["key"], tmp, previous, onnx_precisions, log)
-            (reused if record.pop("_reused") and not converted else rebuilt).append(name)
-            stages[name] = record
+        plans = {name: _plan_stage(name, modules[name], specs[name], tmp, previous,
+                                   onnx_precisions) for name in specs}
+        stages = _write_and_check(plans, modules, specs, tmp, parity_device, jobs,
+                                  stage_progress, log)
+        rebuilt = [name for name, plan in plans.items() if plan.work is not None]
+        reused = [name for name, plan in plans.items() if plan.work is None]
         extras = _write_extras(components, specs[Stage.CONDITIONER], tmp)
         manifest = _manifest(components, g, specs, stages, extras, sources or {}, max_batch)
         if engine_builder is not None:
@@ -136,65 +135,101 @@ def _existing(out: Path, force: bool) -> dict | None:
     return {**previous, "_dir": str(out)}
 
 
-def _export_stage(name: str, reference: StageReference, tmp: Path, previous: dict | None,
-                  log: Progress) -> dict:
-    module, spec = reference.module, reference.spec
+@dataclass
+class _StagePlan:
+    """What an export does with one stage: its content key, the previous export's records whose
+    files were linked into the new directory, and the graphs still to write."""
+
+    key: str
+    weights: str
+    precisions: tuple[str, ...]
+    kept: dict | None  # the previous record of the fp32 graph
+    kept_copies: dict[str, dict]  # precision -> the previous record of that copy
+    work: GraphWork | None  # None: nothing to write, the stage is reused
+
+
+def _plan_stage(name: str, module, spec: StageSpec, tmp: Path, previous: dict | None,
+                precisions: tuple[str, ...]) -> _StagePlan:
+    """Reuse the previous graph when its key matches and its files are intact, and each copy
+    made from that same graph by the same conversion pass; the rest is work."""
     weights = mf.sha256_state(module)
     key = mf.stage_key(spec, weights, opset=OPSET)
-    old = (previous or {}).get("stages", {}).get(name)
-    if old and old.get("key") == key and _reuse_files(old["files"], tmp, previous["_dir"]):
-        return {**old, "_reused": True}
-    path = tmp / f"{name}.onnx"
-    started = time.perf_counter()
-    export_onnx(module, spec, path)
-    export_s = time.perf_counter() - started
-    graph = check_graph(path, spec)
-    parity = check_onnxruntime(module, spec, path, device=reference.device, reference=reference)
+    old = (previous or {}).get("stages", {}).get(name) or {}
+    kept = old if old.get("key") == key and _reuse_files(old["files"], tmp, previous["_dir"]) \
+        else None
+    copies = {}
+    for precision in precisions:
+        copy = old.get("reduced", {}).get(precision)
+        if copy and copy.get("source_key") == key and copy.get("pass") == PASS_VERSION \
+                and _reuse_files(copy["files"], tmp, previous["_dir"]):
+            copies[precision] = copy
+    todo = tuple(p for p in precisions if p not in copies)
+    work = GraphWork(name, kept is None, todo) if kept is None or todo else None
+    return _StagePlan(key, weights, precisions, kept, copies, work)
+
+
+def _write_and_check(plans: dict[str, _StagePlan], modules: dict, specs: dict, tmp: Path,
+                     parity_device: str, jobs: int, stage_progress: Callable | None,
+                     log: Progress) -> dict:
+    """Every stage's record: its new graphs written (by ``jobs`` processes) and checked here on
+    ``parity_device`` as each is done, in pipeline order."""
+    stages = {}
+    with GraphWriter(modules, specs, tmp, jobs) as writer:
+        writer.start([plan.work for plan in plans.values() if plan.work is not None])
+        for name in stage_progress(list(plans)) if stage_progress else plans:
+            reference = StageReference(modules[name], specs[name], parity_device)
+            stages[name] = _finish_stage(name, plans[name], writer.result(name), reference, tmp,
+                                         log)
+    return stages
+
+
+def _finish_stage(name: str, plan: _StagePlan, written: GraphsWritten | None,
+                  reference: StageReference, tmp: Path, log: Progress) -> dict:
+    """The stage's manifest record: reused parts as they were, new graphs checked."""
+    record = dict(plan.kept) if plan.kept else _check_new_graph(name, plan, written, reference,
+                                                                  tmp, log)
+    record["reduced"] = {
+        precision: plan.kept_copies.get(precision) or _check_copy(
+            name, precision, plan.key, written.conversions[precision], reference, tmp, log)
+        for precision in plan.precisions}
+    return record
+
+
+def _check_new_graph(name: str, plan: _StagePlan, written: GraphsWritten,
+                     reference: StageReference, tmp: Path, log: Progress) -> dict:
+    spec, path = reference.spec, tmp / f"{name}.onnx"
+    parity = check_onnxruntime(reference.module, spec, path, device=reference.device,
+                               reference=reference)
     files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
                    p.name.startswith(f"{name}.onnx."))
-    log(f"{name}: exported in {export_s:.1f} s, ONNX Runtime {reference.device} rel L2 "
-        f"{parity.worst:.1e}")
-    return {"key": key, "weights_sha256": weights, "spec": spec.to_json(),
-            "files": _file_records(tmp, files), "onnx": path.name, "graph": graph,
-            "parity": {"onnxruntime": parity.to_json()}, "export_seconds": round(export_s, 2),
-            "_reused": False}
+    log(f"{name}: exported in {written.export_seconds:.1f} s, ONNX Runtime {reference.device} "
+        f"rel L2 {parity.worst:.1e}")
+    return {"key": plan.key, "weights_sha256": plan.weights, "spec": spec.to_json(),
+            "files": _file_records(tmp, files), "onnx": path.name, "graph": written.graph,
+            "parity": {"onnxruntime": parity.to_json()},
+            "export_seconds": round(written.export_seconds, 2)}
 
 
-def _reduced_graphs(name: str, reference: StageReference, key: str, tmp: Path,
-                    previous: dict | None, precisions: tuple[str, ...],
-                    log: Progress) -> tuple[dict, bool]:
-    """The stage's reduced-precision copies of ``tmp/<name>.onnx`` (content key ``key``): reused
-    from ``previous`` when made from the same fp32 graph by the same conversion pass and intact,
-    else converted and checked. Returns them and whether any was converted."""
-    from .mixed_precision import PASS_VERSION, convert_graph
+def _check_copy(name: str, precision: str, key: str, summary: dict, reference: StageReference,
+                tmp: Path, log: Progress) -> dict:
+    """The record of a new reduced-precision copy of the graph with content key ``key``, checked
+    against PyTorch fp32."""
     from .precision_parity import check_reduced_precision
 
-    spec, device = reference.spec, reference.device
-    old = (previous or {}).get("stages", {}).get(name, {}).get("reduced", {})
-    records = {}
-    for precision in precisions:
-        kept = old.get(precision)
-        if kept and kept.get("source_key") == key and kept.get("pass") == PASS_VERSION \
-                and _reuse_files(kept["files"], tmp, previous["_dir"]):
-            records[precision] = kept
-            continue
-        path = tmp / f"{name}.{precision}.onnx"
-        summary = convert_graph(tmp / f"{name}.onnx", path, spec, precision)
-        # on the CPU at batch 1: the fp32 check ran at another batch than the export's, the copy
-        # keeps its axes (convert_graph checks the contract), and ORT's CPU fp16 kernels are slow
-        # (BigVGAN v2's vocoder: 7 minutes at batch 3 on 2 cores); on the GPU at the fp32
-        # check's batch, against the same PyTorch outputs
-        batch = PARITY_BATCH if device == "cuda" else 1
-        parity = check_reduced_precision(reference.module, spec, path, precision, batch=batch,
-                                         device=device, reference=reference)
-        log(f"{name}: {precision} graph, ONNX Runtime {device} rel L2 {parity.worst:.1e}")
-        files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
-                       p.name.startswith(f"{path.name}."))
-        records[precision] = {
-            "onnx": path.name, "files": _file_records(tmp, files), "source_key": key,
+    spec, device, path = reference.spec, reference.device, tmp / f"{name}.{precision}.onnx"
+    # on the CPU at batch 1: the fp32 check ran at another batch than the export's, the copy
+    # keeps its axes (convert_graph checks the contract), and ORT's CPU fp16 kernels are slow
+    # (BigVGAN v2's vocoder: 7 minutes at batch 3 on 2 cores); on the GPU at the fp32 check's
+    # batch, against the same PyTorch outputs
+    batch = PARITY_BATCH if device == "cuda" else 1
+    parity = check_reduced_precision(reference.module, spec, path, precision, batch=batch,
+                                     device=device, reference=reference)
+    log(f"{name}: {precision} graph, ONNX Runtime {device} rel L2 {parity.worst:.1e}")
+    files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
+                   p.name.startswith(f"{path.name}."))
+    return {"onnx": path.name, "files": _file_records(tmp, files), "source_key": key,
             "pass": PASS_VERSION, "fp32_nodes": summary["fp32_nodes"],
             "parity": {"onnxruntime": parity.to_json()}}
-    return records, any(records[p] is not old.get(p) for p in records)
 
 
 def _file_records(directory: Path, names: list[str]) -> dict:

@@ -23,7 +23,7 @@ from mmsep.export.wrappers import geometry as wrapper_geometry
 from mmsep.export.wrappers import stage_specs
 from mmsep.models import build_components, save_components
 from mmsep.stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, STAGE_ORDER, Geometry, StageSpec
-from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
+from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS, interrupting
 
 SILENT = dict(log=lambda msg: None)
 SOURCES = {"preset": "tiny", "seed": TINY_SEED}
@@ -74,7 +74,11 @@ def test_fp16_copies_are_written_checked_and_hashed(tiny_model_dir):
         for file, meta in copy["files"].items():
             assert sha256_file(tiny_model_dir / file) == meta["sha256"], file
         parity = copy["parity"]["onnxruntime"]
-        assert parity["passed"] and parity["tolerance"] == 1e-2 and parity["batch"] == 1
+        # on the CPU at batch 1 (ONNX Runtime's CPU fp16 kernels are slow); on a GPU at the fp32
+        # check's batch
+        on_gpu = resolve_parity_device("auto") == "cuda"
+        assert parity["passed"] and parity["tolerance"] == 1e-2
+        assert parity["batch"] == (3 if on_gpu else 1)
         assert 0 < max(parity["rel_l2"].values()) <= 1e-2
 
 
@@ -192,16 +196,8 @@ def test_convention_change_reexports_only_the_mix_encoder(tiny_model_dir, tmp_pa
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
-    calls = []
-    real = exporter_module.check_onnxruntime
-
-    def interrupt_on_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(exporter_module, "check_onnxruntime", interrupt_on_third)
+    monkeypatch.setattr(exporter_module, "check_onnxruntime",
+                        interrupting(exporter_module.check_onnxruntime, on_call=3))
     components = _tiny()
     with pytest.raises(KeyboardInterrupt):
         export_model(components, tmp_path / "tiny", **SILENT)

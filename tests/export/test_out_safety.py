@@ -79,17 +79,17 @@ def test_the_default_out_is_checked_against_every_file_loaded(sources, tmp_path,
 def test_a_full_disk_during_export_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
 
-    from mmsep.export import exporter
+    from mmsep.export import stage_graphs
 
-    real, calls = exporter._export_stage, []
+    real, calls = stage_graphs.write_graphs, []
 
-    def export_stage(*args, **kwargs):
-        calls.append(args[0])
+    def write_graphs(work, *args, **kwargs):
+        calls.append(work.name)
         if len(calls) == 2:  # the disk fills up while the second graph is written
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
+        return real(work, *args, **kwargs)
 
-    monkeypatch.setattr(exporter, "_export_stage", export_stage)
+    monkeypatch.setattr(stage_graphs, "write_graphs", write_graphs)
     out = tmp_path / "models" / "tiny"
     result = CliRunner().invoke(main, ["--preset", "tiny", "--duration", "2", "--out", str(out),
                                        "--no-engines", "--quiet"])

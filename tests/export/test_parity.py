@@ -1,5 +1,6 @@
 """Where the export's parity checks run (--parity-device), and the PyTorch reference they share."""
 
+import json
 import subprocess
 import sys
 
@@ -9,13 +10,12 @@ import torch
 
 from mmsep.export import parity
 from mmsep.export.errors import ExportError, UsageError
-from mmsep.export.exporter import export_model
 from mmsep.export.parity import StageReference, check_onnxruntime, resolve_parity_device
 from mmsep.export.precision_parity import check_reduced_precision
 from mmsep.export.wrappers import stage_modules, stage_specs
 from mmsep.models import build_components
 from mmsep.runtime.backends import ort as ort_backend
-from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
+from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS, rel_l2
 
 CUDA_HERE = torch.cuda.is_available() and ort_backend.cuda_available()
 
@@ -35,7 +35,6 @@ class Counting(torch.nn.Module):
 @pytest.fixture(scope="module")
 def vae_decoder(tiny_model_dir):
     """The tiny model directory's VAE decoder: module, spec and the directory."""
-    torch.set_grad_enabled(False)
     components = build_components("tiny", duration=TINY_WINDOW_SECONDS, seed=TINY_SEED)
     return (stage_modules(components)["vae_decoder"], stage_specs(components)["vae_decoder"],
             tiny_model_dir)
@@ -108,14 +107,25 @@ def test_cli_parity_device_cuda_without_a_gpu_is_exit_2(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA_HERE, reason="needs a CUDA GPU for PyTorch and onnxruntime-gpu")
-def test_export_checks_every_graph_on_the_gpu(tmp_path):
-    components = build_components("tiny", duration=TINY_WINDOW_SECONDS, seed=TINY_SEED)
-    result = export_model(components, tmp_path / "m", parity_device="cuda", log=lambda m: None)
-    for name, stage in result.manifest["stages"].items():
+def test_export_checks_every_graph_on_the_gpu(tiny_model_dir):
+    """tiny_model_dir is exported with --parity-device auto: here, on the GPU."""
+    manifest = json.loads((tiny_model_dir / "manifest.json").read_text())
+    for name, stage in manifest["stages"].items():
         fp32 = stage["parity"]["onnxruntime"]
         fp16 = stage["reduced"]["fp16"]["parity"]["onnxruntime"]
         assert fp32["backend"] == "onnxruntime-cuda-fp32" and fp32["passed"], (name, fp32)
         assert fp16["backend"] == "onnxruntime-cuda-fp16" and fp16["passed"], (name, fp16)
         assert fp16["batch"] == fp32["batch"] == parity.PARITY_BATCH
-    # the modules are back on the CPU, where the next export traces them
-    assert all(p.device.type == "cpu" for p in components.flow.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_HERE, reason="needs a CUDA GPU for PyTorch and onnxruntime-gpu")
+def test_the_gpu_reference_leaves_the_module_on_the_cpu(vae_decoder):
+    """The GPU reference moves the module there and back (the next stage traces on the CPU);
+    it agrees with the CPU reference to fp32 rounding."""
+    module, spec, _ = vae_decoder
+    on_gpu = StageReference(module, spec, "cuda").at(2)[1]
+    on_cpu = StageReference(module, spec, "cpu").at(2)[1]
+    assert all(p.device.type == "cpu" for p in module.parameters())
+    for name in spec.output_names:
+        assert rel_l2(on_gpu[name], on_cpu[name]) < 1e-5, name

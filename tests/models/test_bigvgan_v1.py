@@ -169,8 +169,8 @@ def test_errors_name_the_file(tmp_path):
     state = _tiny_v1().state_dict()
     del state["conv_post.bias"]
     no_bias = _save_v1(tmp_path / "nobias/best_netG.pt", state)
-    with pytest.raises(CheckpointError, match=_msg(no_bias, "does not match the BigVGAN v1 "
-                                                            "generator: 1 missing: conv_post.bias")):
+    expected = _msg(no_bias, "does not match the BigVGAN v1 generator: 1 missing: conv_post.bias")
+    with pytest.raises(CheckpointError, match=expected):
         load_vocoder(no_bias)
 
 

@@ -8,7 +8,8 @@ from mmsep.models.presets import sequence_lengths
 def test_eight_second_window_matches_design_table(mode, latent, samples, mel):
     lengths = sequence_lengths(mode)
     assert (lengths.latent, lengths.audio_samples, lengths.mel_frames) == (latent, samples, mel)
-    assert (lengths.clip, lengths.sync_frames, lengths.sync_segments, lengths.sync) == (64, 200, 24, 192)
+    assert (lengths.clip, lengths.sync_frames, lengths.sync_segments, lengths.sync) == \
+        (64, 200, 24, 192)
     assert lengths.text == 77
 
 

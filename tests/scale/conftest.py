@@ -1,5 +1,6 @@
 """Fixtures of the mmsep.scale tests (the tiny model and media are tests/conftest.py's): job
-files, and one local Ray instance per test module (Ray takes seconds to start on a small machine)."""
+files, and one local Ray instance per test module (Ray takes seconds to start on a small
+machine)."""
 
 from __future__ import annotations
 

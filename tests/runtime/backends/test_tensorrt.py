@@ -21,7 +21,7 @@ from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.backends import create_backend
 from mmsep.runtime.backends.cuda_memory import CudaMemory, DeviceArray
 from mmsep.runtime.backends.tensorrt import engine_refusal
-from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
+from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS, damaged_copy
 from tests.runtime.backends.fake_gpu import HERE, with_engines
 
 SR = 44100
@@ -118,11 +118,7 @@ def test_model_without_engines_is_refused(gpu, model_dir):
 
 
 def test_tampered_engine_is_refused(gpu, trt_dir, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(trt_dir, bad)
-    with open(bad / "vocoder.fp16.engine", "r+b") as fh:
-        fh.seek(200)
-        fh.write(b"\x00\x01\x02")
+    bad = damaged_copy(trt_dir, tmp_path / "bad", "vocoder.fp16.engine", offset=200)
     with pytest.raises(ModelDirError, match="vocoder.fp16.engine: SHA-256 does not match"):
         Separator(bad, "trt")
 
