@@ -5,6 +5,8 @@
 #   export   random real-size weights of each preset and its model directory (fp32 + fp16 graphs,
 #            each checked against PyTorch fp32 on the GPU; engines too where TensorRT is installed)
 #   loop     the denoiser loop alone: fp16/fp32 graphs, CUDA graphs on/off (denoiser_loop.py)
+#   profile  ONNX Runtime's profiler over one plain fp16 loop: ms per step, host time in node
+#            calls, nodes per step, the costliest op types (denoiser_profile.py)
 #   parity   the denoiser's ONNX Runtime graphs (fp32, fp16) of the exported directory against
 #            PyTorch fp32 on the GPU, one step timed, and the 25-step drift of fp16 next to the
 #            PyTorch reference's bf16 (gpu_parity.py --model; every stage's graphs were checked
@@ -18,7 +20,7 @@
 #
 #   benchmarks/gpu.sh [OUT]            (default OUT: bench-gpu)
 #
-# Environment: MMSEP_GPU_PHASES (default "pytest export loop parity rtf video"),
+# Environment: MMSEP_GPU_PHASES (default "pytest export loop profile parity rtf video"),
 # MMSEP_PARITY_STAGES (gpu_parity.py --stages; default denoiser, "all" for every stage),
 # MMSEP_BENCH_PRESETS (default "large_44k_v2"), MMSEP_BENCH_DURATIONS (default "8"),
 # MMSEP_BENCH_BATCH (default "1,4"), MMSEP_BENCH_REPEATS (default 3), MMSEP_BENCH_VIDEO_SIZE
@@ -28,7 +30,7 @@ set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${1:-bench-gpu}
-phases=" ${MMSEP_GPU_PHASES:-pytest export loop parity rtf video} "
+phases=" ${MMSEP_GPU_PHASES:-pytest export loop profile parity rtf video} "
 presets=${MMSEP_BENCH_PRESETS:-large_44k_v2}
 durations=${MMSEP_BENCH_DURATIONS:-8}
 batch=${MMSEP_BENCH_BATCH:-1,4}
@@ -120,6 +122,8 @@ for preset in $presets; do
     join_pytest
     phase "loop:$preset" python "$here/denoiser_loop.py" --model "$model" --backend "$ort_backend" \
         --batch "$batch" --repeats "$((repeats + 2))" --json "$out/loop-$preset.json"
+    phase "profile:$preset" python "$here/denoiser_profile.py" --model "$model" \
+        --backend "$ort_backend" --json "$out/profile-$preset.json"
     phase "parity:$preset" python "$here/gpu_parity.py" --model "$model" --device "$device" \
         ${parity_stages[@]+"${parity_stages[@]}"} --json "$out/parity-$preset.json"
     phase "rtf:$preset" python "$here/rtf.py" --model "$model" --backend "$backend_list" \

@@ -110,15 +110,18 @@ class StageReference:
 
 
 def onnxruntime_session(path: Path, spec: StageSpec, device: str = "cpu",
-                        precision: str = "fp32"):
+                        precision: str = "fp32", configure=None):
     """An ONNX Runtime session of ``path`` on ``device``; ExportError when it cannot load or
-    would not run on that device (ONNX Runtime falls back to the CPU silently)."""
+    would not run on that device (ONNX Runtime falls back to the CPU silently). ``configure``,
+    when given, is called with the SessionOptions before the session is made."""
     import onnxruntime as ort
 
     from ..runtime.backends.ort import preload_cuda_libraries, session_providers
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if configure is not None:
+        configure(options)
     if device == "cuda":
         preload_cuda_libraries()
     try:
