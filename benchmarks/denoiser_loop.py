@@ -34,11 +34,17 @@ SCHEMA = "mmsep-denoiser-loop/1"
 WARMUP = 2  # with the capture on each graph id's third run, the second warm-up loop replays
 
 
+# the options this script shares with denoiser_profile.py
+model_option = click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+                            help="Model directory written by mmsep-export.")
+backend_option = click.option("--backend", type=click.Choice(["ort-cuda", "ort-cpu"]),
+                              default="ort-cuda", show_default=True,
+                              help="ONNX Runtime on CUDA, or on the CPU (a logic check).")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Model directory written by mmsep-export.")
-@click.option("--backend", type=click.Choice(["ort-cuda", "ort-cpu"]), default="ort-cuda",
-              show_default=True, help="ONNX Runtime on CUDA, or on the CPU (a logic check).")
+@model_option
+@backend_option
 @click.option("--batch", "batches", default="1,4", show_default=True,
               help="Comma-separated batch sizes (windows per loop).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True,

@@ -29,16 +29,14 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
-from benchmarks.denoiser_loop import random_request  # noqa: E402
+from benchmarks.denoiser_loop import backend_option, model_option, random_request  # noqa: E402
 
 SCHEMA = "mmsep-denoiser-profile/1"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Model directory written by mmsep-export.")
-@click.option("--backend", type=click.Choice(["ort-cuda", "ort-cpu"]), default="ort-cuda",
-              show_default=True, help="ONNX Runtime on CUDA, or on the CPU (a logic check).")
+@model_option
+@backend_option
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16",
               show_default=True, help="Which of the model's denoiser graphs.")
 @click.option("--batch", type=click.IntRange(1, 64), default=1, show_default=True)
