@@ -56,9 +56,6 @@ backend_option = click.option("--backend", type=click.Choice(["ort-cuda", "ort-c
               help="Write the results here as JSON.")
 def main(model_dir, backend, batches, steps, cfg, repeats, json_path):
     """Time the denoiser loop of an exported model on ONNX Runtime, variant by variant."""
-    from mmsep.runtime.errors import InputError
-    from mmsep.runtime.model_dir import ModelDir
-
     try:
         sizes = [int(b) for b in batches.split(",") if b.strip()]
         if not sizes or min(sizes) < 1:
@@ -66,10 +63,7 @@ def main(model_dir, backend, batches, steps, cfg, repeats, json_path):
     except ValueError:
         raise click.BadParameter(f"expected positive integers, got {batches!r}",
                                  param_hint="--batch") from None
-    try:
-        model = ModelDir(model_dir, verify=False)
-    except InputError as exc:
-        raise click.UsageError(str(exc)) from None
+    model = open_model(model_dir)
     device = backend.removeprefix("ort-")
     report = measure(model, device, sizes, steps, cfg, repeats)
     for row in report["results"]:
@@ -77,9 +71,28 @@ def main(model_dir, backend, batches, steps, cfg, repeats, json_path):
                    f"  {row['ms_per_step']:6.2f} ms/step  x{row['ratio_to_floor'] or 0:.1f} floor"
                    f"  rel L2 vs fp32 {row['rel_l2_vs_fp32']:.1e}")
     if json_path:
-        from mmsep.runtime.atomic import write_bytes_atomically
+        write_json(json_path, report)
 
-        write_bytes_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
+
+def open_model(model_dir: Path, precision: str | None = None):
+    """The model directory (unverified: a benchmark), with graphs of ``precision`` when given;
+    bad usage (exit 2) otherwise."""
+    from mmsep.runtime.errors import InputError
+    from mmsep.runtime.model_dir import ModelDir
+
+    try:
+        model = ModelDir(model_dir, verify=False)
+        if precision is not None and not model.has_precision(precision):
+            raise InputError(f"{model_dir} has no {precision} graphs")
+    except InputError as exc:
+        raise click.UsageError(str(exc)) from None
+    return model
+
+
+def write_json(path: Path, report: dict) -> None:
+    from mmsep.runtime.atomic import write_bytes_atomically
+
+    write_bytes_atomically(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
 def variants(model, device: str) -> list[tuple[str, bool]]:

@@ -29,7 +29,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
-from benchmarks.denoiser_loop import backend_option, model_option, random_request  # noqa: E402
+from benchmarks.denoiser_loop import (backend_option, model_option, open_model,  # noqa: E402
+                                      random_request, write_json)
 
 SCHEMA = "mmsep-denoiser-profile/1"
 
@@ -47,26 +48,16 @@ SCHEMA = "mmsep-denoiser-profile/1"
               help="Write the summary here as JSON.")
 def main(model_dir, backend, precision, batch, steps, warmup, json_path):
     """Profile one denoiser loop of an exported model with ONNX Runtime's profiler."""
-    from mmsep.runtime.errors import InputError
-    from mmsep.runtime.model_dir import ModelDir
-
-    try:
-        model = ModelDir(model_dir, verify=False)
-        if not model.has_precision(precision):
-            raise InputError(f"{model_dir} has no {precision} graphs")
-    except InputError as exc:
-        raise click.UsageError(str(exc)) from None
+    model = open_model(model_dir, precision)
     device = backend.removeprefix("ort-")
     summary = profile(model, device, precision, batch, steps, warmup)
     print_summary(summary)
     if json_path:
-        from mmsep.runtime.atomic import write_bytes_atomically
-
         report = {"schema": SCHEMA, "machine": machine.machine_info(),
                   "versions": machine.versions(), "model": {"dir": str(model.path),
                                                             "preset": model.info.preset},
                   **summary}
-        write_bytes_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
+        write_json(json_path, report)
 
 
 def profile(model, device: str, precision: str, batch: int, steps: int, warmup: int) -> dict:

@@ -198,14 +198,11 @@ def _finish_stage(name: str, plan: _StagePlan, written: GraphsWritten | None,
 def _check_new_graph(name: str, plan: _StagePlan, written: GraphsWritten,
                      reference: StageReference, tmp: Path, log: Progress) -> dict:
     spec, path = reference.spec, tmp / f"{name}.onnx"
-    parity = check_onnxruntime(reference.module, spec, path, device=reference.device,
-                               reference=reference)
-    files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
-                   p.name.startswith(f"{name}.onnx."))
+    parity = check_onnxruntime(reference.module, spec, path, reference=reference)
     log(f"{name}: exported in {written.export_seconds:.1f} s, ONNX Runtime {reference.device} "
         f"rel L2 {parity.worst:.1e}")
     return {"key": plan.key, "weights_sha256": plan.weights, "spec": spec.to_json(),
-            "files": _file_records(tmp, files), "onnx": path.name, "graph": written.graph,
+            "files": _graph_files(path), "onnx": path.name, "graph": written.graph,
             "parity": {"onnxruntime": parity.to_json()},
             "export_seconds": round(written.export_seconds, 2)}
 
@@ -223,17 +220,18 @@ def _check_copy(name: str, precision: str, key: str, summary: dict, reference: S
     # batch, against the same PyTorch outputs
     batch = PARITY_BATCH if device == "cuda" else 1
     parity = check_reduced_precision(reference.module, spec, path, precision, batch=batch,
-                                     device=device, reference=reference)
+                                     reference=reference)
     log(f"{name}: {precision} graph, ONNX Runtime {device} rel L2 {parity.worst:.1e}")
-    files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or
-                   p.name.startswith(f"{path.name}."))
-    return {"onnx": path.name, "files": _file_records(tmp, files), "source_key": key,
+    return {"onnx": path.name, "files": _graph_files(path), "source_key": key,
             "pass": PASS_VERSION, "fp32_nodes": summary["fp32_nodes"],
             "parity": {"onnxruntime": parity.to_json()}}
 
 
-def _file_records(directory: Path, names: list[str]) -> dict:
-    return {f: {"sha256": sha256_file(directory / f), "bytes": (directory / f).stat().st_size}
+def _graph_files(graph: Path) -> dict:
+    """Hash and size of a graph file and of its external-data files (``<graph name>.*``)."""
+    names = sorted(p.name for p in graph.parent.iterdir()
+                   if p.name == graph.name or p.name.startswith(f"{graph.name}."))
+    return {f: {"sha256": sha256_file(graph.parent / f), "bytes": (graph.parent / f).stat().st_size}
             for f in names}
 
 

@@ -141,9 +141,11 @@ def onnxruntime_session(path: Path, spec: StageSpec, device: str = "cpu",
 def check_onnxruntime(module: torch.nn.Module, spec: StageSpec, path: Path,
                       *, batch: int = PARITY_BATCH, seed: int = 1, device: str = "cpu",
                       reference: StageReference | None = None) -> ParityResult:
-    """Relative L2 per output of the fp32 graph on ONNX Runtime (``device``) vs PyTorch fp32 on
-    random inputs; raises ParityError beyond the stage's bound."""
+    """Relative L2 per output of the fp32 graph on ONNX Runtime vs PyTorch fp32 on random inputs,
+    both on ``device`` (``reference.device`` when a reference is given); raises ParityError
+    beyond the stage's bound."""
     reference = reference or StageReference(module, spec, device, seed)
+    device = reference.device
     inputs, expected = reference.at(batch)
     session = onnxruntime_session(path, spec, device, "fp32")
     got = session.run(list(spec.output_names), inputs)

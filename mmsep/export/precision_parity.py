@@ -30,25 +30,26 @@ def check_reduced_precision(module, spec: StageSpec, path: Path, precision: str 
                             raise_on_failure: bool = True, device: str = "cpu",
                             reference: StageReference | None = None
                             ) -> ParityResult | SkippedCheck:
-    """The reduced-precision graph vs the PyTorch fp32 module (``reference``, made here when not
-    given).
+    """The reduced-precision graph vs the PyTorch fp32 module (``reference``, made here on
+    ``device`` when not given).
 
     Relative L2 per output at ``batch`` (not the export batch); the bound is
     ``spec.reduced_precision_tolerance``; raises ParityError beyond it (unless
     ``raise_on_failure`` is False).
 
-    By default the graph runs on ONNX Runtime on ``device``. On "cuda" that is the runtime's own
-    provider, with fp16 kernels throughout. ONNX Runtime's CPU provider has fp16 kernels for few
-    ops: it computes the others in fp32 and removes the Cast pairs it inserts between them, so
-    chains of pointwise ops skip their intermediate fp16 rounding and the CPU figure is
-    optimistic. ``emulate=True`` runs onnx's reference evaluator instead (numpy: every op rounds
-    its output to the graph's types, as a GPU kernel does) - faithful but slow, for small graphs;
-    it also runs bf16 graphs, which ONNX Runtime refuses: without ``emulate`` a bf16 graph gives
-    a SkippedCheck with ONNX Runtime's reason instead of a number.
+    By default the graph runs on ONNX Runtime on the reference's device. On "cuda" that is the
+    runtime's own provider, with fp16 kernels throughout. ONNX Runtime's CPU provider has fp16
+    kernels for few ops: it computes the others in fp32 and removes the Cast pairs it inserts
+    between them, so chains of pointwise ops skip their intermediate fp16 rounding and the CPU
+    figure is optimistic. ``emulate=True`` runs onnx's reference evaluator instead (numpy: every op
+    rounds its output to the graph's types, as a GPU kernel does) - faithful but slow, for small
+    graphs; it also runs bf16 graphs, which ONNX Runtime refuses: without ``emulate`` a bf16 graph
+    gives a SkippedCheck with ONNX Runtime's reason instead of a number.
     """
     reference = reference or StageReference(module, spec, "cpu" if emulate else device, seed)
     if emulate:
         return _check_emulated(spec, Path(path), precision, batch, reference, raise_on_failure)
+    device = reference.device
     backend = f"onnxruntime-{device}-{precision}"
     try:
         session = onnxruntime_session(path, spec, device, precision)
