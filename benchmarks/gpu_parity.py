@@ -38,7 +38,7 @@ from mmsep.exit_codes import EXIT_INTERNAL, EXIT_OK  # noqa: E402
 from mmsep.export.example_inputs import example_inputs  # noqa: E402
 from mmsep.export.mixed_precision import convert_graph  # noqa: E402
 from mmsep.export.onnx_graph import check_graph, export_onnx  # noqa: E402
-from mmsep.export.parity import onnxruntime_session, relative_l2  # noqa: E402
+from mmsep.export.parity import cuda_missing, onnxruntime_session, relative_l2  # noqa: E402
 from mmsep.export.wrappers import stage_modules, stage_specs  # noqa: E402
 from mmsep.models.components import build_components  # noqa: E402
 from mmsep.runtime.atomic import write_bytes_atomically  # noqa: E402
@@ -48,7 +48,6 @@ from mmsep.stages import STAGE_ORDER, Stage  # noqa: E402
 
 SCHEMA = "mmsep-gpu-parity/1"
 RUNS = {"cuda": (2, 5), "cpu": (1, 1)}  # (warm-up, timed) calls per timing (cpu: a logic check)
-CUDA = "CUDAExecutionProvider"
 
 
 @click.command(help=__doc__.split("\n\n")[0],
@@ -99,9 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def resolve_device(choice: str) -> str:
-    missing = [what for what, ok in (("torch sees no CUDA device", torch.cuda.is_available()), (
-        "ONNX Runtime has no CUDAExecutionProvider", CUDA in ort.get_available_providers()))
-        if not ok]
+    missing = [] if choice == "cpu" else cuda_missing()
     if choice == "cuda" and missing:
         raise click.UsageError(f"--device cuda: {'; '.join(missing)}")
     if choice == "auto" and missing:

@@ -56,14 +56,19 @@ def resolve_parity_device(choice: str = "auto") -> str:
                          f"{choice!r}")
     if choice == "cpu":
         return "cpu"
-    from ..runtime.backends.ort import cuda_available
-
-    missing = [why for why, ok in (("PyTorch sees no CUDA GPU", torch.cuda.is_available()),
-                                   ("ONNX Runtime has no CUDAExecutionProvider (install "
-                                    "onnxruntime-gpu)", cuda_available())) if not ok]
+    missing = cuda_missing()
     if missing and choice == "cuda":
         raise UsageError(f"--parity-device cuda: {'; '.join(missing)}")
     return "cpu" if missing else "cuda"
+
+
+def cuda_missing() -> list[str]:
+    """Why PyTorch and ONNX Runtime cannot both run on a GPU here (empty: they can)."""
+    from ..runtime.backends.ort import cuda_available
+
+    return [why for why, ok in (("PyTorch sees no CUDA GPU", torch.cuda.is_available()),
+                                ("ONNX Runtime has no CUDAExecutionProvider (install "
+                                 "onnxruntime-gpu)", cuda_available())) if not ok]
 
 
 def torch_reference(module: torch.nn.Module, spec: StageSpec, inputs: dict[str, torch.Tensor],
