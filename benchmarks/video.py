@@ -68,7 +68,18 @@ class SerialWindows(Closing):
         self._frames.close()
 
 
-class _Recorder:
+class _UploadTaker:
+    """What ``WindowFrames`` asks of a device resizer besides ``run``, as ONNX Runtime CUDA's
+    ``FrameResizer`` answers: it takes yuv420p planes, and every resolution."""
+
+    takes_yuv = True
+
+    @staticmethod
+    def accepts(height: int, width: int) -> bool:
+        return True
+
+
+class _Recorder(_UploadTaker):
     """A stand-in resizer that returns nothing, so that the host side of the device path
     (decode, the yuv420p planes or RGB, gathering the distinct frames) is timed alone. It notes
     the kind of each upload; ``first_upload`` keeps a copy of one."""
@@ -91,17 +102,19 @@ def yuv_calibration(path: Path) -> float:
     return round(time.perf_counter() - started, 4)
 
 
-def first_upload(path: Path, starts, geometry) -> tuple:
-    """(frames, clip_index, sync_index) of the first window's upload, copied (the runtime
-    reuses its upload buffers)."""
+def first_upload(path: Path, starts, geometry, takes_yuv: bool = True) -> tuple:
+    """(frames, clip_index, sync_index) of the first window's upload to a resizer that takes
+    yuv420p planes or not, copied (the runtime reuses its upload buffers)."""
     kept = []
 
-    class Keeper:
+    class Keeper(_UploadTaker):
         def run(self, frames, clip_index, sync_index):
             kept.append((each_plane(frames, np.copy), clip_index, sync_index))
             return None, None
 
-    with WindowFrames(VideoSource(path), starts[:1], geometry, resizer=Keeper()) as frames:
+    keeper = Keeper()
+    keeper.takes_yuv = takes_yuv
+    with WindowFrames(VideoSource(path), starts[:1], geometry, resizer=keeper) as frames:
         frames.next_window()
     return kept[0]
 
@@ -141,6 +154,9 @@ def device_times(resizer, window, repeats: int = 5) -> dict:
         started = time.perf_counter()
         resizer.run(frames, clip_index, sync_index)
         run_s.append(time.perf_counter() - started)
+    row = {"frames_uploaded": int(frames.shape[0]), "run_s": statistics.median(run_s)}
+    if not hasattr(resizer, "_session"):  # TensorRT's: upload and resize are one call
+        return row
     ort = resizer._ort
     session = resizer._session(frames)
     binding = session.io_binding()
@@ -155,11 +171,10 @@ def device_times(resizer, window, repeats: int = 5) -> dict:
         session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         device_s.append(time.perf_counter() - started)
-    return {"frames_uploaded": int(frames.shape[0]), "run_s": statistics.median(run_s),
-            "device_s": statistics.median(device_s[1:])}
+    return {**row, "device_s": statistics.median(device_s[1:])}
 
 
-def fidelity(resizer, path: Path, start: float, geometry) -> dict:
+def fidelity(resizer, to_host, path: Path, start: float, geometry) -> dict:
     """The device path's model inputs for the window at ``start`` against the host path's (PIL),
     in grey levels: the largest difference and the mean (a shift) per model input."""
     row = {}
@@ -167,7 +182,7 @@ def fidelity(resizer, path: Path, start: float, geometry) -> dict:
             WindowFrames(VideoSource(path), [start], geometry, resizer=resizer) as device:
         pairs = zip(host.next_window(), device.next_window())
         for name, span, (want, got) in zip(("clip", "sync"), (1.0, 2.0), pairs):
-            diff = (got.numpy().astype(np.float64) - want) * (255 / span)  # OrtValue: copied
+            diff = (to_host(got).astype(np.float64) - want) * (255 / span)
             row[name] = {"max_abs": float(np.abs(diff).max()), "mean": float(diff.mean())}
     return row
 
@@ -252,9 +267,10 @@ def measure_clip(sep, name: str, path: Path, steps: int, runs: int) -> dict:
     row = {"clip": name, "duration_s": round(source.duration, 3), "windows": len(starts),
            "yuv_calibration_s": yuv_calibration(path),  # once per process and colour tags
            **preprocessing_passes(path, starts, geometry, runs)}
-    window = first_upload(path, starts, geometry)
     resizer = sep._resizer or _cpu_resizer(sep)
-    row["device_path_fidelity"] = fidelity(resizer, path, starts[0], geometry)
+    window = first_upload(path, starts, geometry, resizer.takes_yuv)
+    to_host = sep.backend.to_host if sep._resizer else (lambda value: value.numpy())
+    row["device_path_fidelity"] = fidelity(resizer, to_host, path, starts[0], geometry)
     if sep._resizer is not None:
         row["per_window"] = device_times(sep._resizer, window)
     else:  # the per-backend choice: the graph on ORT CPU against PIL, per frame

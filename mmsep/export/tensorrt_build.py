@@ -124,40 +124,51 @@ def _network_flags(trt) -> int:
 
 def build_engine(onnx_path: Path, spec: StageSpec, engine_path: Path, *, timing_cache: Path,
                  workspace_bytes: int | None = None) -> dict:
+    """The engine of a stage graph: one optimisation profile covers spec.min/opt/max_batch for
+    every input (``build_graph_engine``)."""
+    profile = {tensor.name: tuple(tensor.concrete(b) for b in (spec.min_batch, spec.opt_batch,
+                                                                 spec.max_batch))
+               for tensor in spec.inputs}
+    return build_graph_engine(onnx_path, spec.name, profile, list(spec.output_names),
+                              engine_path, timing_cache=timing_cache,
+                              workspace_bytes=workspace_bytes)
+
+
+def build_graph_engine(onnx_path: Path, name: str, profile: dict, outputs: list[str],
+                       engine_path: Path, *, timing_cache: Path,
+                       workspace_bytes: int | None = None) -> dict:
     """Parse ``onnx_path`` into a strongly typed network and build ``engine_path`` from it.
 
-    One optimisation profile covers spec.min/opt/max_batch for every input; the persistent
-    timing cache at ``timing_cache`` is loaded (when present and readable) and saved back.
-    The engine is written atomically. Every refusal by TensorRT raises EngineBuildError naming
-    the stage. Returns the engine's record for the manifest (without parity).
+    ``profile`` gives (min, opt, max) shapes per input, in the graph's input order, and
+    ``outputs`` the graph's outputs; the persistent timing cache at ``timing_cache`` is loaded
+    (when present and readable) and saved back. The engine is written atomically. Every
+    refusal by TensorRT raises EngineBuildError naming ``name``. Returns the engine's record
+    for the manifest (without parity).
     """
     trt = _tensorrt()
     onnx_path, engine_path, timing_cache = Path(onnx_path), Path(engine_path), Path(timing_cache)
-    stage = spec.name
-    logger = _logger(trt, stage)
-    need = _checker(logger, stage)
+    logger = _logger(trt, name)
+    need = _checker(logger, name)
     builder = need(trt.Builder(logger), "create a builder")
     network = need(builder.create_network(_network_flags(trt)), "create a network")
     parser = need(trt.OnnxParser(network, logger), "create an ONNX parser")
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"stage {stage}: TensorRT's ONNX parser rejected {onnx_path.name} "
+        raise EngineBuildError(f"stage {name}: TensorRT's ONNX parser rejected {onnx_path.name} "
                                f"({len(errors)} error(s)): " + " | ".join(errors or logger.errors))
-    _check_network_io(network, spec)
+    _check_network_io(network, name, list(profile), outputs)
 
     config = need(builder.create_builder_config(), "create a builder config")
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     if _graph_precision(onnx_path) == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # an fp32 engine is the accuracy reference
-    profile = need(builder.create_optimization_profile(), "create an optimisation profile")
+    optimisation = need(builder.create_optimization_profile(), "create an optimisation profile")
     shapes = {}
-    for tensor in spec.inputs:
-        low, opt, high = (tensor.concrete(b) for b in (spec.min_batch, spec.opt_batch,
-                                                       spec.max_batch))
-        profile.set_shape(tensor.name, low, opt, high)
-        shapes[tensor.name] = [list(low), list(opt), list(high)]
-    if config.add_optimization_profile(profile) < 0:
+    for tensor, (low, opt, high) in profile.items():
+        optimisation.set_shape(tensor, low, opt, high)
+        shapes[tensor] = [list(low), list(opt), list(high)]
+    if config.add_optimization_profile(optimisation) < 0:
         need(False, f"accept the optimisation profile {shapes}")
     cache_state = _attach_timing_cache(config, timing_cache, need)
 
@@ -180,13 +191,13 @@ def _parser_error(error) -> str:
     return f"{where}: {error.desc()}"
 
 
-def _check_network_io(network, spec: StageSpec) -> None:
-    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    if inputs != list(spec.input_names) or outputs != list(spec.output_names):
-        raise EngineBuildError(f"stage {spec.name}: the parsed network's inputs {inputs} / outputs "
-                               f"{outputs} differ from the contract {list(spec.input_names)} / "
-                               f"{list(spec.output_names)}")
+def _check_network_io(network, name: str, inputs: list[str], outputs: list[str]) -> None:
+    got_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    got_outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    if got_inputs != inputs or got_outputs != outputs:
+        raise EngineBuildError(f"stage {name}: the parsed network's inputs {got_inputs} / "
+                               f"outputs {got_outputs} differ from the contract {inputs} / "
+                               f"{outputs}")
 
 
 def _graph_precision(path: Path) -> str:
@@ -244,14 +255,16 @@ def engine_key(stage_record: dict, precision: str, info: dict) -> str:
 def build_engines(model_dir: Path, manifest: dict, modules: dict, *, precision: str = "fp16",
                   timing_cache: Path | None = None, progress: Progress | None = None,
                   previous: dict | None = None, workspace_bytes: int | None = None) -> dict:
-    """Build and check one engine per stage of ``manifest`` in ``model_dir``.
+    """Build and check one engine per stage of ``manifest`` in ``model_dir``, and the
+    frame-resize engine (tensorrt_resize.py).
 
     ``precision`` "fp16"/"bf16" builds from ``<stage>.<precision>.onnx`` (written here with
     convert_graph when absent), "fp32" from ``<stage>.onnx``. ``previous`` (a previous manifest
     with its directory under "_dir") lets unchanged engines be reused. Returns the manifest's
     "tensorrt" section: {"status": "built", ...} or {"status": "skipped", "reason": ...}.
     """
-    from .tensorrt_parity import check_engine  # it imports this module
+    from .tensorrt_parity import check_engine  # they import this module
+    from .tensorrt_resize import NAME as FRAME_RESIZE, build_frame_resize_engine
 
     if precision not in (*PRECISIONS, "fp32"):
         raise ValueError(f"unknown precision {precision!r}; expected fp16, bf16 or fp32")
@@ -285,10 +298,15 @@ def build_engines(model_dir: Path, manifest: dict, modules: dict, *, precision: 
                          "parity": parity.to_json()}
         rebuilt.append(name)
         log(f"{name}: built in {built['build_seconds']:.1f} s, rel L2 {parity.worst:.1e}")
+    resize, built = build_frame_resize_engine(model_dir, info, timing_cache=timing_cache,
+                                              previous=previous, workspace_bytes=workspace_bytes)
+    rebuilt += [FRAME_RESIZE] if built else []
+    log(f"{FRAME_RESIZE}: " + (f"built, {resize['parity']['max_grey_levels']:.1g} grey levels "
+                               "from the host's resize" if built else "engine unchanged, reused"))
     return {"status": "built", "version": info["version"], "gpu": info["gpu"],
             "compute_capability": info["compute_capability"], "cuda": info["cuda"],
             "precision": precision, "strongly_typed": True, "timing_cache": str(timing_cache),
-            "engines": engines, "rebuilt": rebuilt}
+            "engines": engines, FRAME_RESIZE: resize, "rebuilt": rebuilt}
 
 
 def _graph_for(model_dir: Path, name: str, spec: StageSpec, precision: str) -> Path:

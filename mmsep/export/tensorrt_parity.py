@@ -15,46 +15,61 @@ from .parity import PARITY_BATCH, ParityResult, relative_l2, torch_reference
 
 
 def run_engine(engine_path: Path, spec: StageSpec, inputs: dict) -> dict:
-    """Run a serialised engine once on CUDA torch tensors; returns the outputs (CUDA tensors)."""
+    """Run a stage's serialised engine once on CUDA torch tensors; returns the outputs (CUDA
+    tensors)."""
+    import torch
+
+    dtypes = {t.name: getattr(torch, t.dtype) for t in (*spec.inputs, *spec.outputs)}
+
+    def check(trt, engine):
+        try:
+            check_engine_tensors(trt, spec, engine)
+        except BackendError as exc:
+            raise tb.EngineBuildError(str(exc)) from None
+
+    ordered = {t.name: inputs[t.name].to(dtype=dtypes[t.name]) for t in spec.inputs}
+    return run_graph_engine(engine_path, spec.name, ordered,
+                            {name: dtypes[name] for name in spec.output_names}, check=check)
+
+
+def run_graph_engine(engine_path: Path, name: str, inputs: dict, outputs: dict, *,
+                     check=None) -> dict:
+    """Run a serialised engine once: ``inputs`` torch tensors (moved to the GPU), ``outputs``
+    {name: torch dtype}; ``check(trt, engine)`` may refuse the engine first. Returns the
+    outputs (CUDA tensors)."""
     import torch
 
     trt = tb._tensorrt()
-    stage = spec.name
-    logger = tb._logger(trt, stage)
-    need = tb._checker(logger, stage)
+    logger = tb._logger(trt, name)
+    need = tb._checker(logger, name)
     runtime = need(trt.Runtime(logger), "create a runtime")
     engine = need(runtime.deserialize_cuda_engine(Path(engine_path).read_bytes()),
                   f"deserialise {Path(engine_path).name}")
     context = need(engine.create_execution_context(), "create an execution context")
-    try:
-        check_engine_tensors(trt, spec, engine)
-    except BackendError as exc:
-        raise tb.EngineBuildError(str(exc)) from None
+    if check is not None:
+        check(trt, engine)
     stream = torch.cuda.Stream()
-    keep, outputs = [], {}
+    keep, got = [], {}
     with torch.cuda.stream(stream):
-        for tensor in spec.inputs:
-            dtype = getattr(torch, tensor.dtype)  # the engine's, by check_engine_tensors
-            value = inputs[tensor.name].to(device="cuda", dtype=dtype).contiguous()
+        for tensor, value in inputs.items():
+            value = value.to(device="cuda").contiguous()
             keep.append(value)
-            need(context.set_input_shape(tensor.name, tuple(value.shape)),
-                 f"set the shape of input {tensor.name} to {tuple(value.shape)}")
-            need(context.set_tensor_address(tensor.name, value.data_ptr()),
-                 f"bind input {tensor.name}")
-        for tensor in spec.outputs:
-            shape = tuple(context.get_tensor_shape(tensor.name))
+            need(context.set_input_shape(tensor, tuple(value.shape)),
+                 f"set the shape of input {tensor} to {tuple(value.shape)}")
+            need(context.set_tensor_address(tensor, value.data_ptr()), f"bind input {tensor}")
+        for tensor, dtype in outputs.items():
+            shape = tuple(context.get_tensor_shape(tensor))
             if any(d < 0 for d in shape):
-                need(False, f"infer the shape of output {tensor.name} (got {shape})")
-            dtype = getattr(torch, tensor.dtype)
-            outputs[tensor.name] = torch.empty(shape, dtype=dtype, device="cuda")
-            need(context.set_tensor_address(tensor.name, outputs[tensor.name].data_ptr()),
-                 f"bind output {tensor.name}")
+                need(False, f"infer the shape of output {tensor} (got {shape})")
+            got[tensor] = torch.empty(shape, dtype=dtype, device="cuda")
+            need(context.set_tensor_address(tensor, got[tensor].data_ptr()),
+                 f"bind output {tensor}")
         missing = context.infer_shapes()
         if missing:
             need(False, f"infer shapes (unspecified: {list(missing)})")
         need(context.execute_async_v3(stream.cuda_stream), "enqueue the engine")
     stream.synchronize()
-    return outputs
+    return got
 
 
 def check_engine(module, spec: StageSpec, engine_path: Path, *, tolerance: float | None = None,

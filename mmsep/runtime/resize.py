@@ -137,14 +137,17 @@ class FrameResizer:
     """Both model inputs of a window from its uint8 frames, on an ONNX Runtime device.
 
     ``run(frames, clip_index, sync_index)``: ``frames`` the distinct frames the window selects,
-    uint8 RGB (U, H, W, 3) or their yuv420p planes (``pixels.YuvFrames``, converted on the
-    device exactly as swscale converts them on the host); ``clip_index`` (clip_frames,) and
-    ``sync_index`` (segments, segment_frames) pick rows of ``frames``. Returns (clip, segments)
+    uint8 RGB (U, H, W, 3) (or a list of U frames) or their yuv420p planes
+    (``pixels.YuvFrames``, converted on the device exactly as swscale converts them on the
+    host); ``clip_index`` (clip_frames,) and ``sync_index`` (segments, segment_frames) pick rows
+    of ``frames``. Returns (clip, segments)
     as OrtValues on the device: float32 (clip_frames, 3, S, S) and (segments, segment_frames, 3,
     S', S'). Only the uint8 frames and the indices are uploaded; each stream resizes only the
     frames it uses (at most 64 + 200 per 8 s window). One session per input resolution (and YUV
     conversion), kept.
     """
+
+    takes_yuv = True  # yuv420p planes are converted on the device
 
     def __init__(self, ort, device: str, device_id: int, clip_size: int, sync_size: int, *,
                  lock: threading.Lock | None = None):
@@ -156,6 +159,11 @@ class FrameResizer:
 
         self._providers = session_providers(device, device_id)
         self._sessions: dict[tuple, object] = {}  # (height, width, YUV conversion key or None)
+
+    @staticmethod
+    def accepts(height: int, width: int) -> bool:
+        """Every resolution: a session is made for each."""
+        return True
 
     def _session(self, frames):
         yuv = isinstance(frames, YuvFrames)
@@ -196,6 +204,8 @@ class FrameResizer:
                 "segment_index": segment_index.reshape(np.shape(sync_index)).astype(np.int64)}
 
     def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray):
+        if not isinstance(frames, YuvFrames):
+            frames = np.asarray(frames, np.uint8)  # a list of frames is stacked here
         inputs = self.graph_inputs(frames, clip_index, sync_index)
         with self._lock:
             session = self._session(frames)

@@ -14,7 +14,7 @@ bits (``weight_parts``), and one MatMul against the three side by side gives thr
 partial sums, each below 2**24 (exact in float32 whatever the summation order, and exact even
 where the device multiplies in TF32 or float16 with float32 accumulation). PIL's rounding,
 floor(sum + 1/2), is then taken from the three sums by carrying from the lowest part up
-(``_round_grey``), again in integers below 2**24. The result is PIL's grey levels bit for bit,
+(``round_grey``), again in integers below 2**24. The result is PIL's grey levels bit for bit,
 like ``resize.resize_frames``'s float64 products. The graph is built with the ``onnx`` package,
 imported only here.
 """
@@ -56,7 +56,7 @@ def band(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return index.astype(np.int64), weights
 
 
-class _Graph:
+class GraphBuilder:
     """Nodes and initializers of a graph under construction."""
 
     def __init__(self):
@@ -90,12 +90,11 @@ def weight_parts(weights: np.ndarray, axis: int) -> np.ndarray:
     return parts
 
 
-def _round_grey(g: _Graph, summed: str, axis: int, size: int, name: str) -> str:
-    """PIL's rounding of a pass, floor(S + 1/2) clamped to [0, 255], from the three partial sums
-    along ``axis`` (``size`` each): S * 2**22 = A * 2**14 + B * 2**7 + C. The carries go from C
+def round_grey(g: GraphBuilder, summed: str, axis: int, name: str) -> str:
+    """PIL's rounding of a pass, floor(S + 1/2) clamped to [0, 255], from the three partial sums,
+    the equal thirds of ``axis``: S * 2**22 = A * 2**14 + B * 2**7 + C. The carries go from C
     up to A, so every value is an integer below 2**24 and exact in float32."""
-    sizes = g.constant(f"{name}_parts", [size] * 3, np.int64)
-    high, middle, low = g.node("Split", [summed, sizes],
+    high, middle, low = g.node("Split", [summed],
                                [f"{name}_{part}" for part in ("high", "middle", "low")], axis=axis)
     low = g.node("Add", [low, "half"], f"{name}_low_up")
     carry = g.node("Floor", [g.node("Mul", [low, "part_unit"], f"{name}_low_shift")],
@@ -109,7 +108,7 @@ def _round_grey(g: _Graph, summed: str, axis: int, size: int, name: str) -> str:
     return g.node("Clip", [grey, "zero", "top"], name)
 
 
-def _join_blocks(g: _Graph, blocks: str, shape: list[int], axis: int, size: int,
+def _join_blocks(g: GraphBuilder, blocks: str, shape: list[int], axis: int, size: int,
                  name: str) -> str:
     """Blocks of outputs reshaped to ``shape`` (the block axes merged into ``axis``), then the
     last block's padding cut so that ``axis`` holds ``size`` outputs."""
@@ -120,7 +119,7 @@ def _join_blocks(g: _Graph, blocks: str, shape: list[int], axis: int, size: int,
                             g.constant(f"{name}_axis", [axis], np.int64)], name)
 
 
-def _columns_pass(g: _Graph, planes: str, cols: np.ndarray, name: str) -> str:
+def _columns_pass(g: GraphBuilder, planes: str, cols: np.ndarray, name: str) -> str:
     """uint8 (n, 3, H, W) -> float32 grey levels (n, 3, H, out_w)."""
     from onnx import TensorProto
 
@@ -131,12 +130,12 @@ def _columns_pass(g: _Graph, planes: str, cols: np.ndarray, name: str) -> str:
     runs = g.node("Cast", [runs], f"{name}_in", to=TensorProto.FLOAT)
     parts = g.constant(f"{name}_weights", weight_parts(weights, axis=2), np.float32)
     summed = g.node("MatMul", [runs, parts], f"{name}_sum")  # (n, 3, K, H, 3 * B)
-    grey = _round_grey(g, summed, 4, BAND_BLOCK, f"{name}_grey")
+    grey = round_grey(g, summed, 4, f"{name}_grey")
     grey = g.node("Transpose", [grey], f"{name}_rows", perm=[0, 1, 3, 2, 4])  # (n, 3, H, K, B)
     return _join_blocks(g, grey, [0, 0, 0, -1], 3, cols.shape[1], name)
 
 
-def _rows_pass(g: _Graph, wide: str, rows: np.ndarray, out_w: int, name: str) -> str:
+def _rows_pass(g: GraphBuilder, wide: str, rows: np.ndarray, out_w: int, name: str) -> str:
     """float32 grey levels (n, 3, H, out_w) -> (n, 3, out_h, out_w)."""
     index, weights = band(rows)
     runs = g.node("Gather", [wide, g.constant(f"{name}_index", index, np.int64)],
@@ -144,11 +143,11 @@ def _rows_pass(g: _Graph, wide: str, rows: np.ndarray, out_w: int, name: str) ->
     parts = weight_parts(weights.transpose(0, 2, 1), axis=1)  # (K, 3 * B, span)
     summed = g.node("MatMul", [g.constant(f"{name}_weights", parts, np.float32), runs],
                     f"{name}_sum")  # (n, 3, K, 3 * B, out_w)
-    grey = _round_grey(g, summed, 3, BAND_BLOCK, f"{name}_grey")
+    grey = round_grey(g, summed, 3, f"{name}_grey")
     return _join_blocks(g, grey, [0, 0, -1, out_w], 2, rows.shape[0], name)
 
 
-def _stream(g: _Graph, name: str, plan: ResizePlan, pick: str, output: str) -> None:
+def _stream(g: GraphBuilder, name: str, plan: ResizePlan, pick: str, output: str) -> None:
     """One model input: pick its frames, both passes, then the stage's value mapping."""
     frames = g.node("Gather", ["planes", pick], f"{name}_u8", axis=0)
     wide = _columns_pass(g, frames, plan.cols, f"{name}_wide")
@@ -165,7 +164,7 @@ def resize_graph(clip: ResizePlan, sync: ResizePlan, conversion=None) -> bytes:
     from onnx import TensorProto, helper
 
     height, width = clip.rows.shape[1], clip.cols.shape[0]
-    g = _Graph()
+    g = GraphBuilder()
     for name, value in (("half", HALF), ("zero", 0.0), ("top", 255.0),
                         ("part_unit", 2.0 ** -PART_BITS), ("high_unit", 2.0 ** -8)):
         g.constant(name, value, np.float32)
@@ -194,7 +193,7 @@ def resize_graph(clip: ResizePlan, sync: ResizePlan, conversion=None) -> bytes:
     return model.SerializeToString()
 
 
-def _yuv_to_rgb(g: _Graph, conversion, height: int, width: int) -> list:
+def _yuv_to_rgb(g: GraphBuilder, conversion, height: int, width: int) -> list:
     """Inputs and nodes that make uint8 RGB ``planes`` (N, 3, H, W) from yuv420p planes with
     ``conversion``'s tables, one channel at a time (so that the float intermediates are one
     channel's, 4 bytes per pixel): each plane's table looked up (float32, exact for these small

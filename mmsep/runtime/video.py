@@ -272,7 +272,7 @@ class WindowFrames(Closing):
         """What the resize takes: for a device resizer the yuv420p planes where its conversion
         holds, else RGB. A frame that swscale cannot convert is bad input."""
         try:
-            if self._resizer is not None:
+            if self._resizer is not None and self._resizer.takes_yuv:
                 return yuv_frame(frame) or rgb(frame, self._reformatter)
             return rgb(frame, self._reformatter)
         except (OSError, ValueError) as exc:  # PyAV's FFmpeg errors derive from these
@@ -341,9 +341,11 @@ class WindowFrames(Closing):
             upload = YuvFrames.stack(frames, self._upload_buffers)
             return self._resizer.run(upload, clip_index, sync_index)
         as_rgb = {id(p): p.rgb() if isinstance(p, YuvFrame) else p for p in frames}
-        if len({p.shape for p in as_rgb.values()}) > 1:  # the resolution changes in this window
+        shapes = {p.shape for p in as_rgb.values()}
+        if len(shapes) > 1 or not self._resizer.accepts(*next(iter(shapes))[:2]):
+            # the resolution changes in this window, or the device resize does not take it
             g = self.geometry
             clip = [clip_image(as_rgb[id(p)], g.clip_image_size) for p in clip_images]
             sync = [sync_image(as_rgb[id(p)], g.sync_image_size) for p in sync_images]
             return ResizedImages(np.stack(clip), np.stack(sync))
-        return self._resizer.run(np.stack(list(as_rgb.values())), clip_index, sync_index)
+        return self._resizer.run(list(as_rgb.values()), clip_index, sync_index)

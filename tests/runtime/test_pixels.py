@@ -118,6 +118,7 @@ class RecordingResizer:
 
     def __init__(self, resizer):
         self.resizer, self.uploads = resizer, []
+        self.takes_yuv, self.accepts = resizer.takes_yuv, resizer.accepts
 
     def run(self, frames, clip_index, sync_index):
         self.uploads.append(type(frames).__name__)
@@ -170,4 +171,4 @@ def test_a_window_of_mixed_conversions_is_uploaded_as_rgb(media, recorder):
         frame.colorspace = BT709
     source = DecodedFrames(frames, 30.0)
     assert_same_windows(source, source, recorder)
-    assert recorder.uploads == ["ndarray"] * 2
+    assert recorder.uploads == ["list"] * 2  # of RGB frames, stacked by the resizer

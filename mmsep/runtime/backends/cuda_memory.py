@@ -9,7 +9,8 @@ Every method needs the backend's CUDA context to be current.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,21 @@ ALIGNMENT = 256  # bytes; IExecutionContext::setTensorAddress refuses less align
 def aligned(nbytes: int) -> int:
     """``nbytes`` rounded up to a multiple of ALIGNMENT."""
     return -(-int(nbytes) // ALIGNMENT) * ALIGNMENT
+
+
+def in_context(method):
+    """Run ``method`` with its object's CUDA context (``self._context``) current on this thread,
+    popped after."""
+
+    @functools.wraps(method)
+    def active(self, *args, **kwargs):
+        self._context.push()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._context.pop()
+
+    return active
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,20 @@ class CudaMemory:
         staged = self._pinned(("put", ptr if key is None else key), array.nbytes)
         staged[:] = array.reshape(-1).view(np.uint8)
         self._cuda.memcpy_htod_async(ptr, staged, self.stream)
+
+    def put_rows(self, ptr: int, rows: Sequence[np.ndarray], key) -> None:
+        """Enqueue a copy of the equally shaped arrays ``rows``, stacked, to ``ptr``: each is
+        copied straight into the staging buffer of ``key``."""
+        first = rows[0]
+        staged = self._pinned(("put", key), len(rows) * first.nbytes)
+        stacked = staged.view(first.dtype).reshape(len(rows), *first.shape)
+        for target, row in zip(stacked, rows):
+            target[...] = row
+        self._cuda.memcpy_htod_async(ptr, staged, self.stream)
+
+    def copy(self, dest: int, src: int, nbytes: int) -> None:
+        """Enqueue a device-to-device copy of ``nbytes``."""
+        self._cuda.memcpy_dtod_async(dest, src, nbytes, self.stream)
 
     def fetch(self, values: Mapping[str, DeviceArray]) -> dict[str, np.ndarray]:
         """Host copies of ``values`` (the stream is synchronised)."""

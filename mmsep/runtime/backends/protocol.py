@@ -57,8 +57,10 @@ class Backend(Protocol):
         """A numpy copy of a device value (numpy arrays are returned as they are)."""
 
     def frame_resizer(self, clip_size: int, sync_size: int):
-        """A ``resize.FrameResizer`` that resizes video frames on the backend's device, or None
-        where the host's resize is the better choice."""
+        """A resizer of video frames on the backend's device, or None where the host's resize
+        is the better choice: ``run(frames, clip_index, sync_index)`` as
+        ``resize.FrameResizer``'s, ``accepts(height, width)`` (False: resize that video on the
+        host) and ``takes_yuv`` (whether ``run`` takes ``pixels.YuvFrames``)."""
 
     def close(self) -> None:
         """Release sessions, engines and device memory; a second call does nothing."""

@@ -1,7 +1,7 @@
 """TensorRT backend: the model directory's engines, run through pycuda.
 
-Engines are loaded once, when the backend is created, and their device buffers are allocated once, at
-the optimisation profile's largest shape, and reused across calls and requests. Values returned
+Engines are loaded once, when the backend is created, and their device buffers are allocated once,
+at the optimisation profile's largest shape, and reused across calls and requests. Values returned
 with ``on_device=True`` are ``DeviceArray`` views of those buffers: valid until the same stage
 runs again, which is all a request's pipeline needs (each output is consumed by the next stage).
 
@@ -11,7 +11,8 @@ scalars of the sampling loop sit in aligned slots. The loop keeps the latent in 
 used in turn. Where cuda-python is installed the whole loop is captured as one CUDA graph per
 (batch, steps, buffer addresses) and replayed for later requests (cuda_graphs.py); where it is
 not, or where the capture fails, the steps are enqueued one by one. Copies go through page-locked
-staging buffers (cuda_memory.py); engine compatibility is decided in tensorrt_env.py.
+staging buffers (cuda_memory.py); engine compatibility is decided in tensorrt_env.py. Video
+frames are resized on the GPU by the model's frame-resize engine (tensorrt_resize.py).
 
 The CUDA context (the device's primary context) is current only while a backend method runs, on
 the thread that calls it, and is popped in a ``finally``: nothing is left on pycuda's context stack
@@ -20,7 +21,6 @@ when a caller forgets ``close``, uses another thread, or hits a CUDA error.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +32,7 @@ from ...stages import Stage, StageSpec, Tensor, euler_schedule
 from ..errors import BackendError, BackendUnavailable, ModelDirError, one_line
 from ..model_dir import ModelDir
 from .cuda_graphs import StepGraphs, import_cudart
-from .cuda_memory import CudaMemory, DeviceArray, aligned
+from .cuda_memory import CudaMemory, DeviceArray, aligned, in_context
 from .protocol import check_inputs, step_invariant_inputs, unconditional_half
 from .tensorrt_env import (
     device_info,
@@ -71,20 +71,6 @@ class _Stage:
             raise BackendError(self.spec.name, f"TensorRT could not {what}")
 
 
-def _in_context(method):
-    """Run ``method`` with the backend's CUDA context current on this thread, popped after."""
-
-    @functools.wraps(method)
-    def active(self, *args, **kwargs):
-        self._context.push()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self._context.pop()
-
-    return active
-
-
 class TrtBackend(Closing):
     """TensorRT engines of a model directory on CUDA device ``device_id`` (see module doc)."""
 
@@ -105,10 +91,11 @@ class TrtBackend(Closing):
         self._graphs = StepGraphs(import_cudart() if cuda_graphs else None, Stage.DENOISER)
         self._context = cuda.Device(device_id).retain_primary_context()
         self._stages: dict[str, _Stage] = {}
+        self._resizers: list = []
         self._closed = False
         self._load()
 
-    @_in_context
+    @in_context
     def _load(self) -> None:
         self.memory = CudaMemory(self._cuda)
         self._stream = self.memory.stream
@@ -142,7 +129,7 @@ class TrtBackend(Closing):
         if failure is not None:
             raise BackendError("close", f"CUDA failed before close ({one_line(failure)})")
 
-    @_in_context
+    @in_context
     def _close_in_context(self):
         try:
             self._stream.synchronize()
@@ -153,6 +140,9 @@ class TrtBackend(Closing):
             self._release()
 
     def _release(self) -> None:
+        for resizer in self._resizers:
+            resizer.release()
+        self._resizers.clear()
         self._graphs.close()
         self._stages.clear()
         self.memory.release()
@@ -162,9 +152,19 @@ class TrtBackend(Closing):
         """The largest batch of windows the engines' optimisation profiles accept."""
         return self.model.info.max_batch
 
-    def frame_resizer(self, clip_size: int, sync_size: int) -> None:
-        """None: video frames are resized on the host (the resize graph runs on ONNX Runtime)."""
-        return None
+    @in_context
+    def frame_resizer(self, clip_size: int, sync_size: int):
+        """A ``TrtFrameResizer`` on this GPU from the model's frame-resize engine; None (frames
+        resized on the host) for a model directory built without one."""
+        record = self.model.manifest["tensorrt"].get("frame_resize")
+        if record is None:
+            return None
+        from .tensorrt_resize import TrtFrameResizer
+
+        resizer = TrtFrameResizer(self._trt, self._cuda, self._context,
+                                  self._engine("frame_resize", record), clip_size, sync_size)
+        self._resizers.append(resizer)
+        return resizer
 
     # -- memory --------------------------------------------------------------------------------
     def max_bytes(self, spec: StageSpec, name: str) -> int:
@@ -174,7 +174,7 @@ class TrtBackend(Closing):
         shape = tensor.concrete(spec.max_batch)
         return int(np.prod(shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
 
-    @_in_context
+    @in_context
     def to_host(self, value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):
             return value
@@ -189,6 +189,13 @@ class TrtBackend(Closing):
         record = self.model.manifest["tensorrt"].get("engines", {}).get(stage)
         if spec is None or record is None:
             raise BackendError(stage, "this model has no such stage engine")
+        engine = self._engine(stage, record)
+        check_engine_tensors(self._trt, spec, engine)
+        loaded = self._stages[stage] = _Stage(self, spec, engine)
+        return loaded
+
+    def _engine(self, name: str, record: dict):
+        """The deserialised engine of a manifest record, its file checked first."""
         path = self.model.path / record["file"]
         if not path.is_file():
             raise ModelDirError(f"{self.model.path}: missing engine {record['file']} (re-run "
@@ -198,11 +205,9 @@ class TrtBackend(Closing):
                                 "incomplete)")
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
-            raise BackendError(stage, f"TensorRT could not deserialise {path.name} (built by "
-                                      "another TensorRT version, or out of GPU memory)")
-        check_engine_tensors(self._trt, spec, engine)
-        loaded = self._stages[stage] = _Stage(self, spec, engine)
-        return loaded
+            raise BackendError(name, f"TensorRT could not deserialise {path.name} (built by "
+                                     "another TensorRT version, or out of GPU memory)")
+        return engine
 
     def _bind(self, st: _Stage, inputs: Mapping[str, Any], batch: int,
               outputs: Mapping[str, int] | None = None) -> dict[str, DeviceArray]:
@@ -238,7 +243,7 @@ class TrtBackend(Closing):
         st.call(st.context.execute_async_v3(self._stream.handle), "enqueue the engine")
 
     # -- the Backend protocol ------------------------------------------------------------------
-    @_in_context
+    @in_context
     def run(self, stage: str, inputs: Mapping[str, Any], *,
             on_device: bool = False) -> dict[str, Any]:
         st = self._stage(stage)
@@ -249,7 +254,7 @@ class TrtBackend(Closing):
             return bound
         return self.memory.fetch(bound)
 
-    @_in_context
+    @in_context
     def condition(self, inputs: Mapping[str, np.ndarray],
                   uncond: Mapping[str, np.ndarray]) -> dict[str, DeviceArray]:
         """The conditioner writes the conditional branch straight into the first half of the
@@ -272,7 +277,7 @@ class TrtBackend(Closing):
         self._stream.synchronize()
         return stacked
 
-    @_in_context
+    @in_context
     def sample(self, x0: np.ndarray, mix_latent: Any, conditioning: Mapping[str, Any],
                steps: int, cfg: float) -> DeviceArray:
         """Euler + CFG from t=0 to 1 in ``steps`` denoiser launches (one CUDA graph where

@@ -16,7 +16,7 @@ what the real libraries refuse:
   engine's optimisation profile (its min and max, from the stage spec); ``execute_async_v3``
   returns False when an input has no shape or an I/O tensor no address, and when a CUDA error is
   pending (TensorRT checks ``cudaGetLastError`` after its launches);
-- engine tensors have TensorRT's data types (FLOAT, HALF, INT8, INT32, INT64, BOOL) and
+- engine tensors have TensorRT's data types (FLOAT, HALF, INT8, INT32, INT64, BOOL, UINT8) and
   ``trt.nptype`` maps them to numpy's, as the real one does;
 - work on a stream is asynchronous: copies and engine launches are queued and run in order when
   the stream is synchronised, and the copies queued so far also when an engine is enqueued. A
@@ -179,6 +179,7 @@ class FakeGpu:
         driver.pagelocked_empty = self.pagelocked_empty
         driver.memcpy_htod_async = self.memcpy_htod_async
         driver.memcpy_dtoh_async = self.memcpy_dtoh_async
+        driver.memcpy_dtod_async = self.memcpy_dtod_async
         return driver
 
     def pagelocked_empty(self, shape, dtype, order="C", mem_flags=0):
@@ -210,6 +211,14 @@ class FakeGpu:
 
         def op():
             dest.view(np.uint8).reshape(-1)[:] = self.view(int(src), dest.nbytes)
+        self.submit(stream.handle, op)
+
+    def memcpy_dtod_async(self, dest, src, size, stream=None):
+        self.need_context("cuMemcpyDtoDAsync")
+        target, source, size = int(dest), int(src), int(size)
+
+        def op():
+            self.view(target, size)[:] = self.view(source, size)
         self.submit(stream.handle, op)
 
     def _tensorrt(self):
@@ -346,10 +355,12 @@ class Device:
 HERE = {"version": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 
-def with_engines(model_dir, out, *, profile_max_batch=None, edit=None, **section):
+def with_engines(model_dir, out, *, profile_max_batch=None, edit=None, frame_resize=True,
+                 **section):
     """A copy of ``model_dir`` whose manifest lists one "engine" per stage (for the fake: the
-    stage's fp32 ONNX graph, with its optimisation profile as metadata). ``profile_max_batch``
-    maps a stage to a narrower profile than its spec's; ``edit(stage, graph)`` changes a graph."""
+    stage's fp32 ONNX graph, with its optimisation profile as metadata) and, with
+    ``frame_resize``, the frame-resize engine. ``profile_max_batch`` maps a stage to a narrower
+    profile than its spec's; ``edit(stage, graph)`` changes a graph."""
     shutil.copytree(model_dir, out)
     manifest = json.loads((out / "manifest.json").read_text())
     specs = ModelDir(out).specs
@@ -366,5 +377,19 @@ def with_engines(model_dir, out, *, profile_max_batch=None, edit=None, **section
                           "bytes": engine.stat().st_size}
     manifest["tensorrt"] = {"status": "built", **HERE, "precision": "fp16", "engines": engines,
                             **section}
+    if frame_resize:
+        manifest["tensorrt"]["frame_resize"] = _frame_resize_engine(out / "frame_resize.engine")
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+def _frame_resize_engine(path) -> dict:
+    """The frame-resize "engine" (its ONNX graph with ENGINE_PROFILE's min and max) and its
+    manifest record."""
+    from mmsep.runtime.resize_engine import ENGINE_PROFILE, engine_graph
+
+    graph = onnx.load_from_string(engine_graph())
+    bounds = {name: [list(low), list(high)] for name, (low, _, high) in ENGINE_PROFILE.items()}
+    graph.metadata_props.add(key="fake.profile", value=json.dumps(bounds))
+    onnx.save(graph, path)
+    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}

@@ -17,14 +17,17 @@ class DataType(enum.IntEnum):  # tensorrt.DataType's members and values
     INT8 = 2
     INT32 = 3
     BOOL = 4
-    INT64 = 10
+    UINT8 = 5
+    INT64 = 8
 
 
 _NUMPY_TYPES = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
-                DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.INT64: np.int64}
+                DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.UINT8: np.uint8,
+                DataType.INT64: np.int64}
 _ONNX_TYPES = {"tensor(float)": DataType.FLOAT, "tensor(float16)": DataType.HALF,
                "tensor(int8)": DataType.INT8, "tensor(int32)": DataType.INT32,
-               "tensor(bool)": DataType.BOOL, "tensor(int64)": DataType.INT64}
+               "tensor(bool)": DataType.BOOL, "tensor(uint8)": DataType.UINT8,
+               "tensor(int64)": DataType.INT64}
 
 
 def nptype(dtype: DataType):

@@ -21,7 +21,7 @@ from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.backends import create_backend
 from mmsep.runtime.backends.cuda_memory import CudaMemory, DeviceArray
 from mmsep.runtime.backends.tensorrt import engine_refusal
-from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS, damaged_copy
+from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS, damaged_copy, rel_l2
 from tests.runtime.backends.fake_gpu import HERE, with_engines
 
 SR = 44100
@@ -352,9 +352,16 @@ def test_runtime_trt_backend_matches_onnxruntime(request, tmp_path):
     (model_dir / "manifest.json").write_text(json.dumps(manifest))
     request_ = dict(mix=tones(3.5, 44100, seed=3), text=["rain", "wind"], steps=2, cfg=1.0,
                     seed=1, keep_latents=True)
+    video = dict(video=request.getfixturevalue("media")["av"], steps=2, seed=1,
+                 keep_latents=True)
     with Separator(model_dir, "ort-cpu") as cpu, Separator(model_dir, "trt") as gpu:
         want, got = cpu.process(**request_), gpu.process(**request_)
         again = gpu.process(**request_)  # replays the captured step loop
+        assert gpu._resizer is not None  # the frame-resize engine, built beside the others
+        video_want, video_got = cpu.process(**video), gpu.process(**video)
+    video_err = rel_l2(video_got.latents, video_want.latents)
+    print(f"the same with video resized by the frame-resize engine: {video_err:.2e}")
+    assert video_err < 2e-2
     err = np.linalg.norm(got.latents - want.latents) / np.linalg.norm(want.latents)
     print(f"TensorRT fp16 runtime vs ONNX Runtime fp32, final latents (2 steps, cfg 1): {err:.2e}")
     assert err < 2e-2

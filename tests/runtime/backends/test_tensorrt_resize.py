@@ -1,0 +1,126 @@
+"""Video frames resized by the TensorRT frame-resize engine: its graph (on ONNX Runtime) gives
+PIL's grey levels and uses only what TensorRT accepts; the backend's resizer (on the CPU
+stand-in) gives the host path's model inputs and results."""
+
+import numpy as np
+import pytest
+
+from mmsep.runtime import Separator
+from mmsep.runtime import resize_engine
+from mmsep.runtime.backends import create_backend
+from mmsep.runtime.model_dir import ModelDir
+from mmsep.runtime.resize import FrameResizer, clip_plan, resize_frames, sync_plan
+from mmsep.runtime.resize_engine import ENGINE_PROFILE, engine_graph, engine_inputs, fits
+from tests.helpers import rel_l2
+from tests.runtime.media import decode_rgb
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+CLIP, SYNC = 384, 224
+# the operators the graph may use: all in TensorRT's ONNX parser's support matrix
+TENSORRT_OPS = {"Cast", "Transpose", "Gather", "MatMul", "Split", "Add", "Mul", "Floor", "Clip",
+                "Reshape"}
+
+
+@pytest.fixture(scope="module")
+def engine_session():
+    return ort.InferenceSession(engine_graph(), providers=["CPUExecutionProvider"])
+
+
+def run_graph(session, frames: np.ndarray, stream: str, size: int) -> np.ndarray:
+    height, width = frames.shape[1:3]
+    return session.run(None, {"frames": frames,
+                              **engine_inputs(stream, height, width, size)})[0]
+
+
+@pytest.mark.parametrize("height,width", [(241, 321), (321, 241), (48, 64), (1080, 1920)])
+def test_one_graph_gives_pils_grey_levels_at_every_resolution(engine_session, height, width):
+    frames = np.random.default_rng(height).integers(0, 256, (3, height, width, 3), np.uint8)
+    for stream, plan, size in (("clip", clip_plan(height, width, CLIP), CLIP),
+                               ("sync", sync_plan(height, width, SYNC), SYNC)):
+        assert fits(stream, height, width, size)
+        # resize_frames's float64 passes equal PIL's grey levels (test_resize.py)
+        np.testing.assert_array_equal(run_graph(engine_session, frames, stream, size),
+                                      resize_frames(frames, plan))
+
+
+def test_decoded_720p_frames_match_the_per_resolution_graph(engine_session, clip_720p):
+    frames, _ = decode_rgb(clip_720p)
+    frames = frames[:3]
+    clip, segments = FrameResizer(ort, "cpu", 0, CLIP, SYNC).run(frames, np.arange(3),
+                                                                 np.arange(3)[None])
+    np.testing.assert_array_equal(run_graph(engine_session, frames, "clip", CLIP), clip.numpy())
+    np.testing.assert_array_equal(run_graph(engine_session, frames, "sync", SYNC),
+                                  segments.numpy()[0])
+
+
+def test_the_graph_uses_only_what_tensorrt_accepts():
+    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(engine_graph()))
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*graph.input, *graph.value_info, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    assert {node.op_type for node in graph.node} <= TENSORRT_OPS
+    uint8 = {name for name, kind in types.items() if kind == onnx.TensorProto.UINT8}
+    assert uint8 == {"frames"}  # uint8 only at the network input ...
+    readers = [node for node in graph.node if "frames" in node.input]
+    assert [(n.op_type, n.attribute[0].i) for n in readers] == [("Cast", onnx.TensorProto.FLOAT)]
+    assert onnx.TensorProto.DOUBLE not in types.values()  # ... and no float64
+    for node in graph.node:
+        if node.op_type == "Gather":  # band indices are int32 network inputs
+            assert types[node.input[1]] == onnx.TensorProto.INT32
+    assert [i.name for i in graph.input] == list(ENGINE_PROFILE)
+
+
+def test_the_profile_takes_1080p_either_way_up_and_refuses_larger():
+    for height, width in ((1080, 1920), (1920, 1080), (1920, 1920), (16, 16), (720, 1280)):
+        assert fits("clip", height, width, CLIP) and fits("sync", height, width, SYNC)
+    assert not fits("clip", 2160, 3840, CLIP)
+    assert not fits("clip", 720, 1280, 200)  # not a whole number of bands
+
+
+@pytest.fixture
+def resizer(gpu, trt_dir):
+    with create_backend(ModelDir(trt_dir), "trt") as backend:
+        yield backend, backend.frame_resizer(CLIP, SYNC)
+
+
+def expected(frames: np.ndarray, clip_index, sync_index):
+    height, width = frames.shape[1:3]
+    clip = resize_frames(frames[clip_index], clip_plan(height, width, CLIP))
+    sync = resize_frames(frames[np.asarray(sync_index).reshape(-1)],
+                         sync_plan(height, width, SYNC))
+    return clip, sync.reshape(*np.shape(sync_index), *sync.shape[1:])
+
+
+def test_the_backend_resizer_gives_the_hosts_model_inputs(resizer):
+    backend, resizer = resizer
+    rng = np.random.default_rng(5)
+    runs = []
+    for height, width, count in ((241, 321, 21), (72, 96, 4), (241, 321, 12)):
+        frames = rng.integers(0, 256, (count, height, width, 3), np.uint8)
+        clip_index = rng.integers(0, count, 11)  # more than one engine call of MAX_FRAMES
+        sync_index = np.minimum(np.arange(3)[:, None] * 2 + np.arange(4)[None, :], count - 1)
+        sync_index[1, 2] = sync_index[1, 1]  # a repeated frame (a low frame rate)
+        clip, segments = resizer.run(frames, clip_index, sync_index)
+        assert (clip.shape, segments.shape) == ((11, 3, CLIP, CLIP), (3, 4, 3, SYNC, SYNC))
+        runs.append(((clip, segments), expected(frames, clip_index, sync_index)))
+    for (clip, segments), (want_clip, want_segments) in runs:  # the ring keeps all three
+        np.testing.assert_array_equal(backend.to_host(clip), want_clip)
+        np.testing.assert_array_equal(backend.to_host(segments), want_segments)
+
+
+def test_video_through_the_engine_gives_the_host_path_result(gpu, trt_dir, model_dir, media,
+                                                             monkeypatch):
+    with Separator(model_dir, "ort-cpu") as cpu:
+        host = cpu.process(video=media["av"], steps=2, seed=3)
+    calls = []
+    with Separator(trt_dir, "trt") as sep:
+        original = sep._resizer.run
+        monkeypatch.setattr(sep._resizer, "run", lambda *a: calls.append(1) or original(*a))
+        device = sep.process(video=media["av"], steps=2, seed=3)
+        assert len(calls) == device.windows == host.windows
+        monkeypatch.setattr(resize_engine, "MAX_SIDE", 64)  # 96 x 128 is now beyond the engine
+        beyond = sep.process(video=media["av"], steps=2, seed=3)
+        assert len(calls) == device.windows  # resized on the host
+    assert rel_l2(device.audio, host.audio) < 1e-4 and rel_l2(beyond.audio, host.audio) < 1e-4
