@@ -8,10 +8,12 @@ import pytest
 from mmsep.runtime import Separator
 from mmsep.runtime import resize_engine
 from mmsep.runtime.backends import create_backend
+from mmsep.runtime.errors import ModelDirError
 from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.resize import FrameResizer, clip_plan, resize_frames, sync_plan
 from mmsep.runtime.resize_engine import ENGINE_PROFILE, engine_graph, engine_inputs, fits
 from tests.helpers import rel_l2
+from tests.runtime.backends.fake_gpu import with_engines
 from tests.runtime.media import decode_rgb
 
 onnx = pytest.importorskip("onnx")
@@ -124,3 +126,17 @@ def test_video_through_the_engine_gives_the_host_path_result(gpu, trt_dir, model
         beyond = sep.process(video=media["av"], steps=2, seed=3)
         assert len(calls) == device.windows  # resized on the host
     assert rel_l2(device.audio, host.audio) < 1e-4 and rel_l2(beyond.audio, host.audio) < 1e-4
+
+
+def test_engines_built_before_the_resize_engine_resize_on_the_host(gpu, model_dir, tmp_path):
+    older = with_engines(model_dir, tmp_path / "older", frame_resize=False)
+    with create_backend(ModelDir(older), "trt") as backend:
+        assert backend.frame_resizer(CLIP, SYNC) is None
+
+
+def test_a_tampered_resize_engine_is_refused(gpu, model_dir, tmp_path):
+    tampered = with_engines(model_dir, tmp_path / "tampered")
+    with (tampered / "frame_resize.engine").open("ab") as engine:
+        engine.write(b"\0")
+    with pytest.raises(ModelDirError, match=r"frame_resize.engine: SHA-256 does not match"):
+        Separator(tampered, "trt")
