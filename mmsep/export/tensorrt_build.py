@@ -283,7 +283,7 @@ def build_engines(model_dir: Path, manifest: dict, modules: dict, *, precision: 
         spec = StageSpec.from_json(record["spec"])
         key = engine_key(record, precision, info)
         engine_path = model_dir / f"{name}.{precision}.engine"
-        reused = _reuse(old_engines.get(name), key, engine_path, previous)
+        reused = reuse_engine(old_engines.get(name), key, engine_path, previous)
         if reused is not None:
             engines[name] = reused
             log(f"{name}: engine unchanged, reused")
@@ -318,7 +318,10 @@ def _graph_for(model_dir: Path, name: str, spec: StageSpec, precision: str) -> P
     return graph
 
 
-def _reuse(old: dict | None, key: str, engine_path: Path, previous: dict | None) -> dict | None:
+def reuse_engine(old: dict | None, key: str, engine_path: Path,
+                 previous: dict | None) -> dict | None:
+    """``old``'s record, its file linked (or copied) to ``engine_path``, where the key is
+    unchanged and the previous directory's file is intact; else None."""
     if not old or old.get("key") != key or not previous or "_dir" not in previous:
         return None
     src = Path(previous["_dir"]) / old["file"]

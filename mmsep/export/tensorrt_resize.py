@@ -42,7 +42,7 @@ def build_frame_resize_engine(model_dir: Path, info: dict, *, timing_cache: Path
     key = engine_key(graph, info)
     engine_path = model_dir / f"{NAME}.engine"
     old = ((previous or {}).get("tensorrt") or {}).get(NAME)
-    reused = tb._reuse(old, key, engine_path, previous)
+    reused = tb.reuse_engine(old, key, engine_path, previous)
     if reused is not None:
         return reused, False
     onnx_path = model_dir / f"{NAME}.onnx"

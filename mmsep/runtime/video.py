@@ -31,6 +31,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -345,7 +346,9 @@ class WindowFrames(Closing):
         if len(shapes) > 1 or not self._resizer.accepts(*next(iter(shapes))[:2]):
             # the resolution changes in this window, or the device resize does not take it
             g = self.geometry
-            clip = [clip_image(as_rgb[id(p)], g.clip_image_size) for p in clip_images]
-            sync = [sync_image(as_rgb[id(p)], g.sync_image_size) for p in sync_images]
-            return ResizedImages(np.stack(clip), np.stack(sync))
+            clip = self._pool.map(clip_image, [as_rgb[id(p)] for p in clip_images],
+                                  repeat(g.clip_image_size))
+            sync = self._pool.map(sync_image, [as_rgb[id(p)] for p in sync_images],
+                                  repeat(g.sync_image_size))
+            return ResizedImages(np.stack(list(clip)), np.stack(list(sync)))
         return self._resizer.run(list(as_rgb.values()), clip_index, sync_index)
