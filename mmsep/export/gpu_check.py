@@ -7,9 +7,9 @@ Builds random components of the preset, exports the stage graphs into a temporar
 graphs, builds TensorRT engines and prints one parity row per stage: relative L2 against the
 PyTorch fp32 module of the ONNX fp32 graph, the reduced-precision graph (both on ONNX Runtime
 CUDA where onnxruntime-gpu is installed, else its CPU provider) and the engine (GPU), with the
-bound. Exit status (``mmsep.exit_codes``): 0
-when every check passes, 1 when one fails or TensorRT / a CUDA GPU is missing (the reason is
-printed), 2 on bad usage, 130 interrupted.
+bound; and a row for the frame-resize engine (grey levels from the host's resize). Exit status
+(``mmsep.exit_codes``): 0 when every check passes, 1 when one fails or TensorRT / a CUDA GPU is
+missing (the reason is printed), 2 on bad usage, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def _run(preset: str, precision: str, stages: str | None, max_batch: int, workdi
                            workdir, device)
         rows.append(row)
         _print_row(row)
+    rows.append(_check_frame_resize(workdir, info))
+    _print_row(rows[-1])
     ok = all(r["passed"] for r in rows)
     click.echo(f"{'all checks passed' if ok else 'FAILED'} in "
                f"{time.perf_counter() - started:.0f} s")
@@ -145,6 +147,23 @@ def _check_stage(name: str, spec, module, onnx_fp32: float, precision: str, work
     return row
 
 
+def _check_frame_resize(workdir: Path, info: dict) -> dict:
+    """The row of the TensorRT backend's frame-resize engine: built in ``workdir`` and checked
+    against the host's resize, in grey levels (``grey_levels``, ``grey_bound``)."""
+    from .tensorrt_resize import NAME, build_frame_resize_engine
+
+    row = {"stage": NAME, "onnx_fp32": None, "bound": None}
+    try:
+        record, _ = build_frame_resize_engine(workdir, info,
+                                              timing_cache=workdir / "timing.cache")
+        parity = record["parity"]
+        row.update(grey_levels=parity["max_grey_levels"], grey_bound=parity["tolerance"],
+                   build_seconds=record["build_seconds"], passed=parity["passed"])
+    except Exception as exc:  # noqa: BLE001 - reported in its row, like a stage's
+        row.update(error=f"{type(exc).__name__}: {exc}", passed=False)
+    return row
+
+
 def _export(components, specs, modules, names, out: Path, max_batch: int,
             device: str) -> dict[str, float]:
     """fp32 graphs of ``names`` in ``out``; returns their ONNX Runtime parity on ``device``
@@ -175,6 +194,11 @@ def _print_row(row: dict) -> None:
 
     if "error" in row:
         print(f"{row['stage']:<12} ERROR {row['error']}", flush=True)
+        return
+    if "grey_levels" in row:
+        print(f"{row['stage']:<12} engine {row['grey_levels']:.2g} grey levels from the host's "
+              f"resize  bound {row['grey_bound']:g}  build {row['build_seconds']:.0f} s  "
+              f"{'ok' if row['passed'] else 'FAIL'}", flush=True)
         return
     note = f"  ({row['onnx_reduced_note']})" if row.get("onnx_reduced_note") else ""
     print(f"{row['stage']:<12} onnx fp32 {fmt(row['onnx_fp32'])}  reduced onnx "

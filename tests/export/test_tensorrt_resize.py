@@ -67,3 +67,19 @@ def test_a_changed_graph_changes_the_key():
     assert tensorrt_resize.engine_key(graph, INFO) == tensorrt_resize.engine_key(graph, INFO)
     assert tensorrt_resize.engine_key(graph + b"x", INFO) != \
         tensorrt_resize.engine_key(graph, INFO)
+
+
+def test_gpu_check_reports_the_resize_engine_in_its_own_row(monkeypatch, tmp_path, capsys):
+    from mmsep.export import gpu_check
+
+    trt, _ = fake_tensorrt()
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_parity, "run_graph_engine", graph_runner()[0])
+    row = gpu_check._check_frame_resize(tmp_path, INFO)
+    assert row["passed"] and row["grey_levels"] == 0.0 and row["grey_bound"] == 0.01
+    gpu_check._print_row(row)
+    assert capsys.readouterr().out.startswith("frame_resize engine 0 grey levels from the host")
+    monkeypatch.setattr(tensorrt_parity, "run_graph_engine", graph_runner(offset=0.5)[0])
+    (tmp_path / "again").mkdir()
+    failed = gpu_check._check_frame_resize(tmp_path / "again", INFO)
+    assert not failed["passed"] and failed["error"].startswith("ParityError: frame_resize")
