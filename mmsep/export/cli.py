@@ -332,10 +332,10 @@ def _print_summary(result) -> None:
             parity = engine["parity"]
             click.echo(f"  {name:<13}{_size(engine['bytes']):>10}  "
                        f"{max(parity['rel_l2'].values()):>24.2e}  {parity['tolerance']:>7.0e}")
-        resize = trt.get("frame_resize")
-        if resize:
-            click.echo(f"  frame resize {_size(resize['bytes']):>10}  "
-                       f"{resize['parity']['max_grey_levels']:>11.2g} grey levels from PIL")
+        for name in ("frame_resize", "frame_resize_yuv"):
+            if trt.get(name):
+                click.echo(f"  {name:<17}{_size(trt[name]['bytes']):>10}  "
+                           f"{trt[name]['parity']['max_grey_levels']:>7.2g} grey levels from PIL")
 
 
 def _size(n: int) -> str:

@@ -7,7 +7,8 @@ Layout of a model directory:
     <stage>.fp16.onnx[.data]   its mixed-precision copy (fp32 I/O), for ONNX Runtime CUDA and
                                TensorRT, unless the export's precision is not fp16
     <stage>.<precision>.engine TensorRT engines, when built
-    frame_resize.onnx/.engine  the TensorRT backend's video frame resize, with the engines
+    frame_resize[_yuv].onnx/.engine  the TensorRT backend's video frame resize (RGB, yuv420p),
+                               with the engines
     empty_features.npz         the flow network's learned empty clip/sync/text features
     bpe_simple_vocab_16e6.txt.gz   CLIP tokenizer vocabulary
 """
@@ -298,9 +299,9 @@ def _reduced_keys(manifest: dict) -> dict:
 def _engine_keys(manifest: dict) -> tuple:
     section = manifest.get("tensorrt") or {}
     engines = section.get("engines", {})
-    resize = section.get("frame_resize") or {}
+    resize = {n: (section.get(n) or {}).get("key") for n in ("frame_resize", "frame_resize_yuv")}
     return section.get("status"), section.get("reason"), \
-        {n: e["key"] for n, e in engines.items()}, resize.get("key")
+        {n: e["key"] for n, e in engines.items()}, resize
 
 
 def _check_disk(out: Path, modules: dict, specs: dict, reduced_copies: int) -> None:

@@ -7,7 +7,7 @@ Builds random components of the preset, exports the stage graphs into a temporar
 graphs, builds TensorRT engines and prints one parity row per stage: relative L2 against the
 PyTorch fp32 module of the ONNX fp32 graph, the reduced-precision graph (both on ONNX Runtime
 CUDA where onnxruntime-gpu is installed, else its CPU provider) and the engine (GPU), with the
-bound; and a row for the frame-resize engine (grey levels from the host's resize). Exit status
+bound; and a row for each frame-resize engine (grey levels from the host's resize). Exit status
 (``mmsep.exit_codes``): 0 when every check passes, 1 when one fails or TensorRT / a CUDA GPU is
 missing (the reason is printed), 2 on bad usage, 130 interrupted.
 """
@@ -82,8 +82,9 @@ def _run(preset: str, precision: str, stages: str | None, max_batch: int, workdi
                            workdir, device)
         rows.append(row)
         _print_row(row)
-    rows.append(_check_frame_resize(workdir, info))
-    _print_row(rows[-1])
+    for yuv in (False, True):
+        rows.append(_check_frame_resize(workdir, info, yuv))
+        _print_row(rows[-1])
     ok = all(r["passed"] for r in rows)
     click.echo(f"{'all checks passed' if ok else 'FAILED'} in "
                f"{time.perf_counter() - started:.0f} s")
@@ -147,14 +148,14 @@ def _check_stage(name: str, spec, module, onnx_fp32: float, precision: str, work
     return row
 
 
-def _check_frame_resize(workdir: Path, info: dict) -> dict:
-    """The row of the TensorRT backend's frame-resize engine: built in ``workdir`` and checked
-    against the host's resize, in grey levels (``grey_levels``, ``grey_bound``)."""
-    from .tensorrt_resize import NAME, build_frame_resize_engine
+def _check_frame_resize(workdir: Path, info: dict, yuv: bool) -> dict:
+    """The row of one of the TensorRT backend's frame-resize engines: built in ``workdir`` and
+    checked against the host's resize, in grey levels (``grey_levels``, ``grey_bound``)."""
+    from .tensorrt_resize import NAMES, build_frame_resize_engine
 
-    row = {"stage": NAME, "onnx_fp32": None, "bound": None}
+    row = {"stage": NAMES[yuv], "onnx_fp32": None, "bound": None}
     try:
-        record, _ = build_frame_resize_engine(workdir, info,
+        record, _ = build_frame_resize_engine(workdir, info, yuv,
                                               timing_cache=workdir / "timing.cache")
         parity = record["parity"]
         row.update(grey_levels=parity["max_grey_levels"], grey_bound=parity["tolerance"],

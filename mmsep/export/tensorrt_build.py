@@ -256,7 +256,7 @@ def build_engines(model_dir: Path, manifest: dict, modules: dict, *, precision: 
                   timing_cache: Path | None = None, progress: Progress | None = None,
                   previous: dict | None = None, workspace_bytes: int | None = None) -> dict:
     """Build and check one engine per stage of ``manifest`` in ``model_dir``, and the
-    frame-resize engine (tensorrt_resize.py).
+    frame-resize engines (tensorrt_resize.py).
 
     ``precision`` "fp16"/"bf16" builds from ``<stage>.<precision>.onnx`` (written here with
     convert_graph when absent), "fp32" from ``<stage>.onnx``. ``previous`` (a previous manifest
@@ -264,7 +264,7 @@ def build_engines(model_dir: Path, manifest: dict, modules: dict, *, precision: 
     "tensorrt" section: {"status": "built", ...} or {"status": "skipped", "reason": ...}.
     """
     from .tensorrt_parity import check_engine  # they import this module
-    from .tensorrt_resize import NAME as FRAME_RESIZE, build_frame_resize_engine
+    from .tensorrt_resize import build_frame_resize_engines
 
     if precision not in (*PRECISIONS, "fp32"):
         raise ValueError(f"unknown precision {precision!r}; expected fp16, bf16 or fp32")
@@ -298,15 +298,17 @@ def build_engines(model_dir: Path, manifest: dict, modules: dict, *, precision: 
                          "parity": parity.to_json()}
         rebuilt.append(name)
         log(f"{name}: built in {built['build_seconds']:.1f} s, rel L2 {parity.worst:.1e}")
-    resize, built = build_frame_resize_engine(model_dir, info, timing_cache=timing_cache,
-                                              previous=previous, workspace_bytes=workspace_bytes)
-    rebuilt += [FRAME_RESIZE] if built else []
-    log(f"{FRAME_RESIZE}: " + (f"built, {resize['parity']['max_grey_levels']:.1g} grey levels "
-                               "from the host's resize" if built else "engine unchanged, reused"))
+    resize, built = build_frame_resize_engines(model_dir, info, timing_cache=timing_cache,
+                                               previous=previous,
+                                               workspace_bytes=workspace_bytes)
+    rebuilt += built
+    for name, record in resize.items():
+        log(f"{name}: " + (f"built, {record['parity']['max_grey_levels']:.1g} grey levels from "
+                           "the host's resize" if name in built else "engine unchanged, reused"))
     return {"status": "built", "version": info["version"], "gpu": info["gpu"],
             "compute_capability": info["compute_capability"], "cuda": info["cuda"],
             "precision": precision, "strongly_typed": True, "timing_cache": str(timing_cache),
-            "engines": engines, FRAME_RESIZE: resize, "rebuilt": rebuilt}
+            "engines": engines, **resize, "rebuilt": rebuilt}
 
 
 def _graph_for(model_dir: Path, name: str, spec: StageSpec, precision: str) -> Path:

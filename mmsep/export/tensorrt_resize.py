@@ -1,8 +1,9 @@
-"""The frame-resize engine (``runtime.resize_engine``): built beside the stage engines, so that
-the TensorRT backend resizes video frames on the GPU, and checked against the host's resize.
+"""The frame-resize engines (``runtime.resize_engine``: one for RGB frames, one for yuv420p
+planes): built beside the stage engines, so that the TensorRT backend resizes video frames on the
+GPU, and checked against the host's resize.
 
-It does not depend on the model: its key covers the graph and the machine only, and a re-export
-reuses it like any other unchanged engine.
+They do not depend on the model: their keys cover the graph and the machine only, and a
+re-export reuses them like any other unchanged engine.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import numpy as np
 
 from ..runtime.atomic import write_bytes_atomically
 from ..runtime.resize import resize_frames
-from ..runtime.resize_engine import ENGINE_PROFILE, MAX_FRAMES, OUTPUT_NAME, PLANS, \
-    engine_graph, engine_inputs
+from ..runtime.pixels import YuvConversion
+from ..runtime.resize_engine import ENGINE_NAMES as NAMES, MAX_FRAMES, OUTPUT_NAME, PLANS, \
+    engine_graph, engine_inputs, engine_profile, table_inputs
 from . import tensorrt_build as tb
 from .errors import ParityError
 
-NAME = "frame_resize"
 CHECKED = ((MAX_FRAMES, 241, 321), (2, 1080, 1920))  # (frames, height, width) run at export
 GREY_TOLERANCE = 0.01  # grey levels; the graph is exact, and a rounding slip costs one level
 STREAMS = (("clip", 384, 1.0), ("sync", 224, 2.0))  # the model inputs: name, size, value span
@@ -32,31 +33,60 @@ def engine_key(graph: bytes, info: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def build_frame_resize_engine(model_dir: Path, info: dict, *, timing_cache: Path,
-                              previous: dict | None = None,
+def build_frame_resize_engines(model_dir: Path, info: dict, *, timing_cache: Path,
+                               previous: dict | None = None,
+                               workspace_bytes: int | None = None) -> tuple[dict, list[str]]:
+    """The manifest records of both frame-resize engines (RGB and yuv420p) in ``model_dir``,
+    each built and checked or reused from ``previous`` (a manifest with its directory under
+    "_dir"), and the names of those built."""
+    records, built = {}, []
+    for yuv, name in NAMES.items():
+        records[name], fresh = build_frame_resize_engine(
+            model_dir, info, yuv, timing_cache=timing_cache, previous=previous,
+            workspace_bytes=workspace_bytes)
+        built += [name] if fresh else []
+    return records, built
+
+
+def build_frame_resize_engine(model_dir: Path, info: dict, yuv: bool = False, *,
+                              timing_cache: Path, previous: dict | None = None,
                               workspace_bytes: int | None = None) -> tuple[dict, bool]:
-    """The manifest record of ``frame_resize.engine`` in ``model_dir`` (built and checked, or
-    reused from ``previous``, a manifest with its directory under "_dir") and whether it was
-    built."""
-    graph = engine_graph()
+    """The record of one frame-resize engine and whether it was built (not reused)."""
+    name, graph = NAMES[yuv], engine_graph(yuv)
     key = engine_key(graph, info)
-    engine_path = model_dir / f"{NAME}.engine"
-    old = ((previous or {}).get("tensorrt") or {}).get(NAME)
+    engine_path = model_dir / f"{name}.engine"
+    old = ((previous or {}).get("tensorrt") or {}).get(name)
     reused = tb.reuse_engine(old, key, engine_path, previous)
     if reused is not None:
         return reused, False
-    onnx_path = model_dir / f"{NAME}.onnx"
+    onnx_path = model_dir / f"{name}.onnx"
     write_bytes_atomically(onnx_path, graph)
-    built = tb.build_graph_engine(onnx_path, NAME, ENGINE_PROFILE, [OUTPUT_NAME], engine_path,
-                                  timing_cache=timing_cache, workspace_bytes=workspace_bytes)
+    built = tb.build_graph_engine(onnx_path, name, engine_profile(yuv), [OUTPUT_NAME],
+                                  engine_path, timing_cache=timing_cache,
+                                  workspace_bytes=workspace_bytes)
     return {**built, "key": key, "onnx": onnx_path.name,
-            "parity": check_frame_resize_engine(engine_path)}, True
+            "parity": check_frame_resize_engine(engine_path, yuv)}, True
 
 
-def check_frame_resize_engine(engine_path: Path, seed: int = 1) -> dict:
-    """The engine on random frames at ``CHECKED``'s sizes against ``resize.resize_frames``
-    (PIL's grey levels): the largest difference in grey levels; ParityError beyond
-    ``GREY_TOLERANCE``."""
+def _random_pixels(rng, frames: int, height: int, width: int, yuv: bool):
+    """(engine pixel inputs, the RGB frames they stand for): random frames, or random yuv420p
+    planes with random conversion tables of swscale's range."""
+    if not yuv:
+        rgb = rng.integers(0, 256, (frames, height, width, 3), np.uint8)
+        return {"frames": rgb}, rgb
+    conversion = YuvConversion((0, 0), *(rng.integers(-300, 300, (256, 3)).astype(np.int32)
+                                         for _ in range(3)))
+    chroma = (frames, -(-height // 2), -(-width // 2))
+    planes = {"luma": rng.integers(0, 256, (frames, height, width), np.uint8),
+              "cb": rng.integers(0, 256, chroma, np.uint8),
+              "cr": rng.integers(0, 256, chroma, np.uint8)}
+    return {**planes, **table_inputs(conversion)}, conversion.to_rgb(*planes.values())
+
+
+def check_frame_resize_engine(engine_path: Path, yuv: bool = False, seed: int = 1) -> dict:
+    """The engine on random pixels at ``CHECKED``'s sizes against ``resize.resize_frames`` of
+    the same RGB frames (PIL's grey levels): the largest difference in grey levels;
+    ParityError beyond ``GREY_TOLERANCE``."""
     import torch
 
     from .tensorrt_parity import run_graph_engine
@@ -64,18 +94,18 @@ def check_frame_resize_engine(engine_path: Path, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     worst = 0.0
     for frames, height, width in CHECKED:
-        pixels = rng.integers(0, 256, (frames, height, width, 3), np.uint8)
+        pixels, rgb = _random_pixels(rng, frames, height, width, yuv)
         for stream, size, span in STREAMS:
-            inputs = {"frames": pixels, **engine_inputs(stream, height, width, size)}
-            got = run_graph_engine(engine_path, NAME,
+            inputs = {**pixels, **engine_inputs(stream, height, width, size)}
+            got = run_graph_engine(engine_path, NAMES[yuv],
                                    {k: torch.from_numpy(np.array(v)) for k, v in inputs.items()},
                                    {OUTPUT_NAME: torch.float32})[OUTPUT_NAME].cpu().numpy()
-            want = resize_frames(pixels, PLANS[stream](height, width, size))
+            want = resize_frames(rgb, PLANS[stream](height, width, size))
             diff = np.abs(got.astype(np.float64) - want).max() * 255 / span
             worst = max(worst, float(diff))
     result = {"max_grey_levels": worst, "tolerance": GREY_TOLERANCE,
               "checked": [list(c) for c in CHECKED], "passed": worst <= GREY_TOLERANCE}
     if not result["passed"]:
-        raise ParityError(f"{NAME}: the TensorRT engine's frames differ from the host's resize "
-                          f"by {worst:.3g} grey levels > {GREY_TOLERANCE}")
+        raise ParityError(f"{NAMES[yuv]}: the TensorRT engine's frames differ from the host's "
+                          f"resize by {worst:.3g} grey levels > {GREY_TOLERANCE}")
     return result

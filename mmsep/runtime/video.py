@@ -338,7 +338,8 @@ class WindowFrames(Closing):
         frames = [p for _, p in distinct.values()]
         kinds = {(p.size, p.conversion.key) if isinstance(p, YuvFrame) else p.shape
                  for p in frames}
-        if len(kinds) == 1 and isinstance(frames[0], YuvFrame):
+        if len(kinds) == 1 and isinstance(frames[0], YuvFrame) and \
+                self._resizer.accepts(*frames[0].size):
             upload = YuvFrames.stack(frames, self._upload_buffers)
             return self._resizer.run(upload, clip_index, sync_index)
         as_rgb = {id(p): p.rgb() if isinstance(p, YuvFrame) else p for p in frames}

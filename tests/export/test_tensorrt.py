@@ -173,9 +173,11 @@ def test_tiny_engines_build_and_match_pytorch(request, tmp_path):
     assert section["status"] == "built", section
     assert section["compute_capability"] == "{}.{}".format(*torch.cuda.get_device_capability())
     assert set(section["engines"]) == set(manifest["stage_order"])
-    assert set(section["rebuilt"]) == {*manifest["stage_order"], "frame_resize"}
-    resize = section["frame_resize"]
-    assert resize["parity"]["passed"] and (model_dir / resize["file"]).is_file(), resize
+    resizers = {"frame_resize", "frame_resize_yuv"}
+    assert set(section["rebuilt"]) == {*manifest["stage_order"], *resizers}
+    for name in resizers:
+        resize = section[name]
+        assert resize["parity"]["passed"] and (model_dir / resize["file"]).is_file(), resize
     for name, engine in section["engines"].items():
         assert engine["parity"]["passed"], (name, engine["parity"])
         assert engine["parity"]["tolerance"] == 1e-2 and (model_dir / engine["file"]).is_file()

@@ -8,7 +8,7 @@ import torch
 
 from mmsep.export import tensorrt_build as tb, tensorrt_parity, tensorrt_resize
 from mmsep.export.errors import ParityError
-from mmsep.runtime.resize_engine import ENGINE_PROFILE, OUTPUT_NAME
+from mmsep.runtime.resize_engine import OUTPUT_NAME, engine_profile
 from tests.export.fake_tensorrt_builder import fake_tensorrt
 
 INFO = {"version": "10.13.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
@@ -22,7 +22,7 @@ def graph_runner(offset: float = 0.0):
         session = ort.InferenceSession(str(engine_path.with_suffix(".onnx")),
                                        providers=["CPUExecutionProvider"])
         got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0] + offset
-        calls.append((name, inputs["frames"].shape))
+        calls.append((name, next(iter(inputs.values())).shape))  # the frames or luma planes
         assert outputs == {OUTPUT_NAME: torch.float32}
         return {OUTPUT_NAME: torch.from_numpy(got)}
 
@@ -36,7 +36,7 @@ def test_built_with_its_profile_checked_and_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(tensorrt_parity, "run_graph_engine", runner)
     cache = tmp_path / "timing.cache"
     record, built = tensorrt_resize.build_frame_resize_engine(tmp_path, INFO, timing_cache=cache)
-    assert built and state["shapes"] == ENGINE_PROFILE
+    assert built and state["shapes"] == engine_profile()
     assert (tmp_path / "frame_resize.engine").read_bytes() == b"ENGINE"
     assert record["onnx"] == "frame_resize.onnx" and (tmp_path / "frame_resize.onnx").is_file()
     assert record["parity"] == {"max_grey_levels": 0.0, "tolerance": 0.01, "passed": True,
@@ -54,12 +54,29 @@ def test_built_with_its_profile_checked_and_reused(monkeypatch, tmp_path):
 
 
 def test_an_engine_a_grey_level_off_is_refused(monkeypatch, tmp_path):
-    (tmp_path / "frame_resize.onnx").write_bytes(tensorrt_resize.engine_graph())
-    runner, _ = graph_runner(offset=1 / 255)
+    (tmp_path / "frame_resize_yuv.onnx").write_bytes(tensorrt_resize.engine_graph(True))
+    runner, _ = graph_runner()
     monkeypatch.setattr(tensorrt_parity, "run_graph_engine", runner)
-    with pytest.raises(ParityError, match=r"frame_resize: .* differ from the host's resize by "
-                                          r"1 grey levels > 0.01"):
-        tensorrt_resize.check_frame_resize_engine(tmp_path / "frame_resize.engine")
+    engine = tmp_path / "frame_resize_yuv.engine"
+    assert tensorrt_resize.check_frame_resize_engine(engine, yuv=True)["max_grey_levels"] == 0
+    monkeypatch.setattr(tensorrt_parity, "run_graph_engine", graph_runner(offset=1 / 255)[0])
+    with pytest.raises(ParityError, match=r"frame_resize_yuv: .* differ from the host's resize "
+                                          r"by 1 grey levels > 0.01"):
+        tensorrt_resize.check_frame_resize_engine(engine, yuv=True)
+
+
+def test_both_engines_are_built_then_reused(monkeypatch, tmp_path):
+    trt, _ = fake_tensorrt()
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_parity, "run_graph_engine", graph_runner()[0])
+    cache = tmp_path / "timing.cache"
+    records, built = tensorrt_resize.build_frame_resize_engines(tmp_path, INFO, timing_cache=cache)
+    assert built == list(records) == ["frame_resize", "frame_resize_yuv"]
+    assert records["frame_resize"]["key"] != records["frame_resize_yuv"]["key"]
+    previous = {"tensorrt": records, "_dir": str(tmp_path)}
+    _, built = tensorrt_resize.build_frame_resize_engines(tmp_path, INFO, timing_cache=cache,
+                                                          previous=previous)
+    assert built == []
 
 
 def test_a_changed_graph_changes_the_key():
@@ -75,11 +92,11 @@ def test_gpu_check_reports_the_resize_engine_in_its_own_row(monkeypatch, tmp_pat
     trt, _ = fake_tensorrt()
     monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
     monkeypatch.setattr(tensorrt_parity, "run_graph_engine", graph_runner()[0])
-    row = gpu_check._check_frame_resize(tmp_path, INFO)
+    row = gpu_check._check_frame_resize(tmp_path, INFO, False)
     assert row["passed"] and row["grey_levels"] == 0.0 and row["grey_bound"] == 0.01
     gpu_check._print_row(row)
     assert capsys.readouterr().out.startswith("frame_resize engine 0 grey levels from the host")
     monkeypatch.setattr(tensorrt_parity, "run_graph_engine", graph_runner(offset=0.5)[0])
     (tmp_path / "again").mkdir()
-    failed = gpu_check._check_frame_resize(tmp_path / "again", INFO)
-    assert not failed["passed"] and failed["error"].startswith("ParityError: frame_resize")
+    failed = gpu_check._check_frame_resize(tmp_path / "again", INFO, True)
+    assert not failed["passed"] and failed["error"].startswith("ParityError: frame_resize_yuv")

@@ -12,7 +12,7 @@ used in turn. Where cuda-python is installed the whole loop is captured as one C
 (batch, steps, buffer addresses) and replayed for later requests (cuda_graphs.py); where it is
 not, or where the capture fails, the steps are enqueued one by one. Copies go through page-locked
 staging buffers (cuda_memory.py); engine compatibility is decided in tensorrt_env.py. Video
-frames are resized on the GPU by the model's frame-resize engine (tensorrt_resize.py).
+frames are resized on the GPU by the model's frame-resize engines (tensorrt_resize.py).
 
 The CUDA context (the device's primary context) is current only while a backend method runs, on
 the thread that calls it, and is popped in a ``finally``: nothing is left on pycuda's context stack
@@ -154,15 +154,19 @@ class TrtBackend(Closing):
 
     @in_context
     def frame_resizer(self, clip_size: int, sync_size: int):
-        """A ``TrtFrameResizer`` on this GPU from the model's frame-resize engine; None (frames
-        resized on the host) for a model directory built without one."""
-        record = self.model.manifest["tensorrt"].get("frame_resize")
-        if record is None:
-            return None
+        """A ``TrtFrameResizer`` on this GPU from the model's frame-resize engines (RGB, and
+        yuv420p where built); None (frames resized on the host) for a model directory built
+        without them."""
+        from ..resize_engine import ENGINE_NAMES as NAMES
         from .tensorrt_resize import TrtFrameResizer
 
-        resizer = TrtFrameResizer(self._trt, self._cuda, self._context,
-                                  self._engine("frame_resize", record), clip_size, sync_size)
+        section = self.model.manifest["tensorrt"]
+        if section.get(NAMES[False]) is None:
+            return None
+        engines = {yuv: self._engine(name, section[name]) for yuv, name in NAMES.items()
+                   if section.get(name) is not None}
+        resizer = TrtFrameResizer(self._trt, self._cuda, self._context, engines, clip_size,
+                                  sync_size)
         self._resizers.append(resizer)
         return resizer
 

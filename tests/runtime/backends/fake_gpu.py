@@ -52,6 +52,7 @@ import onnx
 
 from mmsep.model_files import sha256_file
 from mmsep.runtime.model_dir import ModelDir
+from mmsep.runtime.resize_engine import ENGINE_NAMES
 
 ALIGNMENT = 256  # cudaMalloc's alignment, and what setTensorAddress requires
 
@@ -355,12 +356,12 @@ class Device:
 HERE = {"version": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 
-def with_engines(model_dir, out, *, profile_max_batch=None, edit=None, frame_resize=True,
-                 **section):
+def with_engines(model_dir, out, *, profile_max_batch=None, edit=None,
+                 frame_resize=(False, True), **section):
     """A copy of ``model_dir`` whose manifest lists one "engine" per stage (for the fake: the
-    stage's fp32 ONNX graph, with its optimisation profile as metadata) and, with
-    ``frame_resize``, the frame-resize engine. ``profile_max_batch`` maps a stage to a narrower
-    profile than its spec's; ``edit(stage, graph)`` changes a graph."""
+    stage's fp32 ONNX graph, with its optimisation profile as metadata) and the frame-resize
+    engines of ``frame_resize`` (False: RGB, True: yuv420p). ``profile_max_batch`` maps a stage
+    to a narrower profile than its spec's; ``edit(stage, graph)`` changes a graph."""
     shutil.copytree(model_dir, out)
     manifest = json.loads((out / "manifest.json").read_text())
     specs = ModelDir(out).specs
@@ -377,19 +378,21 @@ def with_engines(model_dir, out, *, profile_max_batch=None, edit=None, frame_res
                           "bytes": engine.stat().st_size}
     manifest["tensorrt"] = {"status": "built", **HERE, "precision": "fp16", "engines": engines,
                             **section}
-    if frame_resize:
-        manifest["tensorrt"]["frame_resize"] = _frame_resize_engine(out / "frame_resize.engine")
+    for yuv in frame_resize:
+        name = ENGINE_NAMES[yuv]
+        manifest["tensorrt"][name] = _frame_resize_engine(out / f"{name}.engine", yuv)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
-def _frame_resize_engine(path) -> dict:
-    """The frame-resize "engine" (its ONNX graph with ENGINE_PROFILE's min and max) and its
-    manifest record."""
-    from mmsep.runtime.resize_engine import ENGINE_PROFILE, engine_graph
+def _frame_resize_engine(path, yuv: bool) -> dict:
+    """A frame-resize "engine" (its ONNX graph with its profile's min and max) and its manifest
+    record."""
+    from mmsep.runtime.resize_engine import engine_graph, engine_profile
 
-    graph = onnx.load_from_string(engine_graph())
-    bounds = {name: [list(low), list(high)] for name, (low, _, high) in ENGINE_PROFILE.items()}
+    graph = onnx.load_from_string(engine_graph(yuv))
+    bounds = {name: [list(low), list(high)]
+              for name, (low, _, high) in engine_profile(yuv).items()}
     graph.metadata_props.add(key="fake.profile", value=json.dumps(bounds))
     onnx.save(graph, path)
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}

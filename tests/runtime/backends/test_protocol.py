@@ -59,7 +59,7 @@ def test_backend_instances_are_backends(model_dir, gpu, trt_dir):
         assert trt.precision == trt.model.manifest["tensorrt"]["precision"]
         assert ort.frame_resizer(384, 224) is None  # on the CPU, PIL's resize is faster
         resizer = trt.frame_resizer(384, 224)  # the model's frame-resize engine
-        assert not resizer.takes_yuv and resizer.accepts(720, 1280)
+        assert resizer.takes_yuv and resizer.accepts(720, 1280)
         assert not resizer.accepts(2160, 3840)  # beyond the engine's profile: on the host
 
 

@@ -11,7 +11,9 @@ from mmsep.runtime.backends import create_backend
 from mmsep.runtime.errors import ModelDirError
 from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.resize import FrameResizer, clip_plan, resize_frames, sync_plan
-from mmsep.runtime.resize_engine import ENGINE_PROFILE, engine_graph, engine_inputs, fits
+from mmsep.runtime.pixels import YuvConversion, YuvFrames
+from mmsep.runtime.resize_engine import engine_graph, engine_inputs, engine_profile, fits, \
+    table_inputs
 from tests.helpers import rel_l2
 from tests.runtime.backends.fake_gpu import with_engines
 from tests.runtime.media import decode_rgb
@@ -22,6 +24,7 @@ CLIP, SYNC = 384, 224
 # the operators the graph may use: all in TensorRT's ONNX parser's support matrix
 TENSORRT_OPS = {"Cast", "Transpose", "Gather", "MatMul", "Split", "Add", "Mul", "Floor", "Clip",
                 "Reshape"}
+YUV_OPS = {"Unsqueeze", "Shape", "Slice", "Concat"}  # the chroma upsampling's shape work
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +59,50 @@ def test_decoded_720p_frames_match_the_per_resolution_graph(engine_session, clip
                                   segments.numpy()[0])
 
 
-def test_the_graph_uses_only_what_tensorrt_accepts():
-    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(engine_graph()))
+@pytest.mark.parametrize("yuv", [False, True])
+def test_the_graph_uses_only_what_tensorrt_accepts(yuv):
+    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(engine_graph(yuv)))
     graph = model.graph
     types = {v.name: v.type.tensor_type.elem_type
              for v in (*graph.input, *graph.value_info, *graph.output)}
     types.update({t.name: t.data_type for t in graph.initializer})
-    assert {node.op_type for node in graph.node} <= TENSORRT_OPS
+    assert {node.op_type for node in graph.node} <= TENSORRT_OPS | (YUV_OPS if yuv else set())
     uint8 = {name for name, kind in types.items() if kind == onnx.TensorProto.UINT8}
-    assert uint8 == {"frames"}  # uint8 only at the network input ...
-    readers = [node for node in graph.node if "frames" in node.input]
-    assert [(n.op_type, n.attribute[0].i) for n in readers] == [("Cast", onnx.TensorProto.FLOAT)]
-    assert onnx.TensorProto.DOUBLE not in types.values()  # ... and no float64
+    assert uint8 == ({"luma", "cb", "cr"} if yuv else {"frames"})  # uint8 only at the inputs
+    for name in uint8:  # ... each read by one Cast to float
+        readers = [node for node in graph.node if name in node.input]
+        assert [(n.op_type, n.attribute[0].i) for n in readers] == \
+            [("Cast", onnx.TensorProto.FLOAT)]
+    assert onnx.TensorProto.DOUBLE not in types.values()  # no float64
     for node in graph.node:
-        if node.op_type == "Gather":  # band indices are int32 network inputs
+        if node.op_type == "Gather":  # band indices and table indices are int32
             assert types[node.input[1]] == onnx.TensorProto.INT32
-    assert [i.name for i in graph.input] == list(ENGINE_PROFILE)
+    assert [i.name for i in graph.input] == list(engine_profile(yuv))
+
+
+def random_conversion(rng) -> YuvConversion:
+    """Random int32 tables in swscale's range, under a key of their own (the runtime measures
+    one conversion per key, so a key stands for its tables)."""
+    key = tuple(int(k) for k in rng.integers(100, 1 << 30, 2))
+    return YuvConversion(key, *(rng.integers(-300, 300, (256, 3)).astype(np.int32)
+                                for _ in range(3)))
+
+
+@pytest.mark.parametrize("height,width", [(241, 321), (240, 320), (33, 47)])
+def test_the_yuv_graph_converts_as_the_host_then_resizes(height, width):
+    session = ort.InferenceSession(engine_graph(True), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(width)
+    conversion = random_conversion(rng)
+    chroma = (2, -(-height // 2), -(-width // 2))  # odd sizes: the last chroma row/column
+    planes = {"luma": rng.integers(0, 256, (2, height, width), np.uint8),
+              "cb": rng.integers(0, 256, chroma, np.uint8),
+              "cr": rng.integers(0, 256, chroma, np.uint8)}
+    rgb = conversion.to_rgb(*planes.values())
+    for stream, plan, size in (("clip", clip_plan(height, width, CLIP), CLIP),
+                               ("sync", sync_plan(height, width, SYNC), SYNC)):
+        got = session.run(None, {**planes, **table_inputs(conversion),
+                                 **engine_inputs(stream, height, width, size)})[0]
+        np.testing.assert_array_equal(got, resize_frames(rgb, plan))
 
 
 def test_the_profile_takes_1080p_either_way_up_and_refuses_larger():
@@ -95,43 +126,64 @@ def expected(frames: np.ndarray, clip_index, sync_index):
     return clip, sync.reshape(*np.shape(sync_index), *sync.shape[1:])
 
 
+def random_upload(rng, count: int, height: int, width: int, yuv: bool):
+    """(what WindowFrames uploads: RGB frames or YuvFrames, the RGB frames they stand for)."""
+    if not yuv:
+        frames = rng.integers(0, 256, (count, height, width, 3), np.uint8)
+        return frames, frames
+    conversion = random_conversion(rng)
+    chroma = (count, -(-height // 2), -(-width // 2))
+    planes = (rng.integers(0, 256, (count, height, width), np.uint8),
+              rng.integers(0, 256, chroma, np.uint8), rng.integers(0, 256, chroma, np.uint8))
+    return YuvFrames(*planes, conversion), conversion.to_rgb(*planes)
+
+
 def test_the_backend_resizer_gives_the_hosts_model_inputs(resizer):
     backend, resizer = resizer
+    assert resizer.takes_yuv
     rng = np.random.default_rng(5)
     runs = []
-    for height, width, count in ((241, 321, 21), (72, 96, 4), (241, 321, 12)):
-        frames = rng.integers(0, 256, (count, height, width, 3), np.uint8)
+    for height, width, count, yuv in ((241, 321, 21, False), (72, 96, 4, True),
+                                      (241, 321, 12, True), (72, 96, 5, False)):
+        upload, frames = random_upload(rng, count, height, width, yuv)
         clip_index = rng.integers(0, count, 11)  # more than one engine call of MAX_FRAMES
         sync_index = np.minimum(np.arange(3)[:, None] * 2 + np.arange(4)[None, :], count - 1)
         sync_index[1, 2] = sync_index[1, 1]  # a repeated frame (a low frame rate)
-        clip, segments = resizer.run(frames, clip_index, sync_index)
+        clip, segments = resizer.run(upload, clip_index, sync_index)
         assert (clip.shape, segments.shape) == ((11, 3, CLIP, CLIP), (3, 4, 3, SYNC, SYNC))
         runs.append(((clip, segments), expected(frames, clip_index, sync_index)))
-    for (clip, segments), (want_clip, want_segments) in runs:  # the ring keeps all three
+    runs = runs[1:]  # the ring keeps the last three
+    for (clip, segments), (want_clip, want_segments) in runs:
         np.testing.assert_array_equal(backend.to_host(clip), want_clip)
         np.testing.assert_array_equal(backend.to_host(segments), want_segments)
 
 
-def test_video_through_the_engine_gives_the_host_path_result(gpu, trt_dir, model_dir, media,
-                                                             monkeypatch):
+@pytest.mark.parametrize("engines, upload", [((False, True), "YuvFrames"), ((False,), "list")])
+def test_video_through_the_engines_gives_the_host_path_result(gpu, model_dir, media, tmp_path,
+                                                              monkeypatch, engines, upload):
     with Separator(model_dir, "ort-cpu") as cpu:
         host = cpu.process(video=media["av"], steps=2, seed=3)
-    calls = []
-    with Separator(trt_dir, "trt") as sep:
+    uploads = []
+    with Separator(with_engines(model_dir, tmp_path / "trt", frame_resize=engines),
+                   "trt") as sep:
         original = sep._resizer.run
-        monkeypatch.setattr(sep._resizer, "run", lambda *a: calls.append(1) or original(*a))
+        monkeypatch.setattr(sep._resizer, "run",
+                            lambda *a: uploads.append(type(a[0]).__name__) or original(*a))
         device = sep.process(video=media["av"], steps=2, seed=3)
-        assert len(calls) == device.windows == host.windows
+        assert uploads == [upload] * device.windows and device.windows == host.windows
         monkeypatch.setattr(resize_engine, "MAX_SIDE", 64)  # 96 x 128 is now beyond the engine
         beyond = sep.process(video=media["av"], steps=2, seed=3)
-        assert len(calls) == device.windows  # resized on the host
+        assert len(uploads) == device.windows  # resized on the host
     assert rel_l2(device.audio, host.audio) < 1e-4 and rel_l2(beyond.audio, host.audio) < 1e-4
 
 
-def test_engines_built_before_the_resize_engine_resize_on_the_host(gpu, model_dir, tmp_path):
-    older = with_engines(model_dir, tmp_path / "older", frame_resize=False)
+def test_engines_built_before_the_resize_engines_resize_on_the_host(gpu, model_dir, tmp_path):
+    older = with_engines(model_dir, tmp_path / "older", frame_resize=())
     with create_backend(ModelDir(older), "trt") as backend:
         assert backend.frame_resizer(CLIP, SYNC) is None
+    rgb_only = with_engines(model_dir, tmp_path / "rgb", frame_resize=(False,))
+    with create_backend(ModelDir(rgb_only), "trt") as backend:
+        assert not backend.frame_resizer(CLIP, SYNC).takes_yuv  # YUV converted on the host
 
 
 def test_a_tampered_resize_engine_is_refused(gpu, model_dir, tmp_path):
