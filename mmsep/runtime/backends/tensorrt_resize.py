@@ -61,9 +61,10 @@ class TrtFrameResizer:
 
     @in_context
     def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray):
-        """(clip, segments) for the frames ``rows`` of each input picks (see
-        ``resize.FrameResizer``): ``pixels.YuvFrames`` (where ``takes_yuv``), or uint8 RGB,
-        an array (U, H, W, 3) or a list of U frames (a list is not stacked on the host)."""
+        """(clip, segments) from a window's distinct frames and the rows of them that each
+        model input picks (see ``resize.FrameResizer``). ``frames``: ``pixels.YuvFrames``
+        (where ``takes_yuv``), or uint8 RGB, an array (U, H, W, 3) or a list of U frames (a list
+        is not stacked on the host)."""
         pixels, tables = _pixel_inputs(frames)
         if tables is not None and not self.takes_yuv:
             raise BackendError("frame_resize", "this model has no yuv420p frame-resize engine")
