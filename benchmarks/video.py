@@ -40,6 +40,7 @@ from mmsep.runtime.separator import Separator  # noqa: E402
 from mmsep.runtime.backends import BACKENDS  # noqa: E402
 from mmsep.runtime.example import make_video, pattern_frame  # noqa: E402
 from mmsep.runtime.pixels import YuvFrames, yuv_frame  # noqa: E402
+from mmsep.runtime.resize import FrameResizer  # noqa: E402
 from mmsep.runtime.video import VideoSource, WindowFrames  # noqa: E402
 from mmsep.runtime.windows import WindowPlan  # noqa: E402
 
@@ -155,7 +156,7 @@ def device_times(resizer, window, repeats: int = 5) -> dict:
         resizer.run(frames, clip_index, sync_index)
         run_s.append(time.perf_counter() - started)
     row = {"frames_uploaded": int(frames.shape[0]), "run_s": statistics.median(run_s)}
-    if not hasattr(resizer, "_session"):  # TensorRT's: upload and resize are one call
+    if not isinstance(resizer, FrameResizer):  # TensorRT's: upload and resize are one call
         return row
     ort = resizer._ort
     session = resizer._session(frames)
@@ -286,8 +287,6 @@ def measure_clip(sep, name: str, path: Path, steps: int, runs: int) -> dict:
 
 def _cpu_resizer(sep):
     import onnxruntime
-
-    from mmsep.runtime.resize import FrameResizer
 
     return FrameResizer(onnxruntime, "cpu", 0, sep.info.clip_image_size, sep.info.sync_image_size)
 

@@ -332,7 +332,9 @@ def _print_summary(result) -> None:
             parity = engine["parity"]
             click.echo(f"  {name:<13}{_size(engine['bytes']):>10}  "
                        f"{max(parity['rel_l2'].values()):>24.2e}  {parity['tolerance']:>7.0e}")
-        for name in ("frame_resize", "frame_resize_yuv"):
+        from ..runtime.resize_engine import ENGINE_NAMES
+
+        for name in ENGINE_NAMES.values():
             if trt.get(name):
                 click.echo(f"  {name:<17}{_size(trt[name]['bytes']):>10}  "
                            f"{trt[name]['parity']['max_grey_levels']:>7.2g} grey levels from PIL")

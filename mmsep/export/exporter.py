@@ -27,6 +27,7 @@ import numpy as np
 
 from ..models.components import Components
 from ..runtime.atomic import fsync_directory
+from ..runtime.resize_engine import ENGINE_NAMES
 from ..model_files import VOCAB_FILE, ManifestError, read_manifest, sha256_file
 from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, Geometry, Stage, StageSpec, \
     build_stage_specs
@@ -299,7 +300,7 @@ def _reduced_keys(manifest: dict) -> dict:
 def _engine_keys(manifest: dict) -> tuple:
     section = manifest.get("tensorrt") or {}
     engines = section.get("engines", {})
-    resize = {n: (section.get(n) or {}).get("key") for n in ("frame_resize", "frame_resize_yuv")}
+    resize = {n: (section.get(n) or {}).get("key") for n in ENGINE_NAMES.values()}
     return section.get("status"), section.get("reason"), \
         {n: e["key"] for n, e in engines.items()}, resize
 

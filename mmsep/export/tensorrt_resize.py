@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.presets import CLIP_IMAGE_SIZE, SYNC_IMAGE_SIZE
 from ..runtime.atomic import write_bytes_atomically
 from ..runtime.resize import resize_frames
 from ..runtime.pixels import YuvConversion
@@ -24,7 +25,7 @@ from .errors import ParityError
 
 CHECKED = ((MAX_FRAMES, 241, 321), (2, 1080, 1920))  # (frames, height, width) run at export
 GREY_TOLERANCE = 0.01  # grey levels; the graph is exact, and a rounding slip costs one level
-STREAMS = (("clip", 384, 1.0), ("sync", 224, 2.0))  # the model inputs: name, size, value span
+STREAMS = (("clip", CLIP_IMAGE_SIZE), ("sync", SYNC_IMAGE_SIZE))  # the model inputs
 
 
 def engine_key(graph: bytes, info: dict) -> str:
@@ -95,13 +96,13 @@ def check_frame_resize_engine(engine_path: Path, yuv: bool = False, seed: int = 
     worst = 0.0
     for frames, height, width in CHECKED:
         pixels, rgb = _random_pixels(rng, frames, height, width, yuv)
-        for stream, size, span in STREAMS:
+        for stream, size in STREAMS:
             inputs = {**pixels, **engine_inputs(stream, height, width, size)}
             got = run_graph_engine(engine_path, NAMES[yuv],
                                    {k: torch.from_numpy(np.array(v)) for k, v in inputs.items()},
                                    {OUTPUT_NAME: torch.float32})[OUTPUT_NAME].cpu().numpy()
-            want = resize_frames(rgb, PLANS[stream](height, width, size))
-            diff = np.abs(got.astype(np.float64) - want).max() * 255 / span
+            plan = PLANS[stream](height, width, size)
+            diff = np.abs(got.astype(np.float64) - resize_frames(rgb, plan)).max() / plan.scale
             worst = max(worst, float(diff))
     result = {"max_grey_levels": worst, "tolerance": GREY_TOLERANCE,
               "checked": [list(c) for c in CHECKED], "passed": worst <= GREY_TOLERANCE}

@@ -140,11 +140,10 @@ class FrameResizer:
     uint8 RGB (U, H, W, 3) (or a list of U frames) or their yuv420p planes
     (``pixels.YuvFrames``, converted on the device exactly as swscale converts them on the
     host); ``clip_index`` (clip_frames,) and ``sync_index`` (segments, segment_frames) pick rows
-    of ``frames``. Returns (clip, segments)
-    as OrtValues on the device: float32 (clip_frames, 3, S, S) and (segments, segment_frames, 3,
-    S', S'). Only the uint8 frames and the indices are uploaded; each stream resizes only the
-    frames it uses (at most 64 + 200 per 8 s window). One session per input resolution (and YUV
-    conversion), kept.
+    of ``frames``. Returns (clip, segments) as OrtValues on the device: float32 (clip_frames, 3,
+    S, S) and (segments, segment_frames, 3, S', S'). Only the uint8 frames and the indices are
+    uploaded; each stream resizes only the frames it uses (at most 64 + 200 per 8 s window). One
+    session per input resolution (and YUV conversion), kept.
     """
 
     takes_yuv = True  # yuv420p planes are converted on the device

@@ -65,11 +65,14 @@ class TrtFrameResizer:
         model input picks (see ``resize.FrameResizer``). ``frames``: ``pixels.YuvFrames``
         (where ``takes_yuv``), or uint8 RGB, an array (U, H, W, 3) or a list of U frames (a list
         is not stacked on the host)."""
-        pixels, tables = _pixel_inputs(frames)
-        if tables is not None and not self.takes_yuv:
-            raise BackendError("frame_resize", "this model has no yuv420p frame-resize engine")
-        if tables is not None:
-            tables = self._upload(("tables", frames.conversion.key), tables)
+        pixels = _pixel_inputs(frames)
+        tables = None
+        if isinstance(frames, YuvFrames):
+            if not self.takes_yuv:
+                raise BackendError("frame_resize", "this model has no yuv420p frame-resize "
+                                                   "engine")
+            tables = self._upload(("tables", frames.conversion.key),
+                                  lambda: table_inputs(frames.conversion))
         slot = self._runs % RING
         self._runs += 1
         sync_frames, segment_index = np.unique(sync_index, return_inverse=True)
@@ -86,12 +89,12 @@ class TrtFrameResizer:
             ptr, size = self._buffers[key] = (self.memory.alloc(nbytes), nbytes)
         return ptr
 
-    def _upload(self, key: tuple, values: dict[str, np.ndarray]) -> dict[str, DeviceArray]:
-        """``values`` on the device, uploaded once per ``key`` and kept."""
+    def _upload(self, key: tuple, make) -> dict[str, DeviceArray]:
+        """The arrays ``make()`` returns, made and uploaded once per ``key`` and kept."""
         uploaded = self._fixed.get(key)
         if uploaded is None:
             uploaded = {}
-            for name, value in values.items():
+            for name, value in make().items():
                 ptr = self.memory.alloc(value.nbytes)
                 self.memory.put(ptr, value, key=(*key, name))
                 uploaded[name] = DeviceArray(ptr, value.shape, value.dtype)
@@ -107,8 +110,9 @@ class TrtFrameResizer:
         size = self.sizes[stream]
         item = 3 * size * size * np.dtype(np.float32).itemsize
         out = self._buffer(("out", stream, slot), len(rows) * item)
-        fixed = {**self._upload((stream, height, width), engine_inputs(
-            stream, height, width, size)), **(tables or {})}
+        bands = self._upload((stream, height, width),
+                             lambda: engine_inputs(stream, height, width, size))
+        fixed = {**bands, **(tables or {})}
         for first in range(0, len(rows), MAX_FRAMES):
             chunk = rows[first:first + MAX_FRAMES]
             inputs = dict(fixed)
@@ -177,12 +181,10 @@ def _check_engine(trt, engine, yuv: bool) -> None:
                                      f"is {want}")
 
 
-def _pixel_inputs(frames) -> tuple[dict, dict | None]:
-    """The engine's pixel inputs, each a sequence of per-frame arrays, and the conversion's
-    tables (None for RGB)."""
+def _pixel_inputs(frames) -> dict:
+    """The engine's pixel inputs, each a sequence of per-frame arrays."""
     if isinstance(frames, YuvFrames):
-        return ({plane: getattr(frames, plane) for plane in YUV_PLANES},
-                table_inputs(frames.conversion))
+        return {plane: getattr(frames, plane) for plane in YUV_PLANES}
     if any(f.dtype != np.uint8 or f.shape != frames[0].shape for f in frames):
         raise BackendError("frame_resize", "frames must be uint8 and of one size")
-    return {"frames": frames}, None
+    return {"frames": frames}
