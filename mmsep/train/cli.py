@@ -83,16 +83,21 @@ def main(**kw) -> None:
     except (DataError, CheckpointError, ValueError) as exc:
         _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
-        _fail(EXIT_INTERRUPTED, "interrupted")
+        saved = (out / CHECKPOINT).is_file()
+        _fail(EXIT_INTERRUPTED, "interrupted; " + ("--resume continues from the last saved step"
+                                                   if saved else "no step was saved"))
     except Exception as exc:  # a one-line report instead of a traceback
-        _fail(EXIT_INTERNAL, f"internal failure: {type(exc).__name__}: {exc}")
+        _fail(EXIT_INTERNAL, f"{type(exc).__name__}: {exc}")
     if ranks.main and not kw["quiet"]:
         click.echo(f"wrote {out / WEIGHTS}")
     _finish_distributed(ranks)
 
 
 def _fail(code: int, message: str) -> None:
-    click.echo(f"error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    """One line on stderr, prefixed as the other mmsep commands do, then exit ``code``."""
+    kind = {EXIT_USAGE: "error: ", EXIT_INTERNAL: "internal error: "}.get(code, "")
+    line = message.splitlines()[0] if message else "failed"
+    click.echo(f"mmsep-finetune: {kind}{line}", err=True)
     sys.exit(code)
 
 

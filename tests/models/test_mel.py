@@ -2,7 +2,6 @@
 
 import math
 
-import librosa
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,8 @@ import torch
 from mmsep.models.mel import MelSpectrogram, dft_basis, slaney_mel_filterbank
 from mmsep.models.presets import AUDIO_MODES, sequence_lengths
 from tests.helpers import rel_l2
+
+librosa = pytest.importorskip("librosa", reason="the independent reference (the test extra)")
 
 MODES = ("16k", "44k")
 

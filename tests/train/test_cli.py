@@ -35,6 +35,7 @@ def test_a_short_run_writes_a_loadable_ft_pt(corpus, weights_dir, tables, tmp_pa
     assert "step 3/3" in again.output
     refused = CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--steps", "3"))
     assert refused.exit_code == 2 and "pass --resume" in refused.output
+    assert refused.output.startswith("mmsep-finetune: error: ")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -60,3 +61,24 @@ def test_bad_usage_exits_2(corpus, weights_dir, tables, tmp_path, change, messag
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run" / "ft.pt").exists()
+
+
+@pytest.mark.parametrize("save_every, says", [
+    (5, "no step was saved"), (1, "--resume continues from the last saved step")])
+def test_ctrl_c_exits_130_and_says_whether_a_step_was_saved(corpus, weights_dir, tables, tmp_path,
+                                                            monkeypatch, save_every, says):
+    from mmsep.train.loop import Trainer
+
+    train_step = Trainer.train_step
+
+    def interrupted_after_two_steps(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_after_two_steps)
+    args = _args(corpus, weights_dir, tables, tmp_path / "run", "--steps", "5", "--save-every",
+                 str(save_every), "--quiet")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines()[-1] == f"mmsep-finetune: interrupted; {says}"
