@@ -11,11 +11,15 @@ fp32 graphs run with TF32 off, so that fp32 means fp32. The CPU runs the fp32 gr
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
+import io
 import threading
 import time
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,12 +45,28 @@ def import_ort():
 
 @functools.cache
 def preload_cuda_libraries() -> None:
-    """onnxruntime-gpu's own loading of CUDA and cuDNN from the NVIDIA wheels beside it (the
-    PyTorch install's, for instance), where it offers one: without it a CUDA session can fail to
-    find them. Done once, before the first CUDA session."""
+    """onnxruntime-gpu's own loading of CUDA and cuDNN (``preload_dlls``, where it offers it),
+    done once before the first CUDA session: without it a CUDA session can fail to find them.
+    ``preload_dlls`` searches NVIDIA's wheels beside onnxruntime only; those elsewhere on sys.path
+    (onnxruntime-gpu unpacked into a folder of its own beside a PyTorch install, as on our GPU
+    machine) are passed to it folder by folder first."""
     ort = import_ort()
-    if hasattr(ort, "preload_dlls") and "CUDAExecutionProvider" in ort.get_available_providers():
-        ort.preload_dlls()
+    if not (hasattr(ort, "preload_dlls") and
+            "CUDAExecutionProvider" in ort.get_available_providers()):
+        return
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every library a folder lacks
+        for folder in nvidia_library_folders(Path(ort.__file__).parent.parent):
+            ort.preload_dlls(directory=str(folder))
+    ort.preload_dlls()  # beside onnxruntime, then the loader's paths; it reports what is missing
+
+
+def nvidia_library_folders(ort_site: Path) -> list[Path]:
+    """The library folders of NVIDIA's CUDA wheels (the ``nvidia`` namespace package) on
+    sys.path, except those in ``ort_site``, where ``preload_dlls`` looks by itself."""
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(root) for root in (spec.submodule_search_locations or ())] if spec else []
+    return [lib for root in roots if root.parent.resolve() != ort_site.resolve()
+            for lib in sorted(root.glob("*/lib")) if lib.is_dir()]
 
 
 def session_providers(device: str, device_id: int = 0, precision: str = "fp16") -> list:

@@ -135,3 +135,45 @@ def test_host_outputs_are_bound_to_cpu_device_0(model, monkeypatch):
     with OrtBackend(model, "cpu", device_id=1) as b:  # as ort-cuda on a second GPU would be
         b.run("vae_decoder", random_inputs(model.specs["vae_decoder"], 1))
     assert bound == [("mel", "cpu", 0)]
+
+
+def _nvidia_wheels(site, *packages):
+    for package in packages:
+        (site / "nvidia" / package / "lib").mkdir(parents=True)
+    return site
+
+
+def test_cuda_libraries_are_preloaded_from_nvidia_wheels_apart_from_onnxruntime(tmp_path,
+                                                                              monkeypatch,
+                                                                              capsys):
+    """onnxruntime-gpu's preload_dlls searches only beside itself: NVIDIA's wheels elsewhere on
+    sys.path (a PyTorch install's) are passed to it folder by folder, quietly, before its own
+    search, which alone may report what is missing."""
+    import mmsep.runtime.backends.ort as backend_module
+
+    torch_site = _nvidia_wheels(tmp_path / "torch-site", "cu13", "cudnn")
+    ort_site = _nvidia_wheels(tmp_path / "ort-site", "cu12")
+    (ort_site / "onnxruntime").mkdir()
+    monkeypatch.syspath_prepend(str(torch_site))
+    monkeypatch.syspath_prepend(str(ort_site))
+    calls = []
+
+    class FakeOrt:
+        __file__ = str(ort_site / "onnxruntime" / "__init__.py")
+
+        @staticmethod
+        def get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        @staticmethod
+        def preload_dlls(directory=None):
+            calls.append(directory)
+            print(f"Failed to load something from {directory}")
+
+    monkeypatch.setattr(backend_module, "import_ort", lambda: FakeOrt)
+    backend_module.preload_cuda_libraries.__wrapped__()
+    ours = [c for c in calls[:-1] if c.startswith(str(tmp_path))]
+    assert ours == [str(torch_site / "nvidia" / "cu13" / "lib"),
+                    str(torch_site / "nvidia" / "cudnn" / "lib")]
+    assert calls[-1] is None  # its own search last, beside onnxruntime (cu12 here)
+    assert capsys.readouterr().out == "Failed to load something from None\n"
