@@ -17,7 +17,7 @@ import numpy as np
 from ..models.presets import CLIP_IMAGE_SIZE, SYNC_IMAGE_SIZE
 from ..runtime.atomic import write_bytes_atomically
 from ..runtime.resize import resize_frames
-from ..runtime.pixels import YuvConversion
+from ..runtime.pixels import RGB_INPUT, YUV_PLANES, YuvConversion
 from ..runtime.resize_engine import ENGINE_NAMES as NAMES, MAX_FRAMES, OUTPUT_NAME, PLANS, \
     engine_graph, engine_inputs, engine_profile, table_inputs
 from . import tensorrt_build as tb
@@ -74,13 +74,12 @@ def _random_pixels(rng, frames: int, height: int, width: int, yuv: bool):
     planes with random conversion tables of swscale's range."""
     if not yuv:
         rgb = rng.integers(0, 256, (frames, height, width, 3), np.uint8)
-        return {"frames": rgb}, rgb
+        return {RGB_INPUT: rgb}, rgb
     conversion = YuvConversion((0, 0), *(rng.integers(-300, 300, (256, 3)).astype(np.int32)
                                          for _ in range(3)))
     chroma = (frames, -(-height // 2), -(-width // 2))
-    planes = {"luma": rng.integers(0, 256, (frames, height, width), np.uint8),
-              "cb": rng.integers(0, 256, chroma, np.uint8),
-              "cr": rng.integers(0, 256, chroma, np.uint8)}
+    planes = {name: rng.integers(0, 256, size, np.uint8)
+              for name, size in zip(YUV_PLANES, ((frames, height, width), chroma, chroma))}
     return {**planes, **table_inputs(conversion)}, conversion.to_rgb(*planes.values())
 
 

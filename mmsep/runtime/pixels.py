@@ -26,6 +26,7 @@ import numpy as np
 
 CALIBRATION_ROWS = 64  # chroma rows of a calibration frame: 4 luma values per 2 x 2 block
 YUV_PLANES = ("luma", "cb", "cr")  # the plane fields of YuvFrame / YuvFrames, in plane order
+RGB_INPUT = "frames"  # the resize graphs' input of RGB frames; YUV_PLANES name the others
 
 
 def chroma_size(height: int, width: int) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .pixels import YUV_PLANES, YuvFrames
+from .pixels import RGB_INPUT, YUV_PLANES, YuvFrames
 
 BICUBIC_A = -0.5
 BICUBIC_SUPPORT = 2.0
@@ -196,7 +196,7 @@ class FrameResizer:
             pixels = {name: np.ascontiguousarray(getattr(frames, name), np.uint8)
                       for name in YUV_PLANES}
         else:
-            pixels = {"frames": np.ascontiguousarray(frames, np.uint8)}
+            pixels = {RGB_INPUT: np.ascontiguousarray(frames, np.uint8)}
         return {**pixels,
                 "clip_index": np.ascontiguousarray(clip_index, np.int64),
                 "sync_frames": sync_frames.astype(np.int64),

@@ -39,7 +39,7 @@ import functools
 
 import numpy as np
 
-from .pixels import YUV_PLANES
+from .pixels import RGB_INPUT, YUV_PLANES
 from .resize import clip_plan, sync_plan
 from .resize_graph import BAND_BLOCK, HALF, PART_BITS, GraphBuilder, round_grey, band, weight_parts
 
@@ -57,18 +57,19 @@ PLANS = {"clip": clip_plan, "sync": sync_plan}
 def input_names(yuv: bool = False) -> tuple[str, ...]:
     """The graph's inputs: RGB frames, or yuv420p planes and their conversion's tables; then the
     bands and the value mapping."""
-    return (*YUV_PLANES, *YUV_TABLES, *BAND_INPUTS) if yuv else ("frames", *BAND_INPUTS)
+    return (*YUV_PLANES, *YUV_TABLES, *BAND_INPUTS) if yuv else (RGB_INPUT, *BAND_INPUTS)
 
 
 def _pixel_shapes(yuv: bool) -> dict[str, tuple]:
     """(min, opt, max) shapes of the pixel inputs; opt is a 720p window's CLIP chunk."""
     if not yuv:
-        return {"frames": ((1, 1, 1, 3), (MAX_FRAMES, 720, 1280, 3),
-                           (MAX_FRAMES, MAX_SIDE, MAX_SIDE, 3))}
+        return {RGB_INPUT: ((1, 1, 1, 3), (MAX_FRAMES, 720, 1280, 3),
+                            (MAX_FRAMES, MAX_SIDE, MAX_SIDE, 3))}
+    luma, cb, cr = YUV_PLANES
     chroma = ((1, 1, 1), (MAX_FRAMES, 360, 640), (MAX_FRAMES, MAX_SIDE // 2, MAX_SIDE // 2))
     table = ((256, 3),) * 3
-    return {"luma": ((1, 1, 1), (MAX_FRAMES, 720, 1280), (MAX_FRAMES, MAX_SIDE, MAX_SIDE)),
-            "cb": chroma, "cr": chroma, **{name: table for name in YUV_TABLES}}
+    return {luma: ((1, 1, 1), (MAX_FRAMES, 720, 1280), (MAX_FRAMES, MAX_SIDE, MAX_SIDE)),
+            cb: chroma, cr: chroma, **{name: table for name in YUV_TABLES}}
 
 
 @functools.lru_cache(maxsize=2)
@@ -139,14 +140,13 @@ def _yuv_to_rgb(g: GraphBuilder) -> str:
     The shapes come from the planes, so one graph serves every resolution."""
     from onnx import TensorProto
 
-    index = {}
-    for plane in YUV_PLANES:
+    terms = []
+    for plane, table in zip(YUV_PLANES, YUV_TABLES):
         grey = g.node("Cast", [plane], f"{plane}_float", to=TensorProto.FLOAT)
-        index[plane] = g.node("Cast", [grey], f"{plane}_index", to=TensorProto.INT32)
-    luma = g.node("Gather", ["luma_table", index["luma"]], "luma_term", axis=0)  # (F, H, W, 3)
-    chroma = g.node("Add", [g.node("Gather", ["blue_table", index["cb"]], "blue_term", axis=0),
-                            g.node("Gather", ["red_table", index["cr"]], "red_term", axis=0)],
-                    "chroma")  # (F, h, w, 3)
+        index = g.node("Cast", [grey], f"{plane}_index", to=TensorProto.INT32)
+        terms.append(g.node("Gather", [table, index], f"{plane}_term", axis=0))  # (F, *size, 3)
+    luma, blue, red = terms
+    chroma = g.node("Add", [blue, red], "chroma")  # (F, h, w, 3)
     for name, value in (("block_axes", [2, 4]), ("merge_columns", [0, 0, 0, -1, 3]),
                         ("width_at", [3]), ("width_end", [4]), ("merge_rows", [0, -1]),
                         ("channels", [3]), ("size_at", [1]), ("size_end", [3]),
@@ -170,11 +170,12 @@ def _yuv_to_rgb(g: GraphBuilder) -> str:
 def _inputs(yuv: bool) -> list:
     from onnx import TensorProto, helper
 
-    types = {"frames": TensorProto.UINT8, "col_index": TensorProto.INT32,
+    luma, cb, cr = YUV_PLANES
+    types = {RGB_INPUT: TensorProto.UINT8, "col_index": TensorProto.INT32,
              "row_index": TensorProto.INT32, **{p: TensorProto.UINT8 for p in YUV_PLANES}}
-    dims = {"frames": ["frames", "height", "width", 3], "scale": [1], "offset": [1],
-            "luma": ["frames", "height", "width"], "cb": ["frames", "chroma_h", "chroma_w"],
-            "cr": ["frames", "chroma_h", "chroma_w"], **{t: [256, 3] for t in YUV_TABLES}}
+    dims = {RGB_INPUT: ["frames", "height", "width", 3], "scale": [1], "offset": [1],
+            luma: ["frames", "height", "width"], cb: ["frames", "chroma_h", "chroma_w"],
+            cr: ["frames", "chroma_h", "chroma_w"], **{t: [256, 3] for t in YUV_TABLES}}
     for pass_ in ("col", "row"):
         dims[f"{pass_}_index"] = [f"{pass_}_bands", f"{pass_}_span"]
         dims[f"{pass_}_weights"] = [f"{pass_}_bands", f"{pass_}_span", 3 * BAND_BLOCK]
@@ -194,7 +195,7 @@ def engine_graph(yuv: bool = False) -> bytes:
                         ("part_unit", 2.0 ** -PART_BITS), ("high_unit", 2.0 ** -8)):
         g.constant(name, value, np.float32)
     g.constant("merge_bands", [0, 0, 0, -1], np.int64)
-    pixels = _yuv_to_rgb(g) if yuv else g.node("Cast", ["frames"], "frames_float",
+    pixels = _yuv_to_rgb(g) if yuv else g.node("Cast", [RGB_INPUT], "frames_float",
                                                to=TensorProto.FLOAT)
     planes = g.node("Transpose", [pixels], "planes", perm=[0, 3, 1, 2])  # (F, 3, H, W)
     tall = _pass(g, planes, "col")  # (F, 3, out_w, H)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .pixels import YUV_PLANES, chroma_size
+from .pixels import RGB_INPUT, YUV_PLANES, chroma_size
 from .resize import PRECISION_BITS, ResizePlan
 
 BAND_BLOCK = 32  # outputs per block of a banded pass
@@ -169,9 +169,9 @@ def resize_graph(clip: ResizePlan, sync: ResizePlan, conversion=None) -> bytes:
                         ("part_unit", 2.0 ** -PART_BITS), ("high_unit", 2.0 ** -8)):
         g.constant(name, value, np.float32)
     if conversion is None:
-        inputs = [helper.make_tensor_value_info("frames", TensorProto.UINT8,
+        inputs = [helper.make_tensor_value_info(RGB_INPUT, TensorProto.UINT8,
                                                 ["frames", height, width, 3])]
-        g.node("Transpose", ["frames"], "planes", perm=[0, 3, 1, 2])  # channels first, uint8
+        g.node("Transpose", [RGB_INPUT], "planes", perm=[0, 3, 1, 2])  # channels first, uint8
     else:
         inputs = _yuv_to_rgb(g, conversion, height, width)
     _stream(g, "clip", clip, "clip_index", "clip")

@@ -23,13 +23,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendError
-from ..pixels import YUV_PLANES, YuvFrames
+from ..pixels import RGB_INPUT, YUV_PLANES, YuvFrames
 from ..resize_engine import ENGINE_NAMES, MAX_FRAMES, OUTPUT_NAME, engine_inputs, fits, \
     input_names, table_inputs
 from .cuda_memory import CudaMemory, DeviceArray, in_context
 
 RING = 3  # output buffer sets in turn
-_STREAMS = ("clip", "sync")
 
 
 class TrtFrameResizer:
@@ -57,7 +56,7 @@ class TrtFrameResizer:
 
     def accepts(self, height: int, width: int) -> bool:
         """Whether the engine's profile takes frames of this size (else: resize on the host)."""
-        return all(fits(stream, height, width, self.sizes[stream]) for stream in _STREAMS)
+        return all(fits(stream, height, width, self.sizes[stream]) for stream in self.sizes)
 
     @in_context
     def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray):
@@ -173,7 +172,7 @@ def _check_engine(trt, engine, yuv: bool) -> None:
     if names != wanted:
         raise BackendError(name, f"engine tensors {sorted(names)} differ from the resize "
                                  f"graph's {sorted(wanted)}")
-    for tensor in (*(YUV_PLANES if yuv else ("frames",)), OUTPUT_NAME):
+    for tensor in (*(YUV_PLANES if yuv else (RGB_INPUT,)), OUTPUT_NAME):
         dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor)))
         want = np.dtype(np.float32 if tensor == OUTPUT_NAME else np.uint8)
         if dtype != want:
@@ -186,5 +185,5 @@ def _pixel_inputs(frames) -> dict:
     if isinstance(frames, YuvFrames):
         return {plane: getattr(frames, plane) for plane in YUV_PLANES}
     if any(f.dtype != np.uint8 or f.shape != frames[0].shape for f in frames):
-        raise BackendError("frame_resize", "frames must be uint8 and of one size")
-    return {"frames": frames}
+        raise BackendError(ENGINE_NAMES[False], "frames must be uint8 and of one size")
+    return {RGB_INPUT: frames}
