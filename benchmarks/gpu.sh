@@ -4,7 +4,8 @@
 #            background beside the first export, waited for before the first timed phase
 #   export   random real-size weights of each preset and its model directory (fp32 + fp16 graphs,
 #            each checked against PyTorch fp32 on the GPU; engines too where TensorRT is installed;
-#            where a check fails, the phase fails and the fp32 graphs alone are exported for the rest)
+#            where a check fails, the phase fails and the fp32 graphs alone are exported for the
+#            phases that follow)
 #   loop     the denoiser loop alone: fp16/fp32 graphs, CUDA graphs on/off (denoiser_loop.py)
 #   profile  ONNX Runtime's profiler over one plain fp16 loop: ms per step, host time in node
 #            calls, nodes per step, the costliest op types (denoiser_profile.py)

@@ -10,7 +10,8 @@ from mmsep.models.mel import MelSpectrogram, dft_basis, slaney_mel_filterbank
 from mmsep.models.presets import AUDIO_MODES, sequence_lengths
 from tests.helpers import rel_l2
 
-librosa = pytest.importorskip("librosa", reason="the independent reference (the test extra)")
+librosa = pytest.importorskip("librosa", reason="librosa, the independent reference, is not "
+                              "installed (the test extra: pip install '.[test]')")
 
 MODES = ("16k", "44k")
 
