@@ -244,12 +244,18 @@ def default_timing_cache(info: dict) -> Path:
     return base / f"tensorrt-{info['version']}-{gpu}-sm{info['compute_capability']}.timing"
 
 
+def machine_key(content: dict, info: dict) -> str:
+    """Content address of an engine built from ``content`` on the machine ``info`` describes
+    (TensorRT version, GPU, compute capability)."""
+    payload = {**content, "tensorrt": info["version"], "gpu": info["gpu"],
+               "compute_capability": info["compute_capability"]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def engine_key(stage_record: dict, precision: str, info: dict) -> str:
     """Content address of one engine: the fp32 graph's key, precision pass, TensorRT, GPU."""
-    payload = {"graph": stage_record["key"], "precision": precision,
-               "mixed_precision_pass": PASS_VERSION, "tensorrt": info["version"],
-               "gpu": info["gpu"], "compute_capability": info["compute_capability"]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return machine_key({"graph": stage_record["key"], "precision": precision,
+                        "mixed_precision_pass": PASS_VERSION}, info)
 
 
 def build_engines(model_dir: Path, manifest: dict, modules: dict, *, precision: str = "fp16",

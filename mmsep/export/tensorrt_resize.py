@@ -9,7 +9,6 @@ re-export reuses them like any other unchanged engine.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,7 @@ STREAMS = (("clip", CLIP_IMAGE_SIZE), ("sync", SYNC_IMAGE_SIZE))  # the model in
 
 
 def engine_key(graph: bytes, info: dict) -> str:
-    payload = {"graph": hashlib.sha256(graph).hexdigest(), "tensorrt": info["version"],
-               "gpu": info["gpu"], "compute_capability": info["compute_capability"]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return tb.machine_key({"graph": hashlib.sha256(graph).hexdigest()}, info)
 
 
 def build_frame_resize_engines(model_dir: Path, info: dict, *, timing_cache: Path,
