@@ -57,6 +57,7 @@ class CudaMemory:
         self._cuda = cuda
         self.stream = cuda.Stream()
         self._allocations: list = []
+        self._buffers: dict[Any, tuple[int, int]] = {}  # key -> (address, bytes)
         self._staging: dict[Any, np.ndarray] = {}
 
     def alloc(self, nbytes: int) -> int:
@@ -64,6 +65,16 @@ class CudaMemory:
         allocation = self._cuda.mem_alloc(max(int(nbytes), 1))
         self._allocations.append(allocation)
         return int(allocation)
+
+    def buffer(self, key, nbytes: int, reserve: int = 0) -> int:
+        """The address of the device buffer of ``key``, at least ``nbytes``: allocated with
+        ``max(nbytes, reserve)`` bytes when ``key`` has none or a smaller one, else reused."""
+        ptr, size = self._buffers.get(key, (0, -1))
+        if size < nbytes:
+            size = max(int(nbytes), int(reserve))
+            ptr = self.alloc(size)
+            self._buffers[key] = (ptr, size)
+        return ptr
 
     def _pinned(self, key, nbytes: int) -> np.ndarray:
         buf = self._staging.get(key)
@@ -104,5 +115,6 @@ class CudaMemory:
         return {name: array.copy() for name, array in staged.items()}
 
     def release(self) -> None:
+        self._buffers.clear()
         self._allocations.clear()
         self._staging.clear()

@@ -56,15 +56,12 @@ class _Stage:
             raise BackendError(spec.name, "TensorRT could not create an execution context "
                                           "(out of GPU memory?)")
         self._backend = backend
-        self._buffers: dict[str, Any] = {}
 
     def buffer(self, name: str, nbytes: int):
-        """A device buffer of at least ``nbytes`` for ``name``, allocated once and reused."""
-        buf = self._buffers.get(name)
-        if buf is None or buf[1] < nbytes:
-            size = max(nbytes, self._backend.max_bytes(self.spec, name))
-            buf = self._buffers[name] = (self._backend.memory.alloc(size), size)
-        return buf[0]
+        """A device buffer of at least ``nbytes`` for ``name``, allocated once (at the profile's
+        largest shape where that is more) and reused."""
+        return self._backend.memory.buffer((self.spec.name, name), nbytes,
+                                           reserve=self._backend.max_bytes(self.spec, name))
 
     def call(self, ok, what: str) -> None:
         if not ok:

@@ -50,7 +50,6 @@ class TrtFrameResizer:
                 raise BackendError(ENGINE_NAMES[yuv], "TensorRT could not create an execution "
                                                       "context (out of GPU memory?)")
         self.memory = CudaMemory(cuda)
-        self._buffers: dict[tuple, tuple[int, int]] = {}
         self._fixed: dict[tuple, dict[str, DeviceArray]] = {}  # bands, conversion tables
         self._runs = 0
 
@@ -68,8 +67,8 @@ class TrtFrameResizer:
         tables = None
         if isinstance(frames, YuvFrames):
             if not self.takes_yuv:
-                raise BackendError("frame_resize", "this model has no yuv420p frame-resize "
-                                                   "engine")
+                raise BackendError(ENGINE_NAMES[True], "this model has no yuv420p frame-resize "
+                                                       "engine")
             tables = self._upload(("tables", frames.conversion.key),
                                   lambda: table_inputs(frames.conversion))
         slot = self._runs % RING
@@ -80,13 +79,6 @@ class TrtFrameResizer:
         segments = self._segments(sync, segment_index.reshape(np.shape(sync_index)), slot)
         self.memory.stream.synchronize()
         return clip, segments
-
-    def _buffer(self, key: tuple, nbytes: int) -> int:
-        """A device buffer of at least ``nbytes`` for ``key``, kept and grown as needed."""
-        ptr, size = self._buffers.get(key, (0, -1))
-        if size < nbytes:
-            ptr, size = self._buffers[key] = (self.memory.alloc(nbytes), nbytes)
-        return ptr
 
     def _upload(self, key: tuple, make) -> dict[str, DeviceArray]:
         """The arrays ``make()`` returns, made and uploaded once per ``key`` and kept."""
@@ -108,7 +100,7 @@ class TrtFrameResizer:
         height, width = first_plane.shape[:2]
         size = self.sizes[stream]
         item = 3 * size * size * np.dtype(np.float32).itemsize
-        out = self._buffer(("out", stream, slot), len(rows) * item)
+        out = self.memory.buffer(("out", stream, slot), len(rows) * item)
         bands = self._upload((stream, height, width),
                              lambda: engine_inputs(stream, height, width, size))
         fixed = {**bands, **(tables or {})}
@@ -117,35 +109,38 @@ class TrtFrameResizer:
             inputs = dict(fixed)
             for name, planes in pixels.items():
                 key = (name, stream, first // MAX_FRAMES)
-                ptr = self._buffer(key, len(chunk) * planes[0].nbytes)
+                ptr = self.memory.buffer(key, len(chunk) * planes[0].nbytes)
                 self.memory.put_rows(ptr, [planes[row] for row in chunk], key)
                 inputs[name] = DeviceArray(ptr, (len(chunk), *planes[0].shape),
                                            np.dtype(np.uint8))
-            self._enqueue(self._exec[tables is not None], inputs, out + first * item,
+            self._enqueue(tables is not None, inputs, out + first * item,
                           (len(chunk), 3, size, size))
         return DeviceArray(out, (len(rows), 3, size, size), np.dtype(np.float32))
 
-    def _enqueue(self, context, inputs: dict[str, DeviceArray], out: int, shape: tuple) -> None:
+    def _enqueue(self, yuv: bool, inputs: dict[str, DeviceArray], out: int,
+                 shape: tuple) -> None:
+        """One call of the engine (the yuv420p one where ``yuv``) on the resizer's stream."""
+        context, engine = self._exec[yuv], ENGINE_NAMES[yuv]
+
+        def need(ok, what: str) -> None:
+            if not ok:
+                raise BackendError(engine, f"TensorRT could not {what}")
+
         for name, value in inputs.items():
-            self._need(context.set_input_shape(name, value.shape),
-                       f"set the shape of input {name!r} to {value.shape}")
-            self._need(context.set_tensor_address(name, value.ptr), f"bind input {name!r}")
+            need(context.set_input_shape(name, value.shape),
+                 f"set the shape of input {name!r} to {value.shape}")
+            need(context.set_tensor_address(name, value.ptr), f"bind input {name!r}")
         got = tuple(int(d) for d in context.get_tensor_shape(OUTPUT_NAME))
         if got != shape:
-            raise BackendError("frame_resize", f"output would have shape {got}, expected {shape}")
-        self._need(context.set_tensor_address(OUTPUT_NAME, out), "bind the output")
-        self._need(context.execute_async_v3(self.memory.stream.handle), "enqueue the engine")
-
-    @staticmethod
-    def _need(ok, what: str) -> None:
-        if not ok:
-            raise BackendError("frame_resize", f"TensorRT could not {what}")
+            raise BackendError(engine, f"output would have shape {got}, expected {shape}")
+        need(context.set_tensor_address(OUTPUT_NAME, out), "bind the output")
+        need(context.execute_async_v3(self.memory.stream.handle), "enqueue the engine")
 
     def _segments(self, sync: DeviceArray, index: np.ndarray, slot: int) -> DeviceArray:
         """(segments, segment_frames, ...) from the resized Synchformer frames, one copy per run
         of consecutive frames."""
         item = sync.nbytes // max(sync.shape[0], 1)
-        out = self._buffer(("segments", slot), index.size * item)
+        out = self.memory.buffer(("segments", slot), index.size * item)
         flat = index.reshape(-1)
         start = 0
         for stop in range(1, flat.size + 1):
@@ -157,7 +152,6 @@ class TrtFrameResizer:
 
     def release(self) -> None:
         """Free the device memory (the backend's context must be current)."""
-        self._buffers.clear()
         self._fixed.clear()
         self._exec.clear()
         self._engines.clear()

@@ -366,3 +366,23 @@ def test_runtime_trt_backend_matches_onnxruntime(request, tmp_path):
     print(f"TensorRT fp16 runtime vs ONNX Runtime fp32, final latents (2 steps, cfg 1): {err:.2e}")
     assert err < 2e-2
     np.testing.assert_array_equal(again.latents, got.latents)
+
+
+def test_a_device_buffer_is_kept_per_key_and_grows_only_when_asked_for_more(gpu):
+    import pycuda.driver as cuda
+
+    context = cuda.Device(0).retain_primary_context()
+    context.push()
+    try:
+        memory = CudaMemory(cuda)
+        first = memory.buffer("x", 100, reserve=1000)
+        assert memory.buffer("x", 1000) == first  # the reserve was allocated up front
+        assert gpu.view(first, 1000).size == 1000
+        assert memory.buffer("y", 100) != first  # another key, another buffer
+        grown = memory.buffer("x", 1001)
+        assert grown != first and gpu.view(grown, 1001).size == 1001
+        assert memory.buffer("x", 10) == grown
+        memory.release()
+        assert memory.buffer("x", 10) not in (first, grown)  # released: allocated anew
+    finally:
+        context.pop()
