@@ -142,7 +142,8 @@ class StageSpec:
         def tensors(items):
             return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
 
-        return cls(**{**data, "inputs": tensors(data["inputs"]), "outputs": tensors(data["outputs"])})
+        return cls(**{**data, "inputs": tensors(data["inputs"]),
+                      "outputs": tensors(data["outputs"])})
 
 
 @dataclass(frozen=True)

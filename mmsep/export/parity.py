@@ -64,11 +64,11 @@ def resolve_parity_device(choice: str = "auto") -> str:
 
 def cuda_missing() -> list[str]:
     """Why PyTorch and ONNX Runtime cannot both run on a GPU here (empty: they can)."""
-    from ..runtime.backends.ort import cuda_available
+    from ..runtime.backends.ort import cuda_refusal
 
-    return [why for why, ok in (("PyTorch sees no CUDA GPU", torch.cuda.is_available()),
-                                ("ONNX Runtime has no CUDAExecutionProvider (install "
-                                 "onnxruntime-gpu)", cuda_available())) if not ok]
+    missing = [] if torch.cuda.is_available() else ["PyTorch sees no CUDA GPU"]
+    refusal = cuda_refusal()
+    return missing + ([] if refusal is None else [refusal])
 
 
 def torch_reference(module: torch.nn.Module, spec: StageSpec, inputs: dict[str, torch.Tensor],

@@ -1,4 +1,5 @@
-"""BigVGAN v1, the mel -> waveform vocoder of MMAudio's 16 kHz models (``ext_weights/best_netG.pt``).
+"""BigVGAN v1, the mel -> waveform vocoder of MMAudio's 16 kHz models
+(``ext_weights/best_netG.pt``).
 
 MMAudio ships it as ``{'generator': state_dict}`` with weight-normed convolutions and a fixed
 architecture (its ``bigvgan_vocoder.yml``; there is no config file beside the weights). The network
@@ -38,7 +39,8 @@ _CONFIGS = (BIGVGAN_V1_16K, TINY_V1_CONFIG)
 
 
 class BigVGANv1(BigVGAN):
-    """Log10-mel (B, 80, T) as the 16 kHz VAE decodes it -> 16 kHz waveform (B, 256 T) in (-1, 1)."""
+    """Log10-mel (B, 80, T) as the 16 kHz VAE decodes it -> 16 kHz waveform (B, 256 T) in
+    (-1, 1)."""
 
     def __init__(self, config: BigVGANConfig = BIGVGAN_V1_16K):
         super().__init__(config)

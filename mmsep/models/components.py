@@ -4,7 +4,8 @@ Default file names follow the public release layout under a weights directory (t
 MMAudioSep layout, with MMAudio's names accepted for the flow network):
 
     weights/mmaudiosep_<variant>.pth               separation network (MMAudioSep; MMAudio's
-                                                   generation networks: weights/mmaudio_<variant>.pth)
+                                                   generation networks:
+                                                   weights/mmaudio_<variant>.pth)
     ext_weights/v1-44.pth, ext_weights/v1-16.pth   mel VAEs
     ext_weights/synchformer_state_dict.pth         Synchformer
     ext_weights/DFN5B-CLIP-ViT-H-14-384/           open_clip weights (open_clip_model.safetensors or

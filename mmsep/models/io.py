@@ -90,12 +90,14 @@ def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], path:
             more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
             problems.append(f"{len(keys)} {label}: {', '.join(keys[:limit])}{more}")
     if problems:
-        raise CheckpointError(f"{os.fspath(path)}: does not match the {what}: " + "; ".join(problems))
+        raise CheckpointError(f"{os.fspath(path)}: does not match the {what}: "
+                              + "; ".join(problems))
 
 
 def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                  *, what: str = "checkpoint") -> nn.Module:
-    """Strictly load ``state`` into ``module`` after checking it, with dtypes cast to the module's."""
+    """Strictly load ``state`` into ``module`` after checking it, with dtypes cast to the
+    module's."""
     check_state_dict(module, state, path, what=what)
     module.load_state_dict(dict(state), strict=True)
     return module

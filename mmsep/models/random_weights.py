@@ -23,7 +23,8 @@ import click
               help="Flow network preset (small_16k, small_44k, ..., tiny, tiny_16k).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Weights directory to write.")
-@click.option("--generation", is_flag=True, help="Write a generation (not separation) flow network.")
+@click.option("--generation", is_flag=True,
+              help="Write a generation (not separation) flow network.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 def main(preset: str, out: Path, generation: bool, seed: int) -> None:
     """Write a random-weight flow checkpoint and companions in the release layout."""

@@ -154,7 +154,8 @@ class ClipTable:
         return self.audio.shape[0]
 
 
-def load_table(paths: list[Path], classes: torch.Tensor, empty: tuple[torch.Tensor, ...]) -> ClipTable:
+def load_table(paths: list[Path], classes: torch.Tensor,
+               empty: tuple[torch.Tensor, ...]) -> ClipTable:
     """Stack the cache files; ``empty`` is the network's (clip, sync, text) empty features, one
     item each, standing in for what a clip lacks."""
     entries = [torch.load(p, weights_only=True) for p in paths]

@@ -42,19 +42,18 @@ def vae_decoder(tiny_model_dir):
 
 def test_parity_device_resolution(monkeypatch):
     assert resolve_parity_device("cpu") == "cpu"
+    no_provider = "ONNX Runtime's CUDA provider is not available here (install onnxruntime-gpu)"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(ort_backend, "cuda_available", lambda: False)
+    monkeypatch.setattr(ort_backend, "cuda_refusal", lambda: no_provider)
     assert resolve_parity_device("auto") == "cpu"
     with pytest.raises(UsageError) as refused:
         resolve_parity_device("cuda")
-    assert str(refused.value) == (
-        "--parity-device cuda: PyTorch sees no CUDA GPU; ONNX Runtime has no "
-        "CUDAExecutionProvider (install onnxruntime-gpu)")
+    assert str(refused.value) == f"--parity-device cuda: PyTorch sees no CUDA GPU; {no_provider}"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(UsageError, match="ONNX Runtime has no CUDAExecutionProvider"):
+    with pytest.raises(UsageError, match="CUDA provider is not available"):
         resolve_parity_device("cuda")
     assert resolve_parity_device("auto") == "cpu"  # both must see the GPU
-    monkeypatch.setattr(ort_backend, "cuda_available", lambda: True)
+    monkeypatch.setattr(ort_backend, "cuda_refusal", lambda: None)
     assert resolve_parity_device("auto") == resolve_parity_device("cuda") == "cuda"
     with pytest.raises(ValueError, match="one of auto, cpu, cuda"):
         resolve_parity_device("gpu")

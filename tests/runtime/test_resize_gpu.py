@@ -4,6 +4,7 @@ GPU, and PIL's grey levels bit for bit from the decoder's yuv420p planes of a 72
 import numpy as np
 import pytest
 
+from mmsep.runtime.backends.ort import cuda_refusal
 from mmsep.runtime.pixels import YuvFrames, rgb, yuv_frame
 from mmsep.runtime.resize import FrameResizer, clip_plan, resize_frames, sync_plan
 from tests.runtime.test_resize import CLIP, SYNC
@@ -15,8 +16,9 @@ pytestmark = pytest.mark.gpu
 def ort_cuda():
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    refusal = cuda_refusal()
+    if refusal is not None:
+        pytest.skip(refusal)
     from mmsep.runtime.backends.ort import preload_cuda_libraries
 
     preload_cuda_libraries()

@@ -6,7 +6,7 @@
               built for another GPU or TensorRT version.
     auto      the fastest available: trt, then ort-cuda, then ort-cpu; a faster backend that
               cannot be used is skipped with a warning saying why (except when its software is
-              simply not installed).
+              not installed, or NVIDIA's driver sees no GPU: cuda_driver.py).
 
 ``precision`` chooses ONNX Runtime's graphs (ort.graph_precision: "auto" runs the fp16 graphs on
 CUDA, fp32 on the CPU); TensorRT engines run in the precision they were built with.

@@ -28,6 +28,7 @@ from ...closing import Closing
 from ...stages import Stage, Tensor, euler_schedule
 from ..errors import BackendError, BackendUnavailable, one_line
 from ..model_dir import ModelDir
+from .cuda_driver import cuda_device_problem
 from .ort_graphs import DenoiserGraphs
 from .protocol import check_inputs, stack_branches, step_invariant_inputs
 
@@ -80,13 +81,23 @@ def session_providers(device: str, device_id: int = 0, precision: str = "fp16") 
     return ["CPUExecutionProvider"]
 
 
-def cuda_available() -> bool:
-    """Whether ONNX Runtime offers its CUDA provider in this environment."""
+def cuda_refusal() -> str | None:
+    """Why ONNX Runtime cannot run on a CUDA GPU here (its CUDA provider is not installed, or the
+    NVIDIA driver sees no GPU), or None when it can try."""
     try:
         ort = import_ort()
-    except BackendUnavailable:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    except BackendUnavailable as exc:
+        return str(exc)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("ONNX Runtime's CUDA provider is not available here (install onnxruntime-gpu "
+                "with a matching CUDA)")
+    problem = cuda_device_problem()
+    return None if problem is None else f"ONNX Runtime CUDA needs a GPU: {problem}"
+
+
+def cuda_available() -> bool:
+    """Whether ONNX Runtime offers its CUDA provider here and the NVIDIA driver sees a GPU."""
+    return cuda_refusal() is None
 
 
 def graph_precision(model: ModelDir, device: str, precision: str = "auto") -> str:
@@ -116,6 +127,9 @@ class OrtBackend(Closing):
                  threads: int = 0, precision: str = "auto", cuda_graphs: bool | None = None):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        refusal = cuda_refusal() if device == "cuda" else None
+        if refusal is not None:
+            raise BackendUnavailable(f"{refusal}; or use --backend ort-cpu")
         self._ort = import_ort()
         self.model = model
         self.device = device
@@ -133,10 +147,6 @@ class OrtBackend(Closing):
                 providers=self._providers(), device=device, device_id=device_id, lock=self.lock,
                 check_unchanged=model.check_unchanged)
         if device == "cuda":
-            if not cuda_available():
-                raise BackendUnavailable(
-                    "ONNX Runtime's CUDA provider is not available here (install onnxruntime-gpu "
-                    "with a matching CUDA, or use --backend ort-cpu)")
             preload_cuda_libraries()
             # Creating one session proves that the provider really loads (ORT falls back to the
             # CPU silently when CUDA libraries are missing, which _session turns into an error).

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmsep.runtime.backends import OrtBackend
-from mmsep.runtime.backends.ort import preload_cuda_libraries
+from mmsep.runtime.backends.ort import cuda_refusal, preload_cuda_libraries
 from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.resize import FrameResizer
 
@@ -22,9 +22,10 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def ort_cuda():
-    ort = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    pytest.importorskip("onnxruntime")
+    refusal = cuda_refusal()
+    if refusal is not None:
+        pytest.skip(refusal)
     preload_cuda_libraries()
 
 
