@@ -347,9 +347,15 @@ class WindowFrames(Closing):
         if len(shapes) > 1 or not self._resizer.accepts(*next(iter(shapes))[:2]):
             # the resolution changes in this window, or the device resize does not take it
             g = self.geometry
-            clip = self._pool.map(clip_image, [as_rgb[id(p)] for p in clip_images],
-                                  repeat(g.clip_image_size))
-            sync = self._pool.map(sync_image, [as_rgb[id(p)] for p in sync_images],
-                                  repeat(g.sync_image_size))
-            return ResizedImages(np.stack(list(clip)), np.stack(list(sync)))
+            return ResizedImages(
+                self._resize_each_once(clip_image, clip_images, as_rgb, g.clip_image_size),
+                self._resize_each_once(sync_image, sync_images, as_rgb, g.sync_image_size))
         return self._resizer.run(list(as_rgb.values()), clip_index, sync_index)
+
+    def _resize_each_once(self, resize_fn, selected: list, as_rgb: dict, size: int) -> np.ndarray:
+        """``resize_fn`` of each distinct frame of ``selected`` once, on the pool, stacked in
+        ``selected``'s order (a frame held for several targets is selected several times)."""
+        keys = list(dict.fromkeys(id(p) for p in selected))
+        resized = dict(zip(keys, self._pool.map(resize_fn, [as_rgb[k] for k in keys],
+                                                repeat(size))))
+        return np.stack([resized[id(p)] for p in selected])

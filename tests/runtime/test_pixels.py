@@ -172,3 +172,30 @@ def test_a_window_of_mixed_conversions_is_uploaded_as_rgb(media, recorder):
     source = DecodedFrames(frames, 30.0)
     assert_same_windows(source, source, recorder)
     assert recorder.uploads == ["list"] * 2  # of RGB frames, stacked by the resizer
+
+
+
+def test_a_window_whose_resolution_changes_is_resized_on_the_host_once_per_frame(recorder,
+                                                                                monkeypatch):
+    """A 5 fps source whose frames change size inside the window: the device path falls back to
+    the host resize, still the host path's pixels, resizing each distinct held frame once (the
+    25 fps Synchformer targets hold each frame five times)."""
+    from mmsep.runtime import video
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (96, 128, 3) if i < 4 else (130, 90, 3), dtype=np.uint8)
+              for i in range(10)]
+    source, g = DecodedFrames(frames, 5.0), geometry(1.0)
+    with WindowFrames(source, [0.0], g) as host:
+        want = host.next_window()
+    resized = []
+    host_sync_image = video.sync_image
+    monkeypatch.setattr(video, "sync_image", lambda image, size: resized.append(id(image))
+                        or host_sync_image(image, size))
+    with WindowFrames(source, [0.0], g, resizer=recorder) as device:
+        got = device.next_window()
+    assert recorder.uploads == []  # nothing went to the device resize
+    for got_input, want_input in zip(got, want):
+        np.testing.assert_array_equal(got_input, want_input)
+    held = {min(int(np.ceil(k / g.sync_fps * 5 - 1e-6)), 9) for k in range(g.sync_frames)}
+    assert len(resized) == len(set(resized)) == len(held) == 6  # of 24 targets
