@@ -43,7 +43,7 @@ from mmsep.export.wrappers import stage_modules, stage_specs  # noqa: E402
 from mmsep.models.components import build_components  # noqa: E402
 from mmsep.runtime.atomic import write_bytes_atomically  # noqa: E402
 from mmsep.runtime.backends.ort import preload_cuda_libraries  # noqa: E402
-from mmsep.runtime.cli import console_main  # noqa: E402
+from mmsep.console import console_main  # noqa: E402
 from mmsep.stages import STAGE_ORDER, Stage  # noqa: E402
 
 SCHEMA = "mmsep-gpu-parity/1"

@@ -17,6 +17,7 @@ from ..stages import MIXTURE_LATENTS, POSTERIOR_SAMPLE
 from .errors import ExportError, UsageError
 from .parity import PARITY_DEVICES, resolve_parity_device
 
+PROG = "mmsep-export"
 # a full disk or quota, or a file size limit: the user's to fix (exit 2), not a bug
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -104,22 +105,23 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
                           ("fp16",) if precision == "fp16" else (),
                           parity_device=resolve_parity_device(parity_device), jobs=jobs)
     except (UsageError, CheckpointError) as exc:
-        click.echo(f"mmsep-export: error: {exc}", err=True)
+        click.echo(f"{PROG}: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    except ExportError as exc:
-        click.echo(f"mmsep-export: export failed: {exc}", err=True)
-        sys.exit(EXIT_INTERNAL)
     except KeyboardInterrupt:
-        click.echo("mmsep-export: interrupted; nothing was written", err=True)
+        click.echo(f"{PROG}: interrupted; nothing was written", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - a bug or an environment failure: one line, exit 1
+        full = _full_disk(exc)
+        if full is not None:
+            click.echo(f"{PROG}: error: cannot write the model directory "
+                       f"({os.strerror(full)}); nothing was written", err=True)
+            sys.exit(EXIT_USAGE)
+        if isinstance(exc, ExportError):
+            click.echo(f"{PROG}: export failed: {exc}", err=True)
+            sys.exit(EXIT_INTERNAL)
         if os.environ.get("MMSEP_TRACEBACK"):
             raise
-        if isinstance(exc, OSError) and exc.errno in _FULL_DISK:
-            click.echo(f"mmsep-export: error: cannot write the model directory "
-                       f"({os.strerror(exc.errno)}); nothing was written", err=True)
-            sys.exit(EXIT_USAGE)
-        click.echo(f"mmsep-export: internal error: {type(exc).__name__}: "
+        click.echo(f"{PROG}: internal error: {type(exc).__name__}: "
                    f"{' '.join(str(exc).split())[:400]} (nothing was written; set "
                    "MMSEP_TRACEBACK=1 to see where)", err=True)
         sys.exit(EXIT_INTERNAL)
@@ -127,6 +129,25 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
         click.echo(json.dumps(_summary(result), indent=2))
     elif not quiet:
         _print_summary(result)
+
+
+def console(argv=None) -> None:
+    """The console program: also one line for bad usage (click's own errors), and SIGTERM as
+    Ctrl-C."""
+    from ..console import console_main
+
+    console_main(main, PROG, sys.argv[1:] if argv is None else list(argv),
+                 interrupted="interrupted; nothing was written")
+
+
+def _full_disk(exc: BaseException) -> int | None:
+    """The errno of a full disk, quota or file size limit behind ``exc`` (also when an
+    ExportError wraps it), else None."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _FULL_DISK:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,
@@ -183,9 +204,10 @@ def _check_out(out: Path, inputs: dict) -> None:
     """--out is never an input, never holds one and never lies inside an input directory: the
     exporter replaces the whole directory."""
     from ..runtime.errors import InputError
-    from ..runtime.paths import check_output_dir
+    from ..runtime.paths import check_directory_path, check_output_dir
 
     try:
+        check_directory_path(out, "--out")
         check_output_dir(out, inputs)
     except InputError as exc:
         raise UsageError(str(exc)) from None
@@ -349,4 +371,4 @@ def _size(n: int) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    console()

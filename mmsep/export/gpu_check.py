@@ -55,7 +55,7 @@ def cli(preset: str, precision: str, stages: str | None, max_batch: int, workdir
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit codes from ``mmsep.exit_codes``, one-line errors."""
-    from ..runtime.cli import console_main
+    from ..console import console_main
 
     console_main(cli, PROG, argv, interrupted="interrupted")
 

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import click
 
-from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from ..console import console_main
 from .audio_writer import FORMATS, SUBTYPES, open_audio_outputs, output_format
 from .backend_options import backend_options
 from .mux import MUX_FORMATS
@@ -251,22 +249,6 @@ def _check_suffix(output: Path, fmt: str | None) -> None:
         raise InputError(f"--format {fmt} does not match --output {output}; drop one of them")
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so temporary outputs are removed."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv=None) -> None:
     """Console entry point: one-line errors, exit codes 0/1/2/130, never a traceback."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -279,38 +261,6 @@ def main(argv=None) -> None:
     warnings.showwarning = show
     console_main(cli, PROG, args, interrupted="interrupted; nothing was written")
 
-
-def console_main(command, prog: str, args, *, interrupted: str | None,
-                 interrupted_code: int = EXIT_INTERRUPTED) -> None:
-    """Run a click ``command`` as a console program: one-line errors, exit 0 (or the int the
-    command returns), 2 bad usage or input, 1 internal failure, ``interrupted_code`` on Ctrl-C;
-    never a traceback. SIGTERM counts as Ctrl-C. Shared by mmsep-run, mmsep-batch and
-    mmsep-serve."""
-    from .errors import BackendError, InputError
-
-    try:
-        with _terminate_as_interrupt():
-            code = command.main(args=args, prog_name=prog, standalone_mode=False)
-    except click.exceptions.Exit as exc:  # --help
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        if interrupted:
-            click.echo(f"{prog}: {interrupted}", err=True)
-        sys.exit(interrupted_code)
-    except click.ClickException as exc:  # bad usage: unknown option, value out of range, ...
-        click.echo(f"{prog}: error: {' '.join(exc.format_message().split())}", err=True)
-        sys.exit(EXIT_USAGE)
-    except InputError as exc:
-        click.echo(f"{prog}: error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except BackendError as exc:
-        click.echo(f"{prog}: internal error: {exc}", err=True)
-        sys.exit(EXIT_INTERNAL)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        click.echo(f"{prog}: internal error: {type(exc).__name__}: "
-                   f"{' '.join(str(exc).split())}", err=True)
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 if __name__ == "__main__":
     main()

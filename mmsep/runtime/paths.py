@@ -53,6 +53,18 @@ def check_output_dir(out: PathLike, inputs: Mapping[str, PathLike], *, label: st
                              "directory outside it")
 
 
+def check_directory_path(path: PathLike, label: str) -> None:
+    """Raise InputError unless directory ``path`` exists or can be made: its nearest existing
+    ancestor (or itself) must be a directory."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is" if candidate == path else f"lies under {candidate}, which is"
+                raise InputError(f"{label} {path} {where} not a directory")
+            return
+
+
 def model_files(model_dir: PathLike) -> dict[str, Path]:
     """The files of a model directory, labelled for ``check_outputs`` (empty if it is none)."""
     model_dir = Path(model_dir)

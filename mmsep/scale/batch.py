@@ -18,7 +18,7 @@ from mmsep.exit_codes import EXIT_OK, EXIT_SOME_FAILED
 from mmsep.progress import Progress
 from mmsep.runtime.atomic import remove_stale_partials
 from mmsep.runtime.backend_options import backend_options
-from mmsep.runtime.cli import console_main
+from mmsep.console import console_main
 
 from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, manifest_salt,
                    parse_job)

@@ -15,7 +15,7 @@ import click
 
 from mmsep.exit_codes import EXIT_OK
 from mmsep.runtime.backend_options import backend_options
-from mmsep.runtime.cli import console_main
+from mmsep.console import console_main
 from mmsep.runtime.errors import InputError
 
 PROG = "mmsep-serve"

@@ -18,7 +18,10 @@ import click
 
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE
 from . import recipe
-from .loop import CHECKPOINT, WEIGHTS, Ranks, TrainOptions, Trainer
+from .loop import CHECKPOINT, METRICS, WEIGHTS, Ranks, TrainOptions, Trainer, \
+    check_resumable, read_checkpoint
+
+PROG = "mmsep-finetune"
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -65,6 +68,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 def main(**kw) -> None:
     """Fine-tune a MMAudio flow network for query-based separation (writes OUT/ft.pt)."""
     from mmsep.models.io import CheckpointError
+    from mmsep.runtime.errors import InputError
 
     from .data import DataError
 
@@ -75,12 +79,13 @@ def main(**kw) -> None:
         _fail(EXIT_USAGE,
               f"{out}: already holds a run ({CHECKPOINT}); pass --resume or another --out")
     try:
+        _check_paths(kw)
+        device = _device(kw["device"])
+        state = read_checkpoint(out / CHECKPOINT) if kw["resume"] else None
         ranks = _init_distributed()
-        trainer = build_trainer(kw, ranks)
-        if kw["resume"]:
-            trainer.resume()
+        trainer = build_trainer(kw, ranks, device, state)
         trainer.fit()
-    except (DataError, CheckpointError, ValueError) as exc:
+    except (DataError, CheckpointError, ValueError, InputError) as exc:
         _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
         saved = (out / CHECKPOINT).is_file()
@@ -93,11 +98,32 @@ def main(**kw) -> None:
     _finish_distributed(ranks)
 
 
+def console(argv=None) -> None:
+    """The console program: also one line for bad usage, and SIGTERM as Ctrl-C."""
+    from ..console import console_main
+
+    console_main(main, PROG, sys.argv[1:] if argv is None else list(argv),
+                 interrupted="interrupted")
+
+
+def _check_paths(kw: dict) -> None:
+    """Before any work: no file the run writes is one of its inputs, and --out and --cache can
+    be directories (InputError otherwise)."""
+    from mmsep.runtime.paths import check_directory_path, check_outputs
+
+    out = kw["out"]
+    check_outputs({f"--out's {name}": out / name for name in (CHECKPOINT, WEIGHTS, METRICS)},
+                  {"--init": kw["init"], "--data": kw["data"], "--val": kw["val"]})
+    check_directory_path(out, "--out")
+    if kw["cache"] is not None:
+        check_directory_path(kw["cache"], "--cache")
+
+
 def _fail(code: int, message: str) -> None:
     """One line on stderr, prefixed as the other mmsep commands do, then exit ``code``."""
     kind = {EXIT_USAGE: "error: ", EXIT_INTERNAL: "internal error: "}.get(code, "")
     line = message.splitlines()[0] if message else "failed"
-    click.echo(f"mmsep-finetune: {kind}{line}", err=True)
+    click.echo(f"{PROG}: {kind}{line}", err=True)
     sys.exit(code)
 
 
@@ -120,17 +146,25 @@ def _finish_distributed(ranks: Ranks) -> None:
 
 
 def _device(name: str):
+    """The torch device of --device, proven usable by a first allocation (ValueError if not)."""
     import torch
 
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    if name == "auto":
+        return (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                if torch.cuda.is_available() else torch.device("cpu"))
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:  # unknown type; no such device; no driver
+        raise ValueError(f"--device {name}: not usable here "
+                         f"({' '.join(str(exc).split())[:200]})") from None
+    return device
 
 
-def build_trainer(kw: dict, ranks: Ranks) -> Trainer:
-    """The Trainer for the command line's settings ``kw`` (feature cache built first)."""
+def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> Trainer:
+    """The Trainer for the command line's settings ``kw``, resumed from ``state`` (the run's
+    checkpoint.pt) when given; whether it can resume is checked before the feature cache is
+    built."""
     import mmsep.models as mm
 
     from .data import class_ids, read_clips
@@ -140,6 +174,12 @@ def build_trainer(kw: dict, ranks: Ranks) -> Trainer:
     clips = {split: read_clips(kw[split]) for split in ("data", "val")}
     net = recipe.separation_start(mm.load_flow(kw["init"], duration=kw["duration"]),
                                   kw["init_input_proj"], kw["seed"])
+    options = TrainOptions(**{k: kw[k] for k in ("steps", "batch_size", "lr", "warmup",
+                                                  "val_every", "save_every", "log_every",
+                                                  "seed", "val_seed", "train_fused")})
+    setup = run_setup(kw)
+    if state is not None:
+        check_resumable(state, kw["out"] / CHECKPOINT, options, ranks.world, setup, net)
     encoders = load_encoders(kw["weights_dir"], net.config.mode)
     lengths = net.config.lengths
     cache = kw["cache"] or kw["out"] / "cache"
@@ -153,11 +193,20 @@ def build_trainer(kw: dict, ranks: Ranks) -> Trainer:
     empty = tuple(e[0] for e in net.empty_conditions(1))
     tables = {split: load_table(build_cache(items, encoders, lengths, cache), class_ids(items),
                                 empty) for split, items in clips.items()}
-    options = TrainOptions(**{k: kw[k] for k in ("steps", "batch_size", "lr", "warmup",
-                                                  "val_every", "save_every", "log_every",
-                                                  "seed", "val_seed", "train_fused")})
-    return Trainer(net, encoders, tables["data"], tables["val"], options, kw["out"],
-                   ranks=ranks, device=_device(kw["device"]), log=log)
+    trainer = Trainer(net, encoders, tables["data"], tables["val"], options, kw["out"],
+                      ranks=ranks, device=device, log=log, setup=setup)
+    if state is not None:
+        trainer.resume(state)
+    return trainer
+
+
+def run_setup(kw: dict) -> dict:
+    """What a resumed run must share with the saved one beyond TrainOptions: the window length
+    and the clip lists' contents."""
+    from mmsep.model_files import sha256_file
+
+    return {"duration": kw["duration"], "data_sha256": sha256_file(kw["data"])[:16],
+            "val_sha256": sha256_file(kw["val"])[:16]}
 
 
 def _cache_progress(log, split: str):
@@ -168,4 +217,4 @@ def _cache_progress(log, split: str):
 
 
 if __name__ == "__main__":
-    main()
+    console()

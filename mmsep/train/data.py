@@ -41,11 +41,21 @@ class Clip:
         return self.audio if self.audio is not None else self.video
 
     def key(self) -> dict:
-        return {"audio": _str(self.audio), "video": _str(self.video), "text": self.text}
+        """What the feature cache knows the clip by: its files (``file_identity``) and text."""
+        return {"audio": file_identity(self.audio), "video": file_identity(self.video),
+                "text": self.text}
 
 
-def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)
+def file_identity(path: Path | None) -> list | None:
+    """A file's absolute path, size and modification time (ns): the same name in another folder,
+    or a file rewritten in place, is another file (as ``make`` decides, without reading it)."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def read_clips(path: str | os.PathLike) -> list[Clip]:

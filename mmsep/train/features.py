@@ -3,9 +3,10 @@
 Every clip's query features (CLIP image features of its video at 8 fps, Synchformer features at
 25 fps, CLIP text features of its label) and its source waveform (one window, mono, at the model
 rate) are computed once through mmsep's own encoders and written to one file per clip. A file's
-name is a hash of the clip (paths, label), the encoders' weights and the window length, so a
-changed clip or encoder is recomputed instead of reused, an interrupted run resumes where it
-stopped, and several runs can share one cache directory. Files are written atomically.
+name is a hash of the clip (its files' absolute paths, sizes and modification times, its text),
+the encoders' weights and the window length, so a changed clip or encoder is recomputed instead
+of reused, an interrupted run resumes where it stopped, and several runs can share one cache
+directory. Files are written atomically.
 
 The VAE latents of the mixtures are not cached: mixtures are drawn anew at every step (as the
 authors' training does), so the target and mixture posteriors are encoded on the fly by the frozen
@@ -31,7 +32,7 @@ from mmsep.runtime.atomic import atomic_output
 
 from .data import Clip, DataError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: clips keyed by their files' identity, not their spelling
 
 
 @dataclass
@@ -106,6 +107,8 @@ def clip_features(clip: Clip, encoders: Encoders,
         audio = read_audio(clip.source, lengths.mode.sample_rate)[:lengths.audio_samples]
     except InputError as exc:
         raise DataError(str(exc)) from None
+    if audio.size == 0:
+        raise DataError(f"{clip.source}: no audio samples (an empty or truncated file)")
     audio = np.pad(audio, (0, lengths.audio_samples - audio.size))
     entry: dict[str, torch.Tensor | None] = {"audio": torch.from_numpy(audio.copy()),
                                              "clip_f": None, "sync_f": None, "text_f": None}

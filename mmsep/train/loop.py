@@ -66,11 +66,15 @@ def _generator(*key: int) -> torch.Generator:
 class Trainer:
     def __init__(self, net, encoders: Encoders, train: ClipTable, val: ClipTable,
                  options: TrainOptions, run_dir: str | os.PathLike, *, ranks: Ranks = Ranks(),
-                 device: str | torch.device = "cpu", log: Callable[[str], None] = print):
+                 device: str | torch.device = "cpu", log: Callable[[str], None] = print,
+                 setup: dict | None = None):
+        """``setup``: what else a resumed run must share with the saved one (the command line's
+        window length and clip lists), saved with every checkpoint and compared on resume."""
         if options.batch_size % ranks.world:
             raise ValueError(f"batch size {options.batch_size} is not a multiple of the "
                              f"{ranks.world} processes")
         self.options, self.ranks, self.log = options, ranks, log
+        self.setup = dict(setup or {})
         self.device = torch.device(device)
         self.run_dir = Path(run_dir)
         self.encoders = encoders
@@ -183,26 +187,19 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {"step": self.step, "options": asdict(self.options), "world": self.ranks.world,
-                 "net": self.net.state_dict(), "ema": self.ema.state_dict(),
+                 "setup": self.setup, "net": self.net.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict()}
         with atomic_output(self.run_dir / CHECKPOINT) as tmp:
             torch.save(state, tmp)
         with atomic_output(self.run_dir / WEIGHTS) as tmp:
             torch.save(self.ema_network().state_dict(), tmp)
 
-    def resume(self) -> None:
-        """Continue from the run directory's checkpoint.pt (same options but ``steps``)."""
+    def resume(self, state: dict | None = None) -> None:
+        """Continue from the run directory's checkpoint.pt (``state``: it, already read with
+        ``read_checkpoint``): same options but ``steps``, same setup, same network."""
         path = self.run_dir / CHECKPOINT
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        saved = {k: v for k, v in state["options"].items() if k != "steps"}
-        given = {k: v for k, v in asdict(self.options).items() if k != "steps"}
-        changed = sorted(k for k in given if saved.get(k) != given[k])
-        if changed or state["world"] != self.ranks.world:
-            what = ", ".join(f"{k} {saved.get(k)!r} -> {given[k]!r}" for k in changed)
-            if state["world"] != self.ranks.world:
-                what = ", ".join(filter(None, [what, f"processes {state['world']} -> "
-                                                     f"{self.ranks.world}"]))
-            raise ValueError(f"{path}: cannot resume with other settings ({what})")
+        state = read_checkpoint(path, self.device) if state is None else state
+        check_resumable(state, path, self.options, self.ranks.world, self.setup, self.net)
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -230,6 +227,8 @@ class Trainer:
         o = self.options
         if self.ranks.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.step == 0:  # a new run: rows left by one that saved no step go
+                (self.run_dir / METRICS).unlink(missing_ok=True)
         if self.step == 0:
             val = self._validate_and_record()
             if val is not None:
@@ -260,11 +259,62 @@ def _progress(row: dict, steps: int, val: float | None) -> str:
     return text + (f"  val_loss {val:.4f}" if val is not None else "")
 
 
+def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
+    """A run's checkpoint.pt; ValueError naming ``path`` when it is not one."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises what its unpickler and zip reader meet
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(state, dict) or not _CHECKPOINT_KEYS <= state.keys():
+        raise ValueError(f"{path}: not a mmsep-finetune checkpoint.pt (an ft.pt or another "
+                         "file?); resume needs the checkpoint.pt a run wrote")
+    return state
+
+
+_CHECKPOINT_KEYS = {"step", "options", "world", "net", "ema", "optimizer"}
+
+
+def check_resumable(state: dict, path: Path, options: TrainOptions, world: int, setup: dict,
+                    net: torch.nn.Module) -> None:
+    """ValueError unless ``state`` (read from ``path``) continues this run: the same options
+    (``steps`` may grow), processes and setup, the same network, and steps left to train."""
+    saved = {k: v for k, v in state["options"].items() if k != "steps"}
+    given = {k: v for k, v in asdict(options).items() if k != "steps"}
+    changed = [f"{k} {saved.get(k)!r} -> {given[k]!r}" for k in sorted(given)
+               if saved.get(k) != given[k]]
+    saved_setup = state.get("setup") or {}  # absent from checkpoints of earlier versions
+    changed += [f"{k} {saved_setup[k]!r} -> {v!r}" for k, v in sorted(setup.items())
+                if k in saved_setup and saved_setup[k] != v]
+    if state["world"] != world:
+        changed.append(f"processes {state['world']} -> {world}")
+    if changed:
+        raise ValueError(f"{path}: cannot resume with other settings ({', '.join(changed)})")
+    ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in state["net"].items()} != ours:
+        raise ValueError(f"{path}: holds another network than --init builds (another preset or "
+                         "mode?)")
+    if int(state["step"]) >= options.steps:
+        raise ValueError(f"{path}: the run is already at step {int(state['step'])}; give "
+                         "--steps above that to train on")
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint a run resumes from."""
+    """Drop metric lines written after the checkpoint a run resumes from, and a last line cut
+    short by an interruption."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a metrics row; repair or remove the "
+                             "file to resume") from None
+        if row["step"] <= step:
+            rows.append(line)
     with atomic_output(path) as tmp:
         tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")

@@ -90,11 +90,72 @@ def test_a_full_disk_during_export_is_exit_2_and_leaves_nothing(tmp_path, monkey
         return real(work, *args, **kwargs)
 
     monkeypatch.setattr(stage_graphs, "write_graphs", write_graphs)
+    assert_cannot_write(tmp_path, "No space left on device")
+
+
+def assert_cannot_write(tmp_path, reason: str) -> None:
+    """A tiny export fails with exit 2 naming ``reason`` and leaves nothing."""
     out = tmp_path / "models" / "tiny"
     result = CliRunner().invoke(main, ["--preset", "tiny", "--duration", "2", "--out", str(out),
                                        "--no-engines", "--quiet"])
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
-        "mmsep-export: error: cannot write the model directory (No space left on device); "
-        "nothing was written"]
+        f"mmsep-export: error: cannot write the model directory ({reason}); nothing was written"]
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_a_file_size_limit_inside_torch_onnx_export_is_exit_2(tmp_path, monkeypatch):
+    """The exporter wraps what torch.onnx.export raises; a full disk or size limit behind that
+    wrapper is still the user's to fix (exit 2), with nothing left."""
+    import errno
+
+    import torch
+
+    def too_large(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(torch.onnx, "export", too_large)
+    assert_cannot_write(tmp_path, "File too large")
+
+
+def run_console(argv, capsys):
+    """mmsep-export's console program in this process: (exit code, stderr lines)."""
+    from mmsep.export.cli import console
+
+    with pytest.raises(SystemExit) as done:
+        console(argv)
+    return done.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_an_out_under_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    code, lines = run_console(["--preset", "tiny", "--out", str(tmp_path / "afile" / "sub")],
+                              capsys)
+    assert (code, lines) == (2, [f"mmsep-export: error: --out {tmp_path}/afile/sub lies under "
+                                 f"{tmp_path}/afile, which is not a directory"])
+
+
+def test_usage_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    code, lines = run_console(["--out", str(tmp_path / "afile")], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("mmsep-export: error: Invalid value for '--out'")
+
+
+def test_sigterm_is_an_interrupt(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from mmsep.export import exporter
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal's handler raises before this ends
+        raise AssertionError("SIGTERM did not interrupt the export")
+
+    monkeypatch.setattr(exporter, "export_model", terminated)
+    code, lines = run_console(["--preset", "tiny", "--duration", "2", "--out",
+                               str(tmp_path / "m"), "--no-engines", "--quiet"], capsys)
+    assert (code, lines) == (130, ["mmsep-export: interrupted; nothing was written"])
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored

@@ -36,6 +36,34 @@ def test_a_short_run_writes_a_loadable_ft_pt(corpus, weights_dir, tables, tmp_pa
     refused = CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--steps", "3"))
     assert refused.exit_code == 2 and "pass --resume" in refused.output
     assert refused.output.startswith("mmsep-finetune: error: ")
+    resume_refusals(corpus, weights_dir, tables, out)
+
+
+def resume_refusals(corpus, weights_dir, tables, out):
+    """What --resume refuses, each before any feature is computed (the shared cache does not
+    change), and a metrics file cut short by a crash that it repairs."""
+    cached = sorted(tables["cache"].iterdir())
+
+    def resume(*extra):
+        return CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--resume",
+                                              *extra))
+
+    done = resume("--steps", "3")
+    assert done.exit_code == 2 and "the run is already at step 3; give --steps above" in \
+        done.output
+    longer = resume("--steps", "4", "--duration", "3")
+    assert longer.exit_code == 2 and "cannot resume with other settings (duration 2.0 -> 3.0)" \
+        in longer.output
+    assert sorted(tables["cache"].iterdir()) == cached
+    with open(out / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 4, "lo')  # a crash mid-line
+    again = resume("--steps", "4")
+    assert again.exit_code == 0, again.output
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4
+    (out / "checkpoint.pt").write_bytes((out / "ft.pt").read_bytes())
+    wrong = resume("--steps", "5")
+    assert wrong.exit_code == 2 and "not a mmsep-finetune checkpoint.pt (an ft.pt" in wrong.output
 
 
 @pytest.mark.parametrize("change, message", [
@@ -44,11 +72,15 @@ def test_a_short_run_writes_a_loadable_ft_pt(corpus, weights_dir, tables, tmp_pa
     ({"--data": "bad"}, "not valid JSON"),
     ({"--init": "missing"}, "does not exist"),
     ({"--init-input-proj": "copy"}, "'copy' is not one of"),
+    ({"--device": "foo"}, "--device foo: not usable here"),
+    ({"--out": "under_file"}, "which is not a directory"),
+    ({"--cache": "under_file"}, "--cache"),
 ])
 def test_bad_usage_exits_2(corpus, weights_dir, tables, tmp_path, change, message):
     (tmp_path / "bad.jsonl").write_text("{oops\n{}\n")
+    (tmp_path / "afile").write_text("mine")
     files = {"list": str(corpus["train"]), "bad": str(tmp_path / "bad.jsonl"),
-             "missing": str(tmp_path / "nothing.pt")}
+             "missing": str(tmp_path / "nothing.pt"), "under_file": str(tmp_path / "afile/sub")}
     args = _args(corpus, weights_dir, tables, tmp_path / "run", "--steps", "1")
     for key, value in change.items():
         if value is None:
@@ -82,3 +114,48 @@ def test_ctrl_c_exits_130_and_says_whether_a_step_was_saved(corpus, weights_dir,
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 130, result.output
     assert result.output.strip().splitlines()[-1] == f"mmsep-finetune: interrupted; {says}"
+    if save_every == 5:  # nothing saved: a new run in that directory starts a new metrics file
+        monkeypatch.setattr(Trainer, "train_step", train_step)
+        args[args.index("--steps") + 1] = "1"
+        assert CliRunner().invoke(main, args).exit_code == 0
+        rows = [json.loads(r) for r in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [0, 1, 1]
+
+
+def test_the_run_never_writes_over_its_init(corpus, weights_dir, tables, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    init = out / "ft.pt"
+    init.write_bytes((weights_dir / "weights/mmaudio_tiny.pth").read_bytes())
+    args = _args(corpus, weights_dir, tables, out, "--steps", "1")
+    args[args.index("--init") + 1] = str(init)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert f"--out's ft.pt {out}/ft.pt is the same file as --init {init}" in result.output
+    assert init.read_bytes() == (weights_dir / "weights/mmaudio_tiny.pth").read_bytes()
+
+
+def test_console_usage_errors_are_one_line_and_sigterm_interrupts(corpus, weights_dir, tables,
+                                                                  tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from mmsep.train.cli import console
+    from mmsep.train.loop import Trainer
+
+    with pytest.raises(SystemExit) as usage:
+        console(["--steps", "0"])
+    assert usage.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "mmsep-finetune: error: Invalid value for '--steps': 0 is not in the range x>=1."]
+
+    def terminated(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(Trainer, "train_step", terminated)
+    with pytest.raises(SystemExit) as stopped:
+        console(_args(corpus, weights_dir, tables, tmp_path / "run", "--steps", "2", "--quiet"))
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "mmsep-finetune: interrupted; no step was saved"]

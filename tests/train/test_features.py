@@ -1,7 +1,10 @@
+import os
+from pathlib import Path
+
 import pytest
 
 from mmsep.train import features
-from mmsep.train.data import read_clips
+from mmsep.train.data import Clip, DataError, read_clips
 
 torch = pytest.importorskip("torch")
 
@@ -49,3 +52,37 @@ def test_cache_resumes_and_keys_on_content(corpus, encoders, generator_net, tabl
     longer = type(lengths)(4.0, lengths.mode)
     assert features.cache_key(clips[0], encoders, longer) != paths[0].stem
     assert not list(tables["cache"].glob(".*partial*"))
+
+
+def test_cache_keys_follow_the_files_not_their_spelling(encoders, generator_net, tmp_path,
+                                                        monkeypatch):
+    """The same relative name in another folder, or a file rewritten in place, is another
+    entry; another spelling of the same file is the same entry."""
+    lengths = generator_net.config.lengths
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "clip.wav").write_bytes(b"one")
+
+    def key(path):
+        return features.cache_key(Clip(path, None, "a dog", None), encoders, lengths)
+
+    first = key(tmp_path / "a" / "clip.wav")
+    monkeypatch.chdir(tmp_path / "b")
+    assert key(Path("clip.wav")) != first
+    monkeypatch.chdir(tmp_path / "a")
+    assert key(Path("clip.wav")) == key(Path("../a/./clip.wav")) == first
+    os.utime("clip.wav", ns=(1, 1))  # same size, another modification time
+    assert key(Path("clip.wav")) != first
+    with pytest.raises(DataError, match="gone.wav: cannot read"):
+        key(Path("gone.wav"))
+
+
+def test_an_empty_audio_file_is_refused(encoders, generator_net, tmp_path):
+    import numpy as np
+    import soundfile
+
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, np.float32), 16000)
+    with pytest.raises(DataError, match="empty.wav: no audio samples"):
+        features.clip_features(Clip(empty, None, "a dog", None), encoders,
+                               generator_net.config.lengths)
