@@ -1,6 +1,6 @@
 """How every mmsep console program ends (torch-free): one line per error, never a traceback,
-and the exit codes of ``exit_codes``; SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so
-that temporary outputs are removed on the way out."""
+and the exit codes of ``exit_codes``; SIGTERM (kill, a job scheduler) and SIGHUP (a closed
+terminal) unwind like Ctrl-C, so that temporary outputs are removed on the way out."""
 
 from __future__ import annotations
 
@@ -16,25 +16,41 @@ from .exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 @contextlib.contextmanager
 def terminate_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt in the main thread while the block runs."""
+    """SIGTERM, and SIGHUP (the terminal closed) unless it is ignored (nohup), raise
+    KeyboardInterrupt in the main thread while the block runs."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    hangup = getattr(signal, "SIGHUP", None)
+    caught = [signal.SIGTERM] + ([hangup] if hangup is not None and
+                                 signal.getsignal(hangup) is not signal.SIG_IGN else [])
+    previous = {signum: signal.signal(signum, interrupt) for signum in caught}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _during_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while an interrupt unwound (a second Ctrl-C cut a clean-up
+    short, and the clean-up failed): it is reported as the interrupt, not as a bug."""
+    seen = exc.__context__
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
 
 
 def console_main(command, prog: str, args, *, interrupted: str | None,
                  interrupted_code: int = EXIT_INTERRUPTED) -> None:
     """Run a click ``command`` as a console program: exit 0 (or the int the command returns),
-    2 bad usage or input, 1 internal failure, ``interrupted_code`` on Ctrl-C or SIGTERM (saying
-    ``interrupted`` unless the command said it itself). A command may end with its own
+    2 bad usage or input, 1 internal failure, ``interrupted_code`` on Ctrl-C, SIGTERM or SIGHUP
+    (saying ``interrupted`` unless the command said it itself). A command may end with its own
     ``sys.exit`` after printing its own line."""
     from .runtime.errors import BackendError, InputError
 
@@ -44,9 +60,7 @@ def console_main(command, prog: str, args, *, interrupted: str | None,
     except click.exceptions.Exit as exc:  # --help
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        if interrupted:
-            click.echo(f"{prog}: {interrupted}", err=True)
-        sys.exit(interrupted_code)
+        _exit_interrupted(prog, interrupted, interrupted_code)
     except click.ClickException as exc:  # bad usage: unknown option, value out of range, ...
         click.echo(f"{prog}: error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(EXIT_USAGE)
@@ -57,7 +71,15 @@ def console_main(command, prog: str, args, *, interrupted: str | None,
         click.echo(f"{prog}: internal error: {exc}", err=True)
         sys.exit(EXIT_INTERNAL)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if _during_interrupt(exc):
+            _exit_interrupted(prog, interrupted, interrupted_code)
         click.echo(f"{prog}: internal error: {type(exc).__name__}: "
                    f"{' '.join(str(exc).split())}", err=True)
         sys.exit(EXIT_INTERNAL)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _exit_interrupted(prog: str, message: str | None, code: int) -> None:
+    if message:
+        click.echo(f"{prog}: {message}", err=True)
+    sys.exit(code)

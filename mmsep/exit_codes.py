@@ -7,4 +7,4 @@ EXIT_INTERNAL = 1  # internal failure (a bug, the backend, the environment); gpu
 #                   failed or TensorRT / a CUDA GPU is missing
 EXIT_USAGE = 2  # bad usage or input, or an output that cannot be written; one line names it
 EXIT_SOME_FAILED = 3  # mmsep-batch: some requests failed, the others' outputs are written
-EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT); nothing was written
+EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP (128 + SIGINT); nothing was written

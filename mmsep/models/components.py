@@ -100,7 +100,6 @@ def load_components(weights_dir: str | os.PathLike | None = None, *,
     the BigVGAN v2 directory at 44.1 kHz. A file that is not there raises CheckpointError with
     the exact path that was looked for.
     """
-    from .bigvgan import load_vocoder
     from .checkpoint import load_flow
     from .clip import load_clip
     from .mel import MelSpectrogram
@@ -133,13 +132,27 @@ def load_components(weights_dir: str | os.PathLike | None = None, *,
 
     parts = {
         "vae": load_vae(vae_path, mode=mode),
-        "vocoder": load_vocoder(vocoder_path),
+        "vocoder": _vocoder_for(vocoder_path, mode),
         "clip": load_clip(clip_path),
         "synchformer": load_synchformer(sync_path),
     }
     sources = {"flow": str(flow_path), "vae": str(vae_path), "vocoder": str(vocoder_path),
                "clip": str(clip_path), "synchformer": str(sync_path)}
     return Components(flow=net, mel=MelSpectrogram(mode).eval(), **parts, sources=sources)
+
+
+def _vocoder_for(path: Path, mode: str) -> nn.Module:
+    """The vocoder at ``path``, refused unless it speaks the flow network's mel (rate, bands)."""
+    from .bigvgan import load_vocoder
+    from .presets import AUDIO_MODES
+
+    vocoder, want = load_vocoder(path), AUDIO_MODES[mode]
+    have = (vocoder.config.sampling_rate, vocoder.config.num_mels)
+    if have != (want.sample_rate, want.n_mels):
+        raise CheckpointError(f"{path}: a {have[0]} Hz, {have[1]}-band vocoder, but the flow "
+                              f"network is mode {mode!r} ({want.sample_rate} Hz, {want.n_mels} "
+                              f"bands); give {VOCODER_WHAT[mode]}")
+    return vocoder
 
 
 def flow_file(weights_dir: str | os.PathLike | None, variant: str) -> Path:

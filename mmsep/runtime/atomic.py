@@ -87,6 +87,12 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Create and remove a temporary beside ``path``, as ``atomic_output`` would: OSError when
+    its directory takes no new file (no permission, a read-only filesystem), before any work."""
+    _create_unique(Path(path)).unlink()
+
+
 def _create_unique(path: Path) -> Path:
     while True:
         tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}-{secrets.token_hex(6)}"

@@ -30,6 +30,7 @@ from .errors import InputError, one_line
 from .windows import WindowPlan
 
 MIN_SECONDS = 0.1
+MAX_GENERATED_SECONDS = 36000.0  # a generated output's longest duration (10 h)
 SILENCE_PEAK = 1e-5  # -100 dBFS: below the LSB of 16-bit audio
 BLOCK_FRAMES = 1 << 16  # source frames decoded at a time by MixtureStream
 QUALITY = "VHQ"
@@ -325,7 +326,9 @@ def _audio_track_rate(path: Path) -> int | None:
         stream = _first_audio_stream(container)
         if stream is None:
             return None
-        rate = stream.rate or stream.codec_context.sample_rate
+        if stream.codec_context is None:  # FFmpeg has no decoder for it
+            raise InputError(f"{path}: unsupported audio codec (FFmpeg cannot decode it)")
+        rate = stream.codec_context.sample_rate
     if not rate:
         raise InputError(f"{path}: audio track has no sample rate")
     return int(rate)

@@ -21,9 +21,10 @@ from pathlib import Path
 import click
 
 from ..console import console_main
+from .audio import MAX_GENERATED_SECONDS, MIN_SECONDS
 from .audio_writer import FORMATS, SUBTYPES, open_audio_outputs, output_format
 from .backend_options import backend_options
-from .mux import MUX_FORMATS
+from .mux import MUX_FORMATS, check_muxable
 
 PROG = "mmsep-run"
 
@@ -45,7 +46,7 @@ PROG = "mmsep-run"
 @click.option("--generate", is_flag=True,
               help="Ignore any audio track and generate audio for the query from a noise "
                    "mixture (also the mode when there is no mixture and no video).")
-@click.option("--duration", type=click.FloatRange(0.1, 36000.0),
+@click.option("--duration", type=click.FloatRange(MIN_SECONDS, MAX_GENERATED_SECONDS),
               help="Length in seconds of generated audio without a video (default: one window).")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Output audio file; its extension picks the format ("
@@ -183,8 +184,9 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
                   ) -> tuple[list[Path], str]:
     """The output paths and format, after every check that needs no work: the inputs exist, the
     outputs' formats and directories are usable, and no output is the same file as an input."""
+    from .atomic import check_writable
     from .audio_writer import check_format
-    from .errors import InputError
+    from .errors import InputError, OutputError
     from .paths import check_outputs, model_files
 
     if mux_path is not None and video is None:
@@ -203,6 +205,10 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
             raise InputError(f"{path}: is a directory; give a file name")
         if not path.parent.is_dir():
             raise InputError(f"{path}: output directory {path.parent} does not exist")
+        try:
+            check_writable(path)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     inputs = {label: path for label, path in (("--mix", mix), ("--video", video)) if path}
     check_outputs(outputs, {**inputs, **model_files(model_dir)})
     _check_suffix(paths[0], fmt)
@@ -211,6 +217,8 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
     if mux_path is not None and Path(mux_path).suffix.lower() not in MUX_FORMATS:
         raise InputError(f"--mux {mux_path}: unsupported extension; use one of "
                          f"{', '.join(MUX_FORMATS)}")
+    if mux_path is not None:
+        check_muxable(video, mux_path)
     return paths, fmt
 
 

@@ -102,13 +102,22 @@ class ModelDir:
                                 "run again")
 
     # -- files ---------------------------------------------------------------------------------
-    def _check_files(self, verify: bool) -> None:
+    def _listed_files(self) -> list[tuple[str, str, int | None]]:
+        """(name, SHA-256, bytes or None) of every file the manifest lists."""
         listed: list[tuple[str, str, int | None]] = []
-        for files in self._files.values():
-            listed += [(name, meta["sha256"], meta.get("bytes")) for name, meta in files.items()]
-        listed += [(entry["file"], entry["sha256"], entry.get("bytes"))
-                   for entry in self.manifest["files"].values()]
-        for name, sha, size in listed:
+        try:
+            for files in self._files.values():
+                listed += [(name, meta["sha256"], meta.get("bytes"))
+                           for name, meta in files.items()]
+            listed += [(entry["file"], entry["sha256"], entry.get("bytes"))
+                       for entry in self.manifest["files"].values()]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ModelDirError(f"{self.path / MANIFEST}: incomplete manifest (bad or missing "
+                                f"{exc})") from None
+        return listed
+
+    def _check_files(self, verify: bool) -> None:
+        for name, sha, size in self._listed_files():
             path = self.path / name
             if not path.is_file():
                 raise ModelDirError(f"{self.path}: missing file {name} (incomplete model "
@@ -116,7 +125,11 @@ class ModelDir:
             if size is not None and path.stat().st_size != size:
                 raise ModelDirError(f"{path}: {path.stat().st_size} bytes, the manifest says "
                                     f"{size} (tampered or incomplete)")
-            if verify and sha256_file(path) != sha:
+            try:
+                digest = sha256_file(path) if verify else sha
+            except OSError as exc:  # no permission, an I/O error
+                raise ModelDirError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            if digest != sha:
                 raise ModelDirError(f"{path}: SHA-256 does not match the manifest "
                                     "(tampered or incomplete)")
 

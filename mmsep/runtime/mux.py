@@ -46,6 +46,34 @@ def mux(video: str | os.PathLike, tracks: np.ndarray | Sequence[str | os.PathLik
     return out
 
 
+def check_muxable(video: str | os.PathLike, out: str | os.PathLike) -> None:
+    """InputError when ``out``'s container cannot take ``video``'s video stream (found by writing
+    the container's header to memory with that stream and an AAC track, as ``mux`` will), so
+    that it is refused before any work instead of after it."""
+    import io
+
+    import av
+
+    fmt = MUX_FORMATS.get(Path(out).suffix.lower())
+    try:
+        source = av.open(str(video))
+    except (av.FFmpegError, OSError):
+        return  # the video's own check reports it
+    with source:
+        vin = next((s for s in source.streams if s.type == "video"), None)
+        if fmt is None or vin is None:
+            return
+        try:
+            with av.open(io.BytesIO(), "w", format=fmt) as sink:
+                sink.add_stream_from_template(vin)
+                sink.add_stream("aac", rate=48000).layout = "mono"
+                sink.start_encoding()
+        except (av.FFmpegError, ValueError, OSError) as exc:
+            raise InputError(f"--mux {out}: {Path(out).suffix} cannot hold the video's "
+                             f"{vin.codec_context.name} stream ({one_line(exc)}); use .mkv")\
+                from None
+
+
 def _mux(video, tracks, sample_rate, path: Path, target: Path, titles, bitrate) -> None:
     import av
 
@@ -82,11 +110,9 @@ def _copy_and_encode(source, vin, sink, tracks, sample_rate, titles, bitrate) ->
             if title:
                 stream.metadata["title"] = title
             encoders.append(_AacTrack(stream, samples, sample_rate))
-        for packet in source.demux(vin):
-            if packet.dts is None:  # the demuxer's end-of-stream marker
-                continue
+        for packet in _timed_packets(source.demux(vin)):
             until = (float(packet.dts * packet.time_base)
-                     if packet.time_base is not None else None)
+                     if packet.dts is not None and packet.time_base is not None else None)
             for enc in encoders:
                 for apacket in enc.encode_until(until):
                     sink.mux(apacket)
@@ -95,6 +121,28 @@ def _copy_and_encode(source, vin, sink, tracks, sample_rate, titles, bitrate) ->
         for enc in encoders:
             for apacket in enc.encode_until(None):
                 sink.mux(apacket)
+
+
+def _timed_packets(packets) -> Iterator:
+    """The video packets with a decode timestamp each, without the demuxer's end-of-stream
+    marker (no data). Matroska leaves the first packets' unset where frames are reordered
+    (B-frames); they are counted back from the first one set, one packet duration apart, as a
+    decoder would have read them (dropping them lost the first group of pictures)."""
+    unset = []
+    for packet in packets:
+        if packet.size == 0:
+            continue
+        if packet.dts is None:
+            unset.append(packet)
+            continue
+        dts = packet.dts
+        for earlier in reversed(unset):
+            dts -= earlier.duration or 1
+            earlier.dts = dts
+        yield from unset
+        unset = []
+        yield packet
+    yield from unset  # no packet had one: left to the muxer
 
 
 @contextlib.contextmanager

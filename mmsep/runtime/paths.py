@@ -17,23 +17,34 @@ from .errors import InputError
 PathLike = str | os.PathLike
 
 
-def check_outputs(outputs: Mapping[str, PathLike], inputs: Mapping[str, PathLike]) -> None:
+def check_outputs(outputs: Mapping[str, PathLike], inputs: Mapping[str, PathLike], *,
+                  others: Mapping[tuple, tuple[str, PathLike]] | None = None) -> None:
     """Raise InputError if an output is the same file as an input or as another output.
 
     ``outputs`` and ``inputs`` map a label (how the user named it, e.g. ``"--output"``,
     ``"--mix"``, ``"model file"``) to a path. The message is one line naming both, e.g.
     ``--output clip.mp4 is the same file as --video ./clip.mp4; choose another path``.
+    ``others``: more inputs, as ``identities`` gives them (built once for many requests).
     """
-    seen: dict[tuple, tuple[str, PathLike]] = {}
-    for label, path in inputs.items():
-        seen.setdefault(_identity(path), (label, path))
+    seen = identities(inputs)
+    others = others or {}
     for label, path in outputs.items():
         key = _identity(path)
-        if key in seen:
-            other_label, other = seen[key]
+        clash = seen.get(key) or others.get(key)
+        if clash is not None:
+            other_label, other = clash
             raise InputError(f"{label} {path} is the same file as {other_label} {other}; "
                              "choose another path")
         seen[key] = (label, path)
+
+
+def identities(paths: Mapping[str, PathLike]) -> dict[tuple, tuple[str, PathLike]]:
+    """Each file's identity (``check_outputs``'s sense of "the same file") -> its first (label,
+    path) in ``paths``."""
+    seen: dict[tuple, tuple[str, PathLike]] = {}
+    for label, path in paths.items():
+        seen.setdefault(_identity(path), (label, path))
+    return seen
 
 
 def check_output_dir(out: PathLike, inputs: Mapping[str, PathLike], *, label: str = "--out"

@@ -99,6 +99,9 @@ def request_texts(text) -> list[str | None]:
         return [None]
     if isinstance(text, str):
         return [one_text(text)]
+    if not isinstance(text, (list, tuple)):
+        raise InputError(f"text must be a string or a list of strings, got "
+                         f"{type(text).__name__}")
     texts = list(text)
     if not texts:
         raise InputError("the list of texts is empty")
@@ -115,9 +118,10 @@ def request_length(info, mixture, source, duration) -> int:
     if mixture is not None:
         return mixture.length
     if duration is not None:
-        if not (isinstance(duration, (int, float)) and math.isfinite(duration)
-                and duration >= audio_io.MIN_SECONDS):
-            raise InputError(f"duration must be at least {audio_io.MIN_SECONDS} s, "
+        low, high = audio_io.MIN_SECONDS, audio_io.MAX_GENERATED_SECONDS
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or \
+                not (math.isfinite(duration) and low <= duration <= high):
+            raise InputError(f"duration must be a number of seconds from {low} to {high:g}, "
                              f"got {duration!r}")
         return round(duration * sr)
     if source is not None:

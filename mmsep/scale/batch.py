@@ -16,11 +16,11 @@ import click
 
 from mmsep.exit_codes import EXIT_OK, EXIT_SOME_FAILED
 from mmsep.progress import Progress
-from mmsep.runtime.atomic import remove_stale_partials
-from mmsep.runtime.backend_options import backend_options
+from mmsep.runtime.atomic import check_writable, remove_stale_partials
 from mmsep.console import console_main
+from mmsep.runtime.backend_options import backend_options
 
-from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, manifest_salt,
+from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, job_inputs, manifest_salt,
                    parse_job)
 
 PROG = "mmsep-batch"
@@ -53,13 +53,17 @@ def cli(jobs, model_dir, out_dir, subtype, backend_options, use_ray, ray_address
     video, mix, text, negative_text, generate, duration, seed, steps, cfg and an optional output
     file name) into --out. Requests whose outputs exist with their recorded SHA-256 are skipped,
     so an interrupted or partly failed job is finished by running it again."""
-    from mmsep.runtime.errors import InputError
+    from mmsep.runtime.errors import InputError, OutputError
 
     if not jobs.is_file():
         raise InputError(f"{jobs}: job file not found")
     if not (Path(model_dir) / "manifest.json").is_file():
         raise InputError(f"{model_dir}: not a model directory (no manifest.json)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(out_dir / RESULTS)
+    except OSError as exc:
+        raise OutputError(f"--out {out_dir}: cannot write ({exc.strerror or exc})") from None
     remove_stale_partials(out_dir)
     results = Results(out_dir)
     plan = _plan(jobs, out_dir, results, manifest_salt(model_dir, subtype))
@@ -98,21 +102,28 @@ def _plan(jobs_path: Path, out_dir: Path, results: Results, salt: str) -> _Plan:
     """Every line of JOBS: skipped (done before), failed now (unusable line) or pending."""
     plan, latest, taken = _Plan(), results.latest(), {}
     base = jobs_path.resolve().parent
+    parsed = []
     with open(jobs_path, encoding="utf-8", errors="replace") as f:
         for number, text in enumerate(f, 1):
             if not text.strip():
                 continue
             plan.total += 1
             try:
-                job = parse_job(number, text, base, salt)
-                check_outputs(job, out_dir, taken)
+                parsed.append(parse_job(number, text, base, salt))
             except Exception as exc:  # noqa: BLE001 - recorded, the job goes on
                 plan.failed.append(failed_record(number, None, exc))
-                continue
-            if results.is_done(job, latest.get(number)):
-                plan.skipped += 1
-            else:
-                plan.pending.append(job)
+    inputs = job_inputs(parsed)  # no line writes over another line's input
+    for job in parsed:
+        try:
+            check_outputs(job, out_dir, taken, inputs)
+        except Exception as exc:  # noqa: BLE001 - recorded, the job goes on
+            plan.failed.append(failed_record(job.line, None, exc))
+            continue
+        if results.is_done(job, latest.get(job.line)):
+            plan.skipped += 1
+        else:
+            plan.pending.append(job)
+    plan.failed.sort(key=lambda record: record["line"])
     return plan
 
 

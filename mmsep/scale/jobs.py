@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mmsep.model_files import sha256_file
 from mmsep.runtime.cli import output_paths
-from mmsep.runtime.paths import check_outputs as check_paths
+from mmsep.runtime.paths import check_outputs as check_paths, identities
 from mmsep.runtime.errors import InputError, one_line
 
 RESULTS = "results.jsonl"
@@ -42,7 +42,7 @@ class Job:
 
     @property
     def format(self) -> str:
-        return "flac" if self.outputs[0].endswith(".flac") else "wav"
+        return "flac" if self.outputs[0].lower().endswith(".flac") else "wav"
 
 
 def parse_job(line: int, text: str, base: Path, salt: str) -> Job:
@@ -89,16 +89,25 @@ def _output_names(line: int, output, n_texts: int, options: dict) -> list[str]:
     return [p.name for p in output_paths(output, None, n_texts, None, None)]
 
 
-def check_outputs(job: Job, out_dir: Path, taken: dict[str, int]) -> None:
-    """Outputs must not overwrite an input (compared as files by the runtime's
-    ``check_outputs``), the results file, or another line's output."""
+def check_outputs(job: Job, out_dir: Path, taken: dict[str, int],
+                  all_inputs: dict | None = None) -> None:
+    """Outputs must not overwrite an input of this line or of another (``all_inputs``, from
+    ``job_inputs``; compared as files by the runtime's ``check_outputs``), the results file,
+    or another line's output."""
     check_paths({f"output {name}": out_dir / name for name in job.outputs},
-                {k: job.options[k] for k in ("video", "mix") if k in job.options})
+                {k: job.options[k] for k in ("video", "mix") if k in job.options},
+                others=all_inputs)
     for name in job.outputs:
         if name == RESULTS:
             raise InputError(f"output {name} is the job's results file")
         if taken.setdefault(name, job.line) != job.line:
             raise InputError(f"output {name} is already written by line {taken[name]}")
+
+
+def job_inputs(jobs: list[Job]) -> dict:
+    """The input files of every line, for ``check_outputs``."""
+    return identities({f"line {job.line}'s {k}": job.options[k] for job in jobs
+                       for k in ("video", "mix") if k in job.options})
 
 
 def manifest_salt(model_dir: Path, subtype: str) -> str:

@@ -80,6 +80,16 @@ def test_components_round_trip_through_the_16k_layout(tmp_path):
         torch.testing.assert_close(loaded.vocoder(mel), built.vocoder(mel))
 
 
+def test_a_vocoder_of_the_other_rate_is_refused_at_load(tmp_path):
+    save_components(build_components("tiny_16k", duration=2.0, seed=1), tmp_path / "16k")
+    save_components(build_components("tiny", duration=2.0, seed=1), tmp_path / "44k")
+    other = tmp_path / "44k/ext_weights/bigvgan_v2_44khz_128band_512x"
+    with pytest.raises(CheckpointError) as err:
+        load_components(tmp_path / "16k", variant="tiny_16k", vocoder=other, duration=2.0)
+    assert str(err.value) == (f"{other}: a 44100 Hz, 128-band vocoder, but the flow network is "
+                              "mode '16k' (16000 Hz, 80 bands); give BigVGAN v1 file")
+
+
 def test_missing_release_files_are_named(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_components(tmp_path, variant="small_16k")

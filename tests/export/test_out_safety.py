@@ -155,7 +155,8 @@ def test_sigterm_is_an_interrupt(tmp_path, capsys, monkeypatch):
         raise AssertionError("SIGTERM did not interrupt the export")
 
     monkeypatch.setattr(exporter, "export_model", terminated)
+    before = signal.getsignal(signal.SIGTERM)
     code, lines = run_console(["--preset", "tiny", "--duration", "2", "--out",
                                str(tmp_path / "m"), "--no-engines", "--quiet"], capsys)
     assert (code, lines) == (130, ["mmsep-export: interrupted; nothing was written"])
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+    assert signal.getsignal(signal.SIGTERM) == before  # restored

@@ -60,6 +60,16 @@ def test_no_audio_track_and_corrupt_files(tmp_path, media):
     # FFmpeg opens text as ANSI art (a video stream), so this one has no audio track
     with pytest.raises(InputError, match="notes.txt: (unreadable media file|has no audio track)"):
         audio.read_audio(text, SR)
+    # a WAV whose format tag (0x1234) no decoder knows: FFmpeg opens it without a codec
+    data = np.zeros(4410, np.int16).tobytes()
+    fmt_chunk = b"fmt " + (16).to_bytes(4, "little") + b"".join(
+        v.to_bytes(n, "little") for v, n in ((0x1234, 2), (1, 2), (SR, 4), (2 * SR, 4), (2, 2),
+                                             (16, 2)))
+    unknown = tmp_path / "unknown.wav"
+    unknown.write_bytes(b"RIFF" + (4 + len(fmt_chunk) + 8 + len(data)).to_bytes(4, "little")
+                        + b"WAVE" + fmt_chunk + b"data" + len(data).to_bytes(4, "little") + data)
+    with pytest.raises(InputError, match="unknown.wav: unsupported audio codec"):
+        audio.read_audio(unknown, SR)
 
 
 def test_clipping_warns_and_clips(tmp_path):

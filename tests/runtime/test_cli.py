@@ -237,3 +237,28 @@ def test_ctrl_c_leaves_nothing(where, model_dir, media, tmp_path, capsys, monkey
                                "-o", tmp_path / "o.wav", "--mux", tmp_path / "o.mp4"], capsys)
     assert code == 130 and "interrupted; nothing was written" in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mux_container_that_cannot_hold_the_video_is_refused_up_front(model_dir, tmp_path,
+                                                                       capsys, monkeypatch):
+    """An FFV1 video cannot go into .mov: refused before the model loads, nothing written."""
+    from mmsep.runtime.separator import Separator
+
+    video = tmp_path / "ffv1.mkv"
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8),
+                                               format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    monkeypatch.setattr(Separator, "__init__", lambda *a, **k: pytest.fail("model loaded"))
+    code, _, stderr = run_cli(["--model", model_dir, "--video", video, "--text", "a", "-o",
+                               tmp_path / "a.wav", "--mux", tmp_path / "a.mov"], capsys)
+    assert (code, stderr.strip()) == (
+        2, f"mmsep-run: error: --mux {tmp_path / 'a.mov'}: .mov cannot hold the video's ffv1 "
+           "stream ('mov' format does not support 'ffv1' codec); use .mkv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ffv1.mkv"]

@@ -80,9 +80,14 @@ def test_geometry_without_video_rates_is_incomplete(copy):
 
 def test_incomplete_manifest(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
-    del manifest["stages"]["vocoder"]
+    vocoder = manifest["stages"].pop("vocoder")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelDirError, match="no stage vocoder"):
+        ModelDir(copy)
+    manifest["stages"]["vocoder"] = vocoder
+    del next(iter(vocoder["files"].values()))["sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match=r"incomplete manifest \(bad or missing 'sha256'\)"):
         ModelDir(copy)
 
 

@@ -298,3 +298,34 @@ def test_cli_failure_after_the_first_batch_leaves_nothing(failure, model_dir, me
             f"mmsep-run: error: {out_dir / 'o.wav'}: cannot write (No space left on device)"
         assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert list(out_dir.iterdir()) == []
+
+
+def remux(source, target):
+    """``source``'s streams copied packet for packet into ``target`` (its container by suffix)."""
+    with av.open(str(source)) as inp, av.open(str(target), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        for packet in inp.demux():
+            if packet.size:
+                packet.stream = streams[packet.stream.index]
+                out.mux(packet)
+    return target
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_mux_copies_every_packet_of_a_matroska_video(media, tmp_path, suffix):
+    """Matroska leaves the first packets' decode times unset where frames are reordered; every
+    packet is still copied, in order, at its presentation time (the first group of pictures was
+    dropped)."""
+    source = remux(media["av"], tmp_path / "clip.mkv")
+
+    def frames(path):
+        with av.open(str(path)) as container:
+            packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+            return [(bytes(p), float(p.pts * p.time_base)) for p in packets], \
+                [p.dts for p in packets[:2]]
+
+    want, first_dts = frames(source)
+    assert first_dts == [None, None]  # the case: B-frames in Matroska
+    got, _ = frames(mux(source, tones(3.0, SR, seed=1)[None], SR, tmp_path / f"out{suffix}"))
+    assert [b for b, _ in got] == [b for b, _ in want]
+    np.testing.assert_allclose([t for _, t in got], [t for _, t in want], atol=1e-3)

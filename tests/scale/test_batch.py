@@ -125,6 +125,9 @@ def test_bad_fields_fail_their_line_only(model_dir, job_inputs, tmp_path):
         {"mix": str(job_inputs["mix"]), "output": "../escape.wav"},
         {"text": "a", "steps": 1, "generate": "yes"},
         [1, 2],
+        {"text": 5, "steps": 1},
+        {"text": "a", "steps": 1, "generate": True, "duration": 1e9},
+        {"mix": str(job_inputs["mix"]), "text": "a", "steps": 1, "output": "up.FLAC"},
     ])
     out = tmp_path / "out"
     assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu", "-q") == 3
@@ -138,8 +141,42 @@ def test_bad_fields_fail_their_line_only(model_dir, job_inputs, tmp_path):
         5: "output '../escape.wav' must be a file name (no folders) inside --out",
         6: "generate must be true or false",
         7: "a request must be a JSON object",
+        8: "text must be a string or a list of strings, got int",
+        9: "duration must be a number of seconds from 0.1 to 36000, got 1000000000.0",
+        10: None,
     }
-    assert sorted(p.name for p in out.iterdir()) == ["a.wav", "results.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.wav", "results.jsonl", "up.FLAC"]
+    assert sf.info(out / "up.FLAC").format == "FLAC"  # the extension in any case picks it
+
+
+def test_no_line_writes_over_another_lines_input(model_dir, job_inputs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    precious = out / "precious.wav"
+    shutil.copyfile(job_inputs["mix"], precious)
+    before = precious.read_bytes()
+    jobs = write_jobs(tmp_path / "j.jsonl", [
+        {"mix": str(precious), "text": "a", "steps": 1, "output": "first.wav"},
+        {"mix": str(job_inputs["mix"]), "text": "a", "steps": 1, "output": "precious.wav"}])
+    assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu", "-q") == 3
+    errors = {r["line"]: r["error"] for r in records(out)}
+    assert errors == {1: None, 2: f"output precious.wav {precious} is the same file as line 1's "
+                                  f"mix {precious}; choose another path"}
+    assert precious.read_bytes() == before
+
+
+def test_an_out_that_takes_no_file_is_exit_2(model_dir, job_inputs, tmp_path, capsys,
+                                             monkeypatch):
+    from mmsep.runtime import atomic
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic, "_create_unique", refused)
+    jobs = write_jobs(tmp_path / "j.jsonl", [{"mix": str(job_inputs["mix"]), "steps": 1}])
+    assert run_batch(jobs, "--model", model_dir, "--out", tmp_path / "o") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mmsep-batch: error: --out {tmp_path / 'o'}: cannot write (Permission denied)")
 
 
 def _interrupt_and_resume(model_dir, job_inputs, tmp_path, sig) -> tuple[list, Path]:

@@ -1,0 +1,65 @@
+"""Files mmsep-run may not read or write (no permission, a read-only filesystem): exit 2 and a
+line naming the file, found before any work. The refusals are simulated (the tests may run as
+root, whom permissions do not stop)."""
+
+import shutil
+from pathlib import Path
+
+import soundfile as sf
+
+from mmsep.runtime import atomic, model_dir as model_dir_module
+from mmsep.runtime.example import tones
+from mmsep.runtime.separator import Separator
+from tests.runtime.test_cli import run_cli
+
+SR = 44100
+
+
+def refuse_under(monkeypatch, folder: Path) -> None:
+    """New files in ``folder`` are refused as a read-only directory refuses them."""
+    create = atomic._create_unique
+
+    def create_unique(path):
+        if Path(path).parent == folder:
+            raise PermissionError(13, "Permission denied")
+        return create(path)
+
+    monkeypatch.setattr(atomic, "_create_unique", create_unique)
+
+
+def test_an_output_in_a_directory_that_takes_no_file(model_dir, media, tmp_path, capsys,
+                                                     monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    refuse_under(monkeypatch, locked)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(Separator, "__init__", never)
+    for outputs, named in ((["-o", locked / "a.wav"], locked / "a.wav"),
+                           (["-o", tmp_path / "a.wav", "--mux", locked / "a.mp4"],
+                            locked / "a.mp4")):
+        code, _, stderr = run_cli(["--model", model_dir, "--video", media["av"], "--text", "a",
+                                   *outputs], capsys)
+        assert (code, stderr.strip()) == (
+            2, f"mmsep-run: error: {named}: cannot write (Permission denied)")
+    assert list(tmp_path.glob("*.wav")) == []
+
+
+def test_a_model_file_that_cannot_be_read(model_dir, tmp_path, capsys, monkeypatch):
+    mix = tmp_path / "mix.wav"
+    sf.write(mix, tones(1.0, SR), SR)
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    hash_file = model_dir_module.sha256_file
+
+    def sha256_file(path):
+        if Path(path).name == "vocoder.onnx":
+            raise PermissionError(13, "Permission denied")
+        return hash_file(path)
+
+    monkeypatch.setattr(model_dir_module, "sha256_file", sha256_file)
+    code, _, stderr = run_cli(["--model", model, "--mix", mix, "-o", tmp_path / "o.wav"], capsys)
+    assert (code, stderr.strip()) == (
+        2, f"mmsep-run: error: {model / 'vocoder.onnx'}: cannot read (Permission denied)")

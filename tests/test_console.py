@@ -1,0 +1,56 @@
+"""How every console program ends (mmsep.console): signals as interrupts, one line per error."""
+
+import os
+import signal
+
+import click
+import pytest
+
+from mmsep.console import console_main
+
+
+def run(body, capsys):
+    """console_main of a command running ``body``: (exit code, stderr lines)."""
+    command = click.Command("prog", callback=body)
+    with pytest.raises(SystemExit) as done:
+        console_main(command, "prog", [], interrupted="interrupted")
+    return done.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_termination_signals_are_interrupts(signum, capsys):
+    def body():
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal did not interrupt")
+
+    before = signal.getsignal(signum)
+    assert run(body, capsys) == (130, ["prog: interrupted"])
+    assert signal.getsignal(signum) == before  # restored
+
+
+def test_an_ignored_hangup_stays_ignored(capsys):
+    """Under nohup SIGHUP is ignored, and mmsep leaves it so."""
+    seen = []
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert run(lambda: seen.append(signal.getsignal(signal.SIGHUP)), capsys) == (0, [])
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert seen == [signal.SIG_IGN]
+
+
+def test_a_clean_up_cut_short_by_a_second_interrupt_is_the_interrupt(capsys):
+    def body():
+        try:
+            raise KeyboardInterrupt  # the first Ctrl-C
+        finally:
+            raise ValueError("generator already executing")  # a clean-up it broke
+
+    assert run(body, capsys) == (130, ["prog: interrupted"])
+
+
+def test_other_failures_are_one_line_exit_1(capsys):
+    def body():
+        raise ValueError("two\nlines")
+
+    assert run(body, capsys) == (1, ["prog: internal error: ValueError: two lines"])
