@@ -14,6 +14,11 @@ import click
 from .exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 
+# a seed option of the torch programs: what torch's generators take (larger ones failed with
+# "Overflow when unpacking long long")
+SEED = click.IntRange(0, 2**63 - 1)
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt():
     """SIGTERM, and SIGHUP (the terminal closed) unless it is ignored (nohup), raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE
+from ..console import SEED
+from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, full_disk_errno
 from ..models.io import CheckpointError
 from ..progress import track
 from ..stages import MIXTURE_LATENTS, POSTERIOR_SAMPLE
@@ -18,8 +18,6 @@ from .errors import ExportError, UsageError
 from .parity import PARITY_DEVICES, resolve_parity_device
 
 PROG = "mmsep-export"
-# a full disk or quota, or a file size limit: the user's to fix (exit 2), not a bug
-_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,7 +50,8 @@ _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
               help="Window length in seconds; fixes the per-window sequence lengths.")
 @click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Largest batch (windows x requests) of the graphs' optimisation profiles.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --preset weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed for --preset weights.")
 @click.option("--mixture-latent", type=click.Choice(MIXTURE_LATENTS), default=POSTERIOR_SAMPLE,
               show_default=True,
               help="How the mixture becomes the network's mixture latent: the VAE posterior "
@@ -111,7 +110,7 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
         click.echo(f"{PROG}: interrupted; nothing was written", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - a bug or an environment failure: one line, exit 1
-        full = _full_disk(exc)
+        full = full_disk_errno(exc)
         if full is not None:
             click.echo(f"{PROG}: error: cannot write the model directory "
                        f"({os.strerror(full)}); nothing was written", err=True)
@@ -138,16 +137,6 @@ def console(argv=None) -> None:
 
     console_main(main, PROG, sys.argv[1:] if argv is None else list(argv),
                  interrupted="interrupted; nothing was written")
-
-
-def _full_disk(exc: BaseException) -> int | None:
-    """The errno of a full disk, quota or file size limit behind ``exc`` (also when an
-    ExportError wraps it), else None."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in _FULL_DISK:
-            return exc.errno
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, out, duration,

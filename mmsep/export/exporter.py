@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models.components import Components
-from ..runtime.atomic import fsync_directory
+from ..runtime.atomic import fsync_directory, remove_stale_partials
 from ..runtime.resize_engine import ENGINE_NAMES
 from ..model_files import VOCAB_FILE, ManifestError, read_manifest, sha256_file
 from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, Geometry, Stage, StageSpec, \
@@ -95,7 +95,9 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     _check_disk(out, modules, specs, len(onnx_precisions))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(6)}"  # unique per run
+    remove_stale_partials(out.parent)  # what killed exports (SIGKILL, power loss) left there
+    # unique per run, named as atomic_output names its temporaries (the process id included)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(6)}"
     tmp.mkdir()  # exclusive, with the usual permissions (mkdtemp's 0700 would stay on the model)
     try:
         plans = {name: _plan_stage(name, modules[name], specs[name], tmp, previous,

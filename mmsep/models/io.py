@@ -17,6 +17,10 @@ class CheckpointError(ValueError):
     """A weight file that cannot be used; the message names the file and what is wrong."""
 
 
+# what mmsep-finetune's checkpoint.pt holds (the network's state dict is its "net")
+TRAINING_CHECKPOINT_KEYS = frozenset({"step", "options", "world", "net", "ema", "optimizer"})
+
+
 def read_state_dict(path: str | os.PathLike, *, what: str = "checkpoint",
                     wrapper_keys: Iterable[str] = WRAPPER_KEYS) -> dict[str, torch.Tensor]:
     """Load a tensor dictionary from a .pth/.pt/.ckpt/.bin or .safetensors file.
@@ -41,6 +45,9 @@ def read_state_dict(path: str | os.PathLike, *, what: str = "checkpoint",
         raise CheckpointError(
             f"{path}: not a readable {what} (truncated or not a PyTorch/safetensors file: "
             f"{detail[:200]})") from exc
+    if isinstance(obj, dict) and TRAINING_CHECKPOINT_KEYS <= obj.keys():
+        raise CheckpointError(f"{path}: a mmsep-finetune training checkpoint (checkpoint.pt), "
+                              f"not a {what}; give the ft.pt beside it")
     state = unwrap_state_dict(obj, wrapper_keys)
     if not state:
         raise CheckpointError(f"{path}: no tensors found; this is not a {what}")

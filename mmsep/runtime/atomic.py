@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -116,13 +117,17 @@ _PARTIAL = re.compile(r"^\..+\.partial-(\d+)-[0-9a-f]{12}(\.[^.]+)?$")  # _creat
 
 
 def remove_stale_partials(directory: str | os.PathLike) -> None:
-    """Remove the temporaries ``atomic_output`` left in ``directory`` when its process was killed
-    (SIGKILL, power loss); those of running processes are kept."""
+    """Remove the temporaries ``atomic_output`` (and the exporter's model directories, named
+    alike) left in ``directory`` when their process was killed (SIGKILL, power loss); those of
+    running processes are kept."""
     for path in Path(directory).iterdir():
         match = _PARTIAL.match(path.name)
         if match and not _alive(int(match.group(1))):
-            with contextlib.suppress(OSError):
-                path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
 
 def _alive(pid: int) -> bool:

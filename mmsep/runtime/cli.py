@@ -47,7 +47,8 @@ PROG = "mmsep-run"
               help="Ignore any audio track and generate audio for the query from a noise "
                    "mixture (also the mode when there is no mixture and no video).")
 @click.option("--duration", type=click.FloatRange(MIN_SECONDS, MAX_GENERATED_SECONDS),
-              help="Length in seconds of generated audio without a video (default: one window).")
+              help="Length in seconds of generated audio (default: the video's length, else "
+                   "one window); not with a mixture.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Output audio file; its extension picks the format ("
                    f"{', '.join('.' + f for f in FORMATS)}; ogg is Vorbis); no extension: "

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
 
-from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE
+from ..console import SEED
+from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, full_disk_errno
 from . import recipe
 from .loop import CHECKPOINT, METRICS, WEIGHTS, Ranks, TrainOptions, Trainer, \
     check_resumable, read_checkpoint
@@ -58,8 +60,8 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Also train the fused blocks and the final layer (the authors freeze them).")
 @click.option("--duration", type=click.FloatRange(2.0, 60.0), default=8.0, show_default=True,
               help="Training window in seconds.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
-@click.option("--val-seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Training seed.")
+@click.option("--val-seed", type=SEED, default=0, show_default=True,
               help="Seed of the fixed validation mixtures (keep it to compare runs).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (the process's GPU under torchrun, else cuda, else cpu), cpu, cuda:N.")
@@ -92,6 +94,9 @@ def main(**kw) -> None:
         _fail(EXIT_INTERRUPTED, "interrupted; " + ("--resume continues from the last saved step"
                                                    if saved else "no step was saved"))
     except Exception as exc:  # a one-line report instead of a traceback
+        full = full_disk_errno(exc)
+        if full is not None:
+            _fail(EXIT_USAGE, f"{out}: cannot write ({os.strerror(full)})")
         _fail(EXIT_INTERNAL, f"{type(exc).__name__}: {exc}")
     if ranks.main and not kw["quiet"]:
         click.echo(f"wrote {out / WEIGHTS}")
@@ -209,9 +214,18 @@ def run_setup(kw: dict) -> dict:
             "val_sha256": sha256_file(kw["val"])[:16]}
 
 
-def _cache_progress(log, split: str):
+PROGRESS_SECONDS = 10.0  # the longest silence while features are computed
+
+
+def _cache_progress(log, split: str, clock=time.monotonic):
+    """A progress line for the first clip, then at least every PROGRESS_SECONDS, and at the
+    end (real clips take seconds each: a fixed count of clips could mean minutes of silence)."""
+    last = [None]
+
     def report(done: int, total: int) -> None:
-        if done == total or done % 50 == 0:
+        now = clock()
+        if done == total or last[0] is None or now - last[0] >= PROGRESS_SECONDS:
+            last[0] = now
             log(f"features ({'train' if split == 'data' else 'val'}): {done}/{total} clips")
     return report
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmsep.runtime.atomic import atomic_output
+from mmsep.models.io import TRAINING_CHECKPOINT_KEYS
+from mmsep.runtime.atomic import atomic_output, remove_stale_partials
 
 from . import recipe
 from .data import draw_interferers, draw_snr, mix_at_snr
@@ -189,10 +190,8 @@ class Trainer:
         state = {"step": self.step, "options": asdict(self.options), "world": self.ranks.world,
                  "setup": self.setup, "net": self.net.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict()}
-        with atomic_output(self.run_dir / CHECKPOINT) as tmp:
-            torch.save(state, tmp)
-        with atomic_output(self.run_dir / WEIGHTS) as tmp:
-            torch.save(self.ema_network().state_dict(), tmp)
+        save_atomically(state, self.run_dir / CHECKPOINT)
+        save_atomically(self.ema_network().state_dict(), self.run_dir / WEIGHTS)
 
     def resume(self, state: dict | None = None) -> None:
         """Continue from the run directory's checkpoint.pt (``state``: it, already read with
@@ -227,6 +226,7 @@ class Trainer:
         o = self.options
         if self.ranks.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(self.run_dir)  # those of a killed run (SIGKILL, power loss)
             if self.step == 0:  # a new run: rows left by one that saved no step go
                 (self.run_dir / METRICS).unlink(missing_ok=True)
         if self.step == 0:
@@ -259,6 +259,36 @@ def _progress(row: dict, steps: int, val: float | None) -> str:
     return text + (f"  val_loss {val:.4f}" if val is not None else "")
 
 
+def save_atomically(obj, path: Path) -> None:
+    """``torch.save`` through ``atomic_output``. A write that fails (a full disk, a size limit)
+    raises its OSError: torch's zip writer would report it as a bare RuntimeError."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        writer = _WriteErrors(fh)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
+class _WriteErrors:
+    """A file's ``write`` and ``flush`` that keep the OSError a write raised."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
     """A run's checkpoint.pt; ValueError naming ``path`` when it is not one."""
     try:
@@ -266,13 +296,11 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
     except Exception as exc:  # torch raises what its unpickler and zip reader meet
         raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:200]})") from None
-    if not isinstance(state, dict) or not _CHECKPOINT_KEYS <= state.keys():
+    if not isinstance(state, dict) or not TRAINING_CHECKPOINT_KEYS <= state.keys():
         raise ValueError(f"{path}: not a mmsep-finetune checkpoint.pt (an ft.pt or another "
                          "file?); resume needs the checkpoint.pt a run wrote")
     return state
 
-
-_CHECKPOINT_KEYS = {"step", "options", "world", "net", "ema", "optimizer"}
 
 
 def check_resumable(state: dict, path: Path, options: TrainOptions, world: int, setup: dict,

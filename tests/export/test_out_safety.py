@@ -160,3 +160,17 @@ def test_sigterm_is_an_interrupt(tmp_path, capsys, monkeypatch):
                                str(tmp_path / "m"), "--no-engines", "--quiet"], capsys)
     assert (code, lines) == (130, ["mmsep-export: interrupted; nothing was written"])
     assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+
+def test_a_training_checkpoint_is_named_as_such(tmp_path, capsys):
+    """mmsep-finetune's checkpoint.pt given where a network is expected: say to use ft.pt."""
+    import torch
+
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"step": 3, "options": {}, "world": 1, "net": {"w": torch.zeros(1)}, "ema": {},
+                "optimizer": {}}, ckpt)
+    code, lines = run_console(["--checkpoint", str(ckpt), "--out", str(tmp_path / "m"),
+                               "--quiet"], capsys)
+    assert (code, lines) == (2, [f"mmsep-export: error: {ckpt}: a mmsep-finetune training "
+                                 "checkpoint (checkpoint.pt), not a MMAudio flow checkpoint; "
+                                 "give the ft.pt beside it"])

@@ -51,9 +51,15 @@ def test_a_killed_writers_temporaries_are_removed_and_a_live_ones_kept(tmp_path)
         gone.wait()  # a process id that no longer runs
         killed = tmp_path / f".out.partial-{gone.pid}-{'0' * 12}.wav"
         killed.write_bytes(b"half an output")
+        export = tmp_path / f".tiny.partial-{gone.pid}-{'1' * 12}"  # a killed mmsep-export's
+        (export / "sub").mkdir(parents=True)
+        (export / "sub" / "vae_decoder.onnx").write_bytes(b"half a graph")
+        running = tmp_path / f".small.partial-{os.getpid()}-{'2' * 12}"  # a running export's
+        running.mkdir()
         other = tmp_path / ".notes.partial-draft.txt"  # not a name atomic_output makes
         other.write_bytes(b"x")
         remove_stale_partials(tmp_path)
         assert live.name.startswith(f".out.partial-{os.getpid()}-")
-        assert live.exists() and other.exists() and not killed.exists()
+        assert live.exists() and other.exists() and running.exists()
+        assert not killed.exists() and not export.exists()
     assert target.exists() and not live.exists()

@@ -20,8 +20,12 @@ def test_a_short_run_writes_a_loadable_ft_pt(corpus, weights_dir, tables, tmp_pa
     import mmsep.models as mm
 
     out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint.partial-4194305-0123456789ab.pt"  # a killed run's (no such pid)
+    stale.write_bytes(b"half")
     result = CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--steps", "2"))
     assert result.exit_code == 0, result.output
+    assert not stale.exists()
     assert "step 2/2" in result.output and "val_loss" in result.output
     net = mm.load_flow(out / "ft.pt", duration=2.0)
     assert net.config.separation and net.config.name == "tiny"
@@ -159,3 +163,16 @@ def test_console_usage_errors_are_one_line_and_sigterm_interrupts(corpus, weight
     assert stopped.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "mmsep-finetune: interrupted; no step was saved"]
+
+
+def test_feature_progress_is_timed_not_counted():
+    from mmsep.train.cli import PROGRESS_SECONDS, _cache_progress
+
+    lines, now = [], [0.0]
+    report = _cache_progress(lines.append, "data", clock=lambda: now[0])
+    for done, seconds in ((1, 0.0), (2, 3.0), (3, PROGRESS_SECONDS), (4, PROGRESS_SECONDS + 1),
+                          (5, PROGRESS_SECONDS + 2)):
+        now[0] = seconds
+        report(done, 5)
+    assert lines == ["features (train): 1/5 clips", "features (train): 3/5 clips",
+                     "features (train): 5/5 clips"]

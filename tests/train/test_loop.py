@@ -101,3 +101,23 @@ def test_validation_batches_carry_the_noise_free_latents(generator_net, encoders
     torch.testing.assert_close(eps_target, eps_mixture, rtol=1e-4, atol=1e-4)
     assert not torch.equal(batch["x1"], batch["x1_mean"])
     assert "x1_mean" not in trainer.train_batch(0)
+
+
+def test_a_full_disk_while_saving_is_the_oserror_and_leaves_nothing(tmp_path):
+    """torch's zip writer reports a failed write as a RuntimeError; save_atomically raises the
+    write's own OSError (here a file size limit, in a process of its own) and leaves no file."""
+    import subprocess
+    import sys
+
+    script = ("import resource, sys, torch\n"
+              "from pathlib import Path\n"
+              "from mmsep.train.loop import save_atomically\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+              "try:\n"
+              "    save_atomically({'w': torch.zeros(1 << 20)}, Path(sys.argv[1]))\n"
+              "except OSError as exc:\n"
+              "    print(exc.errno, exc.strerror)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ft.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "27 File too large", done.stderr
+    assert list(tmp_path.iterdir()) == []
