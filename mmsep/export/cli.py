@@ -131,8 +131,8 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
 
 
 def console(argv=None) -> None:
-    """The console program: also one line for bad usage (click's own errors), and SIGTERM as
-    Ctrl-C."""
+    """The console program: also one line for bad usage (click's own errors), and SIGTERM or
+    SIGHUP as Ctrl-C (mmsep.console)."""
     from ..console import console_main
 
     console_main(main, PROG, sys.argv[1:] if argv is None else list(argv),

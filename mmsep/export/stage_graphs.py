@@ -65,6 +65,18 @@ def _write_in_worker(work: GraphWork) -> GraphsWritten:
     return write_graphs(work, modules[work.name], specs[work.name], directory)
 
 
+def _worker_signals() -> None:
+    """A worker leaves interrupts to the exporting process, which stops it (``close``): Ctrl-C
+    reaches the whole process group and is ignored here; SIGTERM, which ``close`` sends, ends
+    the worker at once instead of running the handler it inherited (mmsep.console's)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class GraphWriter:
     """``start(works)`` then ``result(name)`` per stage, in any order; ``jobs`` > 1 writes the
     stages in that many forked processes, 1 in this process (when its result is asked for)."""
@@ -88,7 +100,8 @@ class GraphWriter:
         # fork: the workers inherit the modules (kept in _INHERITED until close, for a worker
         # the pool replaces); they are started here, all at once
         _INHERITED.update(modules=self.modules, specs=self.specs, directory=self.directory)
-        self._pool = multiprocessing.get_context("fork").Pool(workers)
+        self._pool = multiprocessing.get_context("fork").Pool(workers,
+                                                              initializer=_worker_signals)
         self._pending = {work.name: self._pool.apply_async(_write_in_worker, (work,))
                          for work in works}
 

@@ -104,7 +104,8 @@ def main(**kw) -> None:
 
 
 def console(argv=None) -> None:
-    """The console program: also one line for bad usage, and SIGTERM as Ctrl-C."""
+    """The console program: also one line for bad usage, and SIGTERM or SIGHUP as Ctrl-C
+    (mmsep.console)."""
     from ..console import console_main
 
     console_main(main, PROG, sys.argv[1:] if argv is None else list(argv),

@@ -302,7 +302,6 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
     return state
 
 
-
 def check_resumable(state: dict, path: Path, options: TrainOptions, world: int, setup: dict,
                     net: torch.nn.Module) -> None:
     """ValueError unless ``state`` (read from ``path``) continues this run: the same options

@@ -94,3 +94,26 @@ def test_jobs_must_be_positive(tmp_path):
                            "--jobs", "0", "--out", str(tmp_path / "m")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "Invalid value for '--jobs'" in done.stderr
+
+
+def report_signals(work):
+    """A worker's handlers of Ctrl-C and SIGTERM (stands in for writing ``work``'s graphs)."""
+    import signal
+
+    return work.name, signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_workers_leave_interrupts_to_the_exporting_process(monkeypatch, tmp_path):
+    """Under mmsep-export's console SIGTERM raises KeyboardInterrupt; a forked worker must not
+    inherit that (close() stops workers with SIGTERM: each printed a traceback), and ignores
+    the Ctrl-C that reaches the whole process group."""
+    import signal
+
+    from mmsep.console import terminate_as_interrupt
+
+    monkeypatch.setattr(stage_graphs, "_write_in_worker", report_signals)
+    works = [stage_graphs.GraphWork(name, False, ()) for name in ("a", "b")]
+    with terminate_as_interrupt(), stage_graphs.GraphWriter({}, {}, tmp_path, jobs=2) as writer:
+        writer.start(works)
+        assert [writer.result(w.name) for w in works] == [
+            (w.name, signal.SIG_IGN, signal.SIG_DFL) for w in works]
