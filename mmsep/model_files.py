@@ -50,3 +50,19 @@ def read_manifest(directory: str | os.PathLike) -> dict:
                             f"of mmsep (reads version {MANIFEST_FORMAT_VERSION}); re-export the "
                             "model with a matching mmsep-export")
     return manifest
+
+
+def manifest_files(manifest: dict) -> set[str]:
+    """Every file name of a model directory that its manifest accounts for (the stages' graphs
+    and copies, the extra files, the TensorRT engines and their graphs, the manifest itself)."""
+    names = {MANIFEST}
+    for stage in manifest.get("stages", {}).values():
+        names.update(stage.get("files", {}))
+        for copy in stage.get("reduced", {}).values():
+            names.update(copy.get("files", {}))
+    names.update(entry["file"] for entry in manifest.get("files", {}).values())
+    tensorrt = manifest.get("tensorrt") or {}
+    records = [*(tensorrt.get("engines") or {}).values(),
+               *(r for r in tensorrt.values() if isinstance(r, dict) and "file" in r)]
+    names.update(record[k] for record in records for k in ("file", "onnx") if k in record)
+    return names

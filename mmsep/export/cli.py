@@ -82,7 +82,9 @@ PROG = "mmsep-export"
 @click.option("--engines-only", "engines_only", type=click.Path(file_okay=False, path_type=Path),
               help="Build the engines of an existing model directory (on the target GPU machine); "
                    "each engine is checked against the directory's fp32 ONNX graph.")
-@click.option("--force", is_flag=True, help="Replace an existing non-mmsep --out directory.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing --out that is not an mmsep model directory, or one that "
+                   "holds files the export did not write (they are deleted).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, synchformer, out,

@@ -28,7 +28,8 @@ import numpy as np
 from ..models.components import Components
 from ..runtime.atomic import fsync_directory, remove_stale_partials
 from ..runtime.resize_engine import ENGINE_NAMES
-from ..model_files import VOCAB_FILE, ManifestError, read_manifest, sha256_file
+from ..model_files import MANIFEST, VOCAB_FILE, ManifestError, manifest_files, read_manifest, \
+    sha256_file
 from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, Geometry, Stage, StageSpec, \
     build_stage_specs
 from . import manifest as mf
@@ -137,7 +138,25 @@ def _existing(out: Path, force: bool) -> dict | None:
             raise UsageError(f"{out}: exists, is not empty and is not an mmsep model directory; "
                              "choose another --out or pass --force to replace it") from None
         return None
+    if not force:
+        _refuse_foreign_files(out, previous)
     return {**previous, "_dir": str(out)}
+
+
+def _refuse_foreign_files(out: Path, manifest: dict) -> None:
+    """The export replaces ``out`` as a whole: files its manifest does not account for (the
+    user's own, put there since) are not deleted without --force."""
+    try:
+        ours = manifest_files(manifest)
+    except (KeyError, TypeError, AttributeError):
+        ours = {MANIFEST}  # a damaged manifest accounts for nothing else
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                     if p.name not in ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                          else "")
+        raise UsageError(f"{out}: holds {shown}, which mmsep-export did not write and replacing "
+                         "the directory would delete; move them, or pass --force")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 
 from mmsep.export import exporter as exporter_module
 from mmsep.export import stage_graphs
-from mmsep.export.errors import ExportError
+from mmsep.export.errors import ExportError, UsageError
 from mmsep.export.exporter import export_model
 from mmsep.export.parity import resolve_parity_device
 from mmsep.models import build_components
@@ -117,3 +117,32 @@ def test_workers_leave_interrupts_to_the_exporting_process(monkeypatch, tmp_path
         writer.start(works)
         assert [writer.result(w.name) for w in works] == [
             (w.name, signal.SIG_IGN, signal.SIG_DFL) for w in works]
+
+
+def test_the_manifest_accounts_for_every_file_of_an_export(tiny_model_dir):
+    from mmsep.model_files import manifest_files
+
+    manifest = json.loads((tiny_model_dir / "manifest.json").read_text())
+    on_disk = {p.name for p in tiny_model_dir.iterdir()}
+    assert manifest_files(manifest) == on_disk
+    manifest["tensorrt"] = {"status": "built", "engines": {
+        "denoiser": {"file": "denoiser.engine", "onnx": "denoiser.fp16.onnx"}},
+        "frame_resize": {"file": "frame_resize.engine", "onnx": "frame_resize.onnx"}}
+    assert manifest_files(manifest) - on_disk == {"denoiser.engine", "frame_resize.engine",
+                                                  "frame_resize.onnx"}
+
+
+def test_a_re_export_keeps_the_users_own_files_unless_forced(tiny_model_dir, tmp_path):
+    """The export replaces --out as a whole: files its manifest does not account for are named
+    and the export refused, the directory untouched."""
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, out)
+    (out / "NOTES.txt").write_text("mine")
+    (out / "samples").mkdir()
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UsageError, match=r"m: holds NOTES.txt, samples/, which mmsep-export did "
+                                         r"not write .*; move them, or pass --force$"):
+        export_model(_tiny(), out, **SILENT)
+    assert sorted(p.name for p in out.iterdir()) == before
