@@ -88,10 +88,16 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Create and remove a temporary beside ``path``, as ``atomic_output`` would: OSError when
-    its directory takes no new file (no permission, a read-only filesystem), before any work."""
-    _create_unique(Path(path)).unlink()
+def check_writable(path: str | os.PathLike, label: str | None = None) -> None:
+    """Create and remove a temporary beside ``path``, as ``atomic_output`` would, before any
+    work: OutputError ``<label or path>: cannot write (<reason>)`` when its directory takes no
+    new file (no permission, a read-only filesystem)."""
+    from .errors import OutputError
+
+    try:
+        _create_unique(Path(path)).unlink()
+    except OSError as exc:
+        raise OutputError(f"{label or path}: cannot write ({exc.strerror or exc})") from None
 
 
 def _create_unique(path: Path) -> Path:

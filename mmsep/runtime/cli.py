@@ -187,7 +187,7 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
     outputs' formats and directories are usable, and no output is the same file as an input."""
     from .atomic import check_writable
     from .audio_writer import check_format
-    from .errors import InputError, OutputError
+    from .errors import InputError
     from .paths import check_outputs, model_files
 
     if mux_path is not None and video is None:
@@ -206,10 +206,7 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
             raise InputError(f"{path}: is a directory; give a file name")
         if not path.parent.is_dir():
             raise InputError(f"{path}: output directory {path.parent} does not exist")
-        try:
-            check_writable(path)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        check_writable(path)
     inputs = {label: path for label, path in (("--mix", mix), ("--video", video)) if path}
     check_outputs(outputs, {**inputs, **model_files(model_dir)})
     _check_suffix(paths[0], fmt)

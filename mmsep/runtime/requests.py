@@ -108,6 +108,16 @@ def request_texts(text) -> list[str | None]:
     return [one_text(t) for t in texts]
 
 
+def check_duration(duration) -> float:
+    """A generated output's length in seconds, or InputError."""
+    low, high = audio_io.MIN_SECONDS, audio_io.MAX_GENERATED_SECONDS
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or \
+            not (math.isfinite(duration) and low <= duration <= high):
+        raise InputError(f"duration must be a number of seconds from {low} to {high:g}, "
+                         f"got {duration!r}")
+    return float(duration)
+
+
 def request_length(info, mixture, source, duration) -> int:
     """Output samples at the model's rate: the mixture's length; else ``duration`` seconds of
     generated audio; else the video's length; else one window."""
@@ -118,12 +128,7 @@ def request_length(info, mixture, source, duration) -> int:
     if mixture is not None:
         return mixture.length
     if duration is not None:
-        low, high = audio_io.MIN_SECONDS, audio_io.MAX_GENERATED_SECONDS
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or \
-                not (math.isfinite(duration) and low <= duration <= high):
-            raise InputError(f"duration must be a number of seconds from {low} to {high:g}, "
-                             f"got {duration!r}")
-        return round(duration * sr)
+        return round(check_duration(duration) * sr)
     if source is not None:
         length = round(source.duration * sr)
         if length < audio_io.MIN_SECONDS * sr:

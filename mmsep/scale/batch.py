@@ -16,8 +16,8 @@ import click
 
 from mmsep.exit_codes import EXIT_OK, EXIT_SOME_FAILED
 from mmsep.progress import Progress
-from mmsep.runtime.atomic import check_writable, remove_stale_partials
 from mmsep.console import console_main
+from mmsep.runtime.atomic import check_writable, remove_stale_partials
 from mmsep.runtime.backend_options import backend_options
 
 from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, job_inputs, manifest_salt,
@@ -61,9 +61,9 @@ def cli(jobs, model_dir, out_dir, subtype, backend_options, use_ray, ray_address
         raise InputError(f"{model_dir}: not a model directory (no manifest.json)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        check_writable(out_dir / RESULTS)
     except OSError as exc:
         raise OutputError(f"--out {out_dir}: cannot write ({exc.strerror or exc})") from None
+    check_writable(out_dir / RESULTS, label=f"--out {out_dir}")
     remove_stale_partials(out_dir)
     results = Results(out_dir)
     plan = _plan(jobs, out_dir, results, manifest_salt(model_dir, subtype))

@@ -41,6 +41,11 @@ class Job:
     outputs: tuple[str, ...]  # file names inside the output folder
 
     @property
+    def inputs(self) -> dict[str, str]:
+        """The line's input files by field ("video", "mix")."""
+        return {k: self.options[k] for k in ("video", "mix") if k in self.options}
+
+    @property
     def format(self) -> str:
         return "flac" if self.outputs[0].lower().endswith(".flac") else "wav"
 
@@ -95,8 +100,7 @@ def check_outputs(job: Job, out_dir: Path, taken: dict[str, int],
     ``job_inputs``; compared as files by the runtime's ``check_outputs``), the results file,
     or another line's output."""
     check_paths({f"output {name}": out_dir / name for name in job.outputs},
-                {k: job.options[k] for k in ("video", "mix") if k in job.options},
-                others=all_inputs)
+                job.inputs, others=all_inputs)
     for name in job.outputs:
         if name == RESULTS:
             raise InputError(f"output {name} is the job's results file")
@@ -106,8 +110,8 @@ def check_outputs(job: Job, out_dir: Path, taken: dict[str, int],
 
 def job_inputs(jobs: list[Job]) -> dict:
     """The input files of every line, for ``check_outputs``."""
-    return identities({f"line {job.line}'s {k}": job.options[k] for job in jobs
-                       for k in ("video", "mix") if k in job.options})
+    return identities({f"line {job.line}'s {k}": path for job in jobs
+                       for k, path in job.inputs.items()})
 
 
 def manifest_salt(model_dir: Path, subtype: str) -> str:

@@ -11,6 +11,7 @@ in a per-request temporary folder that is removed whatever the answer.
 from __future__ import annotations
 
 import io
+import math
 import shutil
 import tempfile
 import zipfile
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mmsep.runtime.errors import InputError
+from mmsep.runtime.requests import check_duration
 
 FILE_FIELDS = ("mix", "video")
 VALUE_FIELDS = ("negative_text", "seed", "steps", "cfg", "generate", "duration")
@@ -134,9 +136,12 @@ def _value(field: str, text):
             return text
     if field in ("cfg", "duration"):
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             return text
+        if field == "duration" and not math.isfinite(value):
+            check_duration(value)  # 400 here: an infinite one is no size limit's case (413)
+        return value
     return text
 
 

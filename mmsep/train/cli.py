@@ -202,7 +202,7 @@ def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> 
     trainer = Trainer(net, encoders, tables["data"], tables["val"], options, kw["out"],
                       ranks=ranks, device=device, log=log, setup=setup)
     if state is not None:
-        trainer.resume(state)
+        trainer.load_state(state)  # checked above, before the features
     return trainer
 
 

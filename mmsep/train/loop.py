@@ -199,6 +199,10 @@ class Trainer:
         path = self.run_dir / CHECKPOINT
         state = read_checkpoint(path, self.device) if state is None else state
         check_resumable(state, path, self.options, self.ranks.world, self.setup, self.net)
+        self.load_state(state)
+
+    def load_state(self, state: dict) -> None:
+        """Take up a checkpoint that ``check_resumable`` accepted."""
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

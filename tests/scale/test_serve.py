@@ -132,6 +132,8 @@ def test_several_texts_answer_a_zip(server):
      "mix: 4.0 s of media is over the limit of 3 s"),
     (None, {"text": "x", "generate": "true", "duration": "5"}, 413,
      "duration 5 s is over the limit of 3 s"),
+    (None, {"text": "x", "generate": "true", "duration": "inf"}, 400,
+     "duration must be a number of seconds from 0.1 to 36000, got inf"),
 ])
 def test_errors_have_their_status_and_one_line_message(server, files, data, status, message):
     url, work = server
