@@ -221,7 +221,7 @@ class Separator(Closing):
     def _video_windows(self, source: VideoSource, plan: WindowPlan) -> WindowFrames:
         """The per-window model inputs of ``source`` for the windows of ``plan``."""
         return WindowFrames(source, plan.start_seconds, self.info.geometry,
-                            resizer=self._resizer)
+                            resizer=self._resizer, end=plan.length / plan.sample_rate)
 
     # -- stages --------------------------------------------------------------------------------
     def _window_features(self, frames: PrefetchedWindows | None,

@@ -28,6 +28,7 @@ A video can also be given as an array: uint8 RGB frames of shape (T, H, W, 3) pl
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +45,7 @@ from .pixels import YuvFrame, YuvFrames, rgb, yuv_frame
 from .resize import centre_crop, short_side
 
 TIME_TOLERANCE = 1e-6  # seconds; a frame this close below a target still reaches it
+HELD_WARNING_SECONDS = 0.5  # a last frame held longer than this for the output is reported
 
 
 class VideoSource:
@@ -193,13 +195,15 @@ class WindowFrames(Closing):
     float32 (segments, segment_frames, 3, S', S') in [-1, 1] for the window starting at
     ``starts[w]`` seconds. With a ``resizer`` (``resize.FrameResizer``, for backends that resize
     on their device) frames are not resized here: the window's distinct selected frames go to
-    ``resizer.run`` as uint8 and its outputs (device values) are returned instead.
+    ``resizer.run`` as uint8 and its outputs (device values) are returned instead. ``end``:
+    the output's length in seconds (the last window's frames past it are padding).
     """
 
     def __init__(self, source: VideoSource, starts: Sequence[float], geometry: Geometry, *,
-                 resizer=None):
+                 resizer=None, end: float = np.inf):
         self.geometry = g = geometry
         self.starts = list(starts)
+        self._end = end
         self._clip = _Stream(self.starts, g.clip_fps, g.clip_len, len(self.starts))
         self._sync = _Stream(self.starts, g.sync_fps, g.sync_frames, len(self.starts))
         self._frames = source.frames()
@@ -245,6 +249,7 @@ class WindowFrames(Closing):
             self._ended = True
             if self._last is None:
                 raise InputError(f"{self._name}: no decodable video frames") from None
+            self._warn_if_held()
             self._resolve(np.inf, self._last)
             return False
         self.decoded += 1
@@ -252,6 +257,15 @@ class WindowFrames(Closing):
         self._last = frame
         self._resolve(self._reached, frame)
         return True
+
+    def _warn_if_held(self) -> None:
+        """Say so when the output runs well past the last decoded frame (a video shorter than
+        its mixture, or a truncated file): that frame then stands in for the rest."""
+        needed = min(max(self._clip.sorted[-1], self._sync.sorted[-1]), self._end)
+        if needed - self._reached > HELD_WARNING_SECONDS:
+            warnings.warn(f"{self._name}: its frames end at {self._reached:.2f} s but the output "
+                          f"needs frames up to {needed:.2f} s; the last frame stands in for the "
+                          "rest", RuntimeWarning, stacklevel=2)
 
     def _resolve(self, reached: float, frame) -> None:
         clip, sync = self._clip.take(reached), self._sync.take(reached)

@@ -1,6 +1,7 @@
 """Torch-free video preprocessing against the PyTorch reference (mmsep.models.video_reference)."""
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -92,6 +93,20 @@ def test_array_input_equals_file_input(media):
     for _ in range(2):
         for x, y in zip(a.next_window(), b.next_window()):
             np.testing.assert_array_equal(x, y)
+
+
+def test_a_last_frame_held_well_past_the_video_is_reported():
+    one_second = np.zeros((10, 8, 8, 3), np.uint8)  # 10 fps: the last frame is at 0.9 s
+    with pytest.warns(RuntimeWarning, match=r"^video array: its frames end at 0\.90 s but the "
+                      r"output needs frames up to 1\.88 s; the last frame stands in"):
+        WindowFrames(VideoSource.from_array(one_second, 10), [0.0], geometry()).next_window()
+    almost = np.zeros((15, 8, 8, 3), np.uint8)  # the last frame (1.4 s) is held for 0.48 s
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        WindowFrames(VideoSource.from_array(almost, 10), [0.0], geometry()).next_window()
+        # an output of 1 s: the window's frames past it are padding
+        WindowFrames(VideoSource.from_array(one_second, 10), [0.0], geometry(),
+                     end=1.0).next_window()
 
 
 def test_portrait_crop_matches_reference_offsets():
