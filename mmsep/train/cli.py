@@ -53,9 +53,10 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               show_default=True, help="Write checkpoint.pt and ft.pt every N steps.")
 @click.option("--log-every", type=click.IntRange(1), default=TrainOptions.log_every,
               show_default=True, help="Progress line and metrics row every N steps.")
-@click.option("--init-input-proj", type=click.Choice(recipe.INIT_INPUT_PROJ), default="reinit",
-              show_default=True, help="reinit: fresh audio input projection (the authors); "
-              "zero-mix: pretrained weights, zeros for the mixture channels.")
+@click.option("--init-input-proj", type=click.Choice(recipe.INIT_INPUT_PROJ), default=None,
+              show_default=recipe.INIT_INPUT_PROJ[0],
+              help="For a generation --init: reinit: fresh audio input projection (the "
+              "authors); zero-mix: pretrained weights, zeros for the mixture channels.")
 @click.option("--train-fused", is_flag=True,
               help="Also train the fused blocks and the final layer (the authors freeze them).")
 @click.option("--duration", type=click.FloatRange(2.0, 60.0), default=8.0, show_default=True,
@@ -178,8 +179,13 @@ def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> 
 
     log = (lambda msg: None) if kw["quiet"] or not ranks.main else click.echo
     clips = {split: read_clips(kw[split]) for split in ("data", "val")}
-    net = recipe.separation_start(mm.load_flow(kw["init"], duration=kw["duration"]),
-                                  kw["init_input_proj"], kw["seed"])
+    net = mm.load_flow(kw["init"], duration=kw["duration"])
+    if net.config.separation and kw["init_input_proj"] is not None:
+        raise ValueError(f"--init-input-proj: {kw['init']} is already a separation network, "
+                         "whose input projection fine-tuning continues from; leave the option "
+                         "out")
+    net = recipe.separation_start(net, kw["init_input_proj"] or recipe.INIT_INPUT_PROJ[0],
+                                  kw["seed"])
     options = TrainOptions(**{k: kw[k] for k in ("steps", "batch_size", "lr", "warmup",
                                                   "val_every", "save_every", "log_every",
                                                   "seed", "val_seed", "train_fused")})

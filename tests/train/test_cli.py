@@ -40,6 +40,14 @@ def test_a_short_run_writes_a_loadable_ft_pt(corpus, weights_dir, tables, tmp_pa
     refused = CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--steps", "3"))
     assert refused.exit_code == 2 and "pass --resume" in refused.output
     assert refused.output.startswith("mmsep-finetune: error: ")
+    # continued fine-tuning keeps the separation network's input projection: the option that
+    # would set it is refused rather than ignored
+    args = _args(corpus, weights_dir, tables, out.with_name("more"), "--steps", "1",
+                 "--init-input-proj", "zero-mix")
+    args[args.index("--init") + 1] = str(out / "ft.pt")
+    continued = CliRunner().invoke(main, args)
+    assert continued.exit_code == 2
+    assert "ft.pt is already a separation network" in continued.output
     resume_refusals(corpus, weights_dir, tables, out)
 
 
