@@ -91,11 +91,16 @@ def fsync_directory(directory: str | os.PathLike) -> None:
 def check_writable(path: str | os.PathLike, label: str | None = None) -> None:
     """Create and remove a temporary beside ``path``, as ``atomic_output`` would, before any
     work: OutputError ``<label or path>: cannot write (<reason>)`` when its directory takes no
-    new file (no permission, a read-only filesystem)."""
+    new file (no permission, a read-only filesystem) or ``path`` is a device or pipe, which no
+    file can be renamed onto."""
     from .errors import OutputError
 
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise OutputError(f"{label or path}: cannot write (not a regular file; outputs are "
+                          "written whole and renamed into place)")
     try:
-        _create_unique(Path(path)).unlink()
+        _create_unique(path).unlink()
     except OSError as exc:
         raise OutputError(f"{label or path}: cannot write ({exc.strerror or exc})") from None
 

@@ -193,6 +193,8 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
     if mux_path is not None and video is None:
         raise InputError("--mux needs --video (the video stream to copy)")
     check_input_files(video, mix)
+    if output is not None and Path(output).exists() and not Path(output).is_file():
+        check_writable(output, f"--output {output}")  # a device or pipe: not <name>.wav beside it
     if output is not None and Path(output).is_dir():  # the default name inside it
         paths = [Path(output) / p for p in output_paths(None, fmt, n_texts, mix, video)]
     else:

@@ -2,6 +2,7 @@
 line naming the file, found before any work. The refusals are simulated (the tests may run as
 root, whom permissions do not stop)."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,20 @@ def test_an_output_in_a_directory_that_takes_no_file(model_dir, media, tmp_path,
         assert (code, stderr.strip()) == (
             2, f"mmsep-run: error: {named}: cannot write (Permission denied)")
     assert list(tmp_path.glob("*.wav")) == []
+
+
+def test_an_output_that_is_a_device_or_a_pipe(model_dir, media, tmp_path, capsys):
+    """No file can be renamed onto a device or a pipe, and "/dev/null" must not become a new
+    /dev/null.wav beside it."""
+    pipe = tmp_path / "pipe.wav"
+    os.mkfifo(pipe)
+    for output in (Path(os.devnull), pipe):
+        code, _, stderr = run_cli(["--model", model_dir, "--video", media["av"], "--text", "a",
+                                   "-o", output], capsys)
+        assert (code, stderr.strip()) == (
+            2, f"mmsep-run: error: --output {output}: cannot write (not a regular file; "
+               "outputs are written whole and renamed into place)")
+    assert not Path(os.devnull + ".wav").exists() and pipe.is_fifo()
 
 
 def test_a_model_file_that_cannot_be_read(model_dir, tmp_path, capsys, monkeypatch):
