@@ -27,9 +27,13 @@ from pathlib import Path
 import click
 import soundfile as sf
 
-from benchmarks.machine import machine_info, versions
-from mmsep.runtime.atomic import atomic_output
-from mmsep.runtime.example import tones
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import machine_info, versions  # noqa: E402
+from mmsep.runtime.atomic import atomic_output  # noqa: E402
+from mmsep.runtime.example import tones  # noqa: E402
 
 RAY_ENV = {"RAY_memory_monitor_refresh_ms": "0"}  # a shared machine: no OOM-killer surprises
 
@@ -127,18 +131,20 @@ def bench_batch(model: Path, root: Path, jobs: int, steps: int, seconds: float) 
     return rows
 
 
-@click.command()
-@click.option("--model", type=click.Path(path_type=Path, exists=True), required=True)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", type=click.Path(path_type=Path, exists=True), required=True,
+              help="Model directory (mmsep-export's output).")
 @click.option("--seconds", type=float, default=2.0, show_default=True,
               help="Length of each request's mixture.")
-@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--steps", type=int, default=25, show_default=True, help="Euler steps.")
 @click.option("--requests", "requests_per_level", type=int, default=32, show_default=True,
               help="Requests per concurrency level (at least the number of clients).")
 @click.option("--jobs", type=int, default=32, show_default=True,
               help="Requests in the batch job.")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="ONNX Runtime threads of the service's replica (0: its default).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path))
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Also write the figures to this JSON file.")
 def main(model, seconds, steps, requests_per_level, jobs, threads, json_path):
     """Measure mmsep-serve latency/throughput at 1, 4, 16 clients and mmsep-batch throughput."""
     with tempfile.TemporaryDirectory(prefix="mmsep-scale-bench-") as tmp:

@@ -322,8 +322,10 @@ def peak_rss(sep, path: Path, steps: int) -> dict:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False,
-                                                      path_type=Path), required=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
+                                                      path_type=Path), required=True,
+              help="Model directory (mmsep-export's output).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True,
+              help="Runtime backend; ort-cuda and trt resize frames on the GPU.")
 @click.option("--video", "videos", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               multiple=True, help="A clip to measure (repeatable).")
 @click.option("--synthetic", type=click.FloatRange(1, 600), help="Seconds of generated 720p.")
@@ -332,10 +334,12 @@ def peak_rss(sep, path: Path, steps: int) -> dict:
               help="Only the peak-RSS check over a generated 720p video of this length.")
 @click.option("--serial", is_flag=True, help="With --long: decode serially (as before the "
               "overlap), for comparison.")
-@click.option("--steps", type=click.IntRange(1, 100), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 100), default=4, show_default=True,
+              help="Euler steps of the end-to-end requests.")
 @click.option("--runs", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Passes of each preprocessing measure and requests per end-to-end mode.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the figures to this JSON file.")
 def main(model_dir, backend, videos, synthetic, example, long_s, serial, steps, runs,
          json_path):
     """Measure video preprocessing and its overlap with the model."""

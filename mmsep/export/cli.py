@@ -12,6 +12,7 @@ import click
 from ..console import SEED
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, full_disk_errno
 from ..models.io import CheckpointError
+from ..models.presets import RELEASED_VARIANTS
 from ..progress import track
 from ..stages import MIXTURE_LATENTS, POSTERIOR_SAMPLE
 from .errors import ExportError, UsageError
@@ -32,9 +33,9 @@ PROG = "mmsep-export"
                    ".pth, ext_weights/v1-16.pth, v1-44.pth, best_netG.pt, "
                    "synchformer_state_dict.pth, ...), for the companion networks.")
 @click.option("--variant", default=None,
-              help="Released variant to export from --weights-dir (small_16k, small_44k, "
-                   "medium_44k, large_44k): weights/mmaudiosep_<variant>.pth, else MMAudio's "
-                   "weights/mmaudio_<variant>.pth.")
+              help=f"Released variant to export from --weights-dir "
+                   f"({', '.join(RELEASED_VARIANTS)}): weights/mmaudiosep_<variant>.pth, else "
+                   "MMAudio's weights/mmaudio_<variant>.pth.")
 @click.option("--vae", type=click.Path(path_type=Path),
               help="VAE checkpoint (overrides --weights-dir).")
 @click.option("--vocoder", type=click.Path(path_type=Path),

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 
 WINDOW_SECONDS = 8.0  # the training length of MMAudio / MMAudioSep
+# the flow networks of the public releases (their shapes: mmsep.models.flow.FLOW_PRESETS)
+RELEASED_VARIANTS = ("small_16k", "small_44k", "medium_44k", "large_44k", "large_44k_v2")
 CLIP_FPS = 8
 SYNC_FPS = 25
 SYNC_SEGMENT_FRAMES = 16

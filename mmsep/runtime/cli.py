@@ -89,11 +89,15 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
         steps, cfg, seed, overlap, max_batch, backend_options, mux, as_json, quiet):
     """Separate the sound of a video / text query from a mixture (or generate it) with an
     exported MMAudioSep model, without PyTorch."""
+    _check_default_model(model_dir)
     summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
                   negative_text=negative_text, generate=generate, duration=duration,
                   output=output, fmt=fmt, subtype=subtype, steps=steps, cfg=cfg, seed=seed,
                   overlap=overlap, max_batch=max_batch, **backend_options.separator_kwargs(),
                   mux_path=mux, show_progress=not (quiet or as_json))
+    if mix is not None and video is None and not texts and not generate:
+        warnings.warn("no --video or --text: nothing told the model which source to separate",
+                      stacklevel=2)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -102,6 +106,17 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
                    f"{summary['mode']}, {summary['backend']}; real-time factor "
                    f"{summary['real_time_factor']:.3f}: processing seconds per second of audio, "
                    "below 1 is faster than real time)", err=True)
+
+
+def _check_default_model(model_dir: Path) -> None:
+    """The default --model is named in the refusal: a user who forgot the option should not
+    be sent to create that directory."""
+    from .errors import InputError
+
+    source = click.get_current_context().get_parameter_source("model_dir")
+    if source is click.core.ParameterSource.DEFAULT and not model_dir.exists():
+        raise InputError(f"no --model given, and the default model directory {model_dir} does "
+                         "not exist; pass --model with a directory mmsep-export wrote")
 
 
 def run(*, model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,

@@ -54,16 +54,8 @@ class ModelDir:
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True):
         self.path = Path(path)
-        if not self.path.exists():
-            raise ModelDirError(f"model directory {self.path} does not exist "
-                                "(create one with mmsep-export)")
-        self._identity = _directory_identity(self.path)
-        if not self.path.is_dir():
-            raise ModelDirError(f"model directory {self.path} is not a directory")
-        try:
-            self.manifest = manifest = read_manifest(self.path)
-        except ManifestError as exc:
-            raise ModelDirError(str(exc)) from None
+        self._identity = _directory_identity(self.path)  # before the manifest is read
+        self.manifest = manifest = read_model_manifest(self.path)
         manifest_path = self.path / MANIFEST
         try:
             self.info = _model_info(manifest)
@@ -163,6 +155,21 @@ class ModelDir:
                                         f"expects {want}")
             self._empty = empty
         return self._empty
+
+
+def read_model_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of model directory ``path`` (no graph is read or hashed); ModelDirError
+    names what is wrong: missing, not a directory, no or a bad manifest."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelDirError(f"model directory {path} does not exist (create one with "
+                            "mmsep-export)")
+    if not path.is_dir():
+        raise ModelDirError(f"model directory {path} is not a directory")
+    try:
+        return read_manifest(path)
+    except ManifestError as exc:
+        raise ModelDirError(str(exc)) from None
 
 
 def _directory_identity(path: Path) -> tuple[int, int] | None:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import click
 
+from mmsep.console import console_main
 from mmsep.exit_codes import EXIT_OK, EXIT_SOME_FAILED
 from mmsep.progress import Progress
-from mmsep.console import console_main
 from mmsep.runtime.atomic import check_writable, remove_stale_partials
 from mmsep.runtime.backend_options import backend_options
+from mmsep.runtime.model_dir import read_model_manifest
 
 from .jobs import (RESULTS, Job, Results, check_outputs, failed_record, job_inputs, manifest_salt,
                    parse_job)
@@ -57,8 +58,7 @@ def cli(jobs, model_dir, out_dir, subtype, backend_options, use_ray, ray_address
 
     if not jobs.is_file():
         raise InputError(f"{jobs}: job file not found")
-    if not (Path(model_dir) / "manifest.json").is_file():
-        raise InputError(f"{model_dir}: not a model directory (no manifest.json)")
+    read_model_manifest(model_dir)  # a missing or foreign directory: a clear refusal first
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import click
 
+from mmsep.console import console_main
 from mmsep.exit_codes import EXIT_OK
 from mmsep.runtime.backend_options import backend_options
-from mmsep.console import console_main
 from mmsep.runtime.errors import InputError
+from mmsep.runtime.model_dir import read_model_manifest
 
 PROG = "mmsep-serve"
 
@@ -25,7 +26,8 @@ PROG = "mmsep-serve"
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
               help="Model directory written by mmsep-export.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on.")
 @backend_options("replica")
 @click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=20.0,
               show_default=True, help="How long a request waits for others to share its batch.")
@@ -43,7 +45,8 @@ PROG = "mmsep-serve"
               help="Autoscaling: most replicas (turns Ray Serve's autoscaling on).")
 @click.option("--target-ongoing-requests", type=click.FloatRange(0.1), default=8.0,
               show_default=True, help="Autoscaling: requests per replica to aim for.")
-@click.option("--cpus-per-replica", type=click.FloatRange(0.01), default=1.0, show_default=True)
+@click.option("--cpus-per-replica", type=click.FloatRange(0.01), default=1.0, show_default=True,
+              help="CPUs Ray reserves for each replica.")
 @click.option("--gpus-per-replica", type=click.FloatRange(0),
               help="GPUs per replica (default: 1 where the cluster has GPUs, else 0).")
 @click.option("--ray-address", help="Ray cluster to join ('auto': the one `ray start` made); "
@@ -57,8 +60,7 @@ def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
     """Serve separation over HTTP: POST /v1/separate (multipart form: mix and/or video files,
     text (repeatable), negative_text, seed, steps, cfg, generate, duration), GET /v1/model,
     GET /healthz. Concurrent requests share the model's batches."""
-    if not (Path(model_dir) / "manifest.json").is_file():
-        raise InputError(f"{model_dir}: not a model directory (no manifest.json)")
+    read_model_manifest(model_dir)  # a missing or foreign directory: a clear refusal first
     if max_replicas is not None and max_replicas < min_replicas:
         raise InputError("--max-replicas must be at least --min-replicas")
     try:

@@ -38,7 +38,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory: checkpoint.pt, ft.pt, metrics.jsonl.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Feature cache directory (shareable between runs)  [default: OUT/cache]")
+              help="Feature cache directory, shareable between runs.  [default: OUT/cache]")
 @click.option("--steps", type=click.IntRange(1), default=TrainOptions.steps, show_default=True,
               help="Optimiser steps in all (a resumed run continues up to this).")
 @click.option("--batch-size", type=click.IntRange(1), default=TrainOptions.batch_size,

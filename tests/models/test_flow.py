@@ -50,6 +50,8 @@ def test_presets_are_the_upstream_architectures():
                                                                             heads, v2)
         assert c.features == presets.REAL_FEATURES and not c.separation
     assert p["tiny"].features == presets.TINY_FEATURES and p["tiny"].mode == "44k"
+    assert [n for n, c in p.items() if c.features == presets.REAL_FEATURES] == \
+        list(presets.RELEASED_VARIANTS)  # what mmsep-export --variant's help lists
 
 
 def test_config_sequence_lengths():

@@ -262,3 +262,20 @@ def test_a_mux_container_that_cannot_hold_the_video_is_refused_up_front(model_di
         2, f"mmsep-run: error: --mux {tmp_path / 'a.mov'}: .mov cannot hold the video's ffv1 "
            "stream ('mov' format does not support 'ffv1' codec); use .mkv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ffv1.mkv"]
+
+
+def test_a_mixture_without_a_query_is_warned_about(model_dir, tmp_path, capsys):
+    mix = _wav(tmp_path, "m.wav", tones(1, SR))
+    code, _, stderr = run_cli(["--model", model_dir, "--mix", mix, "-o", tmp_path / "o.wav",
+                               "--steps", "1"], capsys)
+    assert code == 0 and (tmp_path / "o.wav").is_file()
+    assert stderr.startswith("mmsep-run: warning: no --video or --text: nothing told the model "
+                             "which source to separate\n")
+
+
+def test_the_default_model_directory_is_named_when_it_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli(["--mix", _wav(tmp_path, "m.wav", tones(1, SR))], capsys)
+    assert (code, stderr.strip()) == (2, "mmsep-run: error: no --model given, and the default "
+                                         "model directory models/tiny does not exist; pass "
+                                         "--model with a directory mmsep-export wrote")

@@ -112,7 +112,11 @@ def test_usage_errors_exit_2(model_dir, tmp_path, capsys):
         f"mmsep-batch: error: {tmp_path / 'none.jsonl'}: job file not found"
     jobs = write_jobs(tmp_path / "j.jsonl", [{"text": "x"}])
     assert run_batch(jobs, "--model", tmp_path, "--out", tmp_path / "o") == 2
-    assert "not a model directory" in capsys.readouterr().err
+    assert "no manifest.json; not an mmsep model directory" in capsys.readouterr().err
+    assert run_batch(jobs, "--model", tmp_path / "nope", "--out", tmp_path / "o") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mmsep-batch: error: model directory {tmp_path / 'nope'} does not exist (create one "
+        "with mmsep-export)")
     assert run_batch(jobs, "--model", model_dir, "--out", tmp_path / "o", "--workers", "0") == 2
 
 

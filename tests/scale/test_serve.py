@@ -157,3 +157,18 @@ def test_overload_answers_503(server):
                    data={"text": "x", "steps": "1"})
     assert answer.status_code == 200  # and it recovers
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, says", [
+    ("nope", "does not exist (create one with mmsep-export)"),
+    ("empty", "no manifest.json; not an mmsep model directory")])
+def test_a_model_directory_that_is_none_is_refused_before_ray_starts(tmp_path, capsys, name,
+                                                                     says):
+    from mmsep.scale.serve_cli import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(tmp_path / name)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmsep-serve: error: ") and says in err and "Traceback" not in err
