@@ -54,10 +54,10 @@ setup(
             "pycuda>=2022.1",
             "cuda-python>=12",
         ],
-        # mmsep-batch --ray (Ray Data) and mmsep-serve (Ray Serve; multipart form uploads);
+        # mmsep-batch --ray (a pool of Ray actors) and mmsep-serve (Ray Serve; multipart form uploads);
         # mmsep-batch without --ray needs none of it
         "ray": [
-            "ray[data,serve]>=2.60,<3",  # verified with 2.60.0
+            "ray[serve]>=2.60,<3",  # verified with 2.60.0
             "python-multipart>=0.0.20",  # verified with 0.0.34
         ],
         # the figure of benchmarks/finetune_tiny.py (the fine-tuning proof run)

@@ -39,7 +39,8 @@ PROG = "mmsep-batch"
               show_default=True, help="Output sample format (FLOAT needs wav outputs).")
 @backend_options("worker")
 @click.option("--ray", "use_ray", is_flag=True,
-              help="Run on Ray Data: starts or joins a local Ray instance (see --ray-address).")
+              help="Run on a pool of Ray actors: starts a local Ray instance or joins "
+                   "--ray-address's.")
 @click.option("--ray-address", help="Ray cluster to connect to ('auto': the one `ray start` "
                                     "made); implies --ray.")
 @click.option("--workers", type=click.IntRange(1, 4096), default=1, show_default=True,
@@ -78,7 +79,7 @@ def cli(jobs, model_dir, out_dir, subtype, backend_options, use_ray, ray_address
 
             records = run_on_ray(plan.pending, model_dir, out_dir, worker_options,
                                  address=ray_address, workers=workers,
-                                 cpus_per_worker=cpus_per_worker)
+                                 cpus_per_worker=cpus_per_worker, quiet=quiet)
         else:
             records = _run_here(plan.pending, model_dir, out_dir, worker_options)
         for record in records:

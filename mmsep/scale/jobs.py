@@ -98,7 +98,7 @@ def check_outputs(job: Job, out_dir: Path, taken: dict[str, int],
                   all_inputs: dict | None = None) -> None:
     """Outputs must not overwrite an input of this line or of another (``all_inputs``, from
     ``job_inputs``; compared as files by the runtime's ``check_outputs``), the results file,
-    or another line's output."""
+    another line's output, or a directory."""
     check_paths({f"output {name}": out_dir / name for name in job.outputs},
                 job.inputs, others=all_inputs)
     for name in job.outputs:
@@ -106,6 +106,8 @@ def check_outputs(job: Job, out_dir: Path, taken: dict[str, int],
             raise InputError(f"output {name} is the job's results file")
         if taken.setdefault(name, job.line) != job.line:
             raise InputError(f"output {name} is already written by line {taken[name]}")
+        if (out_dir / name).is_dir():
+            raise InputError(f"output {name} is a directory in --out; give another name")
 
 
 def job_inputs(jobs: list[Job]) -> dict:

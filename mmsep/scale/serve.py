@@ -18,8 +18,8 @@ from ray import serve
 from mmsep.runtime import InputError, Separator
 from mmsep.runtime.backend_options import BackendOptions
 
-from .service import (HttpError, Limits, Upload, answer_body, model_facts, read_limited_body,
-                      request_options)
+from .service import (HttpError, Limits, Upload, answer_body, check_form_request, model_facts,
+                      read_limited_body, request_options)
 
 app = FastAPI(title="mmsep")
 
@@ -84,10 +84,12 @@ class SeparationService:
     async def separate(self, request: Request):
         if self.held >= self.limits.max_queue:
             return _error(503, f"overloaded: {self.held} requests are waiting; retry later")
-        self.held += 1
         started = time.perf_counter()
-        upload = Upload(self.work_dir)
+        upload = None
+        self.held += 1
         try:
+            check_form_request(request.headers.get("content-type"), request.url.query)
+            upload = Upload(self.work_dir)
             with upload:
                 body = await read_limited_body(request, self.limits.max_upload_bytes)
                 form = await _form(request, body)
@@ -100,9 +102,9 @@ class SeparationService:
                 raise result
             content, media_type = answer_body(result, isinstance(options.get("text"), list))
         except HttpError as exc:
-            return _error(exc.status, upload.public(str(exc)))
+            return _error(exc.status, upload.public(str(exc)) if upload else str(exc))
         except InputError as exc:
-            return _error(400, upload.public(str(exc)))
+            return _error(400, upload.public(str(exc)) if upload else str(exc))
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
             return _error(500, f"internal error: {type(exc).__name__}: {exc}")
         finally:

@@ -6,18 +6,22 @@ failure.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 
 import click
 
-from mmsep.console import console_main
+from mmsep.console import console_main, terminate_as_interrupt
 from mmsep.exit_codes import EXIT_OK
+from mmsep.runtime.atomic import check_writable
 from mmsep.runtime.backend_options import backend_options
 from mmsep.runtime.errors import InputError
-from mmsep.runtime.model_dir import read_model_manifest
+from mmsep.runtime.model_dir import ModelDir
+from mmsep.runtime.paths import check_directory_path
 
 PROG = "mmsep-serve"
 
@@ -26,7 +30,7 @@ PROG = "mmsep-serve"
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
               help="Model directory written by mmsep-export.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
               help="Port to listen on.")
 @backend_options("replica")
 @click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=20.0,
@@ -60,7 +64,7 @@ def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
     """Serve separation over HTTP: POST /v1/separate (multipart form: mix and/or video files,
     text (repeatable), negative_text, seed, steps, cfg, generate, duration), GET /v1/model,
     GET /healthz. Concurrent requests share the model's batches."""
-    read_model_manifest(model_dir)  # a missing or foreign directory: a clear refusal first
+    _check_before_ray(model_dir, host, port, work_dir)
     if max_replicas is not None and max_replicas < min_replicas:
         raise InputError("--max-replicas must be at least --min-replicas")
     try:
@@ -73,10 +77,14 @@ def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
         raise InputError(f"mmsep-serve needs the ray extra (pip install 'mmsep[ray]'): "
                          f"{exc}") from None
 
+    stack = contextlib.ExitStack()
     ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
     try:
+        stack.enter_context(terminate_as_interrupt())  # ray.init installed its own handler
+        cluster = ray.cluster_resources()
         if gpus_per_replica is None:
-            gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+            gpus_per_replica = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+        _check_fits(cluster, cpus_per_replica, gpus_per_replica)
         autoscaling = None
         if max_replicas is not None:
             autoscaling = {"min_replicas": min_replicas, "max_replicas": max_replicas,
@@ -92,10 +100,43 @@ def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
         serve.run(application, name="mmsep", route_prefix="/")
         click.echo(f"{PROG}: listening on http://{host}:{port} (POST /v1/separate); Ctrl-C or "
                    "SIGTERM stops it", err=True)
+        stack.close()  # from here on a signal ends the wait below
         _wait_for_signal()
         serve.shutdown()
     finally:
+        stack.close()
         ray.shutdown()
+
+
+def _check_before_ray(model_dir, host: str, port: int, work_dir: Path | None) -> None:
+    """What can be refused in one line before Ray starts: the model directory (its manifest and
+    files; the replicas check the hashes), the address, the uploads' folder."""
+    ModelDir(model_dir, verify=False)
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port,
+                                                         type=socket.SOCK_STREAM)[0][:5]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:  # socket.gaierror included
+        raise InputError(f"--host {host} --port {port}: cannot listen there "
+                         f"({exc.strerror or exc})") from None
+    if work_dir is not None:
+        check_directory_path(work_dir, "--work-dir")
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--work-dir {work_dir}: cannot create it "
+                             f"({exc.strerror or exc})") from None
+        check_writable(work_dir / "upload", label=f"--work-dir {work_dir}")
+
+
+def _check_fits(cluster: dict, cpus: float, gpus: float) -> None:
+    """A replica that asks for more than the cluster has would wait for ever."""
+    for option, want, have in (("--cpus-per-replica", cpus, cluster.get("CPU", 0)),
+                               ("--gpus-per-replica", gpus, cluster.get("GPU", 0))):
+        if want > have:
+            raise InputError(f"{option} {want:g}: the Ray cluster has {have:g} in all")
 
 
 def _wait_for_signal() -> None:

@@ -3,13 +3,15 @@
 ``POST /v1/separate`` takes a multipart form: ``mix`` (audio file) and/or ``video`` (file),
 ``text`` (repeatable), ``negative_text``, ``seed``, ``steps``, ``cfg``, ``generate``,
 ``duration``. Answers: ``audio/wav`` for one text, a zip of ``<k>.wav`` for several; 400 for bad
-media or parameters (the runtime's one-line message), 413 for a body over the upload limit or
-media over the duration limit, 503 when the replica already holds its queue limit. Uploads live
+media or parameters (the runtime's one-line message), 408 for a body that stalls, 413 for a body
+over the upload limit or media over the duration limit, 415 for a body that is not a form, 503
+when the replica already holds its queue limit. Uploads live
 in a per-request temporary folder that is removed whatever the answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import shutil
@@ -69,17 +71,41 @@ class Upload:
         return str(path)
 
 
-async def read_limited_body(request, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+BODY_IDLE_SECONDS = 30.0  # a client that sends nothing for this long gives its queue place up
+
+
+def check_form_request(content_type: str | None, query: str) -> None:
+    """415 unless the body is a form, 400 for parameters in the URL: anything else would be
+    read as an empty form, a request for generated audio."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind not in FORM_TYPES:
+        raise HttpError(415, f"send the request as a form ({FORM_TYPES[0]}), not "
+                             f"{kind or 'a body without a content type'}")
+    if query:
+        raise HttpError(400, "parameters go in the form, not in the URL's query string")
+
+
+async def read_limited_body(request, limit: int, idle_seconds: float = BODY_IDLE_SECONDS
+                            ) -> bytes:
+    """The whole body, or 413 as soon as it passes ``limit`` bytes (declared or streamed),
+    or 408 when no byte comes for ``idle_seconds``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(413, f"request body is over the upload limit ({_mb(limit)})")
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), idle_seconds)
+        except StopAsyncIteration:
+            return bytes(body)
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"the request body stalled (nothing for {idle_seconds:g} s)"
+                            ) from None
         body += chunk
         if len(body) > limit:
             raise HttpError(413, f"request body is over the upload limit ({_mb(limit)})")
-    return bytes(body)
 
 
 def _mb(n: int) -> str:
@@ -112,7 +138,8 @@ async def request_options(form, upload: Upload, limits: Limits) -> dict:
         value = form.get(field)
         if value is not None:
             options[field] = _value(field, value)
-    if options.get("duration") is not None and options["duration"] > limits.max_seconds:
+    duration = options.get("duration")
+    if isinstance(duration, float) and duration > limits.max_seconds:
         raise HttpError(413, f"duration {options['duration']:g} s is over the limit of "
                              f"{limits.max_seconds:g} s")
     return options

@@ -84,7 +84,10 @@ class JobWorker:
             if isinstance(exc, Exception):
                 return failed_record(job.line, job.key, exc)
             raise
-        stack.close()  # renames every output of the request into place
+        try:
+            stack.close()  # renames every output of the request into place
+        except Exception as exc:  # noqa: BLE001 - e.g. a directory made there meanwhile
+            return failed_record(job.line, job.key, exc)
         seconds = {k: round(v, 4) for k, v in result.timings.items()}
         seconds["total"] = round(time.perf_counter() - started, 4)
         return {"line": job.line, "key": job.key, "status": "ok", "outputs": list(job.outputs),

@@ -266,3 +266,16 @@ def test_backend_options_reach_every_worker(model_dir, job_inputs, tmp_path, cap
     assert len(err.splitlines()) == 1 and not list((tmp_path / "o").glob("*.wav"))
     assert run_batch(jobs, "--model", bare, "--out", tmp_path / "o", "--backend", "ort-cpu",
                      "--precision", "fp32", "--threads", "1", "--no-verify", "-q") == 0
+
+
+def test_an_output_name_taken_by_a_directory_fails_only_its_line(model_dir, job_inputs, tmp_path):
+    jobs = write_jobs(job_inputs["root"] / "dir-out.jsonl", [
+        {"mix": "mix.wav", "text": "a tone", "steps": 1, "output": "taken.wav"},
+        {"mix": "other.wav", "text": "a tone", "steps": 1, "output": "free.wav"}])
+    out = tmp_path / "out"
+    (out / "taken.wav").mkdir(parents=True)
+    assert run_batch(jobs, "--model", model_dir, "--out", out, "--quiet") == 3
+    got = {r["line"]: r for r in records(out)}
+    assert got[1]["status"] == "failed"
+    assert got[1]["error"] == "output taken.wav is a directory in --out; give another name"
+    assert got[2]["status"] == "ok" and (out / "free.wav").is_file()

@@ -18,7 +18,7 @@ import mmsep.scale
 modules = [m.name for m in pkgutil.iter_modules(mmsep.scale.__path__)]
 for name in modules:
     importlib.import_module(f"mmsep.scale.{name}")
-import ray.data, ray.serve  # what --ray and mmsep-serve load
+import ray.serve, ray.util  # what --ray and mmsep-serve load
 
 from mmsep.scale.batch import main
 run_and_report(main, modules=modules)
@@ -26,7 +26,7 @@ run_and_report(main, modules=modules)
 
 
 def test_scale_runs_without_torch(model_dir, job_inputs, tmp_path):
-    for module in ("ray.data", "ray.serve", "fastapi"):  # serve.py and --ray import them
+    for module in ("ray.util", "ray.serve", "fastapi"):  # serve.py and --ray import them
         pytest.importorskip(module, reason="the ray extra is not installed")
     jobs = write_jobs(tmp_path / "j.jsonl", [
         {"mix": str(job_inputs["other"]), "text": "a tone", "steps": 1}])

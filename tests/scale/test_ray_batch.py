@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from mmsep.model_files import sha256_file
 from tests.scale.conftest import six_requests, write_jobs
 from tests.scale.test_batch import leftovers, records, run_batch
@@ -33,3 +35,41 @@ def test_ray_pool_runs_the_job_and_resumes_it(local_ray, model_dir, job_inputs, 
                      "-q") == 3
     assert sorted((r["line"], r["status"]) for r in records(out)[n:]) == \
         [(4, "failed"), (5, "failed"), (6, "ok")]
+
+
+def test_records_come_back_as_each_group_finishes(local_ray, model_dir, job_inputs, tmp_path):
+    from mmsep.runtime import ModelDir
+    from mmsep.runtime.backend_options import BackendOptions
+    from mmsep.scale.jobs import parse_job
+    from mmsep.scale.ray_batch import run_on_ray
+
+    size = ModelDir(model_dir, verify=False).info.max_batch
+    lines = [{"mix": "other.wav", "text": "a tone", "seed": k, "steps": 1, "output": f"{k}.wav"}
+             for k in range(size + 1)]  # one worker: a group of max_batch requests, then one
+    jobs = [parse_job(n, json.dumps(line), job_inputs["root"], "salt")
+            for n, line in enumerate(lines, 1)]
+    out = tmp_path / "out"
+    out.mkdir()
+    stream = run_on_ray(jobs, model_dir, out, {"backend_options": BackendOptions("ort-cpu")},
+                        address=None, workers=1, cpus_per_worker=1)
+    first = [next(stream) for _ in range(size)]
+    assert [r["status"] for r in first] == ["ok"] * size
+    assert not (out / f"{size}.wav").exists()  # the last group has not run yet
+    assert [r["line"] for r in stream] == [size + 1]
+
+
+def test_a_model_that_does_not_load_on_the_actors_is_one_line(local_ray, model_dir, job_inputs,
+                                                               tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "tampered"
+    shutil.copytree(model_dir, model)
+    data = bytearray((model / "vocoder.onnx").read_bytes())
+    data[100] ^= 1  # same size: only the actors' hash check can find it
+    (model / "vocoder.onnx").write_bytes(bytes(data))
+    jobs = write_jobs(job_inputs["root"] / "one-ray.jsonl", six_requests(job_inputs)[:1])
+    assert run_batch(jobs, "--model", model, "--out", tmp_path / "out", "--backend", "ort-cpu",
+                     "--ray", "--workers", "1", "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmsep-batch: error: ") and "tampered or incomplete" in err
+    assert len(err.splitlines()) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,6 +135,8 @@ def test_several_texts_answer_a_zip(server):
      "duration 5 s is over the limit of 3 s"),
     (None, {"text": "x", "generate": "true", "duration": "inf"}, 400,
      "duration must be a number of seconds from 0.1 to 36000, got inf"),
+    (None, {"text": "x", "generate": "true", "duration": "abc"}, 400,
+     "duration must be a number of seconds from 0.1 to 36000, got 'abc'"),
 ])
 def test_errors_have_their_status_and_one_line_message(server, files, data, status, message):
     url, work = server
@@ -141,6 +144,22 @@ def test_errors_have_their_status_and_one_line_message(server, files, data, stat
     assert answer.status_code == status, answer.text
     assert answer.json()["error"].startswith(message)
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("send, status, message", [
+    (dict(json={"text": "a dog"}), 415, "send the request as a form (multipart/form-data), not "
+                                        "application/json"),
+    (dict(data=_wav(1.0), headers={"content-type": "audio/wav"}), 415,
+     "send the request as a form (multipart/form-data), not audio/wav"),
+    (dict(), 415, "send the request as a form (multipart/form-data), not a body without a "
+                  "content type"),
+    (dict(params={"text": "a dog"}, data={"generate": "true"}), 400,
+     "parameters go in the form, not in the URL's query string"),
+])
+def test_what_is_not_a_form_is_refused_not_read_as_an_empty_one(server, send, status, message):
+    url, work = server
+    answer = requests.post(f"{url}/v1/separate", timeout=300, **send)
+    assert (answer.status_code, answer.json()["error"]) == (status, message)
 
 
 def test_overload_answers_503(server):
@@ -159,16 +178,35 @@ def test_overload_answers_503(server):
     assert list(work.iterdir()) == []
 
 
-@pytest.mark.parametrize("name, says", [
-    ("nope", "does not exist (create one with mmsep-export)"),
-    ("empty", "no manifest.json; not an mmsep model directory")])
-def test_a_model_directory_that_is_none_is_refused_before_ray_starts(tmp_path, capsys, name,
-                                                                     says):
+@pytest.mark.parametrize("case, says", [
+    ("no model", "does not exist (create one with mmsep-export)"),
+    ("empty model", "no manifest.json; not an mmsep model directory"),
+    ("incomplete model", "missing file vocoder.onnx"),
+    ("port in use", "cannot listen there (Address already in use)"),
+    ("work dir is a file", "--work-dir {tmp}/afile/up lies under {tmp}/afile, which is not a "
+                           "directory"),
+])
+def test_what_would_fail_under_ray_is_refused_before_it_starts(model_dir, tmp_path, capsys,
+                                                               case, says):
     from mmsep.scale.serve_cli import main
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as exit_:
-        main(["--model", str(tmp_path / name)])
+    (tmp_path / "afile").write_text("mine")
+    shutil.copytree(model_dir, tmp_path / "incomplete")
+    (tmp_path / "incomplete" / "vocoder.onnx").unlink()
+    args = {"no model": ["--model", tmp_path / "nope"],
+            "empty model": ["--model", tmp_path / "empty"],
+            "incomplete model": ["--model", tmp_path / "incomplete"],
+            "work dir is a file": ["--model", model_dir, "--work-dir", tmp_path / "afile/up"],
+            }.get(case)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if args is None:
+            args = ["--model", model_dir, "--port", taken.getsockname()[1]]
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("mmsep-serve: error: ") and says in err and "Traceback" not in err
+    assert err.startswith("mmsep-serve: error: ") and len(err.splitlines()) == 1
+    assert says.format(tmp=tmp_path) in err
