@@ -11,9 +11,11 @@ Requests share a batch only when they agree on what the denoiser takes once per 
 cfg and the negative text (the unconditional branch); generation mode's noise mixture is encoded
 like a real mixture, so both modes share batches. Each request keeps its own random draws: its
 items' ``x0``, then per window its noise mixture (generation mode) and posterior noise, from its
-own seed (see ``separator.py``), so a request's output does not depend on which others it was
-batched with. A request that fails (bad media, a bad option) gets its exception in its place and
-the others go on; a failing shared batch fails the requests that were in it.
+own seed (see ``separator.py``), so what a request computes does not depend on which others it
+was batched with (its numbers agree up to float rounding: ONNX Runtime's kernels may round
+differently at another batch size). A request that fails (bad media, a bad option) gets its
+exception in its place and the others go on; a failing shared batch fails the requests that were
+in it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import InputError
 from .prefetch import PrefetchedWindows
 from .requests import (BatchInputs, SeparationResult, Timings, check_options, noise_mixtures,
                        one_text, request_length, request_texts)
@@ -86,6 +89,8 @@ def run_requests(sep: Separator, requests: Sequence[Mapping], *,
     returns, in order, a ``SeparationResult`` or the exception that request failed with.
     ``progress(done, total)`` is called after each batch that leaves one of its requests
     going."""
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
     out: list = [None] * len(requests)
     live: dict[int, _Request] = {}
     with ExitStack() as resources:
@@ -118,6 +123,10 @@ def _settings(sep: Separator, options: Mapping) -> _Settings:
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"unknown request options: {', '.join(sorted(unknown))}")
+    if options.get("sink") is not None and not callable(options["sink"]):
+        raise TypeError(f"sink must be callable, got {type(options['sink']).__name__}")
+    if not isinstance(options.get("generate", False), (bool, np.bool_)):
+        raise InputError(f"generate must be True or False, got {options['generate']!r}")
     steps, cfg = options.get("steps"), options.get("cfg")
     steps = sep.info.default_steps if steps is None else steps
     cfg = sep.info.default_cfg if cfg is None else cfg

@@ -130,11 +130,11 @@ def request_length(info, mixture, source, duration) -> int:
     if duration is not None:
         return round(check_duration(duration) * sr)
     if source is not None:
-        length = round(source.duration * sr)
-        if length < audio_io.MIN_SECONDS * sr:
-            raise InputError(f"{source.name}: video is {source.duration:.3f} s long; the "
-                             f"minimum is {audio_io.MIN_SECONDS} s")
-        return length
+        seconds, low, high = source.duration, audio_io.MIN_SECONDS, audio_io.MAX_GENERATED_SECONDS
+        if not low <= seconds <= high:
+            raise InputError(f"{source.name}: video is {seconds:.3f} s long; generated audio "
+                             f"takes {low} to {high:g} s (give duration= to choose)")
+        return round(seconds * sr)
     return info.window_samples
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,7 @@ class Separator(Closing):
     def __init__(self, model_dir: str | os.PathLike = "models/tiny", backend: str = "auto", *,
                  max_batch: int | None = None, overlap: float | None = None, threads: int = 0,
                  precision: str = "auto", verify: bool = True):
+        _check_arguments(model_dir, overlap, threads)
         self.model = ModelDir(model_dir, verify=verify)
         self.info = info = self.model.info
         self.max_batch = info.max_batch if max_batch is None else max_batch
@@ -90,7 +91,12 @@ class Separator(Closing):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
+        self._closed = True
         self.backend.close()
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise RuntimeError("this Separator is closed; create a new one")
 
     @property
     def sample_rate(self) -> int:
@@ -133,6 +139,7 @@ class Separator(Closing):
         file is read in blocks, never whole, so with a sink memory does not grow with length.
         It is the one-request case of ``process_many`` (``many.py``), failures raised.
         """
+        self._check_open()
         request = dict(mix=mix, video=video, text=text, negative_text=negative_text,
                        steps=steps, cfg=cfg, seed=seed, video_fps=video_fps, generate=generate,
                        duration=duration, keep_latents=keep_latents, sink=sink)
@@ -285,7 +292,24 @@ class Separator(Closing):
         """Run several requests at once, their (window, text) items sharing batches; each
         request is a dict of ``process`` keyword arguments (mix, video, text, negative_text,
         steps, cfg, seed, video_fps, generate, duration, keep_latents, sink). Returns, in order,
-        a ``SeparationResult`` (the same audio as ``process`` with that seed) or the exception
+        a ``SeparationResult`` (the same audio as ``process`` with that seed, up to float rounding
+        at another batch size) or the exception
         that request failed with; one request's failure does not stop the others
         (``many.py``)."""
+        self._check_open()
+        if isinstance(requests, Mapping) or not isinstance(requests, Sequence):
+            raise TypeError(f"requests must be a list of dicts of process() options, got "
+                            f"{type(requests).__name__}")
         return run_requests(self, requests)
+
+
+def _check_arguments(model_dir, overlap, threads) -> None:
+    """InputError for arguments of the wrong kind, before anything is loaded (ONNX Runtime
+    would otherwise blame the model file for a bad thread count)."""
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise InputError(f"model_dir must be a path, got {type(model_dir).__name__}")
+    if overlap is not None and (isinstance(overlap, bool) or
+                                not isinstance(overlap, (int, float, np.number))):
+        raise InputError(f"overlap must be a number of seconds, got {overlap!r}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise InputError(f"threads must be a non-negative integer, got {threads!r}")

@@ -78,12 +78,14 @@ class VideoSource:
     def from_array(cls, frames: np.ndarray, fps: float, *, name: str = "video array"):
         """uint8 RGB frames (T, H, W, 3) at ``fps`` frames per second."""
         frames = np.asarray(frames)
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-            raise InputError(f"{name}: frames must be uint8 RGB of shape (T, H, W, 3), got "
-                             f"{frames.dtype} {frames.shape}")
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or \
+                0 in frames.shape[1:3]:
+            raise InputError(f"{name}: frames must be uint8 RGB of shape (T, H, W, 3), H and W "
+                             f"positive, got {frames.dtype} {frames.shape}")
         if frames.shape[0] == 0:
             raise InputError(f"{name}: no frames")
-        if fps is None or not float(fps) > 0:
+        if isinstance(fps, (bool, str)) or not isinstance(fps, (int, float, np.number)) or \
+                not float(fps) > 0:
             raise InputError(f"{name}: a positive frame rate is needed with a frame array "
                              f"(got {fps!r})")
         self = cls.__new__(cls)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mmsep.runtime import Separator
-from mmsep.runtime.errors import InputError
+from mmsep.runtime.errors import BackendError, InputError
 from mmsep.runtime.example import tones
 from tests.helpers import TINY_SEED as SEED
 from tests.helpers import rel_l2
@@ -114,6 +114,14 @@ def test_unconditional_branch_is_computed_once_per_load(model_dir):
     (dict(mix=tones(1.0, SR), generate=True), "mixture was given together with generate"),
     (dict(mix=tones(1.0, SR), duration=1.0), "duration sets the length of generated audio"),
     (dict(video=np.zeros((4, 8, 8, 3), np.uint8)), "positive frame rate"),
+    (dict(video=np.zeros((4, 8, 8, 3), np.uint8), video_fps="25"), "positive frame rate"),
+    (dict(mix=tones(1.0, SR), video=np.zeros((4, 0, 8, 3), np.uint8), video_fps=4),
+     r"H and W positive, got uint8 \(4, 0, 8, 3\)"),
+    (dict(mix=np.stack([tones(1.0, SR)] * 2)), r"audio of shape \(2, 44100\) has more channels "
+                                                 r"than samples; give \(samples, channels\)"),
+    (dict(video=np.zeros((10, 8, 8, 3), np.uint8), video_fps=1e-4, generate=True),
+     "video is 100000.000 s long; generated audio takes 0.1 to 36000 s"),
+    (dict(generate="no"), "generate must be True or False, got 'no'"),
 ])
 def test_bad_requests(separator, kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -130,6 +138,35 @@ def test_bad_options(model_dir):
         Separator(model_dir, "ort-cpu", overlap=1.5)
     with pytest.raises(InputError, match="max batch"):
         Separator(model_dir, "ort-cpu", max_batch=0)
+    for kwargs, message in ((dict(overlap="1"), "overlap must be a number of seconds"),
+                            (dict(threads="4"), "threads must be a non-negative integer"),
+                            (dict(precision="bf17"), "precision must be one of auto, fp16")):
+        with pytest.raises(InputError, match=message):
+            Separator(model_dir, "ort-cpu", **kwargs)
+    with pytest.raises(InputError, match="model_dir must be a path, got int"):
+        Separator(5)
+
+
+def test_callbacks_and_request_lists_are_checked_before_any_work(separator):
+    with pytest.raises(TypeError, match="sink must be callable, got int"):
+        separator.process(duration=1.0, steps=1, sink=5)
+    with pytest.raises(TypeError, match="progress must be callable, got int"):
+        separator.process(duration=1.0, steps=1, progress=5)
+    for requests in ({"duration": 1.0}, None):
+        with pytest.raises(TypeError, match="requests must be a list of dicts"):
+            separator.process_many(requests)
+
+
+def test_a_closed_separator_refuses_work_and_loads_nothing_again(model_dir):
+    sep = Separator(model_dir, "ort-cpu")
+    sep.close()
+    with pytest.raises(RuntimeError, match="this Separator is closed"):
+        sep.process(duration=1.0, steps=1)
+    with pytest.raises(RuntimeError, match="this Separator is closed"):
+        sep.process_many([{"duration": 1.0}])
+    with pytest.raises(BackendError, match="the backend is closed"):
+        sep.backend.run("vocoder", {})  # a request that was running when close() came
+    assert sep.backend._sessions == {}
 
 
 # -- against the PyTorch reference ------------------------------------------------------------

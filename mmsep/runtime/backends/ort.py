@@ -26,7 +26,7 @@ import numpy as np
 
 from ...closing import Closing
 from ...stages import Stage, Tensor, euler_schedule
-from ..errors import BackendError, BackendUnavailable, one_line
+from ..errors import BackendError, BackendUnavailable, InputError, one_line
 from ..model_dir import ModelDir
 from .cuda_driver import cuda_device_problem
 from .ort_graphs import DenoiserGraphs
@@ -104,7 +104,7 @@ def graph_precision(model: ModelDir, device: str, precision: str = "auto") -> st
     """The graphs to run: "auto" is fp16 on CUDA where the model directory has fp16 graphs (else
     fp32, with a warning) and fp32 on the CPU; "fp16" without fp16 graphs is refused."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device == "cpu"):
         return "fp32"
     if model.has_precision("fp16"):
@@ -136,6 +136,7 @@ class OrtBackend(Closing):
         self.device_id = device_id
         self._threads = threads
         self._sessions: dict[str, Any] = {}
+        self._closed = False
         self.load_seconds: dict[str, float] = {}
         self._precision = graph_precision(model, device, precision)
         self.lock = threading.Lock()  # device work that must not overlap a capture (ort_graphs)
@@ -174,6 +175,7 @@ class OrtBackend(Closing):
     def close(self) -> None:
         if self._graphs is not None:
             self._graphs.close()
+        self._closed = True  # a request still running does not load its sessions again
         self._sessions.clear()
 
     # -- sessions ------------------------------------------------------------------------------
@@ -197,6 +199,8 @@ class OrtBackend(Closing):
         session = self._sessions.get(stage)
         if session is not None:
             return session
+        if self._closed:
+            raise BackendError(stage, "the backend is closed")
         if stage not in self.model.specs:
             raise BackendError(stage, "this model has no such stage")
         path = self.model.onnx_path(stage, self.precision)
