@@ -349,10 +349,36 @@ def _audio_track_frames(path: Path) -> Iterator[np.ndarray]:
         # planar float at the source rate and layout; resampling is soxr's job, downmixing ours
         converter = av.AudioResampler(format="fltp")
         try:
+            last = None  # one frame behind: the codec's end padding is cut from the last one
             for frame in container.decode(stream):
-                for out in converter.resample(frame):
-                    yield out.to_ndarray().mean(axis=0, dtype=np.float32)
-            for out in converter.resample(None):
-                yield out.to_ndarray().mean(axis=0, dtype=np.float32)
+                if last is not None:
+                    yield from _downmixed(converter.resample(last))
+                last = frame
+            tail = [] if last is None else _downmixed(converter.resample(last))
+            tail += _downmixed(converter.resample(None))
+            yield from _cut_from_end(tail, _end_padding(last))
         except (av.FFmpegError, ValueError) as exc:
             raise InputError(f"{path}: corrupt audio track ({one_line(exc)})") from None
+
+
+def _downmixed(frames) -> list[np.ndarray]:
+    return [frame.to_ndarray().mean(axis=0, dtype=np.float32) for frame in frames]
+
+
+def _end_padding(frame) -> int:
+    """Decoded samples of the last frame past its packet's duration (AAC's end padding, which
+    the decoder does not drop; the track is that much shorter), else 0."""
+    if frame is None or not frame.duration or frame.time_base is None:
+        return 0
+    kept = round(float(frame.duration * frame.time_base) * frame.sample_rate)
+    return frame.samples - kept if 0 < kept < frame.samples else 0
+
+
+def _cut_from_end(chunks: list[np.ndarray], count: int) -> list[np.ndarray]:
+    while count > 0 and chunks:
+        cut = min(count, len(chunks[-1]))
+        chunks[-1] = chunks[-1][:len(chunks[-1]) - cut]
+        count -= cut
+        if not len(chunks[-1]):
+            chunks.pop()
+    return chunks

@@ -119,6 +119,10 @@ async def request_options(form, upload: Upload, limits: Limits) -> dict:
     if unknown:
         raise InputError(f"unknown form field {', '.join(unknown)} (known: "
                          f"{', '.join(sorted(known))})")
+    repeated = sorted(f for f in (*FILE_FIELDS, *VALUE_FIELDS) if len(form.getlist(f)) > 1)
+    if repeated:
+        raise InputError(f"form field {', '.join(repeated)} given more than once (only text "
+                         "repeats)")
     options: dict = {}
     for field in FILE_FIELDS:
         value = form.get(field)

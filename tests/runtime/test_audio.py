@@ -46,6 +46,22 @@ def test_media_audio_track_via_pyav(media):
     assert abs(pcm.size / SR - 1.5) < 0.05
 
 
+def test_aac_end_padding_is_not_audio(media):
+    """The last AAC frame decodes to 1024 samples, of which only its packet's duration are the
+    track's: the mixture has the track's length, and the samples before the cut are unchanged."""
+    import av
+
+    with av.open(str(media["av"])) as container:
+        stream = container.streams.audio[0]
+        declared = round(float(stream.duration * stream.time_base) * stream.sample_rate)
+        decoded = np.concatenate([f.to_ndarray().mean(axis=0) for f in container.decode(stream)])
+    assert decoded.size > declared  # the encoder padded the last frame
+    track = audio.MixtureStream(media["av"], stream.sample_rate, media=True)
+    assert track.length == declared
+    samples, _ = audio.read_audio_track(media["av"])
+    np.testing.assert_allclose(samples[:, 0], decoded[:declared], atol=1e-7)
+
+
 def test_no_audio_track_and_corrupt_files(tmp_path, media):
     with pytest.raises(InputError, match="silent.mp4: has no audio track"):
         audio.read_audio(media["silent_video"], SR)
