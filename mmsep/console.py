@@ -69,15 +69,15 @@ def console_main(command, prog: str, args, *, interrupted: str | None,
     except click.ClickException as exc:  # bad usage: unknown option, value out of range, ...
         click.echo(f"{prog}: error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(EXIT_USAGE)
-    except InputError as exc:
-        click.echo(f"{prog}: error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except BackendError as exc:
-        click.echo(f"{prog}: internal error: {exc}", err=True)
-        sys.exit(EXIT_INTERNAL)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        if _during_interrupt(exc):
+        if _during_interrupt(exc):  # a clean-up that failed while an interrupt unwound
             _exit_interrupted(prog, interrupted, interrupted_code)
+        if isinstance(exc, InputError):
+            click.echo(f"{prog}: error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        if isinstance(exc, BackendError):
+            click.echo(f"{prog}: internal error: {exc}", err=True)
+            sys.exit(EXIT_INTERNAL)
         click.echo(f"{prog}: internal error: {type(exc).__name__}: "
                    f"{' '.join(str(exc).split())}", err=True)
         sys.exit(EXIT_INTERNAL)

@@ -7,6 +7,7 @@ import click
 import pytest
 
 from mmsep.console import console_main
+from mmsep.runtime.errors import OutputError
 
 
 def run(body, capsys):
@@ -39,12 +40,14 @@ def test_an_ignored_hangup_stays_ignored(capsys):
     assert seen == [signal.SIG_IGN]
 
 
-def test_a_clean_up_cut_short_by_a_second_interrupt_is_the_interrupt(capsys):
+@pytest.mark.parametrize("broken", [ValueError("generator already executing"),
+                                    OutputError("o.wav: cannot write (short write)")])
+def test_a_clean_up_cut_short_by_an_interrupt_is_the_interrupt(capsys, broken):
     def body():
         try:
             raise KeyboardInterrupt  # the first Ctrl-C
         finally:
-            raise ValueError("generator already executing")  # a clean-up it broke
+            raise broken  # a clean-up it broke, a bad input error included
 
     assert run(body, capsys) == (130, ["prog: interrupted"])
 

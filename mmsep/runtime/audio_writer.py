@@ -124,7 +124,9 @@ class AudioWriter(Closing):
         if self._sink.error is not None:
             raise self._failure(self._sink.error)
 
-    def _failure(self, exc: BaseException) -> OutputError:
+    def _failure(self, exc: BaseException) -> BaseException:
+        if isinstance(self._sink.error, KeyboardInterrupt):
+            return self._sink.error  # the interrupt, not a write error
         reason = one_line(self._sink.error or exc) or type(exc).__name__
         return OutputError(f"{self.name}: cannot write ({reason})")
 
@@ -137,11 +139,13 @@ def open_output_file(path: Path):
 class _CheckedFile:
     """The file libsndfile writes through. libsndfile swallows the reason of a failed write
     (and an exception escaping its callback would only be printed), so a failure is recorded
-    in ``error`` and reported to libsndfile as a short write, which makes it fail the call."""
+    in ``error`` and reported to libsndfile as a short write, which makes it fail the call. A
+    Ctrl-C or SIGTERM that lands in the callback is recorded the same way and raised again by
+    the writer, so that it is not taken for a write error."""
 
     def __init__(self, raw):
         self._raw = raw
-        self.error: OSError | None = None
+        self.error: OSError | KeyboardInterrupt | None = None
 
     def write(self, data) -> int:
         if self.error is not None:
@@ -153,7 +157,7 @@ class _CheckedFile:
                 if not written:
                     break
                 done += written
-        except OSError as exc:
+        except (OSError, KeyboardInterrupt) as exc:
             self.error = exc
         return done
 

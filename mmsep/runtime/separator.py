@@ -293,11 +293,10 @@ class Separator(Closing):
         request is a dict of ``process`` keyword arguments (mix, video, text, negative_text,
         steps, cfg, seed, video_fps, generate, duration, keep_latents, sink). Returns, in order,
         a ``SeparationResult`` (the same audio as ``process`` with that seed, up to float rounding
-        at another batch size) or the exception
-        that request failed with; one request's failure does not stop the others
-        (``many.py``)."""
+        at another batch size) or the exception that request failed with; one request's failure
+        does not stop the others (``many.py``)."""
         self._check_open()
-        if isinstance(requests, Mapping) or not isinstance(requests, Sequence):
+        if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Sequence):
             raise TypeError(f"requests must be a list of dicts of process() options, got "
                             f"{type(requests).__name__}")
         return run_requests(self, requests)

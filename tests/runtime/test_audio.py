@@ -189,3 +189,27 @@ def test_writer_in_pieces_equals_one_write(tmp_path, fmt, subtype):
         audio.AudioWriter(tmp_path / "x.flac", SR, format="flac", subtype="FLOAT")
     with pytest.raises(InputError, match="o.wav: cannot write"):
         audio.AudioWriter(tmp_path / "missing" / "x.wav", SR, name="o.wav")
+
+
+def test_an_interrupt_inside_libsndfiles_write_is_the_interrupt(tmp_path, monkeypatch):
+    """SIGTERM's KeyboardInterrupt can land in the Python callback libsndfile writes through,
+    where cffi would print and drop it: it must come out as the interrupt, not a write error."""
+    from mmsep.runtime import audio_writer
+
+    open_file = audio_writer.open_output_file
+
+    class Interrupted:
+        def __init__(self, path):
+            self.raw = open_file(path)
+
+        def write(self, data):
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.raw, name)
+
+    monkeypatch.setattr(audio_writer, "open_output_file", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with audio.AudioWriter(tmp_path / "o.wav", SR) as writer:
+            writer.write(np.zeros(SR, np.float32))
+

@@ -382,6 +382,6 @@ def test_sigterm_mid_run_leaves_nothing(model_dir, tmp_path):
             time.sleep(0.05)
     finally:
         proc.terminate()
-    assert proc.wait(timeout=120) == 130
-    assert proc.stderr.read().strip() == "mmsep-run: interrupted; nothing was written"
+    code, stderr = proc.wait(timeout=120), proc.stderr.read().strip()
+    assert (code, stderr) == (130, "mmsep-run: interrupted; nothing was written")
     assert listing(tmp_path) == ["out.wav"] and out.read_bytes() == b"previous"
