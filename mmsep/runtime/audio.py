@@ -53,7 +53,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
 def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str) -> np.ndarray:
     """Downmixed (``samples`` (L,) or (L, channels)), checked, clipped and resampled audio."""
     samples = np.asarray(samples)
-    if samples.ndim == 2 and samples.shape[1] > samples.shape[0]:
+    if samples.ndim == 2 and 0 < samples.shape[0] < samples.shape[1]:
         raise InputError(f"{name}: audio of shape {samples.shape} has more channels than "
                          "samples; give (samples, channels), e.g. the array's .T")
     if samples.ndim == 2:
