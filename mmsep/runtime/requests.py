@@ -74,11 +74,14 @@ class SeparationResult:
         return self.length / self.sample_rate
 
 
+NUMBER = (int, float, np.integer, np.floating)  # what a numeric option may be given as
+
+
 def check_options(steps, cfg, seed) -> None:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not \
             1 <= steps <= 1000:
         raise InputError(f"steps must be an integer between 1 and 1000, got {steps!r}")
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float, np.floating)) or \
+    if isinstance(cfg, bool) or not isinstance(cfg, NUMBER) or \
             not math.isfinite(cfg) or not 0.0 <= cfg <= 100.0:
         raise InputError(f"cfg must be a number between 0 and 100, got {cfg!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -111,7 +114,7 @@ def request_texts(text) -> list[str | None]:
 def check_duration(duration) -> float:
     """A generated output's length in seconds, or InputError."""
     low, high = audio_io.MIN_SECONDS, audio_io.MAX_GENERATED_SECONDS
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or \
+    if isinstance(duration, bool) or not isinstance(duration, NUMBER) or \
             not (math.isfinite(duration) and low <= duration <= high):
         raise InputError(f"duration must be a number of seconds from {low} to {high:g}, "
                          f"got {duration!r}")

@@ -37,7 +37,7 @@ from .errors import InputError
 from .many import run_requests
 from .model_dir import ModelDir
 from .prefetch import PrefetchedWindows
-from .requests import BatchInputs, SeparationResult, Timings
+from .requests import NUMBER, BatchInputs, SeparationResult, Timings
 from .tokenizer import ClipTokenizer
 from .video import VideoSource, WindowFrames
 from .windows import WindowPlan
@@ -190,6 +190,9 @@ class Separator(Closing):
 
     # -- inputs --------------------------------------------------------------------------------
     def _video_source(self, video, fps) -> VideoSource | None:
+        if fps is not None and (video is None or isinstance(video, (str, os.PathLike))):
+            raise InputError("video_fps is the frame rate of a video given as a frame array; "
+                             "a file's own rate is used")
         if video is None:
             return None
         if isinstance(video, (str, os.PathLike)):
@@ -216,8 +219,8 @@ class Separator(Closing):
         elif source is not None:
             if source.path is None or not source.has_audio:
                 raise InputError(f"{source.name}: no mixture given and the video has no audio "
-                                 "track to separate; give a mixture (--mix), or generate audio "
-                                 "for the video (--generate)")
+                                 "track to separate; give a mixture (mix, --mix), or generate "
+                                 "audio for the video (generate, --generate)")
             mixture = audio_io.MixtureStream(source.path, sr, media=True,
                                              name=f"{source.name} (audio track)")
         else:
@@ -308,7 +311,7 @@ def _check_arguments(model_dir, overlap, threads) -> None:
     if not isinstance(model_dir, (str, os.PathLike)):
         raise InputError(f"model_dir must be a path, got {type(model_dir).__name__}")
     if overlap is not None and (isinstance(overlap, bool) or
-                                not isinstance(overlap, (int, float, np.number))):
+                                not isinstance(overlap, NUMBER)):
         raise InputError(f"overlap must be a number of seconds, got {overlap!r}")
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
         raise InputError(f"threads must be a non-negative integer, got {threads!r}")

@@ -42,6 +42,7 @@ from ..closing import Closing
 from ..stages import Geometry
 from .errors import InputError, one_line
 from .pixels import YuvFrame, YuvFrames, rgb, yuv_frame
+from .requests import NUMBER
 from .resize import centre_crop, short_side
 
 TIME_TOLERANCE = 1e-6  # seconds; a frame this close below a target still reaches it
@@ -84,7 +85,7 @@ class VideoSource:
                              f"positive, got {frames.dtype} {frames.shape}")
         if frames.shape[0] == 0:
             raise InputError(f"{name}: no frames")
-        if isinstance(fps, (bool, str)) or not isinstance(fps, (int, float, np.number)) or \
+        if isinstance(fps, bool) or not isinstance(fps, NUMBER) or \
                 not float(fps) > 0:
             raise InputError(f"{name}: a positive frame rate is needed with a frame array "
                              f"(got {fps!r})")

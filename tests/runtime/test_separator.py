@@ -122,6 +122,8 @@ def test_unconditional_branch_is_computed_once_per_load(model_dir):
     (dict(video=np.zeros((10, 8, 8, 3), np.uint8), video_fps=1e-4, generate=True),
      "video is 100000.000 s long; generated audio takes 0.1 to 36000 s"),
     (dict(generate="no"), "generate must be True or False, got 'no'"),
+    (dict(mix=tones(1.0, SR), video_fps=25), "video_fps is the frame rate of a video given as "
+                                             "a frame array"),
 ])
 def test_bad_requests(separator, kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -145,6 +147,12 @@ def test_bad_options(model_dir):
             Separator(model_dir, "ort-cpu", **kwargs)
     with pytest.raises(InputError, match="model_dir must be a path, got int"):
         Separator(5)
+
+
+def test_numpy_scalars_are_numbers(separator):
+    result = separator.process(duration=np.float32(1.0), cfg=np.int64(3), steps=np.int64(1),
+                               seed=np.uint8(2))
+    assert result.audio.shape == (1, SR)
 
 
 def test_callbacks_and_request_lists_are_checked_before_any_work(separator):
