@@ -22,6 +22,7 @@ from .service import (HttpError, Limits, Upload, answer_body, check_form_request
                       read_limited_body, request_options)
 
 app = FastAPI(title="mmsep")
+DRAIN_SECONDS = 120.0  # on SIGTERM, how long requests already running may take to finish
 
 
 def _error(status: int, message: str):
@@ -124,6 +125,7 @@ def build_app(model_dir, *, backend_options: BackendOptions = BackendOptions(),
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     deployment = SeparationService.options(
         max_ongoing_requests=limits.max_queue + 1,
+        graceful_shutdown_timeout_s=DRAIN_SECONDS,
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
         **scaling)
     return deployment.bind(str(Path(model_dir).resolve()), backend_options, batch_wait_ms,

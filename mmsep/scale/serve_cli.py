@@ -102,6 +102,10 @@ def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
                    "SIGTERM stops it", err=True)
         stack.close()  # from here on a signal ends the wait below
         _wait_for_signal()
+        click.echo(f"{PROG}: stopping; requests already running may finish (Ctrl-C again "
+                   "stops at once)", err=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        serve.delete("mmsep")  # drains the replicas while the proxies still answer
         serve.shutdown()
     finally:
         stack.close()

@@ -65,8 +65,8 @@ def server(model_dir, tmp_path_factory):
             pass
         assert time.monotonic() < deadline, "mmsep-serve did not come up"
         time.sleep(1)
-    yield url, work
-    proc.send_signal(signal.SIGTERM)
+    yield url, work, proc
+    proc.send_signal(signal.SIGTERM)  # no-op if the last test stopped it
     assert proc.wait(timeout=120) == 0
 
 
@@ -75,7 +75,7 @@ def _post(url, files=None, data=None, timeout=300):
 
 
 def test_health_model_and_unknown_routes(server, model_dir):
-    url, _ = server
+    url, _, _ = server
     assert requests.get(f"{url}/healthz", timeout=30).text == "ok"
     facts = requests.get(f"{url}/v1/model", timeout=30).json()
     assert facts["preset"] == "tiny" and facts["sample_rate"] == 44100
@@ -85,7 +85,7 @@ def test_health_model_and_unknown_routes(server, model_dir):
 
 
 def test_sixteen_concurrent_requests_are_answered_in_shared_batches(server, model_dir):
-    url, work = server
+    url, work, _ = server
 
     def one(i):
         return _post(url, files={"mix": (f"m{i}.wav", _wav(1.0, seed=i), "audio/wav")},
@@ -107,7 +107,7 @@ def test_sixteen_concurrent_requests_are_answered_in_shared_batches(server, mode
 
 
 def test_several_texts_answer_a_zip(server):
-    url, work = server
+    url, work, _ = server
     answer = _post(url, files={"mix": ("m.wav", _wav(1.0), "audio/wav")},
                    data={"text": ["a tone", "noise"], "steps": "1"})
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/zip"
@@ -142,7 +142,7 @@ def test_several_texts_answer_a_zip(server):
      "duration must be a number of seconds from 0.1 to 36000, got 'abc'"),
 ])
 def test_errors_have_their_status_and_one_line_message(server, files, data, status, message):
-    url, work = server
+    url, work, _ = server
     answer = _post(url, files=files, data=data)
     assert answer.status_code == status, answer.text
     assert answer.json()["error"].startswith(message)
@@ -160,13 +160,13 @@ def test_errors_have_their_status_and_one_line_message(server, files, data, stat
      "parameters go in the form, not in the URL's query string"),
 ])
 def test_what_is_not_a_form_is_refused_not_read_as_an_empty_one(server, send, status, message):
-    url, work = server
+    url, work, _ = server
     answer = requests.post(f"{url}/v1/separate", timeout=300, **send)
     assert (answer.status_code, answer.json()["error"]) == (status, message)
 
 
 def test_overload_answers_503(server):
-    url, work = server
+    url, work, _ = server
 
     def one(i):
         return _post(url, files={"mix": (f"m{i}.wav", _wav(1.0, seed=i), "audio/wav")},
@@ -213,3 +213,17 @@ def test_what_would_fail_under_ray_is_refused_before_it_starts(model_dir, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("mmsep-serve: error: ") and len(err.splitlines()) == 1
     assert says.format(tmp=tmp_path) in err
+
+
+def test_sigterm_lets_the_running_request_finish(server):
+    """Last in this module: it stops the module's server."""
+    url, work, proc = server
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_post, url, {"mix": ("m.wav", _wav(2.0), "audio/wav")},
+                             {"text": "a tone", "steps": "300"})
+        time.sleep(1.5)  # the request is running
+        proc.send_signal(signal.SIGTERM)
+        assert answer.result().status_code == 200
+    assert sf.info(io.BytesIO(answer.result().content)).frames == 2 * 44100
+    assert proc.wait(timeout=180) == 0
+
