@@ -54,7 +54,7 @@ def parse_job(line: int, text: str, base: Path, salt: str) -> Job:
     """One JOBS line -> a Job; InputError with a one-line message when it is unusable. Input
     files are not opened here (on a cluster only the workers may see them)."""
     try:
-        request = json.loads(text)
+        request = json.loads(text.rstrip("\r\n"))  # columns then count on this line
     except json.JSONDecodeError as exc:
         raise InputError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(request, dict):
