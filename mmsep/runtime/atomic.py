@@ -96,13 +96,22 @@ def check_writable(path: str | os.PathLike, label: str | None = None) -> None:
     from .errors import OutputError
 
     path = Path(path)
-    if path.exists() and not path.is_file() and not path.is_dir():
-        raise OutputError(f"{label or path}: cannot write (not a regular file; outputs are "
-                          "written whole and renamed into place)")
+    check_not_special(path, label)
     try:
         _create_unique(path).unlink()
     except OSError as exc:
         raise OutputError(f"{label or path}: cannot write ({exc.strerror or exc})") from None
+
+
+def check_not_special(path: str | os.PathLike, label: str | None = None) -> None:
+    """OutputError when ``path`` is a device or pipe (``/dev/null``, a FIFO): no output file can
+    be renamed onto it. Regular files, directories and missing paths pass."""
+    from .errors import OutputError
+
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise OutputError(f"{label or path}: cannot write (not a regular file; outputs are "
+                          "written whole and renamed into place)")
 
 
 def _create_unique(path: Path) -> Path:

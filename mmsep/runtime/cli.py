@@ -200,7 +200,7 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
                   ) -> tuple[list[Path], str]:
     """The output paths and format, after every check that needs no work: the inputs exist, the
     outputs' formats and directories are usable, and no output is the same file as an input."""
-    from .atomic import check_writable
+    from .atomic import check_not_special, check_writable
     from .audio_writer import check_format
     from .errors import InputError
     from .paths import check_outputs, model_files
@@ -208,8 +208,8 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
     if mux_path is not None and video is None:
         raise InputError("--mux needs --video (the video stream to copy)")
     check_input_files(video, mix)
-    if output is not None and Path(output).exists() and not Path(output).is_file():
-        check_writable(output, f"--output {output}")  # a device or pipe: not <name>.wav beside it
+    if output is not None:  # a device or pipe: not a new <name>.wav beside it
+        check_not_special(output, f"--output {output}")
     if output is not None and Path(output).is_dir():  # the default name inside it
         paths = [Path(output) / p for p in output_paths(None, fmt, n_texts, mix, video)]
     else:

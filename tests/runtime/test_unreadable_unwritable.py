@@ -48,6 +48,18 @@ def test_an_output_in_a_directory_that_takes_no_file(model_dir, media, tmp_path,
     assert list(tmp_path.glob("*.wav")) == []
 
 
+def test_an_output_directory_in_a_folder_that_takes_no_file(model_dir, media, tmp_path, capsys,
+                                                           monkeypatch):
+    """-o DIR writes inside DIR: its parent (locked here) is not asked to take a file."""
+    stems = tmp_path / "stems"
+    stems.mkdir()
+    refuse_under(monkeypatch, tmp_path)
+    code, _, stderr = run_cli(["--model", model_dir, "--video", media["av"], "--text", "a",
+                               "--steps", "1", "-q", "-o", stems], capsys)
+    assert (code, stderr) == (0, "")
+    assert [p.name for p in stems.iterdir()] == ["pattern_separated.wav"]
+
+
 def test_an_output_that_is_a_device_or_a_pipe(model_dir, media, tmp_path, capsys):
     """No file can be renamed onto a device or a pipe, and "/dev/null" must not become a new
     /dev/null.wav beside it."""
