@@ -111,14 +111,22 @@ def request_texts(text) -> list[str | None]:
     return [one_text(t) for t in texts]
 
 
+GENERATED_SECONDS = (audio_io.MIN_SECONDS, audio_io.MAX_GENERATED_SECONDS)  # a generated output
+
+
 def check_duration(duration) -> float:
     """A generated output's length in seconds, or InputError."""
-    low, high = audio_io.MIN_SECONDS, audio_io.MAX_GENERATED_SECONDS
     if isinstance(duration, bool) or not isinstance(duration, NUMBER) or \
-            not (math.isfinite(duration) and low <= duration <= high):
+            not _generated_length(duration):
+        low, high = GENERATED_SECONDS
         raise InputError(f"duration must be a number of seconds from {low} to {high:g}, "
                          f"got {duration!r}")
     return float(duration)
+
+
+def _generated_length(seconds: float) -> bool:
+    low, high = GENERATED_SECONDS
+    return math.isfinite(seconds) and low <= seconds <= high
 
 
 def request_length(info, mixture, source, duration) -> int:
@@ -133,11 +141,11 @@ def request_length(info, mixture, source, duration) -> int:
     if duration is not None:
         return round(check_duration(duration) * sr)
     if source is not None:
-        seconds, low, high = source.duration, audio_io.MIN_SECONDS, audio_io.MAX_GENERATED_SECONDS
-        if not low <= seconds <= high:
-            raise InputError(f"{source.name}: video is {seconds:.3f} s long; generated audio "
-                             f"takes {low} to {high:g} s (give duration= to choose)")
-        return round(seconds * sr)
+        if not _generated_length(source.duration):
+            low, high = GENERATED_SECONDS
+            raise InputError(f"{source.name}: video is {source.duration:.3f} s long; generated "
+                             f"audio takes {low} to {high:g} s (give duration= to choose)")
+        return round(source.duration * sr)
     return info.window_samples
 
 

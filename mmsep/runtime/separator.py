@@ -60,6 +60,7 @@ class Separator(Closing):
                  max_batch: int | None = None, overlap: float | None = None, threads: int = 0,
                  precision: str = "auto", verify: bool = True):
         _check_arguments(model_dir, overlap, threads)
+        self._closed = False
         self.model = ModelDir(model_dir, verify=verify)
         self.info = info = self.model.info
         self.max_batch = info.max_batch if max_batch is None else max_batch
@@ -95,7 +96,7 @@ class Separator(Closing):
         self.backend.close()
 
     def _check_open(self) -> None:
-        if getattr(self, "_closed", False):
+        if self._closed:
             raise RuntimeError("this Separator is closed; create a new one")
 
     @property

@@ -144,7 +144,7 @@ async def request_options(form, upload: Upload, limits: Limits) -> dict:
             options[field] = _value(field, value)
     duration = options.get("duration")
     if isinstance(duration, float) and duration > limits.max_seconds:
-        raise HttpError(413, f"duration {options['duration']:g} s is over the limit of "
+        raise HttpError(413, f"duration {duration:g} s is over the limit of "
                              f"{limits.max_seconds:g} s")
     return options
 
