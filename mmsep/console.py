@@ -19,6 +19,11 @@ from .exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 SEED = click.IntRange(0, 2**63 - 1)
 
 
+def quiet_option(help_text: str):
+    """The ``--quiet``/``-q`` flag every console program spells the same way."""
+    return click.option("--quiet", "-q", is_flag=True, help=help_text)
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt():
     """SIGTERM, and SIGHUP (the terminal closed) unless it is ignored (nohup), raise

@@ -57,3 +57,15 @@ def test_other_failures_are_one_line_exit_1(capsys):
         raise ValueError("two\nlines")
 
     assert run(body, capsys) == (1, ["prog: internal error: ValueError: two lines"])
+
+
+@pytest.mark.parametrize("module, name", [("mmsep.export.cli", "main"),
+                                          ("mmsep.train.cli", "main"),
+                                          ("mmsep.runtime.cli", "cli"),
+                                          ("mmsep.scale.batch", "cli")])
+def test_every_program_with_progress_takes_q(module, name):
+    import importlib
+
+    command = getattr(importlib.import_module(module), name)
+    quiet = [p for p in command.params if p.name == "quiet"]
+    assert len(quiet) == 1 and quiet[0].opts == ["--quiet", "-q"], module

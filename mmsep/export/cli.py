@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..console import SEED
+from ..console import SEED, quiet_option
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, full_disk_errno
 from ..models.io import CheckpointError
 from ..models.presets import RELEASED_VARIANTS
@@ -86,7 +86,7 @@ PROG = "mmsep-export"
 @click.option("--force", is_flag=True,
               help="Replace an existing --out that is not an mmsep model directory, or one that "
                    "holds files the export did not write (they are deleted).")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@quiet_option("No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, synchformer, out,
          duration, max_batch, seed, mixture_latent, precision, parity_device, jobs, engines,

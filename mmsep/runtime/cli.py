@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from ..console import console_main
+from ..console import console_main, quiet_option
 from .audio import MAX_GENERATED_SECONDS, MIN_SECONDS
 from .audio_writer import FORMATS, SUBTYPES, open_audio_outputs, output_format
 from .backend_options import backend_options
@@ -84,7 +84,7 @@ PROG = "mmsep-run"
                    "seconds (timings_s) and real_time_factor (processing seconds per second of "
                    "audio; below 1 is faster than real time). README's 'mmsep-run --json' "
                    "lists every field.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress or summary output.")
+@quiet_option("No progress or summary output.")
 def cli(model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
         steps, cfg, seed, overlap, max_batch, backend_options, mux, as_json, quiet):
     """Separate the sound of a video / text query from a mixture (or generate it) with an

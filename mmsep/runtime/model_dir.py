@@ -49,6 +49,14 @@ class ModelInfo:
         return getattr(self.geometry, name)
 
 
+def hash_mismatch(path: Path, *, skipped: bool = False) -> ModelDirError:
+    """The error for a model file whose SHA-256 is not the manifest's; ``skipped``: found only
+    after a failure, the start-up check having been skipped (--no-verify)."""
+    why = "; --no-verify skipped this check at start" if skipped else ""
+    return ModelDirError(f"{path}: SHA-256 does not match the manifest (tampered or "
+                         f"incomplete{why})")
+
+
 class ModelDir:
     """A checked model directory. ``verify=False`` skips the hashes (sizes are still checked)."""
 
@@ -109,6 +117,7 @@ class ModelDir:
         return listed
 
     def _check_files(self, verify: bool) -> None:
+        self.verified = verify
         for name, sha, size in self._listed_files():
             path = self.path / name
             if not path.is_file():
@@ -122,8 +131,21 @@ class ModelDir:
             except OSError as exc:  # no permission, an I/O error
                 raise ModelDirError(f"{path}: cannot read ({exc.strerror or exc})") from None
             if digest != sha:
-                raise ModelDirError(f"{path}: SHA-256 does not match the manifest "
-                                    "(tampered or incomplete)")
+                raise hash_mismatch(path)
+
+    def check_damage(self, path: Path) -> None:
+        """After ``path`` failed to load from a directory opened with ``verify=False``: raise
+        ModelDirError if its SHA-256 is not the manifest's, so that a damaged file is reported
+        as one (exit 2) rather than as a failure of the runtime."""
+        if self.verified:
+            return
+        name = path.relative_to(self.path).as_posix()
+        for files in self._files.values():  # the graph and its external data, if any
+            if name not in files:
+                continue
+            for listed, meta in files.items():
+                if sha256_file(self.path / listed) != meta["sha256"]:
+                    raise hash_mismatch(self.path / listed, skipped=True)
 
     def onnx_path(self, stage: str, precision: str = "fp32") -> Path:
         """The stage's graph: the fp32 export, or a reduced-precision copy it lists."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from mmsep.console import console_main
+from mmsep.console import console_main, quiet_option
 from mmsep.exit_codes import EXIT_OK, EXIT_SOME_FAILED
 from mmsep.progress import Progress
 from mmsep.runtime.atomic import check_writable, remove_stale_partials
@@ -48,7 +48,7 @@ PROG = "mmsep-batch"
 @click.option("--cpus-per-worker", type=click.FloatRange(0.01), default=1.0, show_default=True,
               help="With Ray on machines without GPUs: CPUs reserved per actor (with GPUs "
                    "each actor takes one GPU).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@quiet_option("No progress bar or summary.")
 def cli(jobs, model_dir, out_dir, subtype, backend_options, use_ray, ray_address, workers,
         cpus_per_worker, quiet):
     """Separate every request of JOBS (JSON lines with the fields of an mmsep-run request:

@@ -50,6 +50,8 @@ def run_on_ray(jobs: list[Job], model_dir, out_dir, worker_options: dict, *,
 
     started_here = not ray.is_initialized()
     if started_here:
+        if quiet:  # Ray's own start-up warnings go through the "ray" logger, unconfigured here
+            logging.getLogger("ray").setLevel(logging.ERROR)
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False,
                  logging_level=logging.ERROR if quiet else logging.INFO)

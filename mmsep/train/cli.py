@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from ..console import SEED
+from ..console import SEED, quiet_option
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, full_disk_errno
 from . import recipe
 from .loop import CHECKPOINT, METRICS, WEIGHTS, Ranks, TrainOptions, Trainer, \
@@ -67,7 +67,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--device", default="auto", show_default=True,
               help="auto (the process's GPU under torchrun, else cuda, else cpu), cpu, cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@quiet_option("No progress output.")
 def main(**kw) -> None:
     """Fine-tune a MMAudio flow network for query-based separation (writes OUT/ft.pt)."""
     from mmsep.models.io import CheckpointError

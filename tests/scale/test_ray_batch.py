@@ -73,3 +73,21 @@ def test_a_model_that_does_not_load_on_the_actors_is_one_line(local_ray, model_d
     err = capsys.readouterr().err.strip()
     assert err.startswith("mmsep-batch: error: ") and "tampered or incomplete" in err
     assert len(err.splitlines()) == 1
+
+
+def test_quiet_prints_nothing_when_it_starts_its_own_ray(model_dir, job_inputs, tmp_path):
+    """-q also silences Ray's own start-up warnings (its token-authentication notice)."""
+    import os
+    import subprocess
+    import sys
+
+    jobs = write_jobs(job_inputs["root"] / "quiet-ray.jsonl", six_requests(job_inputs)[:1])
+    env = dict(os.environ, RAY_memory_monitor_refresh_ms="0")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from mmsep.scale.batch import main; main()", str(jobs),
+         "--model", str(model_dir), "--out", str(tmp_path / "out"), "--backend", "ort-cpu",
+         "--ray", "--workers", "1", "--cpus-per-worker", "1", "-q"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert [r["status"] for r in records(tmp_path / "out")] == ["ok"]

@@ -211,6 +211,7 @@ class OrtBackend(Closing):
                                                  providers=self._providers())
         except Exception as exc:  # ORT raises its own pybind exception types
             self.model.check_unchanged()  # a swap mid-load is reported as such
+            self.model.check_damage(path)
             raise BackendError(stage, f"cannot load {path.name} with ONNX Runtime "
                                       f"({one_line(exc, 400)})") from None
         self.model.check_unchanged()  # ... and not swapped while it was read

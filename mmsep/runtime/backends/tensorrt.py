@@ -30,7 +30,7 @@ from ...closing import Closing
 from ...model_files import sha256_file
 from ...stages import Stage, StageSpec, Tensor, euler_schedule
 from ..errors import BackendError, BackendUnavailable, ModelDirError, one_line
-from ..model_dir import ModelDir
+from ..model_dir import ModelDir, hash_mismatch
 from .cuda_graphs import StepGraphs, import_cudart
 from .cuda_memory import CudaMemory, DeviceArray, aligned, in_context
 from .protocol import check_inputs, step_invariant_inputs, unconditional_half
@@ -202,10 +202,11 @@ class TrtBackend(Closing):
             raise ModelDirError(f"{self.model.path}: missing engine {record['file']} (re-run "
                                 "mmsep-export --engines-only)")
         if self._verify and sha256_file(path) != record["sha256"]:
-            raise ModelDirError(f"{path}: SHA-256 does not match the manifest (tampered or "
-                                "incomplete)")
+            raise hash_mismatch(path)
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
+            if not self._verify and sha256_file(path) != record["sha256"]:
+                raise hash_mismatch(path, skipped=True)
             raise BackendError(name, f"TensorRT could not deserialise {path.name} (built by "
                                      "another TensorRT version, or out of GPU memory)")
         return engine

@@ -1,14 +1,16 @@
 """ONNX Runtime backend: IO-binding runs against plain sessions, the device loop, errors."""
 
+import json
 import re
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from mmsep.model_files import sha256_file
 from mmsep.runtime.backends import OrtBackend, create_backend, cuda_available
 from mmsep.runtime.backends.ort import cuda_refusal
-from mmsep.runtime.errors import BackendError, BackendUnavailable
+from mmsep.runtime.errors import BackendError, BackendUnavailable, ModelDirError
 from mmsep.runtime.model_dir import ModelDir
 
 
@@ -105,10 +107,21 @@ def test_broken_graph_is_reported_with_its_stage(model_dir, tmp_path):
 
     copy = tmp_path / "m"
     shutil.copytree(model_dir, copy)
-    (copy / "vocoder.onnx").write_bytes(b"\x00" * (copy / "vocoder.onnx").stat().st_size)
+    graph = copy / "vocoder.onnx"
+    graph.write_bytes(b"\x00" * graph.stat().st_size)
+    mel = {"mel": np.zeros((1, 128, 174), np.float32)}
+    # skipped at start, the hash check runs when the graph fails: a damaged file, exit 2
     with OrtBackend(ModelDir(copy, verify=False), "cpu") as b:
+        with pytest.raises(ModelDirError, match=r"vocoder.onnx: SHA-256 does not match the "
+                                                r"manifest .*--no-verify skipped"):
+            b.run("vocoder", mel)
+    # a graph that is the manifest's own and still does not load is the runtime's failure
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["stages"]["vocoder"]["files"]["vocoder.onnx"]["sha256"] = sha256_file(graph)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with OrtBackend(ModelDir(copy), "cpu") as b:
         with pytest.raises(BackendError, match="stage 'vocoder': cannot load vocoder.onnx"):
-            b.run("vocoder", {"mel": np.zeros((1, 128, 174), np.float32)})
+            b.run("vocoder", mel)
 
 
 def test_backend_selection(model, monkeypatch):
