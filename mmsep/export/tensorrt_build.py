@@ -166,11 +166,18 @@ def build_graph_engine(onnx_path: Path, name: str, profile: dict, outputs: list[
     optimisation = need(builder.create_optimization_profile(), "create an optimisation profile")
     shapes = {}
     for tensor, (low, opt, high) in profile.items():
-        optimisation.set_shape(tensor, low, opt, high)
+        try:
+            optimisation.set_shape(tensor, low, opt, high)
+        except (RuntimeError, TypeError) as exc:  # its binding raises instead of returning
+            raise EngineBuildError(f"stage {name}: TensorRT refused the shapes {list(low)} / "
+                                   f"{list(opt)} / {list(high)} of input {tensor!r} ({exc})") \
+                from None
         shapes[tensor] = [list(low), list(opt), list(high)]
     if config.add_optimization_profile(optimisation) < 0:
         need(False, f"accept the optimisation profile {shapes}")
     cache_state = _attach_timing_cache(config, timing_cache, need)
+    if cache_state.startswith("replaced"):
+        logger.errors.clear()  # what TensorRT logged about the old cache is not a build failure
 
     started = time.perf_counter()
     serialized = need(builder.build_serialized_network(network, config), "build the engine")

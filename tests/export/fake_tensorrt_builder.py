@@ -98,8 +98,8 @@ class TimingCache:
 
 
 class BuilderConfig:
-    def __init__(self, state: BuildState):
-        self.state, self.calls = state, state.calls
+    def __init__(self, state: BuildState, logger):
+        self.state, self.calls, self.logger = state, state.calls, logger
 
     def set_memory_pool_limit(self, pool, size):
         self.calls["pool"] = (pool, size)
@@ -122,6 +122,7 @@ class BuilderConfig:
 
     def set_timing_cache(self, cache, ignore_mismatch):
         if cache.made_by != self.state.version and not ignore_mismatch:
+            self.logger.log(Severity.ERROR, "timing cache of another TensorRT version")
             return False
         self.cache = cache
         return True
@@ -135,6 +136,10 @@ class Profile:
         self.calls = calls
 
     def set_shape(self, name, low, opt, high):
+        consistent = len(low) == len(opt) == len(high) and \
+            all(a <= b <= c for a, b, c in zip(low, opt, high))
+        if not consistent:  # TensorRT's binding raises rather than returning False
+            raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
         self.calls["shapes"][name] = (tuple(low), tuple(opt), tuple(high))
 
 
@@ -147,7 +152,7 @@ class Builder:
         return Network()
 
     def create_builder_config(self):
-        return BuilderConfig(self.state)
+        return BuilderConfig(self.state, self.logger)
 
     def create_optimization_profile(self):
         return Profile(self.state.calls)
@@ -163,7 +168,7 @@ def fake_tensorrt(**options) -> tuple[types.SimpleNamespace, dict]:
     """(a ``tensorrt`` module stand-in, the dict of calls it records); ``options`` are
     BuildState's fields."""
     state = BuildState(**options)
-    flags = types.SimpleNamespace(**({"STRONGLY_TYPED": 0} if state.strongly_typed_flag else {}))
+    flags = types.SimpleNamespace(**({"STRONGLY_TYPED": 1} if state.strongly_typed_flag else {}))
     trt = types.SimpleNamespace(
         __version__=state.version, ILogger=ILogger,
         Builder=functools.partial(Builder, state), OnnxParser=functools.partial(OnnxParser, state),

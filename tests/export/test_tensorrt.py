@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import shutil
+import re
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_build_engine_strongly_typed_with_profile_and_cache(monkeypatch, tmp_pat
     record = tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec,
                              tmp_path / "vocoder.fp32.engine", timing_cache=cache,
                              workspace_bytes=1 << 30)
-    assert calls["flags"] == 1  # 1 << STRONGLY_TYPED
+    assert calls["flags"] == 2  # 1 << STRONGLY_TYPED (1 in TensorRT 10)
     assert calls["pool"] == ("ws", 1 << 30)
     assert calls["cleared"] == ["tf32"]  # an fp32 graph is built without TF32
     spec = vocoder_spec
@@ -108,6 +109,34 @@ def test_a_timing_cache_of_another_tensorrt_is_replaced(monkeypatch, tmp_path, v
                              timing_cache=cache)
     assert record["timing_cache"] == "replaced (did not match this GPU / TensorRT)"
     assert cache.read_bytes() == b"cache:10.13.0|"
+
+
+def test_a_failed_build_after_a_replaced_cache_names_only_its_own_error(
+        monkeypatch, tmp_path, vocoder_spec, tiny_model_dir):
+    trt, _ = fake_tensorrt(build_ok=False)
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"cache:10.9.0|")  # TensorRT logs an error about it, then it is replaced
+    with pytest.raises(tb.EngineBuildError) as info:
+        tb.build_engine(tiny_model_dir / "vocoder.onnx", vocoder_spec, tmp_path / "e.engine",
+                        timing_cache=cache)
+    assert str(info.value) == "stage vocoder: TensorRT could not build the engine: out of " \
+                              "workspace"
+
+
+def test_shapes_the_profile_refuses_are_a_build_error(monkeypatch, tmp_path, vocoder_spec,
+                                                      tiny_model_dir):
+    trt, _ = fake_tensorrt()
+    monkeypatch.setattr(tb, "_tensorrt", lambda: trt)
+    mel = vocoder_spec.inputs[0]
+    low, high = mel.concrete(4), mel.concrete(2)  # min above max
+    with pytest.raises(tb.EngineBuildError, match=re.escape(
+            f"stage vocoder: TensorRT refused the shapes {list(low)} / {list(high)} / "
+            f"{list(high)} of input {mel.name!r} (Shape provided for min is inconsistent")):
+        tb.build_graph_engine(tiny_model_dir / "vocoder.onnx", "vocoder",
+                              {mel.name: (low, high, high)}, list(vocoder_spec.output_names),
+                              tmp_path / "e.engine", timing_cache=tmp_path / "c")
+    assert not (tmp_path / "e.engine").exists()
 
 
 def test_parser_errors_are_all_reported_with_the_stage(monkeypatch, tmp_path, vocoder_spec,

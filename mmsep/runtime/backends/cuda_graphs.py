@@ -71,17 +71,23 @@ class StepGraphs:
         rt = self._rt
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         self._check(rt.cudaStreamBeginCapture(stream_handle, mode), "begin a capture")
+        ended = None
         try:
-            capture()
-        finally:
-            err, graph = rt.cudaStreamEndCapture(stream_handle)
-        self._check((err,), "end the capture")
-        try:
-            result = rt.cudaGraphInstantiate(graph, 0)
-        except TypeError:  # cuda-python 11.x
-            result = rt.cudaGraphInstantiate(graph, b"", 0)
-        self._check(result, "instantiate the graph")
-        return graph, result[1]
+            try:
+                capture()
+            finally:
+                ended = rt.cudaStreamEndCapture(stream_handle)
+            self._check(ended, "end the capture")
+            try:
+                result = rt.cudaGraphInstantiate(ended[1], 0)
+            except TypeError:  # cuda-python 11.x
+                result = rt.cudaGraphInstantiate(ended[1], b"", 0)
+            self._check(result, "instantiate the graph")
+        except BaseException:
+            if ended is not None and ended[0] == rt.cudaError_t.cudaSuccess:
+                rt.cudaGraphDestroy(ended[1])  # captured, but not to be used
+            raise
+        return ended[1], result[1]
 
     def _check(self, result: tuple, what: str) -> None:
         err = result[0]

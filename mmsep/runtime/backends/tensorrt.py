@@ -9,8 +9,10 @@ Every tensor TensorRT reads or writes is bound at a 256-byte aligned address (se
 refuses anything else): each buffer is an allocation of its own, and the step times and the dt/cfg
 scalars of the sampling loop sit in aligned slots. The loop keeps the latent in two device buffers
 used in turn. Where cuda-python is installed the whole loop is captured as one CUDA graph per
-(batch, steps, buffer addresses) and replayed for later requests (cuda_graphs.py); where it is
-not, or where the capture fails, the steps are enqueued one by one. Copies go through page-locked
+(batch, steps, buffer addresses) and replayed for later requests (cuda_graphs.py), each batch size
+on an execution context of its own (a graph is valid only on a context that ran no other shapes
+since its capture); where it is not, or where the capture fails, the steps are enqueued one by
+one. Copies go through page-locked
 staging buffers (cuda_memory.py); engine compatibility is decided in tensorrt_env.py. Video
 frames are resized on the GPU by the model's frame-resize engines (tensorrt_resize.py).
 
@@ -56,6 +58,32 @@ class _Stage:
             raise BackendError(spec.name, "TensorRT could not create an execution context "
                                           "(out of GPU memory?)")
         self._backend = backend
+        self._graph_contexts: dict[int, Any] = {}
+
+    def graph_context(self, batch: int):
+        """The execution context whose captured loops run batches of ``batch``. TensorRT keeps
+        shape-dependent state in a context, so a graph replays correctly only on a context
+        that has not run other shapes since: each batch size gets a context of its own, all
+        sharing one block of activation memory (they run one at a time, on one stream)."""
+        context = self._graph_contexts.get(batch)
+        if context is not None:
+            return context
+        trt, engine = self._backend._trt, self.engine
+        context = engine.create_execution_context(
+            trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise BackendError(self.spec.name, "TensorRT could not create an execution context")
+        if hasattr(engine, "get_device_memory_size_for_profile_v2"):  # TensorRT >= 10.1
+            size = engine.get_device_memory_size_for_profile_v2(0)
+        else:
+            size = engine.get_device_memory_size_for_profile(0)
+        ptr = self._backend.memory.buffer((self.spec.name, "activations"), size)
+        if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
+            context.set_device_memory(ptr, size)
+        else:
+            context.device_memory = ptr
+        self._graph_contexts[batch] = context
+        return context
 
     def buffer(self, name: str, nbytes: int):
         """A device buffer of at least ``nbytes`` for ``name``, allocated once (at the profile's
@@ -241,8 +269,9 @@ class TrtBackend(Closing):
             bound[tensor.name] = DeviceArray(ptr, shape, dtype)
         return bound
 
-    def _enqueue(self, st: _Stage) -> None:
-        st.call(st.context.execute_async_v3(self._stream.handle), "enqueue the engine")
+    def _enqueue(self, st: _Stage, context=None) -> None:
+        context = st.context if context is None else context
+        st.call(context.execute_async_v3(self._stream.handle), "enqueue the engine")
 
     # -- the Backend protocol ------------------------------------------------------------------
     @in_context
@@ -295,28 +324,29 @@ class TrtBackend(Closing):
         shapes = {Tensor.X: latent.shape, Tensor.T: (batch,), Tensor.DT: (batch,),
                   Tensor.CFG: (batch,), **{name: value.shape for name, value in fixed.items()}}
         fixed_ptrs = {name: value.ptr for name, value in fixed.items()}
+        context = st.graph_context(batch) if self.cuda_graphs else st.context
 
         def bind_step(i):
             step = {Tensor.X: buffers[i % 2], Tensor.X_NEXT: buffers[(i + 1) % 2],
                     Tensor.T: table + i * slot, Tensor.DT: scalars, Tensor.CFG: scalars + slot,
                     **fixed_ptrs}
             for name, ptr in step.items():
-                st.call(st.context.set_tensor_address(name, ptr), f"bind {name!r} at {ptr:#x}")
+                st.call(context.set_tensor_address(name, ptr), f"bind {name!r} at {ptr:#x}")
 
         def enqueue_steps():
             for i in range(steps):
                 bind_step(i)
-                self._enqueue(st)
+                self._enqueue(st, context)
 
         for name, shape in shapes.items():  # never inside a capture
-            st.call(st.context.set_input_shape(name, tuple(shape)),
+            st.call(context.set_input_shape(name, tuple(shape)),
                     f"set the shape of input {name!r} to {tuple(shape)}")
         key = (batch, steps, buffers, table, scalars, tuple(sorted(fixed_ptrs.items())))
         if self.cuda_graphs and key not in self._graphs:
             # TensorRT captures only after a plain enqueue at these shapes; step 0 writes only
             # the second latent buffer, which the loop overwrites first.
             bind_step(0)
-            self._enqueue(st)
+            self._enqueue(st, context)
             self._stream.synchronize()
         if not self._graphs.launch(key, self._stream.handle, enqueue_steps):
             enqueue_steps()

@@ -1,4 +1,10 @@
-"""The ``tensorrt`` half of the CPU stand-in (see fake_gpu.py for what it models and refuses)."""
+"""The ``tensorrt`` half of the CPU stand-in (see fake_gpu.py for what it models and refuses).
+
+It also refuses what TensorRT's guide on CUDA graphs forbids: a graph replayed on an execution
+context whose last plain enqueue was at other shapes (the context's shape-dependent state is no
+longer the capture's; AssertionError when the replay runs), and a USER_MANAGED context enqueued
+before ``set_device_memory`` gave it activation memory of the engine's size.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +36,15 @@ _ONNX_TYPES = {"tensor(float)": DataType.FLOAT, "tensor(float16)": DataType.HALF
                "tensor(int64)": DataType.INT64}
 
 
+class ExecutionContextAllocationStrategy(enum.IntEnum):  # TensorRT 10's members and values
+    STATIC = 0
+    ON_PROFILE_CHANGE = 1
+    USER_MANAGED = 2
+
+
+ACTIVATION_BYTES = 4096  # what every fake engine asks for its execution context's activations
+
+
 def nptype(dtype: DataType):
     """tensorrt.nptype: the numpy type of a TensorRT data type (TypeError for others)."""
     if dtype not in _NUMPY_TYPES:
@@ -42,6 +57,7 @@ def tensorrt_module(gpu):
     trt = types.ModuleType("tensorrt")
     trt.__version__ = gpu.version
     trt.DataType = DataType
+    trt.ExecutionContextAllocationStrategy = ExecutionContextAllocationStrategy
     trt.Logger = Logger
     trt.Runtime = type("Runtime", (Runtime,), {"gpu": gpu})
     trt.nptype = nptype
@@ -94,9 +110,13 @@ class Engine:
     def get_tensor_dtype(self, name):
         return self.dtypes[name]
 
-    def create_execution_context(self):
+    def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC):
         self.gpu.need_context("createExecutionContext")
-        return Context(self)
+        return Context(self, strategy == ExecutionContextAllocationStrategy.USER_MANAGED)
+
+    def get_device_memory_size_for_profile_v2(self, profile_index):
+        assert profile_index == 0, "the fake engines have one optimisation profile"
+        return ACTIVATION_BYTES
 
     def in_profile(self, name, shape) -> bool:
         low, high = self.profile[name]
@@ -122,11 +142,29 @@ class Engine:
 
 
 class Context:
-    def __init__(self, engine):
+    def __init__(self, engine, user_managed: bool = False):
         self.engine, self.gpu = engine, engine.gpu
         self.shapes: dict[str, tuple] = {}
         self.addresses: dict[str, int] = {}
         self.enqueued_shapes = None  # the shapes of the last enqueue that was not captured
+        self.has_memory = not user_managed  # USER_MANAGED: none until set_device_memory
+
+    def set_device_memory(self, memory, size):
+        ptr = int(memory)
+        assert ptr % ALIGNMENT == 0 and self.gpu.is_device_address(ptr), \
+            "setDeviceMemory: not an aligned device address"
+        assert size >= ACTIVATION_BYTES, f"setDeviceMemory: {size} bytes, the engine needs " \
+                                         f"{ACTIVATION_BYTES}"
+        self.has_memory = True
+
+    def replay(self, shapes, addresses):
+        """Run the engine as captured in a graph at ``shapes``."""
+        if shapes != self.enqueued_shapes:
+            # TensorRT keeps shape-dependent state in the context: a graph replays correctly
+            # only on a context whose last enqueue was at the capture's shapes
+            raise AssertionError(f"a CUDA graph captured at {shapes} replayed on a context "
+                                 f"last enqueued at {self.enqueued_shapes}")
+        self.engine.execute(shapes, addresses)
 
     def set_input_shape(self, name, shape):
         if name not in self.engine.inputs:
@@ -160,17 +198,18 @@ class Context:
             gpu.pending_error = None  # TensorRT read it with cudaGetLastError and gave up
             return False
         if any(n not in self.shapes for n in self.engine.inputs) or \
-                any(n not in self.addresses for n in self.engine.dtypes):
-            return False  # "Tensor ... is bound to nullptr" / input shape not specified
+                any(n not in self.addresses for n in self.engine.dtypes) or not self.has_memory:
+            return False  # "Tensor ... is bound to nullptr" / input shape or memory not set
         shapes, addresses = dict(self.shapes), dict(self.addresses)
         capture = gpu._capturing.get(stream_handle)
         if capture is not None and shapes != self.enqueued_shapes:
             capture["invalid"] = "enqueueV3 captured before a plain enqueue at these shapes"
             return False
-        if capture is None:
-            self.enqueued_shapes = shapes
         gpu.counts["enqueues"] += 1
         if capture is None:
             gpu.run_queued(stream_handle)  # the copies before it have run by the time it reads
-        gpu.submit(stream_handle, lambda: self.engine.execute(shapes, addresses))
+            self.enqueued_shapes = shapes
+            gpu.submit(stream_handle, lambda: self.engine.execute(shapes, addresses))
+        else:
+            gpu.submit(stream_handle, lambda: self.replay(shapes, addresses))
         return True
