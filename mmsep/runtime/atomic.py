@@ -77,6 +77,13 @@ def write_bytes_atomically(path: str | os.PathLike, data) -> Path:
     return path
 
 
+def write_json_atomically(path: str | os.PathLike, value) -> Path:
+    """``value`` as indented JSON at ``path``, written atomically."""
+    import json
+
+    return write_bytes_atomically(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
 def fsync_directory(directory: str | os.PathLike) -> None:
     """Flush every file of ``directory`` and the directory itself to disk (before a directory
     made of them is renamed into place)."""

@@ -27,6 +27,7 @@ import numpy as np
 
 from .audio_writer import FORMATS, SUBTYPES, AudioWriter, output_format, write_audio  # noqa: F401
 from .errors import InputError, one_line
+from .media_audio import audio_track_frames, audio_track_rate, read_audio_track
 from .windows import WindowPlan
 
 MIN_SECONDS = 0.1
@@ -134,7 +135,7 @@ class MixtureStream:
         if self._info is not None:
             self.source_rate = int(self._info.samplerate)
         else:
-            rate = _audio_track_rate(self.path)
+            rate = audio_track_rate(self.path)
             if rate is None:
                 raise InputError(f"{self.path}: has no audio track")
             self.source_rate = rate
@@ -212,7 +213,7 @@ class MixtureStream:
             yield from _soundfile_blocks(self.path, self._info, self.block)
             return
         pending, size = [], 0
-        for frame in _audio_track_frames(self.path):
+        for frame in audio_track_frames(self.path):
             pending.append(frame)
             size += frame.size
             if size >= self.block:
@@ -297,88 +298,3 @@ def _soundfile_blocks(path: Path, info, block: int) -> Iterator[np.ndarray]:
                 yield _downmix(data)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
         raise InputError(f"{path}: corrupt {info.format} audio ({one_line(exc)})") from None
-
-
-def read_audio_track(path: Path) -> tuple[np.ndarray, int] | None:
-    """(samples (L, channels) float32, rate) of the first audio stream via PyAV, or None when
-    the file has no audio stream."""
-    rate = _audio_track_rate(path)
-    if rate is None:
-        return None
-    chunks = list(_audio_track_frames(path))
-    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    return samples[:, None], rate
-
-
-def _open_media(path: Path):
-    import av
-
-    try:
-        return av.open(str(path))
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: unreadable media file ({one_line(exc)})") from None
-
-
-def _first_audio_stream(container):
-    return next((s for s in container.streams if s.type == "audio"), None)
-
-
-def _audio_track_rate(path: Path) -> int | None:
-    """Sample rate of the first audio stream, None when there is no audio stream."""
-    with _open_media(path) as container:
-        stream = _first_audio_stream(container)
-        if stream is None:
-            return None
-        if stream.codec_context is None:  # FFmpeg has no decoder for it
-            raise InputError(f"{path}: unsupported audio codec (FFmpeg cannot decode it)")
-        rate = stream.codec_context.sample_rate
-    if not rate:
-        raise InputError(f"{path}: audio track has no sample rate")
-    return int(rate)
-
-
-def _audio_track_frames(path: Path) -> Iterator[np.ndarray]:
-    """The first audio stream decoded frame by frame, each frame's channels averaged (float32)."""
-    import av
-
-    with _open_media(path) as container:
-        stream = _first_audio_stream(container)
-        if stream is None:
-            return
-        stream.thread_type = "AUTO"
-        # planar float at the source rate and layout; resampling is soxr's job, downmixing ours
-        converter = av.AudioResampler(format="fltp")
-        try:
-            last = None  # one frame behind: the codec's end padding is cut from the last one
-            for frame in container.decode(stream):
-                if last is not None:
-                    yield from _downmixed(converter.resample(last))
-                last = frame
-            tail = [] if last is None else _downmixed(converter.resample(last))
-            tail += _downmixed(converter.resample(None))
-            yield from _cut_from_end(tail, _end_padding(last))
-        except (av.FFmpegError, ValueError) as exc:
-            raise InputError(f"{path}: corrupt audio track ({one_line(exc)})") from None
-
-
-def _downmixed(frames) -> list[np.ndarray]:
-    return [frame.to_ndarray().mean(axis=0, dtype=np.float32) for frame in frames]
-
-
-def _end_padding(frame) -> int:
-    """Decoded samples of the last frame past its packet's duration (AAC's end padding, which
-    the decoder does not drop; the track is that much shorter), else 0."""
-    if frame is None or not frame.duration or frame.time_base is None:
-        return 0
-    kept = round(float(frame.duration * frame.time_base) * frame.sample_rate)
-    return frame.samples - kept if 0 < kept < frame.samples else 0
-
-
-def _cut_from_end(chunks: list[np.ndarray], count: int) -> list[np.ndarray]:
-    while count > 0 and chunks:
-        cut = min(count, len(chunks[-1]))
-        chunks[-1] = chunks[-1][:len(chunks[-1]) - cut]
-        count -= cut
-        if not len(chunks[-1]):
-            chunks.pop()
-    return chunks

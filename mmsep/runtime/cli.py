@@ -151,7 +151,7 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
             with clock.measure("mux"):
                 tmp = outputs.enter_context(atomic_output(mux_path))
                 mux(video, [w.path for w in writers], result.sample_rate, tmp, titles=texts,
-                    atomic=False, name=mux_path)
+                    atomic=False, name=mux_path, start=result.video_start)
     total_s = time.perf_counter() - total_started
     audio_seconds = frames / result.sample_rate
     timings = {"load": clock["load"], **result.timings, "write": clock["write"],

@@ -73,6 +73,7 @@ class _Request:
     latents: np.ndarray | None  # final latents, window-major, when kept
     timings: Timings
     started: float
+    origin: float  # seconds in the video's own time line where the output begins
     joiners: list = field(init=False)
     pieces: list = field(init=False)
     windows: dict = field(default_factory=dict)  # w -> inputs, for the windows in flight
@@ -154,6 +155,7 @@ def _plan_request(sep: Separator, options: Mapping, opened: ExitStack) -> _Reque
     with timings.measure("decode"):
         source = sep._video_source(options.get("video"), options.get("video_fps"))
         mixture = sep._mixture(options.get("mix"), source, options.get("generate", False))
+        origin = sep._time_origin(source, options.get("mix"), mixture)
     length = request_length(info, mixture, source, options.get("duration"))
     sr = info.sample_rate
     plan = WindowPlan(length, info.window_samples, round(sep.overlap * sr), sr)
@@ -173,12 +175,12 @@ def _plan_request(sep: Separator, options: Mapping, opened: ExitStack) -> _Reque
     frames = None
     if source is not None:
         frames = opened.enter_context(
-            PrefetchedWindows(opened.enter_context(sep._video_windows(source, plan))))
+            PrefetchedWindows(opened.enter_context(sep._video_windows(source, plan, origin))))
     return _Request(settings, plan, length,
                     "separation" if mixture is not None else "generation", x0, rng,
                     text_features, frames, cuts, options.get("sink"),
                     np.empty(shape, np.float32) if options.get("keep_latents") else None,
-                    timings, started)
+                    timings, started, origin)
 
 
 def _groups(live: dict[int, _Request]) -> list[list[tuple[int, int, int]]]:
@@ -282,4 +284,4 @@ def _result(sep: Separator, r: _Request) -> SeparationResult:
     audio = None if r.sink is not None else np.stack([np.concatenate(p) for p in r.pieces])
     items = r.plan.count * len(r.settings.texts)
     return SeparationResult(audio, r.length, sep.info.sample_rate, r.mode, r.plan.count, items,
-                            r.batches, timings, r.latents)
+                            r.batches, timings, r.latents, r.origin)

@@ -25,10 +25,11 @@ _CHUNK_SECONDS = 0.5  # audio is encoded in chunks interleaved with the video pa
 
 def mux(video: str | os.PathLike, tracks: np.ndarray | Sequence[str | os.PathLike],
         sample_rate: int, out: str | os.PathLike, *, titles: Sequence[str | None] = (),
-        bitrate: int = 192_000, atomic: bool = True, name: str | os.PathLike | None = None
-        ) -> Path:
+        bitrate: int = 192_000, atomic: bool = True, name: str | os.PathLike | None = None,
+        start: float = 0.0) -> Path:
     """Copy ``video``'s first video stream into ``out`` and add ``tracks`` as AAC: float32
-    samples (n, L), or the paths of n mono audio files at ``sample_rate``.
+    samples (n, L), or the paths of n mono audio files at ``sample_rate``, beginning at
+    ``start`` seconds of the video's time line (``SeparationResult.video_start``).
 
     The original audio tracks are not carried over. ``titles`` name the new tracks. ``atomic``:
     write beside ``out`` and rename when complete (False when the caller manages that; then
@@ -38,12 +39,21 @@ def mux(video: str | os.PathLike, tracks: np.ndarray | Sequence[str | os.PathLik
     if out.suffix.lower() not in MUX_FORMATS:
         raise InputError(f"{name or out}: cannot mux to {out.suffix or 'a name without a suffix'}"
                          f"; supported: {', '.join(MUX_FORMATS)}")
+    audio = _AudioOptions(sample_rate, titles, bitrate, start)
     if not atomic:
-        _mux(video, tracks, sample_rate, out, Path(name or out), titles, bitrate)
+        _mux(video, tracks, audio, out, Path(name or out))
         return out
     with atomic_output(out) as tmp:
-        _mux(video, tracks, sample_rate, tmp, out, titles, bitrate)
+        _mux(video, tracks, audio, tmp, out)
     return out
+
+
+@dataclass(frozen=True)
+class _AudioOptions:
+    sample_rate: int
+    titles: Sequence[str | None]
+    bitrate: int
+    start: float  # seconds of the video's time line where the tracks begin
 
 
 def check_muxable(video: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -72,9 +82,22 @@ def check_muxable(video: str | os.PathLike, out: str | os.PathLike) -> None:
             raise InputError(f"--mux {out}: {Path(out).suffix} cannot hold the video's "
                              f"{vin.codec_context.name} stream ({one_line(exc)}); use .mkv")\
                 from None
+        if not _has_timestamps(source.demux(vin)):
+            raise InputError(f"--mux {out}: {video} has no timestamps to copy (a raw "
+                             f"{vin.codec_context.name} stream?); put it in a container first")
 
 
-def _mux(video, tracks, sample_rate, path: Path, target: Path, titles, bitrate) -> None:
+def _has_timestamps(packets, looked_at: int = 16) -> bool:
+    """Whether any of the first packets with data carries a timestamp."""
+    for n, packet in enumerate(p for p in packets if p.size):
+        if packet.pts is not None or packet.dts is not None:
+            return True
+        if n + 1 >= looked_at:
+            break
+    return False
+
+
+def _mux(video, tracks, audio: _AudioOptions, path: Path, target: Path) -> None:
     import av
 
     if isinstance(tracks, np.ndarray):
@@ -92,24 +115,24 @@ def _mux(video, tracks, sample_rate, path: Path, target: Path, titles, bitrate) 
         except (av.FFmpegError, ValueError) as exc:
             raise OutputError(f"{target}: cannot write ({one_line(exc)})") from None
         try:
-            _copy_and_encode(source, vin, sink, tracks, sample_rate, titles, bitrate)
+            _copy_and_encode(source, vin, sink, tracks, audio)
         except (av.FFmpegError, OSError) as exc:  # disk full, size limit, I/O error
             raise OutputError(f"{target}: cannot write ({one_line(exc)})") from None
 
 
-def _copy_and_encode(source, vin, sink, tracks, sample_rate, titles, bitrate) -> None:
+def _copy_and_encode(source, vin, sink, tracks, audio: _AudioOptions) -> None:
     with sink, contextlib.ExitStack() as readers:
         vout = sink.add_stream_from_template(vin)
         encoders = []
         for k, track in enumerate(tracks):
-            samples = readers.enter_context(_samples(track, sample_rate))
-            stream = sink.add_stream("aac", rate=sample_rate)
+            samples = readers.enter_context(_samples(track, audio.sample_rate))
+            stream = sink.add_stream("aac", rate=audio.sample_rate)
             stream.layout = "mono"
-            stream.bit_rate = bitrate
-            title = titles[k] if k < len(titles) else None
+            stream.bit_rate = audio.bitrate
+            title = audio.titles[k] if k < len(audio.titles) else None
             if title:
                 stream.metadata["title"] = title
-            encoders.append(_AacTrack(stream, samples, sample_rate))
+            encoders.append(_AacTrack(stream, samples, audio.sample_rate, audio.start))
         for packet in _timed_packets(source.demux(vin)):
             until = (float(packet.dts * packet.time_base)
                      if packet.dts is not None and packet.time_base is not None else None)
@@ -178,9 +201,10 @@ class _Samples:
 
 
 class _AacTrack:
-    def __init__(self, stream, samples: _Samples, sample_rate: int):
+    def __init__(self, stream, samples: _Samples, sample_rate: int, start: float):
         self.stream, self.samples, self.rate = stream, samples, sample_rate
         self.position = 0
+        self.first = round(start * sample_rate)  # the first sample's pts
         self.flushed = False
 
     def encode_until(self, seconds: float | None):
@@ -188,7 +212,7 @@ class _AacTrack:
         import av
 
         end = self.samples.size if seconds is None else \
-            min(self.samples.size, int((seconds + _CHUNK_SECONDS) * self.rate))
+            min(self.samples.size, int((seconds + _CHUNK_SECONDS) * self.rate) - self.first)
         step = int(_CHUNK_SECONDS * self.rate)
         while self.position < end:
             chunk = np.clip(self.samples.read(self.position, min(end, self.position + step)),
@@ -196,7 +220,7 @@ class _AacTrack:
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk[None]), format="fltp",
                                                layout="mono")
             frame.sample_rate = self.rate
-            frame.pts = self.position
+            frame.pts = self.first + self.position
             frame.time_base = Fraction(1, self.rate)
             self.position += chunk.size
             yield from self.stream.encode(frame)

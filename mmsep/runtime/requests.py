@@ -68,6 +68,9 @@ class SeparationResult:
     # the model waited for and the part that ran beside model work
     timings: dict[str, float] = field(default_factory=dict)
     latents: np.ndarray | None = None  # (items, N, C) final latents, window-major, if kept
+    # seconds in the video's own time line where the output begins (its audio track's first
+    # sample when that is the mixture, else the video stream's start; 0 without a video file)
+    video_start: float = 0.0
 
     @property
     def duration(self) -> float:

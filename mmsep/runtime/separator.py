@@ -35,6 +35,7 @@ from . import audio as audio_io
 from .backends import create_backend
 from .errors import InputError
 from .many import run_requests
+from .media_audio import audio_track_start
 from .model_dir import ModelDir
 from .prefetch import PrefetchedWindows
 from .requests import NUMBER, BatchInputs, SeparationResult, Timings
@@ -229,10 +230,23 @@ class Separator(Closing):
         mixture.check()
         return mixture
 
-    def _video_windows(self, source: VideoSource, plan: WindowPlan) -> WindowFrames:
-        """The per-window model inputs of ``source`` for the windows of ``plan``."""
+    @staticmethod
+    def _time_origin(source: VideoSource | None, mix, mixture) -> float:
+        """Where the output begins in the video's own time line: the first sample of its audio
+        track when that track is the mixture, else the start of its video stream."""
+        if source is None or source.path is None:
+            return 0.0
+        if mix is None and mixture is not None:
+            return audio_track_start(source.path)
+        return source.start
+
+    def _video_windows(self, source: VideoSource, plan: WindowPlan,
+                       origin: float = 0.0) -> WindowFrames:
+        """The per-window model inputs of ``source`` for the windows of ``plan``, the output
+        beginning at ``origin`` in the video's time line."""
         return WindowFrames(source, plan.start_seconds, self.info.geometry,
-                            resizer=self._resizer, end=plan.length / plan.sample_rate)
+                            resizer=self._resizer, end=plan.length / plan.sample_rate,
+                            origin=origin)
 
     # -- stages --------------------------------------------------------------------------------
     def _window_features(self, frames: PrefetchedWindows | None,

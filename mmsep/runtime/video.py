@@ -23,6 +23,9 @@ float inputs, so that ``prefetch`` can run the first one window ahead on a produ
 
 A video can also be given as an array: uint8 RGB frames of shape (T, H, W, 3) plus a frame rate
 (``VideoSource.from_array``); frame ``i`` then has timestamp ``i / fps``.
+
+Timestamps are on the output's time line: a file's own less ``origin``, where the output begins
+in the file (``Separator._time_origin``; streams cut from longer ones often start after 0).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class VideoSource:
         self.name = str(self.path)
         self._array: np.ndarray | None = None
         self._fps = 0.0
+        self.start = 0.0  # the video stream's first timestamp, in seconds
         if not self.path.exists():
             raise InputError(f"{self.path}: file not found")
         if not self.path.is_file():
@@ -69,7 +73,10 @@ class VideoSource:
                 self.has_audio = any(s.type == "audio" for s in container.streams)
                 if video is None:
                     raise InputError(f"{self.path}: has no video stream")
-                self.duration = _duration(container, video)
+                self.start = _start(container, video)
+                self.duration = _duration(container, video, self.start)
+                rate = video.average_rate or video.guessed_rate
+                self.frame_seconds = 1 / float(rate) if rate else 0.0
         except InputError:
             raise
         except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
@@ -92,6 +99,7 @@ class VideoSource:
         self = cls.__new__(cls)
         self.path, self.name, self.has_audio = None, name, False
         self._array, self._fps = frames, float(fps)
+        self.start, self.frame_seconds = 0.0, 1 / self._fps
         self.duration = frames.shape[0] / self._fps
         return self
 
@@ -119,17 +127,29 @@ class VideoSource:
             raise InputError(f"{self.path}: corrupt video stream ({one_line(exc)})") from None
 
 
-def _duration(container, stream) -> float:
+def _start(container, stream) -> float:
+    if stream.start_time is not None and stream.time_base is not None:
+        return float(stream.start_time * stream.time_base)
+    return container.start_time / 1_000_000 if container.start_time is not None else 0.0
+
+
+def _duration(container, stream, start: float) -> float:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
         return container.duration / 1_000_000
-    # no header duration (e.g. raw streams): the last packet's end, found without decoding
-    end = 0.0
+    # no header duration (e.g. raw streams): the last packet's end, found without decoding, or
+    # where packets have no timestamps (a raw H.264 stream), their count at the stream's rate
+    end, packets = None, 0
     for packet in container.demux(stream):
+        packets += packet.size > 0
         if packet.pts is not None and packet.time_base is not None:
-            end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
-    return end
+            stop = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            end = stop if end is None else max(end, stop)
+    if end is not None:
+        return end - start
+    rate = stream.average_rate or stream.guessed_rate
+    return packets / float(rate) if rate else 0.0
 
 
 # -- resizing (uint8 in, uint8 out) ------------------------------------------------------------
@@ -203,10 +223,12 @@ class WindowFrames(Closing):
     """
 
     def __init__(self, source: VideoSource, starts: Sequence[float], geometry: Geometry, *,
-                 resizer=None, end: float = np.inf):
+                 resizer=None, end: float = np.inf, origin: float = 0.0):
         self.geometry = g = geometry
         self.starts = list(starts)
         self._end = end
+        self._origin = origin
+        self._frame_seconds = source.frame_seconds
         self._clip = _Stream(self.starts, g.clip_fps, g.clip_len, len(self.starts))
         self._sync = _Stream(self.starts, g.sync_fps, g.sync_frames, len(self.starts))
         self._frames = source.frames()
@@ -256,7 +278,7 @@ class WindowFrames(Closing):
             self._resolve(np.inf, self._last)
             return False
         self.decoded += 1
-        self._reached = max(self._reached, stamp)
+        self._reached = max(self._reached, stamp - self._origin)
         self._last = frame
         self._resolve(self._reached, frame)
         return True
@@ -265,8 +287,9 @@ class WindowFrames(Closing):
         """Say so when the output runs well past the last decoded frame (a video shorter than
         its mixture, or a truncated file): that frame then stands in for the rest."""
         needed = min(max(self._clip.sorted[-1], self._sync.sorted[-1]), self._end)
-        if needed - self._reached > HELD_WARNING_SECONDS:
-            warnings.warn(f"{self._name}: its frames end at {self._reached:.2f} s but the output "
+        shown_until = self._reached + self._frame_seconds  # the last frame's own time on screen
+        if needed - shown_until > HELD_WARNING_SECONDS:
+            warnings.warn(f"{self._name}: its frames end at {shown_until:.2f} s but the output "
                           f"needs frames up to {needed:.2f} s; the last frame stands in for the "
                           "rest", RuntimeWarning, stacklevel=2)
 

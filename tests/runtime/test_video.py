@@ -96,11 +96,11 @@ def test_array_input_equals_file_input(media):
 
 
 def test_a_last_frame_held_well_past_the_video_is_reported():
-    one_second = np.zeros((10, 8, 8, 3), np.uint8)  # 10 fps: the last frame is at 0.9 s
-    with pytest.warns(RuntimeWarning, match=r"^video array: its frames end at 0\.90 s but the "
+    one_second = np.zeros((10, 8, 8, 3), np.uint8)  # 10 fps: the last frame ends at 1.0 s
+    with pytest.warns(RuntimeWarning, match=r"^video array: its frames end at 1\.00 s but the "
                       r"output needs frames up to 1\.88 s; the last frame stands in"):
         WindowFrames(VideoSource.from_array(one_second, 10), [0.0], geometry()).next_window()
-    almost = np.zeros((15, 8, 8, 3), np.uint8)  # the last frame (1.4 s) is held for 0.48 s
+    almost = np.zeros((14, 8, 8, 3), np.uint8)  # the last frame (1.3-1.4 s) held 0.48 s more
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         WindowFrames(VideoSource.from_array(almost, 10), [0.0], geometry()).next_window()
