@@ -14,7 +14,6 @@ On a CPU (``--backend ort-cpu``) the graphs variant is the same pinned loop, unc
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.json_out import json_option, write_json  # noqa: E402
 from benchmarks import machine  # noqa: E402
 from benchmarks.pairwise import denoiser_efficiency  # noqa: E402
 
@@ -52,8 +52,7 @@ backend_option = click.option("--backend", type=click.Choice(["ort-cuda", "ort-c
 @click.option("--cfg", type=float, default=4.5, show_default=True, help="Guidance strength.")
 @click.option("--repeats", type=click.IntRange(1, 1000), default=5, show_default=True,
               help="Timed rounds per variant and batch, after the warm-up.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the results here as JSON.")
+@json_option("Write the results here as JSON.")
 def main(model_dir, backend, batches, steps, cfg, repeats, json_path):
     """Time the denoiser loop of an exported model on ONNX Runtime, variant by variant."""
     try:
@@ -64,7 +63,7 @@ def main(model_dir, backend, batches, steps, cfg, repeats, json_path):
         raise click.BadParameter(f"expected positive integers, got {batches!r}",
                                  param_hint="--batch") from None
     model = open_model(model_dir)
-    device = backend.removeprefix("ort-")
+    device = backend_device(backend)
     report = measure(model, device, sizes, steps, cfg, repeats)
     for row in report["results"]:
         click.echo(f"batch {row['batch']}  {row['variant']:<14} {row['ms_per_loop']:8.1f} ms/loop"
@@ -72,6 +71,17 @@ def main(model_dir, backend, batches, steps, cfg, repeats, json_path):
                    f"  rel L2 vs fp32 {row['rel_l2_vs_fp32']:.1e}")
     if json_path:
         write_json(json_path, report)
+
+
+def backend_device(backend: str) -> str:
+    """ONNX Runtime's device for ``backend``; bad usage (exit 2) where it cannot run here."""
+    from mmsep.runtime.backends.ort import cuda_refusal
+
+    device = backend.removeprefix("ort-")
+    refusal = cuda_refusal() if device == "cuda" else None
+    if refusal:
+        raise click.UsageError(f"--backend {backend}: {refusal}")
+    return device
 
 
 def open_model(model_dir: Path, precision: str | None = None):
@@ -89,10 +99,6 @@ def open_model(model_dir: Path, precision: str | None = None):
     return model
 
 
-def write_json(path: Path, report: dict) -> None:
-    from mmsep.runtime.atomic import write_bytes_atomically
-
-    write_bytes_atomically(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
 def variants(model, device: str) -> list[tuple[str, bool]]:

@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.json_out import json_option, write_json  # noqa: E402
 from benchmarks import machine  # noqa: E402
-from benchmarks.denoiser_loop import (backend_option, model_option, open_model,  # noqa: E402
-                                      random_request, write_json)
+from benchmarks.denoiser_loop import (  # noqa: E402
+    backend_device, backend_option, model_option, open_model, random_request)
 
 SCHEMA = "mmsep-denoiser-profile/1"
 
@@ -44,12 +45,11 @@ SCHEMA = "mmsep-denoiser-profile/1"
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True)
 @click.option("--warmup", type=click.IntRange(0, 100), default=1, show_default=True,
               help="Loops run before the profiled one (their events are left out).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the summary here as JSON.")
+@json_option("Write the summary here as JSON.")
 def main(model_dir, backend, precision, batch, steps, warmup, json_path):
     """Profile one denoiser loop of an exported model with ONNX Runtime's profiler."""
     model = open_model(model_dir, precision)
-    device = backend.removeprefix("ort-")
+    device = backend_device(backend)
     summary = profile(model, device, precision, batch, steps, warmup)
     print_summary(summary)
     if json_path:

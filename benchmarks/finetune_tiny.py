@@ -140,6 +140,8 @@ def separation(out: Path, weights: Path, batch_size: int, steps: int, cfg: float
 
 def _validation_batches(out: Path, weights: Path, batch_size: int) -> list:
     """The fine-tunes' fixed validation mixtures (same clips, seeds, noise), with their means."""
+    import torch
+
     from mmsep.train.cli import build_trainer
     from mmsep.train.loop import Ranks
 
@@ -149,7 +151,7 @@ def _validation_batches(out: Path, weights: Path, batch_size: int) -> list:
           "batch_size": batch_size, "lr": 1e-4, "warmup": 0, "val_every": 1, "save_every": 1,
           "log_every": 1, "init_input_proj": "reinit", "train_fused": False, "seed": 0,
           "val_seed": 0, "device": "cpu", "quiet": True}
-    return build_trainer(kw, Ranks()).val_batches()
+    return build_trainer(kw, Ranks(), torch.device("cpu")).val_batches()
 
 
 def _relative_l2(x, reference) -> float:
@@ -266,6 +268,8 @@ def proof(out: Path, steps: int = 300, batch_size: int = 8, lr: float = 1e-3,
           clips_per_class: int = 8, val_per_class: int = 4, sample_steps: int = 10,
           cfg: float = 1.0, seed: int = 0, reuse_runs: bool = False, export: bool = True) -> dict:
     """The whole proof under ``out``; returns (and writes to proof.json) its report."""
+    from mmsep.runtime.atomic import write_json_atomically
+
     out.mkdir(parents=True, exist_ok=True)
     if reuse_runs:
         weights, timing = out / "weights", {}
@@ -279,7 +283,7 @@ def proof(out: Path, steps: int = 300, batch_size: int = 8, lr: float = 1e-3,
     if export:
         report["parity"] = export_and_check(out, weights, sample_steps, cfg)
     report["criteria"] = criteria(report)
-    (out / "proof.json").write_text(json.dumps(report, indent=2))
+    write_json_atomically(out / "proof.json", report)
     return report
 
 

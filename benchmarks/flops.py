@@ -84,7 +84,9 @@ def preset_flops(presets=FLOP_PRESETS, duration: float = 8.0) -> dict[str, dict]
 def main(argv=None) -> int:
     """``python benchmarks/flops.py PRESET... [--json FILE]``: print (and write) FLOP counts."""
     import argparse
-    import json
+
+    from mmsep.runtime.atomic import check_writable, write_json_atomically
+    from mmsep.runtime.errors import OutputError
 
     parser = argparse.ArgumentParser(description="FLOPs of the denoiser step (both CFG "
                                                  "branches, one window) and the CLIP image stage.")
@@ -92,6 +94,11 @@ def main(argv=None) -> int:
                         help="presets to count (default: all)")
     parser.add_argument("--json", help="also write the counts to this JSON file")
     args = parser.parse_args(argv)
+    if args.json:
+        try:
+            check_writable(args.json, "--json")
+        except OutputError as exc:
+            parser.exit(2, f"flops.py: error: {exc}\n")
     unknown = sorted(set(args.presets) - set(FLOP_PRESETS))
     if unknown:
         parser.exit(2, f"flops.py: error: unknown preset {', '.join(unknown)}; choose from "
@@ -101,9 +108,8 @@ def main(argv=None) -> int:
         print(f"{name:<14} denoiser step {c['denoiser_step'] / 1e12:8.4f} TFLOP   "
               f"clip_image ({c['clip_frames']} frames) {c['clip_image'] / 1e12:8.2f} TFLOP")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"schema": "mmsep-flops/1", "window_seconds": 8.0, "presets": counts}, fh,
-                      indent=2)
+        write_json_atomically(args.json, {"schema": "mmsep-flops/1", "window_seconds": 8.0,
+                                          "presets": counts})
     return 0
 
 

@@ -26,19 +26,28 @@
 # MMSEP_PARITY_STAGES (gpu_parity.py --stages; default denoiser, "all" for every stage),
 # MMSEP_BENCH_PRESETS (default "large_44k_v2"), MMSEP_BENCH_DURATIONS (default "8"),
 # MMSEP_BENCH_BATCH (default "1,4"), MMSEP_BENCH_REPEATS (default 3), MMSEP_BENCH_VIDEO_SIZE
-# (default 1280x720), MMSEP_BENCH_WORK (default OUT/work).
+# (default 1280x720), MMSEP_BENCH_WORK (default /tmp/mmsep-bench-work: outside OUT, whose files
+# are what a lent machine sends back).
 # MMSEP_BENCH_PRESETS=tiny runs the same logic on a CPU-only machine (ort-cpu, tiny model).
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${1:-bench-gpu}
-phases=" ${MMSEP_GPU_PHASES:-pytest export loop profile parity rtf video} "
+known_phases="pytest export loop profile parity rtf video"
+phases=" ${MMSEP_GPU_PHASES:-$known_phases} "
+for name in $phases; do  # a misspelt phase would run nothing, silently
+    if [[ " $known_phases " != *" $name "* ]]; then
+        echo "gpu.sh: error: unknown phase '$name' in MMSEP_GPU_PHASES (space-separated, from:" \
+             "$known_phases)" >&2
+        exit 2
+    fi
+done
 presets=${MMSEP_BENCH_PRESETS:-large_44k_v2}
 durations=${MMSEP_BENCH_DURATIONS:-8}
 batch=${MMSEP_BENCH_BATCH:-1,4}
 repeats=${MMSEP_BENCH_REPEATS:-3}
 video_size=${MMSEP_BENCH_VIDEO_SIZE:-1280x720}
-work=${MMSEP_BENCH_WORK:-$out/work}
+work=${MMSEP_BENCH_WORK:-/tmp/mmsep-bench-work}
 mkdir -p "$out" "$work" || exit 2
 export PYTHONUNBUFFERED=1
 failed=()
@@ -112,7 +121,7 @@ export_model() {  # export_model PRESET DIR
 pytest_pid=
 if [[ $phases == *" pytest "* ]]; then
     echo "gpu.sh: --- pytest (in the background; log in $out/pytest-gpu.log) ---"
-    python -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests \
+    python -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors "$here/../tests" \
         > "$out/pytest-gpu.log" 2>&1 &
     pytest_pid=$! pytest_started=$SECONDS
 fi

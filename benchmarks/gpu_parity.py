@@ -16,7 +16,6 @@ rounding). Exit 0 when every gated check passes, 1 when one fails, 2 on bad usag
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.json_out import json_option, write_json  # noqa: E402
 from benchmarks import machine  # noqa: E402
 from benchmarks.drift import TRAJECTORIES, one_line, print_trajectory, sample_all, say  # noqa: E402
 from mmsep.exit_codes import EXIT_INTERNAL, EXIT_OK  # noqa: E402
@@ -41,7 +41,6 @@ from mmsep.export.onnx_graph import check_graph, export_onnx  # noqa: E402
 from mmsep.export.parity import cuda_missing, onnxruntime_session, relative_l2  # noqa: E402
 from mmsep.export.wrappers import stage_modules, stage_specs  # noqa: E402
 from mmsep.models.components import build_components  # noqa: E402
-from mmsep.runtime.atomic import write_bytes_atomically  # noqa: E402
 from mmsep.runtime.backends.ort import preload_cuda_libraries  # noqa: E402
 from mmsep.console import console_main  # noqa: E402
 from mmsep.stages import STAGE_ORDER, Stage  # noqa: E402
@@ -74,12 +73,9 @@ RUNS = {"cuda": (2, 5), "cpu": (1, 1)}  # (warm-up, timed) calls per timing (cpu
               help="Window seconds of the random components (the models are trained on 8).")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the graphs here [default: a temporary directory].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the results as JSON to this file.")
+@json_option("Write the results as JSON to this file.")
 def cli(preset, model_dir, device, stages, batch, steps, cfg_text, seed, duration, workdir,
         json_path):
-    if json_path is not None and not json_path.resolve().parent.is_dir():
-        raise click.BadParameter(f"no directory {json_path.parent}", param_hint="--json")
     if model_dir is not None and preset is not None:
         raise click.UsageError("give --preset or --model, not both")
     source = {"preset": preset or "large_44k_v2"} if model_dir is None else {"model": model_dir}
@@ -166,7 +162,7 @@ def run(*, source, device, names, batch, steps, cfgs, seed, duration, json_path,
                   "steps": steps, "duration": duration, "machine": machine.machine_info(),
                   "versions": versions, "stages": rows,
                   "trajectory_variants": TRAJECTORIES, "trajectory": trajectory, "passed": passed}
-        write_bytes_atomically(json_path, (json.dumps(finite(report), indent=2) + "\n").encode())
+        write_json(json_path, finite(report))
         say(f"wrote {json_path}")
     return EXIT_OK if passed else EXIT_INTERNAL
 

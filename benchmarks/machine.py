@@ -55,19 +55,23 @@ def machine_info() -> dict:
     return info
 
 
-def _version(module: str, dist: str | None = None) -> str | None:
+def _version(module: str, *, imported: bool = False) -> str | None:
+    """The installed distribution's version or, with ``imported``, that of the module ``import``
+    gives (where two builds are installed, e.g. onnxruntime-gpu on PYTHONPATH ahead of the image's
+    onnxruntime, the one that runs; not for torch, whose import would weigh on peak RSS)."""
+    if imported:
+        try:
+            return str(__import__(module).__version__)
+        except (ImportError, AttributeError):
+            pass
     try:
-        return metadata.version(dist or module)
+        return metadata.version(module)
     except metadata.PackageNotFoundError:
-        pass
-    try:
-        return __import__(module).__version__
-    except (ImportError, AttributeError):
         return None
 
 
 def versions() -> dict:
-    ort = _version("onnxruntime") or _version("onnxruntime", "onnxruntime-gpu")
+    ort = _version("onnxruntime", imported=True)
     return {"python": sys.version.split()[0], "numpy": _version("numpy"), "onnxruntime": ort,
             "torch": _version("torch"), "tensorrt": _version("tensorrt"),
             "mmsep": _version("mmsep"), "commit": git_commit()}

@@ -7,7 +7,6 @@ See BENCHMARKS.md for what each number means and the JSON schema.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -21,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.json_out import json_option, write_json  # noqa: E402
 from benchmarks import flops as flop_count  # noqa: E402
 from benchmarks import machine  # noqa: E402
 from mmsep.runtime.backends import BACKENDS  # noqa: E402
@@ -97,8 +97,7 @@ def _video_size(text: str) -> tuple[int, int]:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path.home() / ".cache" / "mmsep" / "bench", show_default=True,
               help="Where --preset model directories and the synthetic inputs are kept.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the results as JSON to this file.")
+@json_option("Write the results as JSON to this file.")
 @click.option("--quiet", is_flag=True, help="No progress messages (the table is still printed).")
 def main(model_dir, preset, checkpoint, weights_dir, backends, skip_unavailable, durations,
          batches, steps, cfg, repeats, warmup, threads, video_size, with_video, seed,
@@ -124,10 +123,7 @@ def main(model_dir, preset, checkpoint, weights_dir, backends, skip_unavailable,
 
     click.echo(table(report))
     if json_path is not None:
-        from mmsep.runtime.atomic import atomic_output
-
-        with atomic_output(json_path) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(json_path, report)
         log(f"wrote {json_path}")
 
 

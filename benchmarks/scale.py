@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.json_out import json_option, write_json  # noqa: E402
 from benchmarks.machine import machine_info, versions  # noqa: E402
-from mmsep.runtime.atomic import atomic_output  # noqa: E402
 from mmsep.runtime.example import tones  # noqa: E402
 
 RAY_ENV = {"RAY_memory_monitor_refresh_ms": "0"}  # a shared machine: no OOM-killer surprises
@@ -54,14 +54,15 @@ def bench_service(model: Path, mix: bytes, concurrencies, requests_per_level: in
     import requests
 
     port = _free_port()
+    log = tempfile.TemporaryFile("w+")  # the service's stderr: its last line if it fails to start
     server = subprocess.Popen(
         [sys.executable, "-m", "mmsep.scale.serve_cli", "--model", str(model), "--port",
          str(port), "--backend", "ort-cpu", "--threads", str(threads), "--max-queue", "256",
          "--batch-wait-ms", "20"], env={**os.environ, **RAY_ENV},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, server)
+        _wait_healthy(url, server, log)
 
         def one(i: int) -> tuple[float, int]:
             started = time.perf_counter()
@@ -92,15 +93,18 @@ def bench_service(model: Path, mix: bytes, concurrencies, requests_per_level: in
     finally:
         server.terminate()
         server.wait(timeout=300)
+        log.close()
 
 
-def _wait_healthy(url: str, server: subprocess.Popen) -> None:
+def _wait_healthy(url: str, server: subprocess.Popen, log) -> None:
     import requests
 
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError("mmsep-serve exited while starting")
+            log.seek(0)
+            last = (log.read().strip().splitlines() or ["(nothing on stderr)"])[-1]
+            raise click.ClickException(f"mmsep-serve exited while starting: {last}")
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                 return
@@ -134,17 +138,18 @@ def bench_batch(model: Path, root: Path, jobs: int, steps: int, seconds: float) 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", type=click.Path(path_type=Path, exists=True), required=True,
               help="Model directory (mmsep-export's output).")
-@click.option("--seconds", type=float, default=2.0, show_default=True,
+@click.option("--seconds", type=click.FloatRange(0.1, 600), default=2.0, show_default=True,
               help="Length of each request's mixture.")
-@click.option("--steps", type=int, default=25, show_default=True, help="Euler steps.")
-@click.option("--requests", "requests_per_level", type=int, default=32, show_default=True,
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True,
+              help="Euler steps.")
+@click.option("--requests", "requests_per_level", type=click.IntRange(1), default=32,
+              show_default=True,
               help="Requests per concurrency level (at least the number of clients).")
-@click.option("--jobs", type=int, default=32, show_default=True,
+@click.option("--jobs", type=click.IntRange(1), default=32, show_default=True,
               help="Requests in the batch job.")
-@click.option("--threads", type=int, default=0, show_default=True,
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="ONNX Runtime threads of the service's replica (0: its default).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path),
-              help="Also write the figures to this JSON file.")
+@json_option("Also write the figures to this JSON file.")
 def main(model, seconds, steps, requests_per_level, jobs, threads, json_path):
     """Measure mmsep-serve latency/throughput at 1, 4, 16 clients and mmsep-batch throughput."""
     with tempfile.TemporaryDirectory(prefix="mmsep-scale-bench-") as tmp:
@@ -159,8 +164,7 @@ def main(model, seconds, steps, requests_per_level, jobs, threads, json_path):
               "steps": steps, "machine": machine_info(), "versions": versions(),
               "service": service, "batch": batch}
     if json_path:
-        with atomic_output(json_path) as tmp:
-            tmp.write_text(json.dumps(report, indent=2))
+        write_json(json_path, report)
 
 
 if __name__ == "__main__":

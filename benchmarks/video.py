@@ -32,10 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.json_out import json_option, write_json  # noqa: E402
 from benchmarks import machine  # noqa: E402
 from mmsep.closing import Closing  # noqa: E402
 from mmsep.runtime import many as pipeline  # noqa: E402
 from mmsep.runtime.requests import TIMING_KEYS  # noqa: E402
+from mmsep.runtime.errors import InputError  # noqa: E402
 from mmsep.runtime.separator import Separator  # noqa: E402
 from mmsep.runtime.backends import BACKENDS  # noqa: E402
 from mmsep.runtime.example import make_video, pattern_frame  # noqa: E402
@@ -338,8 +340,7 @@ def peak_rss(sep, path: Path, steps: int) -> dict:
               help="Euler steps of the end-to-end requests.")
 @click.option("--runs", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Passes of each preprocessing measure and requests per end-to-end mode.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the figures to this JSON file.")
+@json_option("Also write the figures to this JSON file.")
 def main(model_dir, backend, videos, synthetic, example, long_s, serial, steps, runs,
          json_path):
     """Measure video preprocessing and its overlap with the model."""
@@ -347,8 +348,11 @@ def main(model_dir, backend, videos, synthetic, example, long_s, serial, steps, 
         raise click.UsageError("give --video, --synthetic, --example or --long")
     report = {"schema": SCHEMA, "machine": machine.machine_info(), "versions": machine.versions(),
               "model": str(model_dir), "steps": steps, "runs": runs}
-    with tempfile.TemporaryDirectory() as tmp, \
-            Separator(model_dir, backend=backend) as sep:
+    try:
+        sep = Separator(model_dir, backend=backend)
+    except InputError as exc:  # a missing model, a backend this machine cannot run
+        raise click.UsageError(str(exc)) from None
+    with tempfile.TemporaryDirectory() as tmp, sep:
         report["backend"] = sep.backend_name
         if long_s:
             path = Path(tmp) / "long.mp4"
@@ -375,7 +379,7 @@ def main(model_dir, backend, videos, synthetic, example, long_s, serial, steps, 
                                for name, path in clips]
     text = json.dumps(report, indent=2)
     if json_path is not None:
-        json_path.write_text(text + "\n")
+        write_json(json_path, report)
     click.echo(text)
 
 

@@ -14,7 +14,6 @@ missing (the reason is printed), 2 on bad usage, 130 interrupted.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -89,10 +88,10 @@ def _run(preset: str, precision: str, stages: str | None, max_batch: int, workdi
     click.echo(f"{'all checks passed' if ok else 'FAILED'} in "
                f"{time.perf_counter() - started:.0f} s")
     if json_path:
-        from ..runtime.atomic import write_bytes_atomically
+        from ..runtime.atomic import write_json_atomically
 
         report = {"preset": preset, "precision": precision, "tensorrt": info, "stages": rows}
-        write_bytes_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
+        write_json_atomically(json_path, report)
     return EXIT_OK if ok else EXIT_INTERNAL
 
 
