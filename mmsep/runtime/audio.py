@@ -27,7 +27,7 @@ import numpy as np
 
 from .audio_writer import FORMATS, SUBTYPES, AudioWriter, output_format, write_audio  # noqa: F401
 from .errors import InputError, one_line
-from .media_audio import audio_track_frames, audio_track_rate, read_audio_track
+from .media_tracks import audio_track_frames, audio_track_rate, read_audio_track
 from .windows import WindowPlan
 
 MIN_SECONDS = 0.1
@@ -154,9 +154,22 @@ class MixtureStream:
         if nonfinite:
             _reject_nonfinite(nonfinite, self.name)
         _warn_clipped(over, self.name, stacklevel=3)
+        self._warn_if_short(frames)
         self.source_frames = frames
         self.peak = min(peak, 1.0)  # the samples are clipped before use
         self.length = resampled_length(frames, self.source_rate, sample_rate)
+
+    def _warn_if_short(self, frames: int) -> None:
+        """Say so when decoding ends well before the length the file's header gives (a
+        truncated or damaged compressed file: the decoder stops or skips, and the output is
+        that much shorter)."""
+        expected = 0 if self._info is None else int(self._info.frames)
+        if expected - frames > max(0.01 * expected, 0.1 * self.source_rate):
+            rate = self.source_rate
+            warnings.warn(f"{self.name}: {frames / rate:.2f} s decoded of the "
+                          f"{expected / rate:.2f} s its header gives (truncated or damaged?); "
+                          "the output is as long as what was decoded", RuntimeWarning,
+                          stacklevel=3)
 
     def check(self) -> None:
         _check_length_and_peak(self.length, self.peak, self.sample_rate, self.name)

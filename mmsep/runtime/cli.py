@@ -208,6 +208,10 @@ def _plan_outputs(output, fmt, subtype, n_texts, mix, video, model_dir, mux_path
     if mux_path is not None and video is None:
         raise InputError("--mux needs --video (the video stream to copy)")
     check_input_files(video, mix)
+    for flag, name in (("--output", output), ("--mux", mux_path)):
+        if name is not None and str(name) == "-":  # the usual spelling of stdout
+            raise InputError(f"{flag} -: outputs go to files (written whole, then renamed into "
+                             "place); give a file name")
     if output is not None:  # a device or pipe: not a new <name>.wav beside it
         check_not_special(output, f"--output {output}")
     if output is not None and Path(output).is_dir():  # the default name inside it

@@ -36,7 +36,8 @@ def chroma_size(height: int, width: int) -> tuple[int, int]:
 
 
 def rgb(frame, reformatter=None) -> np.ndarray:
-    """uint8 (H, W, 3) RGB pixels of a decoded PyAV frame or an array frame.
+    """uint8 (H, W, 3) RGB pixels of a decoded PyAV frame (turned upright, ``quarter_turns``) or
+    an array frame.
 
     Pass one ``av.video.reformatter.VideoReformatter`` for a stream of frames: it keeps its
     swscale context, where ``frame.to_ndarray(format="rgb24")`` builds a new one per frame (same
@@ -44,15 +45,26 @@ def rgb(frame, reformatter=None) -> np.ndarray:
     """
     if isinstance(frame, np.ndarray):
         return frame
+    turns = quarter_turns(frame)
     if reformatter is None:
-        return frame.to_ndarray(format="rgb24")
-    if frame.format.name == "yuv420p":
+        pixels = frame.to_ndarray(format="rgb24")
+    elif frame.format.name == "yuv420p":
         # same pixels as the default (bilinear) flag for this unscaled conversion, 2-3x faster
         from av.video.reformatter import Interpolation
 
-        return reformatter.reformat(frame, format="rgb24",
-                                    interpolation=Interpolation.POINT).to_ndarray()
-    return reformatter.reformat(frame, format="rgb24").to_ndarray()
+        pixels = reformatter.reformat(frame, format="rgb24",
+                                      interpolation=Interpolation.POINT).to_ndarray()
+    else:
+        pixels = reformatter.reformat(frame, format="rgb24").to_ndarray()
+    return np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
+
+
+def quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that show a decoded frame upright, as a player does: a
+    phone's portrait video is often stored landscape with a display rotation (the container's
+    display matrix, ``frame.rotation``); 0 for other angles and for PyAV without it."""
+    angle = getattr(frame, "rotation", 0) or 0
+    return (int(angle) // 90) % 4 if int(angle) % 90 == 0 else 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,8 +140,8 @@ class YuvFrames(NamedTuple):
 def yuv_frame(frame) -> YuvFrame | None:
     """The planes of a decoded PyAV frame when it is yuv420p and swscale's conversion of it is
     measured exactly (``conversion_for``); None otherwise (use ``rgb``)."""
-    if isinstance(frame, np.ndarray) or frame.format.name != "yuv420p":
-        return None
+    if isinstance(frame, np.ndarray) or frame.format.name != "yuv420p" or quarter_turns(frame):
+        return None  # a rotated frame is turned upright on the host (``rgb``)
     conversion = conversion_for(int(frame.colorspace), int(frame.color_range), frame.height,
                                 frame.width)
     if conversion is None:

@@ -35,7 +35,7 @@ from . import audio as audio_io
 from .backends import create_backend
 from .errors import InputError
 from .many import run_requests
-from .media_audio import audio_track_start
+from .media_tracks import audio_track_start
 from .model_dir import ModelDir
 from .prefetch import PrefetchedWindows
 from .requests import NUMBER, BatchInputs, SeparationResult, Timings

@@ -44,12 +44,16 @@ import numpy as np
 from ..closing import Closing
 from ..stages import Geometry
 from .errors import InputError, one_line
+from .media_tracks import stream_duration, stream_start
 from .pixels import YuvFrame, YuvFrames, rgb, yuv_frame
 from .requests import NUMBER
 from .resize import centre_crop, short_side
 
 TIME_TOLERANCE = 1e-6  # seconds; a frame this close below a target still reaches it
 HELD_WARNING_SECONDS = 0.5  # a last frame held longer than this for the output is reported
+# frames longer than this many times their short side are refused: resizing the short side to
+# 224 first (the reference's order) would make frames of unbounded size (3000x2: 224x336000)
+MAX_ASPECT = 8
 
 
 class VideoSource:
@@ -73,8 +77,9 @@ class VideoSource:
                 self.has_audio = any(s.type == "audio" for s in container.streams)
                 if video is None:
                     raise InputError(f"{self.path}: has no video stream")
-                self.start = _start(container, video)
-                self.duration = _duration(container, video, self.start)
+                _check_aspect(self.name, video.codec_context.height, video.codec_context.width)
+                self.start = stream_start(container, video)
+                self.duration = stream_duration(container, video, self.start)
                 rate = video.average_rate or video.guessed_rate
                 self.frame_seconds = 1 / float(rate) if rate else 0.0
         except InputError:
@@ -92,10 +97,11 @@ class VideoSource:
                              f"positive, got {frames.dtype} {frames.shape}")
         if frames.shape[0] == 0:
             raise InputError(f"{name}: no frames")
+        _check_aspect(name, *frames.shape[1:3])
         if isinstance(fps, bool) or not isinstance(fps, NUMBER) or \
-                not float(fps) > 0:
-            raise InputError(f"{name}: a positive frame rate is needed with a frame array "
-                             f"(got {fps!r})")
+                not 0 < float(fps) < np.inf:
+            raise InputError(f"{name}: a positive, finite frame rate is needed with a frame "
+                             f"array (got {fps!r})")
         self = cls.__new__(cls)
         self.path, self.name, self.has_audio = None, name, False
         self._array, self._fps = frames, float(fps)
@@ -127,29 +133,10 @@ class VideoSource:
             raise InputError(f"{self.path}: corrupt video stream ({one_line(exc)})") from None
 
 
-def _start(container, stream) -> float:
-    if stream.start_time is not None and stream.time_base is not None:
-        return float(stream.start_time * stream.time_base)
-    return container.start_time / 1_000_000 if container.start_time is not None else 0.0
-
-
-def _duration(container, stream, start: float) -> float:
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / 1_000_000
-    # no header duration (e.g. raw streams): the last packet's end, found without decoding, or
-    # where packets have no timestamps (a raw H.264 stream), their count at the stream's rate
-    end, packets = None, 0
-    for packet in container.demux(stream):
-        packets += packet.size > 0
-        if packet.pts is not None and packet.time_base is not None:
-            stop = float((packet.pts + (packet.duration or 0)) * packet.time_base)
-            end = stop if end is None else max(end, stop)
-    if end is not None:
-        return end - start
-    rate = stream.average_rate or stream.guessed_rate
-    return packets / float(rate) if rate else 0.0
+def _check_aspect(name: str, height: int, width: int) -> None:
+    if height and width and max(height, width) > MAX_ASPECT * min(height, width):
+        raise InputError(f"{name}: frames of {width}x{height} are more elongated than "
+                         f"{MAX_ASPECT}:1; crop or pad the video first")
 
 
 # -- resizing (uint8 in, uint8 out) ------------------------------------------------------------

@@ -97,6 +97,21 @@ def test_clipping_warns_and_clips(tmp_path):
     assert out.max() == 1.0 and out.min() == -1.0
 
 
+def test_a_truncated_compressed_file_is_reported(tmp_path):
+    """An MP3 cut in half: its header still says 3 s, the decoder stops at 1.4 s."""
+    whole, cut = tmp_path / "whole.mp3", tmp_path / "cut.mp3"
+    sf.write(whole, sine(440, 3.0, SR, 0.3), SR, format="MP3")
+    data = whole.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        audio.MixtureStream(whole, SR)
+    with pytest.warns(RuntimeWarning, match=r"cut.mp3: 1\.\d\d s decoded of the 3\.00 s its "
+                                            r"header gives \(truncated or damaged\?\)"):
+        stream = audio.MixtureStream(cut, SR)
+    assert 1.0 < stream.length / SR < 2.0
+
+
 def test_nan_rejected(tmp_path):
     data = sine(440, 0.5, SR)
     data[100] = np.nan

@@ -159,6 +159,7 @@ BAD = {
     "unknown option": (lambda t, m: ["--text", "x", "--bogus"], "No such option"),
     "missing out dir": (lambda t, m: ["--text", "x", "-o", t / "no" / "o.wav"],
                         "does not exist"),
+    "stdout": (lambda t, m: ["--text", "x", "-o", "-"], "--output -: outputs go to files"),
 }
 
 

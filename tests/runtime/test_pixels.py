@@ -131,6 +131,7 @@ class DecodedFrames:
     def __init__(self, frames, fps: float):
         self._frames, self._fps = frames, fps
         self.path, self.name = None, "decoded frames"
+        self.frame_seconds = 1 / fps
 
     def frames(self):
         for index, frame in enumerate(self._frames):

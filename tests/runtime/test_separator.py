@@ -113,8 +113,11 @@ def test_unconditional_branch_is_computed_once_per_load(model_dir):
     (dict(mix=np.full(SR, np.nan, np.float32)), "NaN or infinite"),
     (dict(mix=tones(1.0, SR), generate=True), "mixture was given together with generate"),
     (dict(mix=tones(1.0, SR), duration=1.0), "duration sets the length of generated audio"),
-    (dict(video=np.zeros((4, 8, 8, 3), np.uint8)), "positive frame rate"),
-    (dict(video=np.zeros((4, 8, 8, 3), np.uint8), video_fps="25"), "positive frame rate"),
+    (dict(video=np.zeros((4, 8, 8, 3), np.uint8)), "positive, finite frame rate"),
+    (dict(video=np.zeros((4, 8, 8, 3), np.uint8), video_fps="25"), "positive, finite frame"),
+    (dict(video=np.zeros((4, 8, 8, 3), np.uint8), video_fps=float("inf")), "finite frame rate"),
+    (dict(video=np.zeros((4, 90, 8, 3), np.uint8), video_fps=25),
+     "frames of 8x90 are more elongated than 8:1"),
     (dict(mix=tones(1.0, SR), video=np.zeros((4, 0, 8, 3), np.uint8), video_fps=4),
      r"H and W positive, got uint8 \(4, 0, 8, 3\)"),
     (dict(mix=np.stack([tones(1.0, SR)] * 2)), r"audio of shape \(2, 44100\) has more channels "

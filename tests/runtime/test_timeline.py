@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from mmsep.runtime.media_audio import audio_track_start
+from mmsep.runtime.media_tracks import audio_track_start
 from mmsep.runtime.video import VideoSource, WindowFrames
 from tests.runtime.media import decode_rgb
 from tests.runtime.test_video import geometry
@@ -144,3 +144,33 @@ def test_mux_refuses_a_raw_stream_before_any_work(model_dir, tmp_path, capsys):
     assert err.strip() == (f"mmsep-run: error: --mux {tmp_path / 'sep.mp4'}: {raw} has no "
                            "timestamps to copy (a raw h264 stream?); put it in a container first")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.h264", "mix.wav"]
+
+
+def test_a_rotated_video_reaches_the_model_upright(tmp_path):
+    """A display matrix of 90 degrees (a phone's portrait video stored landscape): the frames
+    are turned as a player shows them."""
+    import struct
+
+    path = tmp_path / "stored.mp4"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=FPS)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        video.options = {"qp": "0"}
+        image = np.zeros((48, 64, 3), np.uint8)
+        image[:16, :16] = 255  # a white block at the stored frame's top left
+        for i in range(FPS):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+            frame.pts = i
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+    data = bytearray(path.read_bytes())
+    matrix = data.index(b"tkhd") + 44  # version 0: the matrix follows 40 bytes of fields
+    assert struct.unpack(">9i", data[matrix:matrix + 36])[::4] == (1 << 16, 1 << 16, 1 << 30)
+    data[matrix:matrix + 36] = struct.pack(">9i", 0, 1 << 16, 0, -(1 << 16), 0, 0, 0, 0, 1 << 30)
+    rotated = tmp_path / "rotated.mp4"
+    rotated.write_bytes(bytes(data))
+    g = dataclasses.replace(geometry(1.0), clip_image_size=48, sync_image_size=16)
+    with WindowFrames(VideoSource(rotated), [0.0], g) as windows:
+        clip = windows.next_window()[0][0].mean(axis=0)  # (48, 48): the frame squeezed square
+    # turned clockwise, as the display matrix says: the block is at the top right
+    assert clip[:8, -8:].min() > 0.9 and clip[:8, :8].max() < 0.1 and clip[-8:].max() < 0.1

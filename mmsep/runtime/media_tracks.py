@@ -1,5 +1,6 @@
-"""A media file's audio track through PyAV (the audio of an MP4, MP3, M4A, ...): decoded frame by
-frame, each frame's channels averaged, AAC's end padding cut, and where the track begins."""
+"""A media file's streams through PyAV: the audio track (of an MP4, MP3, M4A, ...) decoded frame
+by frame, each frame's channels averaged, AAC's end padding cut, and where it begins; where a
+video stream begins and how long it lasts, from headers or packets."""
 
 from __future__ import annotations
 
@@ -114,3 +115,30 @@ def _cut_from_end(chunks: list[np.ndarray], count: int) -> list[np.ndarray]:
         if not len(chunks[-1]):
             chunks.pop()
     return chunks
+
+
+def stream_start(container, stream) -> float:
+    """Seconds of the stream's first timestamp (the container's where the stream has none)."""
+    if stream.start_time is not None and stream.time_base is not None:
+        return float(stream.start_time * stream.time_base)
+    return container.start_time / 1_000_000 if container.start_time is not None else 0.0
+
+
+def stream_duration(container, stream, start: float) -> float:
+    """Seconds the stream lasts: its header's, the container's, else found from its packets."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000
+    # no header duration (e.g. raw streams): the last packet's end, found without decoding, or
+    # where packets have no timestamps (a raw H.264 stream), their count at the stream's rate
+    end, packets = None, 0
+    for packet in container.demux(stream):
+        packets += packet.size > 0
+        if packet.pts is not None and packet.time_base is not None:
+            stop = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            end = stop if end is None else max(end, stop)
+    if end is not None:
+        return end - start
+    rate = stream.average_rate or stream.guessed_rate
+    return packets / float(rate) if rate else 0.0
