@@ -31,11 +31,12 @@ setup(
         # builds the small frame-resize graph that GPU backends run (runtime/resize.py); torch-free
         "onnx>=1.16",
     ],
-    entry_points={"console_scripts": ["mmsep-export=mmsep.export.cli:console",
-                                     "mmsep-run=mmsep.runtime.cli:main",
-                                     "mmsep-batch=mmsep.scale.batch:main",
-                                     "mmsep-serve=mmsep.scale.serve_cli:main",
-                                     "mmsep-finetune=mmsep.train.cli:console"]},
+    # each through mmsep.console, so that an interrupt while the program imports is one line
+    entry_points={"console_scripts": ["mmsep-export=mmsep.console:export_main",
+                                     "mmsep-run=mmsep.console:run_main",
+                                     "mmsep-batch=mmsep.console:batch_main",
+                                     "mmsep-serve=mmsep.console:serve_main",
+                                     "mmsep-finetune=mmsep.console:finetune_main"]},
     extras_require={
         # Exporting needs the PyTorch definitions. On CPU-only machines install the pinned torch
         # first (README) so that pip does not pull a multi-GB CUDA build to satisfy this range.

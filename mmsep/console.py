@@ -89,6 +89,41 @@ def console_main(command, prog: str, args, *, interrupted: str | None,
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
+def _launch(prog: str, target: str) -> None:
+    """Import ``module:function`` and run it; Ctrl-C, SIGTERM or SIGHUP while the program's
+    modules import (torch takes seconds) exit 130 with one line, as later."""
+    import importlib
+
+    module, function = target.split(":")
+    try:
+        with terminate_as_interrupt():
+            entry = getattr(importlib.import_module(module), function)
+    except KeyboardInterrupt:
+        _exit_interrupted(prog, "interrupted; nothing was written", EXIT_INTERRUPTED)
+    entry()
+
+
+# the console scripts (setup.py's entry points)
+def export_main() -> None:
+    _launch("mmsep-export", "mmsep.export.cli:console")
+
+
+def run_main() -> None:
+    _launch("mmsep-run", "mmsep.runtime.cli:main")
+
+
+def batch_main() -> None:
+    _launch("mmsep-batch", "mmsep.scale.batch:main")
+
+
+def serve_main() -> None:
+    _launch("mmsep-serve", "mmsep.scale.serve_cli:main")
+
+
+def finetune_main() -> None:
+    _launch("mmsep-finetune", "mmsep.train.cli:console")
+
+
 def _exit_interrupted(prog: str, message: str | None, code: int) -> None:
     if message:
         click.echo(f"{prog}: {message}", err=True)

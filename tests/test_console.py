@@ -69,3 +69,27 @@ def test_every_program_with_progress_takes_q(module, name):
     command = getattr(importlib.import_module(module), name)
     quiet = [p for p in command.params if p.name == "quiet"]
     assert len(quiet) == 1 and quiet[0].opts == ["--quiet", "-q"], module
+
+
+def test_an_interrupt_while_a_program_imports_is_one_line(capsys, monkeypatch):
+    import importlib
+
+    from mmsep import console
+
+    def interrupted(name):
+        raise KeyboardInterrupt  # Ctrl-C while torch imports
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    with pytest.raises(SystemExit) as done:
+        console.export_main()
+    assert done.value.code == 130
+    assert capsys.readouterr().err == "mmsep-export: interrupted; nothing was written\n"
+
+
+def test_every_console_script_is_launched_through_mmsep_console():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")
+               if e.name.startswith("mmsep-")}
+    assert scripts == {f"mmsep-{name}": f"mmsep.console:{name}_main"
+                       for name in ("export", "run", "batch", "serve", "finetune")}

@@ -148,7 +148,7 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     import torch
 
     from ..models.components import build_components, load_components
-    from .exporter import export_model
+    from .exporter import existing_model, export_model
     from ..model_files import sha256_file
 
     if checkpoint is not None and preset is not None:
@@ -156,8 +156,9 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     given = {label: path for label, path in (
         ("--checkpoint", checkpoint), ("--weights-dir", weights_dir), ("--vae", vae),
         ("--vocoder", vocoder), ("--clip", clip_path), ("--synchformer", synchformer)) if path}
-    if out is not None:
-        _check_out(out, given)  # before anything is loaded
+    if out is not None:  # before anything is loaded
+        _check_out(out, given)
+        existing_model(out, force)
     log = _log(quiet)
     log(f"parity checks on {parity_device}")
     torch.set_grad_enabled(False)
@@ -203,6 +204,10 @@ def _check_out(out: Path, inputs: dict) -> None:
         check_output_dir(out, inputs)
     except InputError as exc:
         raise UsageError(str(exc)) from None
+    here, target = Path.cwd().resolve(), out.resolve()
+    if target == here or target in here.parents:
+        raise UsageError(f"--out {out} is the current directory or one above it, which the "
+                         "export would replace; give a new or model directory")
 
 
 def _variant_checkpoint(checkpoint, preset, weights_dir, variant) -> Path:

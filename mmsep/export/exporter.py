@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models.components import Components
-from ..runtime.atomic import fsync_directory, remove_stale_partials
+from ..runtime.atomic import fsync_directory, remove_stale_partials, replace_directory
 from ..runtime.resize_engine import ENGINE_NAMES
 from ..model_files import MANIFEST, VOCAB_FILE, ManifestError, manifest_files, read_manifest, \
     sha256_file
@@ -89,7 +88,7 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
     (``stage_graphs.GraphWriter``).
     """
     out = Path(out)
-    previous = _existing(out, force)
+    previous = existing_model(out, force)
     g = geometry(components, mixture_latent)
     specs = build_stage_specs(g, max_batch=max_batch)
     modules = build_stage_modules(components, g)
@@ -126,7 +125,9 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
         raise
 
 
-def _existing(out: Path, force: bool) -> dict | None:
+def existing_model(out: Path, force: bool) -> dict | None:
+    """The manifest of the model directory ``out`` replaces (None where there is none);
+    UsageError where ``out`` holds something else that only ``force`` may replace."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -335,15 +336,12 @@ def _check_disk(out: Path, modules: dict, specs: dict, reduced_copies: int) -> N
     free = shutil.disk_usage(parent).free
     if free < needed:
         raise UsageError(f"{parent}: insufficient disk space for the export: about "
-                         f"{needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free")
+                         f"{needed / 2**20:,.0f} MiB needed, {free / 2**20:,.0f} MiB free")
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the complete ``tmp`` to ``out`` and delete the previous ``out``. A run that loaded
-    the previous directory keeps what it loaded (runtime/model_dir.py says what it does next)."""
+    """Rename the complete ``tmp`` to ``out`` and delete the previous ``out``
+    (``atomic.replace_directory``). A run that loaded the previous directory keeps what it
+    loaded (runtime/model_dir.py says what it does next)."""
     fsync_directory(tmp)  # a crash after the swap cannot leave a directory of truncated files
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) / out.name
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old.parent, ignore_errors=True)
+    replace_directory(tmp, out)

@@ -41,10 +41,16 @@ def read_state_dict(path: str | os.PathLike, *, what: str = "checkpoint",
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # torch.load / safetensors raise a zoo of types on bad files
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Unsupported global" in str(exc):  # torch's safe unpickler met a class
+            raise CheckpointError(
+                f"{path}: holds Python objects besides tensors, which mmsep does not unpickle "
+                f"(it could run code); save the state dict alone, torch.save(net.state_dict(), "
+                "path)") from None
+        text = str(exc).split("WeightsUnpickler error:")[-1]  # past torch's advice, if any
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), "")
         raise CheckpointError(
             f"{path}: not a readable {what} (truncated or not a PyTorch/safetensors file: "
-            f"{detail[:200]})") from exc
+            f"{type(exc).__name__}{': ' if detail else ''}{detail[:200]})") from exc
     if isinstance(obj, dict) and TRAINING_CHECKPOINT_KEYS <= obj.keys():
         raise CheckpointError(f"{path}: a mmsep-finetune training checkpoint (checkpoint.pt), "
                               f"not a {what}; give the ft.pt beside it")
@@ -106,5 +112,18 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: str
     """Strictly load ``state`` into ``module`` after checking it, with dtypes cast to the
     module's."""
     check_state_dict(module, state, path, what=what)
+    check_finite(state, path, what=what)
     module.load_state_dict(dict(state), strict=True)
     return module
+
+
+def check_finite(state: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
+                 what: str = "checkpoint", limit: int = 4) -> None:
+    """Raise CheckpointError naming the tensors that hold NaN or infinite values (a training
+    run that diverged): every output would be NaN."""
+    bad = [k for k, v in state.items()
+           if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (+{len(bad) - limit} more)" if len(bad) > limit else ""
+        raise CheckpointError(f"{os.fspath(path)}: the {what} holds NaN or infinite values in "
+                              f"{', '.join(bad[:limit])}{more} (a training run that diverged?)")

@@ -141,13 +141,42 @@ def _fsync(path: Path, flags: int) -> None:
 
 
 _PARTIAL = re.compile(r"^\..+\.partial-(\d+)-[0-9a-f]{12}(\.[^.]+)?$")  # _create_unique's names
+_HOLDER = re.compile(r"^\.(.+)\.old-(\d+)-[0-9a-f]{12}$")  # replace_directory's
+
+
+def replace_directory(tmp: Path, out: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``out`` and delete what ``out`` held. The old
+    directory is first moved into a holder beside it (``.<name>.old-<pid>-<random>``): an
+    interrupt between the two renames puts it back, and where the process was killed there
+    (SIGKILL, power loss) ``remove_stale_partials`` does."""
+    holder = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(6)}"
+    holder.mkdir()
+    old = holder / out.name
+    try:
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def remove_stale_partials(directory: str | os.PathLike) -> None:
     """Remove the temporaries ``atomic_output`` (and the exporter's model directories, named
     alike) left in ``directory`` when their process was killed (SIGKILL, power loss); those of
-    running processes are kept."""
+    running processes are kept. A directory that ``replace_directory`` had moved aside when it
+    was killed goes back to its name when nothing took that name since."""
     for path in Path(directory).iterdir():
+        held = _HOLDER.match(path.name)
+        if held and path.is_dir() and not _alive(int(held.group(2))):
+            kept, name = path / held.group(1), Path(directory) / held.group(1)
+            if kept.is_dir() and not name.exists():
+                os.replace(kept, name)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
         match = _PARTIAL.match(path.name)
         if match and not _alive(int(match.group(1))):
             if path.is_dir() and not path.is_symlink():

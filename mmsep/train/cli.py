@@ -10,6 +10,7 @@ already holds a checkpoint without --resume), 1 internal failure, 130 interrupte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from .loop import CHECKPOINT, METRICS, WEIGHTS, Ranks, TrainOptions, Trainer, \
     check_resumable, read_checkpoint
 
 PROG = "mmsep-finetune"
+RUN_LOCK = ".mmsep-finetune.lock"  # in --out, held by the run training there
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -63,7 +65,8 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Training window in seconds.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Training seed.")
 @click.option("--val-seed", type=SEED, default=0, show_default=True,
-              help="Seed of the fixed validation mixtures (keep it to compare runs).")
+              help="Seed of the fixed validation mixtures (keep it and --batch-size to compare "
+                   "runs).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (the process's GPU under torchrun, else cuda, else cpu), cpu, cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
@@ -87,7 +90,8 @@ def main(**kw) -> None:
         state = read_checkpoint(out / CHECKPOINT) if kw["resume"] else None
         ranks = _init_distributed()
         trainer = build_trainer(kw, ranks, device, state)
-        trainer.fit()
+        with _one_run_at_a_time(out, ranks.main):
+            trainer.fit()
     except (DataError, CheckpointError, ValueError, InputError) as exc:
         _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
@@ -102,6 +106,25 @@ def main(**kw) -> None:
     if ranks.main and not kw["quiet"]:
         click.echo(f"wrote {out / WEIGHTS}")
     _finish_distributed(ranks)
+
+
+@contextlib.contextmanager
+def _one_run_at_a_time(out: Path, main: bool):
+    """Hold OUT's lock file while training (main process): a second run started on the same
+    --out before the first saved a checkpoint would interleave their files."""
+    if not main:
+        yield
+        return
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / RUN_LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out}: another mmsep-finetune is training in this directory; "
+                             "wait for it or give another --out") from None
+        yield
 
 
 def console(argv=None) -> None:

@@ -157,11 +157,24 @@ class ClipTable:
         return self.audio.shape[0]
 
 
+def _cache_entry(path: Path) -> dict:
+    """One clip's cached features; DataError naming the file where it is damaged (a copy or a
+    sync of a shared cache cut short)."""
+    try:
+        entry = torch.load(path, weights_only=True)
+        if not isinstance(entry, dict) or not {"clip_f", "sync_f", "text_f"} <= entry.keys():
+            raise ValueError("not a feature cache entry")
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, ...
+        raise DataError(f"{path}: damaged feature cache entry ({' '.join(str(exc).split())[:120]}"
+                        "); delete it and run again to compute it anew") from None
+    return entry
+
+
 def load_table(paths: list[Path], classes: torch.Tensor,
                empty: tuple[torch.Tensor, ...]) -> ClipTable:
     """Stack the cache files; ``empty`` is the network's (clip, sync, text) empty features, one
     item each, standing in for what a clip lacks."""
-    entries = [torch.load(p, weights_only=True) for p in paths]
+    entries = [_cache_entry(p) for p in paths]
     stacked = {}
     for name, fill in zip(("clip_f", "sync_f", "text_f"), empty):
         stacked[name] = torch.stack([e[name] if e[name] is not None else fill for e in entries])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -149,9 +150,18 @@ class Trainer:
 
     # ---- steps -------------------------------------------------------------------------------
 
+    @torch.enable_grad()  # whatever the caller's grad mode (mmsep-export turns it off)
     def train_step(self) -> float:
         batch = self.train_batch(self.step)
         loss = self._loss(self.model, batch).mean()
+        value = loss.detach().clone()
+        if self.ranks.world > 1:
+            dist.all_reduce(value)
+            value /= self.ranks.world
+        if not math.isfinite(float(value)):  # every rank sees the same mean: all stop here
+            raise ValueError(f"step {self.step + 1}: the training loss is {float(value)} (the run "
+                             "diverged); the last saved checkpoint is kept: lower --lr and "
+                             "--resume, or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
@@ -160,10 +170,6 @@ class Trainer:
         self.optimizer.step()
         self.ema.update(self.net)
         self.step += 1
-        value = loss.detach()
-        if self.ranks.world > 1:
-            dist.all_reduce(value)
-            value /= self.ranks.world
         return float(value)
 
     def learning_rate(self, step: int | None = None) -> float:
@@ -183,15 +189,16 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
 
     def save(self) -> None:
-        """checkpoint.pt and ft.pt, each written atomically (main process only)."""
+        """ft.pt, then checkpoint.pt, each written atomically (main process only): a run stopped
+        between the two resumes from the older checkpoint.pt and writes ft.pt again."""
         if not self.ranks.main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_atomically(self.ema_network().state_dict(), self.run_dir / WEIGHTS)
         state = {"step": self.step, "options": asdict(self.options), "world": self.ranks.world,
                  "setup": self.setup, "net": self.net.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict()}
         save_atomically(state, self.run_dir / CHECKPOINT)
-        save_atomically(self.ema_network().state_dict(), self.run_dir / WEIGHTS)
 
     def resume(self, state: dict | None = None) -> None:
         """Continue from the run directory's checkpoint.pt (``state``: it, already read with

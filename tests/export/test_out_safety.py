@@ -135,6 +135,29 @@ def test_an_out_under_a_file_is_refused_before_any_work(tmp_path, capsys):
                                  f"{tmp_path}/afile, which is not a directory"])
 
 
+@pytest.mark.parametrize("out", [".", ".."])
+def test_the_current_directory_or_one_above_is_refused(out, tmp_path, capsys, monkeypatch):
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    code, lines = run_console(["--preset", "tiny", "--out", out, "--force"], capsys)
+    assert (code, lines) == (2, [f"mmsep-export: error: --out {out} is the current directory "
+                                 "or one above it, which the export would replace; give a new "
+                                 "or model directory"])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "work"]
+
+
+def test_a_directory_of_other_files_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import mmsep.models.components as components
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(components, "build_components", lambda *a, **k: pytest.fail("built"))
+    code, lines = run_console(["--preset", "tiny", "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "is not an mmsep model directory" in lines[0], lines
+
+
 def test_usage_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     code, lines = run_console(["--out", str(tmp_path / "afile")], capsys)

@@ -216,6 +216,30 @@ def test_wrong_variant_tensors(nets, tmp_path, edit, pattern):
         load_flow(path)
 
 
+class _Note:  # an object torch.load's safe mode refuses
+    pass
+
+
+def test_a_checkpoint_holding_python_objects_is_named_as_such(nets, tmp_path):
+    path = tmp_path / "pickled.pth"
+    torch.save({"state_dict": nets[True].state_dict(), "note": _Note()}, path)
+    with pytest.raises(CheckpointError, match=r"pickled\.pth: holds Python objects besides "
+                                              r"tensors, which mmsep does not unpickle"):
+        load_flow(path)
+
+
+def test_a_diverged_checkpoint_is_refused(nets, tmp_path):
+    sd = dict(nets[True].state_dict())
+    sd["fused_blocks.0.attn.qkv.bias"] = sd["fused_blocks.0.attn.qkv.bias"].clone()
+    sd["fused_blocks.0.attn.qkv.bias"][3] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"nan\.pth: the tiny separation network holds NaN "
+                                              r"or infinite values in fused_blocks\.0\.attn\.qkv"
+                                              r"\.bias \(a training run that diverged\?\)"):
+        load_flow(path)
+
+
 def test_unrelated_state_dict(tmp_path):
     path = tmp_path / "linear.pth"
     torch.save(torch.nn.Linear(3, 4).state_dict(), path)

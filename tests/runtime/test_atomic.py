@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from mmsep.runtime.atomic import atomic_files, atomic_output, remove_stale_partials
+from mmsep.runtime.atomic import (atomic_files, atomic_output, remove_stale_partials,
+                                  replace_directory)
 
 
 def test_files_are_committed_in_order_and_the_scratch_goes(tmp_path, monkeypatch):
@@ -63,3 +64,48 @@ def test_a_killed_writers_temporaries_are_removed_and_a_live_ones_kept(tmp_path)
         assert live.exists() and other.exists() and running.exists()
         assert not killed.exists() and not export.exists()
     assert target.exists() and not live.exists()
+
+
+def _model(directory, text: str):
+    directory.mkdir()
+    (directory / "manifest.json").write_text(text)
+    return directory
+
+
+def test_a_directory_replaced_by_an_interrupted_swap_stays_the_old_one(tmp_path, monkeypatch):
+    out = _model(tmp_path / "m", "old")
+    new = _model(tmp_path / ".m.partial", "new")
+    real_replace, calls = os.replace, []
+
+    def interrupted_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # between moving the old one aside and moving the new one in
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        replace_directory(new, out)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.partial", "m"]
+    replace_directory(new, out)
+    assert (out / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_directory_a_killed_swap_left_aside_goes_back(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    holder = tmp_path / f".m.old-{gone.pid}-{'3' * 12}"  # killed between the two renames
+    holder.mkdir()
+    _model(holder / "m", "old")
+    other = tmp_path / f".n.old-{gone.pid}-{'4' * 12}"  # killed after them: n is the new one
+    other.mkdir()
+    _model(other / "n", "older")
+    _model(tmp_path / "n", "new")
+    running = tmp_path / f".r.old-{os.getpid()}-{'5' * 12}"  # a swap still running
+    running.mkdir()
+    remove_stale_partials(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "m", "n"]
+    assert [(tmp_path / d / "manifest.json").read_text() for d in "mn"] == ["old", "new"]

@@ -107,6 +107,36 @@ def test_bad_usage_exits_2(corpus, weights_dir, tables, tmp_path, change, messag
     assert not (tmp_path / "run" / "ft.pt").exists()
 
 
+def test_a_damaged_cache_entry_is_named(corpus, weights_dir, tables, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tables["cache"], cache)
+    entry = sorted(cache.glob("*.pt"))[0]
+    entry.write_bytes(entry.read_bytes()[:1000])  # a copy cut short
+    args = _args(corpus, weights_dir, tables, tmp_path / "run", "--steps", "1")
+    args[args.index("--cache") + 1] = str(cache)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert f"{entry}: damaged feature cache entry (" in result.output
+    assert "delete it and run again" in result.output
+
+
+def test_a_second_run_on_the_same_out_is_refused(corpus, weights_dir, tables, tmp_path):
+    import fcntl
+
+    from mmsep.train.cli import RUN_LOCK
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / RUN_LOCK, "a") as held:  # a run training there, not yet at its first save
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--steps", "1"))
+    assert result.exit_code == 2, result.output
+    assert "another mmsep-finetune is training in this directory" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK]
+
+
 @pytest.mark.parametrize("save_every, says", [
     (5, "no step was saved"), (1, "--resume continues from the last saved step")])
 def test_ctrl_c_exits_130_and_says_whether_a_step_was_saved(corpus, weights_dir, tables, tmp_path,

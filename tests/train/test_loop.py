@@ -83,6 +83,45 @@ def test_resume_continues_exactly(generator_net, encoders, tables, tmp_path):
         make_trainer(generator_net, encoders, tables, tmp_path / "resumed", lr=1e-3).resume()
 
 
+def test_a_run_that_diverges_stops_and_keeps_its_last_checkpoint(generator_net, encoders,
+                                                                 tables, tmp_path):
+    trainer = make_trainer(generator_net, encoders, tables, tmp_path)
+    loss = trainer._loss
+    trainer._loss = lambda model, batch: loss(model, batch) * (
+        float("nan") if trainer.step >= 2 else 1.0)
+    with pytest.raises(ValueError, match=r"^step 3: the training loss is nan \(the run diverged\)"):
+        trainer.fit()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in torch.load(tmp_path / "ft.pt").values())
+
+
+def test_stopped_between_its_two_files_the_run_resumes_to_the_same_weights(
+        generator_net, encoders, tables, tmp_path, monkeypatch):
+    import mmsep.train.loop as loop
+
+    straight = make_trainer(generator_net, encoders, tables, tmp_path / "straight")
+    straight.fit()
+    real_save, saved = loop.save_atomically, []
+
+    def stop_before_the_last_file(obj, path):  # saves at steps 2 and 4, two files each
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        saved.append(path.name)
+        real_save(obj, path)
+
+    monkeypatch.setattr(loop, "save_atomically", stop_before_the_last_file)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(generator_net, encoders, tables, tmp_path / "cut").fit()
+    monkeypatch.setattr(loop, "save_atomically", real_save)
+    resumed = make_trainer(generator_net, encoders, tables, tmp_path / "cut")
+    resumed.resume()  # from step 2: the run is not over, whatever ft.pt holds
+    assert resumed.step == 2
+    resumed.fit()
+    ft = [torch.load(tmp_path / d / "ft.pt") for d in ("straight", "cut")]
+    assert all(torch.equal(v, ft[1][k]) for k, v in ft[0].items())
+
+
 def test_validation_batches_carry_the_noise_free_latents(generator_net, encoders, tables,
                                                          tmp_path, monkeypatch):
     trainer = make_trainer(generator_net, encoders, tables, tmp_path)
