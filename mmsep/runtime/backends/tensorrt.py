@@ -11,8 +11,7 @@ scalars of the sampling loop sit in aligned slots. The loop keeps the latent in 
 used in turn. Where cuda-python is installed the whole loop is captured as one CUDA graph per
 (batch, steps, buffer addresses) and replayed for later requests (cuda_graphs.py), each batch size
 on an execution context of its own (a graph is valid only on a context that ran no other shapes
-since its capture); where it is not, or where the capture fails, the steps are enqueued one by
-one. Copies go through page-locked
+since its capture); else, or where the capture fails, the steps are enqueued one by one. Copies go through page-locked
 staging buffers (cuda_memory.py); engine compatibility is decided in tensorrt_env.py. Video
 frames are resized on the GPU by the model's frame-resize engines (tensorrt_resize.py).
 
@@ -37,6 +36,7 @@ from .cuda_graphs import StepGraphs, import_cudart
 from .cuda_memory import CudaMemory, DeviceArray, aligned, in_context
 from .protocol import check_inputs, step_invariant_inputs, unconditional_half
 from .tensorrt_env import (
+    check_engine_tensors,
     device_info,
     engine_refusal,
     import_gpu_stack,
@@ -397,17 +397,3 @@ def _check_profile(spec: StageSpec, batch: int) -> None:
                                       f"(max {spec.max_batch}); lower --max-batch or rebuild the "
                                       "engines with a larger --max-batch")
 
-
-def check_engine_tensors(trt, spec: StageSpec, engine) -> None:
-    """The engine's I/O tensors against the stage contract: the same names, the same dtypes
-    (``trt.nptype`` of each tensor's type); BackendError naming the stage otherwise."""
-    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-    wanted = set(spec.input_names) | set(spec.output_names)
-    if names != wanted:
-        raise BackendError(spec.name, f"engine tensors {sorted(names)} differ from the stage "
-                                      f"contract's {sorted(wanted)}")
-    for tensor in (*spec.inputs, *spec.outputs):
-        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor.name)))
-        if dtype != np.dtype(tensor.dtype):
-            raise BackendError(spec.name, f"engine tensor {tensor.name!r} is {dtype}, the "
-                                          f"contract says {tensor.dtype}")

@@ -1,5 +1,5 @@
 """What this machine offers the TensorRT backend: the imports, the GPU, and whether a model
-directory's engines can run on it.
+directory's engines can run on it (its tensors against the stage contract included).
 
 Engines are specific to the TensorRT version and the GPU they were built with. The manifest's
 "tensorrt" section records both; ``engine_refusal`` compares them with this machine and says why
@@ -11,7 +11,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
-from ..errors import BackendUnavailable, one_line
+import numpy as np
+
+from ...stages import StageSpec
+from ..errors import BackendError, BackendUnavailable, one_line
 
 
 def import_gpu_stack():
@@ -79,3 +82,18 @@ def engine_refusal(section: Mapping | None, here: Mapping) -> str | None:
                 f"capability {here['compute_capability']}); rebuild them with "
                 "mmsep-export --engines-only")
     return None
+
+
+def check_engine_tensors(trt, spec: StageSpec, engine) -> None:
+    """The engine's I/O tensors against the stage contract: the same names, the same dtypes
+    (``trt.nptype`` of each tensor's type); BackendError naming the stage otherwise."""
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    wanted = set(spec.input_names) | set(spec.output_names)
+    if names != wanted:
+        raise BackendError(spec.name, f"engine tensors {sorted(names)} differ from the stage "
+                                      f"contract's {sorted(wanted)}")
+    for tensor in (*spec.inputs, *spec.outputs):
+        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(tensor.name)))
+        if dtype != np.dtype(tensor.dtype):
+            raise BackendError(spec.name, f"engine tensor {tensor.name!r} is {dtype}, the "
+                                          f"contract says {tensor.dtype}")
