@@ -11,9 +11,9 @@ scalars of the sampling loop sit in aligned slots. The loop keeps the latent in 
 used in turn. Where cuda-python is installed the whole loop is captured as one CUDA graph per
 (batch, steps, buffer addresses) and replayed for later requests (cuda_graphs.py), each batch size
 on an execution context of its own (a graph is valid only on a context that ran no other shapes
-since its capture); else, or where the capture fails, the steps are enqueued one by one. Copies go through page-locked
-staging buffers (cuda_memory.py); engine compatibility is decided in tensorrt_env.py. Video
-frames are resized on the GPU by the model's frame-resize engines (tensorrt_resize.py).
+since its capture); else, or where the capture fails, the steps are enqueued one by one. Copies
+go through page-locked staging buffers (cuda_memory.py); engine compatibility is decided in
+tensorrt_env.py. Video frames are resized on the GPU by its frame-resize engines.
 
 The CUDA context (the device's primary context) is current only while a backend method runs, on
 the thread that calls it, and is popped in a ``finally``: nothing is left on pycuda's context stack
