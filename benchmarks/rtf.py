@@ -240,12 +240,15 @@ def _candidate(model_dir, backend, o, info, skip_unavailable, skipped, log):
     from benchmarks.pairwise import Candidate
     from mmsep.runtime.errors import BackendUnavailable
 
-    if backend in ("ort-cpu", "ort-cuda"):
-        max_batch = max(max(o["batches"]), info.max_batch)  # ORT's batch axis is dynamic
-    else:
-        max_batch = info.max_batch
+    wanted = max(max(o["batches"]), info.max_batch)  # ORT's batch axis is dynamic
     try:
-        return Candidate(model_dir, backend, threads=o["threads"], max_batch=max_batch)
+        if backend in ("ort-cpu", "ort-cuda"):
+            return Candidate(model_dir, backend, threads=o["threads"], max_batch=wanted)
+        candidate = Candidate(model_dir, backend, threads=o["threads"], max_batch=info.max_batch)
+        if candidate.name == "trt" or wanted == info.max_batch:
+            return candidate
+        candidate.close()  # auto chose ONNX Runtime: batched as the explicit name would be
+        return Candidate(model_dir, candidate.name, threads=o["threads"], max_batch=wanted)
     except BackendUnavailable as exc:
         if not skip_unavailable:
             raise

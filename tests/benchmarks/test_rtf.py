@@ -107,7 +107,6 @@ def test_bad_durations(tmp_path, durations):
 
 
 def test_flop_counter_by_hand():
-    sys.path.insert(0, str(ROOT))
     from benchmarks.flops import count_flops
 
     linear = torch.nn.Linear(48, 80)
@@ -119,10 +118,25 @@ def test_flop_counter_by_hand():
 
 
 def test_flops_on_meta_equal_flops_on_cpu():
-    sys.path.insert(0, str(ROOT))
     from benchmarks.flops import config_flops, denoiser_step_flops
     from mmsep.models.flow import build
 
     net = build("tiny", separation=True, duration=2.0, seed=0)
     counted = config_flops(net.config, tiny_clip=True)
     assert counted["denoiser_step"] == denoiser_step_flops(net)
+
+
+@pytest.mark.parametrize("backend", ["auto", "ort-cpu"])
+def test_onnx_runtime_batches_what_was_asked_however_it_is_named(backend, tiny_model_dir):
+    """BENCHMARKS: batched up to max(--batch, the manifest's max_batch) on ONNX Runtime, also
+    when ``auto`` chose it."""
+    from benchmarks import rtf
+    from mmsep.runtime.model_dir import ModelDir
+
+    info = ModelDir(tiny_model_dir, verify=False).info
+    options = {"batches": [info.max_batch + 3], "threads": 1}
+    candidate = rtf._candidate(tiny_model_dir, backend, options, info, False, [], print)
+    try:
+        assert candidate.name == "ort-cpu" and candidate.sep.max_batch == info.max_batch + 3
+    finally:
+        candidate.close()
