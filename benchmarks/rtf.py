@@ -311,8 +311,9 @@ def _clip_image(candidate, baseline, model_flops, matrix, repeats) -> dict:
         baseline._sync()
 
     times = {"candidate": [], "baseline": []}
+    pair = (("baseline", run_baseline), ("candidate", run_candidate))
     for r in range(repeats + 1):
-        for name, fn in (("baseline", run_baseline), ("candidate", run_candidate)):
+        for name, fn in (pair if r % 2 == 0 else pair[::-1]):  # each first in turn, as run_config
             started = time.perf_counter()
             fn()
             if r:
