@@ -258,6 +258,10 @@ def output_paths(output, fmt, n_texts, mix, video) -> list[Path]:
         name = f"{Path(source).stem}_separated" if source is not None else "generated"
         output = Path(f"{name}.{fmt or 'wav'}")
     output = Path(output)
+    if output.name.startswith(".") and output.name[1:].lower() in FORMATS:
+        from .errors import InputError
+
+        raise InputError(f"--output {output}: give a file name before the extension")
     if not output.suffix:
         output = output.with_suffix(f".{fmt or 'wav'}")
     if n_texts <= 1:

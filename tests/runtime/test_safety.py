@@ -157,6 +157,7 @@ def test_the_extension_picks_the_format(suffix, fmt, subtype, model_dir, tmp_pat
     (["-o", "{t}/out.xyz"], "--output {t}/out.xyz: unknown extension .xyz; use one of .wav, "
                             ".flac, .ogg"),
     (["-o", "{t}/out.mp3"], "unknown extension .mp3"),
+    (["-o", "{t}/.flac"], "--output {t}/.flac: give a file name before the extension"),
     (["-o", "{t}/out.wav", "--format", "flac"], "--format flac does not match --output"),
     (["-o", "{t}/out.ogg", "--subtype", "PCM_24"], "OGG output is Vorbis-encoded"),
     (["--video", "{v}", "-o", "{t}/o.wav", "--mux", "{t}/o.avi"],
