@@ -24,7 +24,7 @@ from mmsep.models.sampler import guided_euler_step, mixture_latent
 from mmsep.runtime import audio as audio_io
 from mmsep.runtime.requests import TIMING_KEYS
 from mmsep.runtime.windows import CrossfadeJoiner, WindowPlan
-from mmsep.stages import euler_schedule
+from mmsep.stages import euler_schedule, guidance_strength
 
 SEGMENT_FRAMES, SEGMENT_STRIDE = 16, 8
 
@@ -130,6 +130,7 @@ class BaselinePipeline:
         now = self._clock()
         timings["conditioning"] += now - started
         x = x0.to(self.device, torch.float32)
+        cfg = guidance_strength(cfg)
         times, dt = euler_schedule(steps)
         for start in times:
             t = torch.full((1,), start, device=self.device, dtype=torch.float32)

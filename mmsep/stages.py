@@ -79,6 +79,13 @@ def euler_schedule(steps: int) -> tuple[list[float], float]:
     return [i / steps for i in range(steps)], 1.0 / steps
 
 
+def guidance_strength(cfg: float) -> float:
+    """The strength the guided step uses for a requested ``cfg``: the authors' sampler takes the
+    conditional velocity alone below 1 (sony/mmaudiosep, MMAudio ``ode_wrapper``), which is the
+    guided formula at strength 1."""
+    return max(float(cfg), 1.0)
+
+
 def dim_size(dim: Dim, batch: int) -> int:
     """Concrete size of ``dim`` at ``batch``."""
     if isinstance(dim, int):

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..stages import GENERATION_NOISE_SCALE, NORMALIZED_MEAN, POSTERIOR_SAMPLE, euler_schedule
+from ..stages import (GENERATION_NOISE_SCALE, NORMALIZED_MEAN, POSTERIOR_SAMPLE, euler_schedule,
+                      guidance_strength)
 from .flow import FlowConfig, MMAudioFlow
 
 CONDITION_KEYS = ("clip_f", "sync_f", "text_f")
@@ -107,10 +108,10 @@ def sample(net: MMAudioFlow, x0: torch.Tensor,
     modality uses the network's learned empty feature. The unconditional branch uses the empty
     features for all modalities (``negative_text_f`` in place of the empty text when given); both
     branches see the same ``x_mix``. Steps at t_i = i / steps with dt = 1 / steps
-    (``mmsep.stages.euler_schedule``), each ``guided_euler_step``: ``v = cfg * v(x, t, cond) +
-    (1 - cfg) * v(x, t, uncond)``, ``x <- x + dt * v``. ``cfg == 1`` skips the unconditional
-    branch. Network calls run in the network's dtype, the Euler update in fp32 (fp64 for a
-    float64 network).
+    (``mmsep.stages.euler_schedule``), each ``guided_euler_step``: ``v = cfg * v(x, t, cond) + (1 -
+    cfg) * v(x, t, uncond)``, ``x <- x + dt * v``. ``cfg <= 1`` skips the unconditional branch
+    (``guidance_strength``: below 1 the conditional velocity alone, as the authors). Network calls
+    run in the network's dtype, the Euler update in fp32 (fp64 for a float64 network).
     """
     conditions = dict(conditions or {})
     unknown = sorted(set(conditions) - set(CONDITION_KEYS))
@@ -130,6 +131,7 @@ def sample(net: MMAudioFlow, x0: torch.Tensor,
     cond = {k: cast(_batch(k, conditions[k], batch)) if conditions.get(k) is not None else empty[k]
             for k in CONDITION_KEYS}
     cond_c = net.prepare_conditions(cond["clip_f"], cond["sync_f"], cond["text_f"])
+    cfg = guidance_strength(cfg)
     guided = cfg != 1
     if guided:
         text_u = (cast(_batch("negative_text_f", negative_text_f, batch))

@@ -65,7 +65,8 @@ PROG = "mmsep-run"
 @click.option("--steps", type=click.IntRange(1, 1000),
               help="Euler steps (default: the model's, 25).")
 @click.option("--cfg", type=click.FloatRange(0.0, 100.0),
-              help="Classifier-free guidance strength (default: the model's, 4.5).")
+              help="Classifier-free guidance strength (default: the model's, 4.5); below 1 the "
+                   "conditional branch alone, as at 1.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
               help="Noise seed: x0 = numpy.random.default_rng(seed).standard_normal(...).")
 @click.option("--overlap", type=float,

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..closing import Closing
-from ..stages import POSTERIOR_SAMPLE, Stage, Tensor
+from ..stages import POSTERIOR_SAMPLE, Stage, Tensor, guidance_strength
 from . import audio as audio_io
 from .backends import create_backend
 from .errors import InputError
@@ -299,7 +299,8 @@ class Separator(Closing):
         with timings.measure("sampling"):
             mix_latent = (np.stack([w[Tensor.MIX_LATENT] for w in batch.windows])
                           if self.info.separation else None)
-            x1 = backend.sample(batch.x0, mix_latent, conditioning, batch.steps, batch.cfg)
+            x1 = backend.sample(batch.x0, mix_latent, conditioning, batch.steps,
+                                guidance_strength(batch.cfg))
         with timings.measure("vae_decode"):
             mel = backend.run(Stage.VAE_DECODER, {Tensor.LATENT: x1}, on_device=True)[Tensor.MEL]
         with timings.measure("vocode"):

@@ -1,18 +1,18 @@
 """The runtime against the authors' inference, re-stated in PyTorch from sony/mmaudiosep.
 
-``authors_inference`` follows ``mmaudiosep/eval_utils.py`` ``separate()`` and ``generate()``:
-the mixture audio (in ``generate()``: ``0.9 * randn`` audio of one window) goes through the mel
-converter and the VAE encoder; its DiagonalGaussianDistribution (log-variance clamped to
-[-30, 20], std = exp(logvar / 2)) gives ``x_cond = mean + std * eps``, not normalised; missing
-video uses the learned empty features; the ODE is fixed-step Euler on ``linspace(0, 1, steps + 1)``
-with ``cfg * v(cond) + (1 - cfg) * v(empty)`` where both branches see ``x_cond``; the result is
-un-normalised before decoding. Two things are mmsep's, not the authors': the order of the random
-draws (README: x0 first, then the window's noise audio in generation mode, then eps; the authors
-draw eps before x0, and the noise audio from torch's global generator), and the time grid: mmsep
-steps at t_i = i / steps with dt = 1 / steps exactly, where the authors' float32
-``torch.linspace`` can be one float32 ulp off (on this random tiny network, at CFG 4.5, that ulp
-alone moves the final latent by 6e-5 relative). The grid here is exact (float64) so that the
-comparison measures the conventions and the exported graphs, not that rounding.
+``authors_inference`` follows ``mmaudiosep/eval_utils.py`` ``separate()`` and ``generate()``: the
+mixture audio (in ``generate()``: ``0.9 * randn`` audio of one window) goes through the mel
+converter and the VAE encoder; its DiagonalGaussianDistribution (log-variance clamped to [-30, 20],
+std = exp(logvar / 2)) gives ``x_cond = mean + std * eps``, not normalised; missing video uses the
+learned empty features; the ODE is fixed-step Euler on ``linspace(0, 1, steps + 1)`` with ``cfg *
+v(cond) + (1 - cfg) * v(empty)`` where both branches see ``x_cond`` (``v(cond)`` alone when ``cfg <
+1``, ``ode_wrapper``); the result is un-normalised before decoding. Two things are mmsep's, not the
+authors': the order of the random draws (README: x0 first, then the window's noise audio in
+generation mode, then eps; the authors draw eps before x0, and the noise audio from torch's global
+generator), and the time grid: mmsep steps at t_i = i / steps with dt = 1 / steps exactly, where the
+authors' float32 ``torch.linspace`` can be one float32 ulp off (on this random tiny network, at CFG
+4.5, that ulp alone moves the final latent by 6e-5 relative). The grid here is exact (float64) so
+that the comparison measures the conventions and the exported graphs, not that rounding.
 """
 
 import json
@@ -70,21 +70,23 @@ def authors_inference(comps, audio, clip_f, sync_f, text_f, x0, eps, steps, cfg)
     ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     for i in range(steps):
         t = (ts[i] * torch.ones(bs, dtype=torch.float64)).float()
-        flow = (cfg * net(x, t, *cond, x_mix=x_cond)
-                + (1 - cfg) * net(x, t, empty_clip, empty_sync, empty_text, x_mix=x_cond))
+        flow = net(x, t, *cond, x_mix=x_cond)
+        if cfg >= 1:
+            flow = cfg * flow + (1 - cfg) * net(x, t, empty_clip, empty_sync, empty_text,
+                                                x_mix=x_cond)
         x = x + float(ts[i + 1] - ts[i]) * flow
     audio_latent = x * net.latent_std + net.latent_mean  # net.unnormalize before decoding
     return x, comps.vocoder(vae.decode(audio_latent.transpose(1, 2)))
 
 
-def _request(comps, sep, media, mode, query):
+def _request(comps, sep, media, mode, query, cfg=CFG):
     """Runs the request on the runtime and re-draws its numbers in the documented order."""
     from mmsep.runtime import tokenize
 
     info = sep.info
     window, sr = info.window_samples, info.sample_rate
     video = media["av"] if query == "video+text" else None
-    kwargs = dict(text="a dog barking", video=video, steps=STEPS, cfg=CFG, seed=SEED,
+    kwargs = dict(text="a dog barking", video=video, steps=STEPS, cfg=cfg, seed=SEED,
                   keep_latents=True)
     rng = np.random.default_rng(SEED)
     x0 = rng.standard_normal((1, *info.latent_shape), dtype=np.float32)
@@ -101,7 +103,7 @@ def _request(comps, sep, media, mode, query):
     if video is not None:
         clip_f, sync_f = _runtime_frame_features(comps, sep, video)
     want, wave = authors_inference(comps, torch.from_numpy(audio)[None], clip_f, sync_f, text_f,
-                                   torch.from_numpy(x0), torch.from_numpy(eps)[None], STEPS, CFG)
+                                   torch.from_numpy(x0), torch.from_numpy(eps)[None], STEPS, cfg)
     return result, want, wave
 
 
@@ -138,6 +140,16 @@ def test_runtime_equals_the_authors_inference(exported, media, preset, mode, que
     print(f"{preset} {mode} {query}: final latent rel L2 {err:.2e}, waveform {wave_err:.2e}")
     assert err <= 1e-4
     assert wave_err <= 1e-3
+
+
+@pytest.mark.parametrize("cfg", [0.0, 0.5])
+def test_guidance_below_one_is_the_conditional_branch_alone(exported, media, cfg):
+    path, comps = exported("tiny")
+    sep = Separator(path, "ort-cpu")
+    result, want, _ = _request(comps, sep, media, "separation", "text", cfg=cfg)
+    assert rel_l2(result.latents, want) <= 1e-4
+    at_one, _, _ = _request(comps, sep, media, "separation", "text", cfg=1.0)
+    assert np.array_equal(result.latents, at_one.latents)
 
 
 def test_normalized_mean_convention_gives_the_previous_numbers(model_dir, tmp_path):
