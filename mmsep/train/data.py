@@ -7,8 +7,12 @@ optional ``class``. The source audio is ``audio`` when given, else the video's a
 Mixtures follow the authors' training data (mmaudiosep/data/extracted_audio_sep.py): an
 interfering clip is scaled so that the target-to-interferer power ratio is an SNR drawn
 uniformly from [-15, 15] dB, added, and when the mixture's peak exceeds 1 both the target and the
-mixture are divided by that peak. Interferers come from another class when clips have classes
-(the authors draw any other clip).
+mixture are divided by that peak. The target is a clip's first window; an interferer is a window
+of another clip at a random start (``draw_window_starts``), of another class when clips have
+classes (the authors' VGGSound set draws until the label differs; their audio-only set takes any
+other clip). The feature cache keeps a clip's first ``INTERFERER_SPAN_WINDOWS`` windows of audio,
+within which its interferer windows are taken (the authors: anywhere in the clip; VGGSound's
+clips are 10 s, within two 8 s windows).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 
 SNR_RANGE_DB = (-15.0, 15.0)
+INTERFERER_SPAN_WINDOWS = 2  # windows of each clip's audio kept for drawing interferers from
 _EPS = 1e-6  # as the authors: in the power ratio and the peak
 
 
@@ -127,6 +132,14 @@ def draw_interferers(targets: torch.Tensor, classes: torch.Tensor,
     other = classes[None, :] != classes[targets][:, None]  # (B, K)
     weights = other.to(torch.float64)
     return torch.multinomial(weights, 1, generator=gen).squeeze(1)
+
+
+def draw_window_starts(lengths: torch.Tensor, window: int,
+                       gen: torch.Generator) -> torch.Tensor:
+    """(B,) int64: for clips of ``lengths`` samples, a start drawn uniformly from 0 to
+    ``length - window`` inclusive (0 for a clip no longer than the window)."""
+    room = (lengths - window).clamp(min=0) + 1
+    return (torch.rand(lengths.shape, generator=gen, dtype=torch.float64) * room).long()
 
 
 def mix_at_snr(target: torch.Tensor, interferer: torch.Tensor,

@@ -1,12 +1,13 @@
 """The frozen encoders and the feature cache that training reads.
 
-Every clip's query features (CLIP image features of its video at 8 fps, Synchformer features at
-25 fps, CLIP text features of its label) and its source waveform (one window, mono, at the model
-rate) are computed once through mmsep's own encoders and written to one file per clip. A file's
-name is a hash of the clip (its files' absolute paths, sizes and modification times, its text),
-the encoders' weights and the window length, so a changed clip or encoder is recomputed instead
-of reused, an interrupted run resumes where it stopped, and several runs can share one cache
-directory. Files are written atomically.
+Every clip's query features (CLIP image features of its video at 8 fps, Synchformer features at 25
+fps, CLIP text features of its label) and its source waveform (mono, at the model rate, the first
+``INTERFERER_SPAN_WINDOWS`` windows at most: the first window is its target, the rest is where the
+clip's interferer windows may start from) are computed once through mmsep's own encoders and written
+to one file per clip. A file's name is a hash of the clip (its files' absolute paths, sizes and
+modification times, its text), the encoders' weights and the window length, so a changed clip or
+encoder is recomputed instead of reused, an interrupted run resumes where it stopped, and several
+runs can share one cache directory. Files are written atomically.
 
 The VAE latents of the mixtures are not cached: mixtures are drawn anew at every step (as the
 authors' training does), so the target and mixture posteriors are encoded on the fly by the frozen
@@ -30,9 +31,9 @@ from mmsep.models import video_reference
 from mmsep.models.presets import SequenceLengths
 from mmsep.runtime.atomic import atomic_output
 
-from .data import Clip, DataError
+from .data import INTERFERER_SPAN_WINDOWS, Clip, DataError
 
-CACHE_FORMAT = 2  # 2: clips keyed by their files' identity, not their spelling
+CACHE_FORMAT = 3  # 2: clips keyed by their files' identity; 3: audio beyond the first window
 
 
 @dataclass
@@ -97,19 +98,21 @@ def _decoded_frames(path: Path) -> tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def clip_features(clip: Clip, encoders: Encoders,
                   lengths: SequenceLengths) -> dict[str, torch.Tensor | None]:
-    """One clip's cache entry: ``audio`` (L,) and ``clip_f``/``sync_f``/``text_f`` (None when
-    the clip has no video / no text)."""
+    """One clip's cache entry: ``audio`` (at least one window, L, and at most
+    ``INTERFERER_SPAN_WINDOWS`` windows; a shorter clip padded with silence to L) and
+    ``clip_f``/``sync_f``/``text_f`` (None when the clip has no video / no text)."""
     from mmsep.runtime import tokenize
     from mmsep.runtime.audio import read_audio
     from mmsep.runtime.errors import InputError
 
     try:
-        audio = read_audio(clip.source, lengths.mode.sample_rate)[:lengths.audio_samples]
+        audio = read_audio(clip.source, lengths.mode.sample_rate)
+        audio = audio[:INTERFERER_SPAN_WINDOWS * lengths.audio_samples]
     except InputError as exc:
         raise DataError(str(exc)) from None
     if audio.size == 0:
         raise DataError(f"{clip.source}: no audio samples (an empty or truncated file)")
-    audio = np.pad(audio, (0, lengths.audio_samples - audio.size))
+    audio = np.pad(audio, (0, max(0, lengths.audio_samples - audio.size)))
     entry: dict[str, torch.Tensor | None] = {"audio": torch.from_numpy(audio.copy()),
                                              "clip_f": None, "sync_f": None, "text_f": None}
     if clip.video is not None:
@@ -145,7 +148,8 @@ class ClipTable:
     """Every clip's cached features stacked on the first axis (missing ones as the empty
     features, flagged by ``video_exist`` / ``text_exist``)."""
 
-    audio: torch.Tensor  # (K, L)
+    audio: torch.Tensor  # (K, S): every clip's cached audio, zero-padded to the longest
+    audio_len: torch.Tensor  # (K,) int64: samples of each clip's cached audio, at least L
     clip_f: torch.Tensor  # (K, Tc, Dc)
     sync_f: torch.Tensor  # (K, Ts, Ds)
     text_f: torch.Tensor  # (K, 77, Dt)
@@ -155,6 +159,11 @@ class ClipTable:
 
     def __len__(self) -> int:
         return self.audio.shape[0]
+
+    def windows(self, clips: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, length): ``length`` samples of each clip in ``clips`` from its start."""
+        offsets = starts[:, None] + torch.arange(length)[None, :]
+        return self.audio[clips[:, None], offsets]
 
 
 def _cache_entry(path: Path) -> dict:
@@ -178,7 +187,11 @@ def load_table(paths: list[Path], classes: torch.Tensor,
     stacked = {}
     for name, fill in zip(("clip_f", "sync_f", "text_f"), empty):
         stacked[name] = torch.stack([e[name] if e[name] is not None else fill for e in entries])
-    return ClipTable(audio=torch.stack([e["audio"] for e in entries]), **stacked,
+    lengths = [e["audio"].shape[0] for e in entries]
+    audio = torch.zeros(len(entries), max(lengths))
+    for row, entry in zip(audio, entries):
+        row[:entry["audio"].shape[0]] = entry["audio"]
+    return ClipTable(audio=audio, audio_len=torch.tensor(lengths, dtype=torch.int64), **stacked,
                      video_exist=torch.tensor([e["clip_f"] is not None for e in entries]),
                      text_exist=torch.tensor([e["text_f"] is not None for e in entries]),
                      classes=classes)

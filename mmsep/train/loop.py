@@ -31,7 +31,7 @@ from mmsep.models.io import TRAINING_CHECKPOINT_KEYS
 from mmsep.runtime.atomic import atomic_output, remove_stale_partials
 
 from . import recipe
-from .data import draw_interferers, draw_snr, mix_at_snr
+from .data import draw_interferers, draw_snr, draw_window_starts, mix_at_snr
 from .features import ClipTable, Encoders
 
 CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "ft.pt", "metrics.jsonl"
@@ -106,9 +106,11 @@ class Trainer:
         """One batch of fresh mixtures; ``means`` adds the noise-free latents ``x1_mean`` and
         ``x_mix_mean`` (the normalised posterior means), for evaluation."""
         b = targets.shape[0]
+        window = self.net.config.lengths.audio_samples
         interferers = draw_interferers(targets, table.classes, gen)
-        target, mixture = mix_at_snr(table.audio[targets], table.audio[interferers],
-                                     draw_snr(b, gen))
+        starts = draw_window_starts(table.audio_len[interferers], window, gen)
+        target, mixture = mix_at_snr(table.windows(targets, torch.zeros_like(targets), window),
+                                     table.windows(interferers, starts, window), draw_snr(b, gen))
         mean, std = self.encoders.posterior(torch.cat([target, mixture]).to(self.device))
         eps = torch.randn(mean[:b].shape, generator=gen).to(self.device)
         latents = self.net.normalize(mean + std * torch.cat([eps, eps]))  # the same noise draw

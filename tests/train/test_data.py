@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from mmsep.train.data import (DataError, class_ids, draw_interferers, mix_at_snr, read_clips)
+from mmsep.train.data import (DataError, class_ids, draw_interferers, draw_window_starts,
+                              mix_at_snr, read_clips)
 from mmsep.train.synthetic import CLASSES, write_split
 
 torch = pytest.importorskip("torch")
@@ -72,3 +73,12 @@ def test_interferers_come_from_other_classes():
     picked = draw_interferers(targets, classes, torch.Generator().manual_seed(0))
     assert (classes[picked] != classes[targets]).all()
     assert set(picked.tolist()) == set(range(5))
+
+
+def test_window_starts_cover_each_clip_and_stay_inside_it():
+    lengths = torch.tensor([100, 130, 90]).repeat(400)
+    starts = draw_window_starts(lengths, 100, torch.Generator().manual_seed(0))
+    assert starts.dtype == torch.int64
+    assert (starts >= 0).all() and (starts + 100 <= lengths.clamp(min=100)).all()
+    assert set(starts[0::3].tolist()) == {0} and set(starts[2::3].tolist()) == {0}
+    assert set(starts[1::3].tolist()) == set(range(31))  # 0 to 30 inclusive, as randint

@@ -22,7 +22,9 @@ def test_encode_posterior_matches_the_encoder_moments(encoders):
 def test_cached_features_have_the_network_shapes(tables, generator_net):
     c = generator_net.config
     train = tables["train"]
-    assert train.audio.shape == (8, c.lengths.audio_samples)
+    window = c.lengths.audio_samples
+    assert train.audio.shape[0] == 8 and (train.audio_len >= window).all()
+    assert train.audio.shape[1] == train.audio_len.max() < 2 * window  # 2 s clips, 2 s windows
     assert train.clip_f.shape == (8, c.clip_seq_len, c.clip_dim)
     assert train.sync_f.shape == (8, c.sync_seq_len, c.sync_dim)
     assert train.text_f.shape == (8, c.text_seq_len, c.text_dim)
@@ -86,3 +88,34 @@ def test_an_empty_audio_file_is_refused(encoders, generator_net, tmp_path):
     with pytest.raises(DataError, match="empty.wav: no audio samples"):
         features.clip_features(Clip(empty, None, "a dog", None), encoders,
                                generator_net.config.lengths)
+
+
+def test_a_clip_keeps_two_windows_of_audio_and_the_table_pads_them(encoders, generator_net,
+                                                                   tmp_path):
+    """Two windows at most are cached (where interferer windows start); a short clip is padded
+    to one window; the table pads every clip to the longest and cuts windows at any start."""
+    import numpy as np
+    import soundfile
+
+    lengths = generator_net.config.lengths
+    window, rate = lengths.audio_samples, lengths.mode.sample_rate
+    wave = np.random.default_rng(0).uniform(-0.5, 0.5, int(2.5 * window)).astype(np.float32)
+    entries = []
+    for name, samples in (("long.wav", wave), ("short.wav", wave[:window // 2])):
+        soundfile.write(tmp_path / name, samples, rate, subtype="FLOAT")
+        clip = Clip(tmp_path / name, None, "a dog", None)
+        entries.append(features.clip_features(clip, encoders, lengths))
+        torch.save(entries[-1], tmp_path / f"{name}.pt")
+    long, short = (e["audio"].numpy() for e in entries)
+    np.testing.assert_array_equal(long, wave[:2 * window])
+    np.testing.assert_array_equal(short[:window // 2], wave[:window // 2])
+    assert short.shape == (window,) and not short[window // 2:].any()
+    empty = tuple(e[0] for e in generator_net.empty_conditions(1))
+    table = features.load_table([tmp_path / "long.wav.pt", tmp_path / "short.wav.pt"],
+                                torch.tensor([0, 1]), empty)
+    assert table.audio.shape == (2, 2 * window) and table.audio_len.tolist() == [2 * window,
+                                                                                window]
+    assert not table.audio[1, window:].any()
+    cut = table.windows(torch.tensor([0, 0, 1]), torch.tensor([0, window, 0]), window)
+    np.testing.assert_array_equal(cut.numpy(), np.stack([wave[:window], wave[window:2 * window],
+                                                         short]))

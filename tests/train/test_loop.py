@@ -54,6 +54,39 @@ def test_batches_share_the_posterior_noise_and_are_seeded(generator_net, encoder
     assert a["x1"].shape == a["x_mix"].shape == a["x0"].shape == (2, 87, 40)
 
 
+def test_targets_are_first_windows_and_interferers_windows_at_random_starts(
+        generator_net, encoders, tables, tmp_path, monkeypatch):
+    """Each sample of a clip's audio says which clip and sample it is, so the windows that
+    reach mix_at_snr can be read back."""
+    import dataclasses
+
+    from mmsep.train import loop
+
+    window = generator_net.config.lengths.audio_samples
+    span = 2 * window
+    stamps = 1e6 * torch.arange(8.0)[:, None] + torch.arange(float(span))[None, :]
+    table = dataclasses.replace(tables["train"], audio=stamps,
+                                audio_len=torch.full((8,), span, dtype=torch.int64))
+    trainer = make_trainer(generator_net, encoders, {**tables, "train": table}, tmp_path)
+    seen = []
+    original = loop.mix_at_snr
+    monkeypatch.setattr(loop, "mix_at_snr", lambda t, i, snr: seen.append((t, i))
+                        or original(t / 1e7, i / 1e7, snr))
+    for step in range(8):
+        trainer.train_batch(step)
+    starts = []
+    for rows, is_target in [(t, True) for t, _ in seen] + [(i, False) for _, i in seen]:
+        clips, begins = (rows[:, 0] // 1e6).long(), (rows[:, 0] % 1e6).long()
+        for row, clip, begin in zip(rows, clips, begins):
+            assert torch.equal(row, stamps[clip, begin:begin + window])
+        if is_target:
+            assert (begins == 0).all()
+        else:
+            assert (begins <= window).all()
+            starts += begins.tolist()
+    assert len(set(starts)) == len(starts) == 16  # 16 interferers, each from its own start
+
+
 def test_validation_does_not_depend_on_the_training_seed(generator_net, encoders, tables,
                                                          tmp_path):
     a = make_trainer(generator_net, encoders, tables, tmp_path / "a", seed=1)
