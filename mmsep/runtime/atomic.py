@@ -12,6 +12,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -164,12 +165,21 @@ def replace_directory(tmp: Path, out: Path) -> None:
         shutil.rmtree(holder, ignore_errors=True)
 
 
-def remove_stale_partials(directory: str | os.PathLike) -> None:
+def remove_stale_partials(directory: str | os.PathLike, wait_s: float = 0.0) -> None:
     """Remove the temporaries ``atomic_output`` (and the exporter's model directories, named
     alike) left in ``directory`` when their process was killed (SIGKILL, power loss); those of
-    running processes are kept. A directory that ``replace_directory`` had moved aside when it
-    was killed goes back to its name when nothing took that name since."""
-    for path in Path(directory).iterdir():
+    running processes are kept, or, with ``wait_s``, waited for that long to end (processes
+    being stopped). A directory that ``replace_directory`` had moved aside when it was killed
+    goes back to its name when nothing took that name since."""
+    deadline = time.monotonic() + wait_s
+    while _remove_stale_once(Path(directory)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _remove_stale_once(directory: Path) -> bool:
+    """One pass of remove_stale_partials; whether temporaries of running processes remain."""
+    live = False
+    for path in directory.iterdir():
         held = _HOLDER.match(path.name)
         if held and path.is_dir() and not _alive(int(held.group(2))):
             kept, name = path / held.group(1), Path(directory) / held.group(1)
@@ -178,12 +188,14 @@ def remove_stale_partials(directory: str | os.PathLike) -> None:
             shutil.rmtree(path, ignore_errors=True)
             continue
         match = _PARTIAL.match(path.name)
-        if match and not _alive(int(match.group(1))):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        if match and _alive(int(match.group(1))):
+            live = True
+        elif match and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif match:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return live
 
 
 def _alive(pid: int) -> bool:

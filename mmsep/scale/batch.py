@@ -104,7 +104,7 @@ def _plan(jobs_path: Path, out_dir: Path, results: Results, salt: str) -> _Plan:
     plan, latest, taken = _Plan(), results.latest(), {}
     base = jobs_path.resolve().parent
     parsed = []
-    with open(jobs_path, encoding="utf-8", errors="replace") as f:
+    with open(jobs_path, encoding="utf-8-sig", errors="replace") as f:  # a BOM: Windows
         for number, text in enumerate(f, 1):
             if not text.strip():
                 continue

@@ -18,8 +18,8 @@ from ray import serve
 from mmsep.runtime import InputError, Separator
 from mmsep.runtime.backend_options import BackendOptions
 
-from .service import (HttpError, Limits, Upload, answer_body, check_form_request, model_facts,
-                      read_limited_body, request_options)
+from .service import (HttpError, Limits, Upload, answer_body, check_form_complete,
+                      check_form_request, model_facts, read_limited_body, request_options)
 
 app = FastAPI(title="mmsep")
 DRAIN_SECONDS = 120.0  # on SIGTERM, how long requests already running may take to finish
@@ -93,6 +93,7 @@ class SeparationService:
             upload = Upload(self.work_dir)
             with upload:
                 body = await read_limited_body(request, self.limits.max_upload_bytes)
+                check_form_complete(request.headers.get("content-type"), body)
                 form = await _form(request, body)
                 try:
                     options = await request_options(form, upload, self.limits)

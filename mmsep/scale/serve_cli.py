@@ -23,6 +23,8 @@ from mmsep.runtime.errors import InputError
 from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.paths import check_directory_path
 
+from .cluster import actors_that_fit, describe
+
 PROG = "mmsep-serve"
 
 
@@ -84,7 +86,8 @@ def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
         cluster = ray.cluster_resources()
         if gpus_per_replica is None:
             gpus_per_replica = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
-        _check_fits(cluster, cpus_per_replica, gpus_per_replica)
+        _check_fits(cluster, cpus_per_replica, gpus_per_replica,
+                    min_replicas if max_replicas is not None else replicas)
         autoscaling = None
         if max_replicas is not None:
             autoscaling = {"min_replicas": min_replicas, "max_replicas": max_replicas,
@@ -135,12 +138,14 @@ def _check_before_ray(model_dir, host: str, port: int, work_dir: Path | None) ->
         check_writable(work_dir / "upload", label=f"--work-dir {work_dir}")
 
 
-def _check_fits(cluster: dict, cpus: float, gpus: float) -> None:
-    """A replica that asks for more than the cluster has would wait for ever."""
-    for option, want, have in (("--cpus-per-replica", cpus, cluster.get("CPU", 0)),
-                               ("--gpus-per-replica", gpus, cluster.get("GPU", 0))):
-        if want > have:
-            raise InputError(f"{option} {want:g}: the Ray cluster has {have:g} in all")
+def _check_fits(cluster: dict, cpus: float, gpus: float, replicas: int) -> None:
+    """Replicas that ask for more than the cluster has would wait for ever (and the service
+    would never start listening)."""
+    room = actors_that_fit(cluster, cpus, gpus)
+    if room < replicas:
+        raise InputError(f"{replicas} replica(s) of --cpus-per-replica {cpus:g} and "
+                         f"--gpus-per-replica {gpus:g}: the Ray cluster has {describe(cluster)} "
+                         f"in all, room for {room}")
 
 
 def _wait_for_signal() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import re
 import shutil
 import tempfile
 import zipfile
@@ -86,6 +87,21 @@ def check_form_request(content_type: str | None, query: str) -> None:
         raise HttpError(400, "parameters go in the form, not in the URL's query string")
 
 
+def check_form_complete(content_type: str | None, body: bytes) -> None:
+    """400 for a multipart body without its closing boundary (an upload cut short): the parser
+    would drop the unfinished part and run what is left as another request."""
+    kind, _, params = (content_type or "").partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        return
+    match = re.search(r'boundary="?([^";]+)"?', params)
+    if match is None:
+        raise InputError("not a multipart form (its content type names no boundary)")
+    closing = b"--" + match.group(1).strip().encode("latin-1") + b"--"
+    if not (body.startswith(closing) or b"\r\n" + closing in body):
+        raise InputError("the form ends before its closing boundary (an upload cut short); "
+                         "send it again")
+
+
 async def read_limited_body(request, limit: int, idle_seconds: float = BODY_IDLE_SECONDS
                             ) -> bytes:
     """The whole body, or 413 as soon as it passes ``limit`` bytes (declared or streamed),
@@ -133,7 +149,7 @@ async def request_options(form, upload: Upload, limits: Limits) -> dict:
         options[field] = await upload.save(field, value)
         seconds = media_seconds(options[field])
         if seconds is not None and seconds > limits.max_seconds:
-            raise HttpError(413, f"{field}: {seconds:.1f} s of media is over the limit of "
+            raise HttpError(413, f"{options[field]}: {seconds:.1f} s of media is over the limit of "
                                  f"{limits.max_seconds:g} s")
     texts = form.getlist("text")
     if texts:
@@ -177,8 +193,9 @@ def _value(field: str, text):
 
 
 def media_seconds(path: str) -> float | None:
-    """Duration of a media file from its container (None when it does not say or does not
-    open: the runtime then answers with its own message)."""
+    """Duration of a media file from its container, else from its packets' timestamps (a
+    recording written to a pipe states none); None when it does not open or has no timestamps:
+    the runtime then answers with its own message."""
     import av
 
     try:
@@ -186,9 +203,24 @@ def media_seconds(path: str) -> float | None:
             if container.duration is not None:
                 return container.duration / av.time_base
             streams = [s for s in container.streams if s.duration and s.time_base]
-            return max((float(s.duration * s.time_base) for s in streams), default=None)
+            if streams:
+                return max(float(s.duration * s.time_base) for s in streams)
+            return _packets_end(container)
     except (av.FFmpegError, OSError, ValueError):
         return None
+
+
+def _packets_end(container) -> float | None:
+    """Seconds from the earliest packet to the end of the last one, reading packets only."""
+    first = last = None
+    for packet in container.demux():
+        if packet.pts is None or packet.time_base is None:
+            continue
+        start = float(packet.pts * packet.time_base)
+        end = start + float((packet.duration or 0) * packet.time_base)
+        first = start if first is None else min(first, start)
+        last = end if last is None else max(last, end)
+    return None if first is None else last - first
 
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:

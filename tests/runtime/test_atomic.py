@@ -4,6 +4,7 @@ remove_stale_partials: what a killed writer left behind."""
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -64,6 +65,19 @@ def test_a_killed_writers_temporaries_are_removed_and_a_live_ones_kept(tmp_path)
         assert live.exists() and other.exists() and running.exists()
         assert not killed.exists() and not export.exists()
     assert target.exists() and not live.exists()
+
+
+def test_a_stopping_writers_temporary_is_waited_for(tmp_path):
+    """wait_s: a process being stopped (a Ray actor after ray.shutdown) still runs for a
+    moment; its temporary goes once it has ended, within the wait."""
+    stopping = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    partial = tmp_path / f".out.partial-{stopping.pid}-{'0' * 12}.wav"
+    partial.write_bytes(b"half an output")
+    remove_stale_partials(tmp_path)
+    assert partial.exists()
+    threading.Thread(target=stopping.wait, daemon=True).start()  # reaps it, as its parent would
+    remove_stale_partials(tmp_path, wait_s=30.0)
+    assert not partial.exists() and stopping.poll() is not None
 
 
 def _model(directory, text: str):

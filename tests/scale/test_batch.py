@@ -134,6 +134,7 @@ def test_bad_fields_fail_their_line_only(model_dir, job_inputs, tmp_path):
         {"text": "a", "steps": 1, "generate": True, "duration": 1e9},
         {"mix": str(job_inputs["mix"]), "text": "a", "steps": 1, "output": "up.FLAC"},
     ])
+    jobs.write_bytes(b"\xef\xbb\xbf" + jobs.read_bytes())  # a BOM, as Windows editors write
     out = tmp_path / "out"
     assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu", "-q") == 3
     errors = {r["line"]: r["error"] for r in records(out)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mmsep.model_files import sha256_file
 from tests.scale.conftest import six_requests, write_jobs
 from tests.scale.test_batch import leftovers, records, run_batch
@@ -91,3 +93,82 @@ def test_quiet_prints_nothing_when_it_starts_its_own_ray(model_dir, job_inputs, 
         capture_output=True, text=True, env=env, timeout=300)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
     assert [r["status"] for r in records(tmp_path / "out")] == ["ok"]
+
+
+def test_room_for_workers_and_replicas_in_the_cluster(capsys):
+    from mmsep.runtime.errors import InputError
+    from mmsep.scale.cluster import actors_that_fit
+    from mmsep.scale.ray_batch import _workers_that_fit
+    from mmsep.scale.serve_cli import _check_fits
+
+    cluster = {"CPU": 2.0, "GPU": 1.0}
+    assert actors_that_fit(cluster, 0.5, 0) == 4 and actors_that_fit(cluster, 1, 1) == 1
+    assert actors_that_fit({"CPU": 2.0}, 1, 1) == 0
+    assert _workers_that_fit(cluster, {"num_cpus": 1}, 2, quiet=False) == 2
+    assert capsys.readouterr().err == ""
+    assert _workers_that_fit(cluster, {"num_cpus": 1}, 4, quiet=False) == 2
+    assert capsys.readouterr().err == ("mmsep-batch: the Ray cluster has room for 2 of the 4 "
+                                       "workers (2 CPUs and 1 GPUs); running 2\n")
+    with pytest.raises(InputError, match="a worker needs 4 CPUs and 0 GPUs .*: the Ray cluster "
+                                         "has 2 CPUs and 1 GPUs in all"):
+        _workers_that_fit(cluster, {"num_cpus": 4}, 1, quiet=True)
+    _check_fits(cluster, 1.0, 0.0, 2)
+    with pytest.raises(InputError, match=r"^3 replica\(s\) of --cpus-per-replica 1 and "
+                                         r"--gpus-per-replica 0: the Ray cluster has 2 CPUs and "
+                                         r"1 GPUs in all, room for 2$"):
+        _check_fits(cluster, 1.0, 0.0, 3)
+
+
+def test_a_worker_that_dies_fails_its_group_and_the_rest_goes_on(local_ray, model_dir,
+                                                                   job_inputs, tmp_path):
+    """An actor killed mid-group (as by the kernel's OOM killer): that group's requests are
+    recorded as failed, the other actor's are written."""
+    import os
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    from mmsep.runtime.backend_options import BackendOptions
+    from mmsep.scale.jobs import parse_job
+    from mmsep.scale.ray_batch import WORKER_DIED, run_on_ray
+
+    lines = [{"mix": "other.wav", "text": "a tone", "seed": k, "steps": 1000,
+              "output": f"{k}.wav"} for k in range(4)]  # two groups of two, one per actor
+    jobs = [parse_job(n, json.dumps(line), job_inputs["root"], "salt")
+            for n, line in enumerate(lines, 1)]
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = []
+
+    def kill_one_busy_worker():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            busy = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+                    if b"_RayWorker.run" in _read(p)]
+            if len(busy) == 2:
+                time.sleep(0.5)
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_one_busy_worker)
+    killer.start()
+    got = list(run_on_ray(jobs, model_dir, out, {"backend_options": BackendOptions("ort-cpu")},
+                          address=None, workers=2, cpus_per_worker=1))
+    killer.join()
+    assert killed
+    status = {r["line"]: r["status"] for r in got}
+    assert sorted(status) == [1, 2, 3, 4]
+    failed = sorted(n for n, s in status.items() if s == "failed")
+    assert failed in ([1, 2], [3, 4])
+    assert all(r["error"].startswith(WORKER_DIED) for r in got if r["status"] == "failed")
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert written == sorted(f"{n - 1}.wav" for n in status if n not in failed)
+
+
+def _read(path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # a process that ended meanwhile
+        return b""

@@ -133,7 +133,7 @@ def test_several_texts_answer_a_zip(server):
     ({"mix": ("big.wav", b"\0" * (2 << 20), "audio/wav")}, {"text": "x"}, 413,
      "request body is over the upload limit (1 MB)"),
     ({"mix": ("long.wav", _wav(4.0), "audio/wav")}, {"text": "x"}, 413,
-     "mix: 4.0 s of media is over the limit of 3 s"),
+     "mix (long.wav): 4.0 s of media is over the limit of 3 s"),
     (None, {"text": "x", "generate": "true", "duration": "5"}, 413,
      "duration 5 s is over the limit of 3 s"),
     (None, {"text": "x", "generate": "true", "duration": "inf"}, 400,
@@ -163,6 +163,18 @@ def test_what_is_not_a_form_is_refused_not_read_as_an_empty_one(server, send, st
     url, work, _ = server
     answer = requests.post(f"{url}/v1/separate", timeout=300, **send)
     assert (answer.status_code, answer.json()["error"]) == (status, message)
+
+
+def test_an_upload_cut_short_is_refused(server):
+    """Without its closing boundary the parser would drop the unfinished mix and generate."""
+    url, work, _ = server
+    prepared = requests.Request("POST", f"{url}/v1/separate", data={"text": "x", "steps": "1"},
+                                files={"mix": ("m.wav", _wav(1.0), "audio/wav")}).prepare()
+    answer = requests.post(prepared.url, data=prepared.body[:-200], timeout=300,
+                           headers={"content-type": prepared.headers["Content-Type"]})
+    assert answer.status_code == 400
+    assert answer.json()["error"].startswith("the form ends before its closing boundary")
+    assert list(work.iterdir()) == []
 
 
 def test_overload_answers_503(server):

@@ -4,7 +4,9 @@ import asyncio
 
 import pytest
 
-from mmsep.scale.service import HttpError, check_form_request, read_limited_body
+from mmsep.runtime.errors import InputError
+from mmsep.scale.service import (HttpError, check_form_complete, check_form_request,
+                                 media_seconds, read_limited_body)
 
 
 @pytest.mark.parametrize("content_type, query, status", [
@@ -47,3 +49,61 @@ def test_a_body_is_read_whole_and_a_stalled_one_is_given_up():
     with pytest.raises(HttpError) as large:
         asyncio.run(read_limited_body(_Request([b"abcdef", b"ghijkl"]), 10))
     assert large.value.status == 413
+
+
+def _multipart() -> tuple[str, bytes]:
+    """A form as requests encodes it: (content type, body)."""
+    import requests
+
+    prepared = requests.Request("POST", "http://localhost/", data={"text": "a dog", "steps": "2"},
+                                files={"mix": ("m.wav", b"RIFF" + b"\0" * 100)}).prepare()
+    return prepared.headers["Content-Type"], prepared.body
+
+
+def test_a_form_cut_short_is_refused_not_run_without_its_last_part():
+    content_type, body = _multipart()
+    check_form_complete(content_type, body)
+    check_form_complete(content_type, body + b"\r\nan epilogue, ignored")
+    quoted = content_type.replace("boundary=", 'boundary="') + '"'
+    check_form_complete(quoted, body)
+    for cut in (len(body) - 4, len(body) // 2, 10):
+        with pytest.raises(InputError, match="ends before its closing boundary"):
+            check_form_complete(content_type, body[:cut])
+    with pytest.raises(InputError, match="names no boundary"):
+        check_form_complete("multipart/form-data", body)
+    check_form_complete("application/x-www-form-urlencoded", b"text=a+dog")
+
+
+def test_media_without_a_stated_duration_is_timed_by_its_packets(tmp_path):
+    """A recording written to a pipe (a browser's WebM, a live remux) states no duration."""
+    import io
+
+    import av
+    import numpy as np
+
+    class Pipe(io.RawIOBase):
+        def __init__(self):
+            self.data = bytearray()
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.data += b
+            return len(b)
+
+    pipe = Pipe()
+    with av.open(pipe, "w", format="matroska") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i, np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    path = tmp_path / "piped.mkv"
+    path.write_bytes(bytes(pipe.data))
+    with av.open(str(path)) as container:
+        assert container.duration is None and container.streams.video[0].duration is None
+    assert media_seconds(str(path)) == pytest.approx(5.0)
+    path.write_bytes(b"not media")
+    assert media_seconds(str(path)) is None
