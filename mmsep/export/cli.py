@@ -45,8 +45,9 @@ PROG = "mmsep-export"
               help="open_clip DFN5B ViT-H-14-384 weights file (or its directory).")
 @click.option("--synchformer", type=click.Path(path_type=Path), help="Synchformer state dict.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Model directory to write (default: models/<preset>); never the checkpoint's "
-                   "or weights' own paths, nor a directory holding them or inside them.")
+              help="Model directory to write (default: models/<variant or preset>); never the "
+                   "checkpoint's or weights' own paths, nor a directory holding them or inside "
+                   "them.")
 @click.option("--duration", type=click.FloatRange(2.0, 60.0), default=8.0, show_default=True,
               help="Window length in seconds; fixes the per-window sequence lengths.")
 @click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
@@ -156,6 +157,10 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     given = {label: path for label, path in (
         ("--checkpoint", checkpoint), ("--weights-dir", weights_dir), ("--vae", vae),
         ("--vocoder", vocoder), ("--clip", clip_path), ("--synchformer", synchformer)) if path}
+    if checkpoint is None and given:
+        raise UsageError(f"{', '.join(given)} name weights to export: give --checkpoint or "
+                         "--variant with them (without, a --preset of random weights is "
+                         "exported)")
     if out is not None:  # before anything is loaded
         _check_out(out, given)
         existing_model(out, force)
@@ -176,7 +181,9 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
         log(f"loading {checkpoint}")
         components = load_components(weights_dir, flow=checkpoint, vae=vae, vocoder=vocoder,
                                      clip=clip_path, synchformer=synchformer, duration=duration)
-        sources = {name: {"path": path, "sha256": sha256_file(_weights_file(Path(path)))}
+        # absolute: benchmarks/rtf.py reloads them from wherever it runs
+        sources = {name: {"path": os.path.abspath(path),
+                          "sha256": sha256_file(_weights_file(Path(path)))}
                    for name, path in components.sources.items()}
     out = out or Path("models") / components.config.name
     _check_out(out, {**given, **{f"the {name} weights": path for name, path in

@@ -108,11 +108,12 @@ def load_components(weights_dir: str | os.PathLike | None = None, *,
 
     root = Path(weights_dir) if weights_dir is not None else None
 
-    def default(given, relative: str, what: str) -> Path:
+    def default(given, relative: str, what: str, option: str) -> Path:
         if given is not None:
             return Path(given)
         if root is None:
-            raise CheckpointError(f"no {what} given: pass its path or a weights directory")
+            raise CheckpointError(f"no {what} given: pass its path (--{option}, {option}=) or a "
+                                  "release weights directory (--weights-dir, weights_dir=)")
         return root / relative
 
     if flow is None and variant is None:
@@ -121,14 +122,14 @@ def load_components(weights_dir: str | os.PathLike | None = None, *,
     net = load_flow(flow_path, duration=duration)
     mode = net.config.mode
 
-    vae_path = default(vae, VAE_FILES[mode], "VAE checkpoint")
-    sync_path = default(synchformer, SYNCHFORMER_FILE, "Synchformer checkpoint")
-    vocoder_path = default(vocoder, VOCODER_FILES[mode], VOCODER_WHAT[mode])
+    vae_path = default(vae, VAE_FILES[mode], "VAE checkpoint", "vae")
+    sync_path = default(synchformer, SYNCHFORMER_FILE, "Synchformer checkpoint", "synchformer")
+    vocoder_path = default(vocoder, VOCODER_FILES[mode], VOCODER_WHAT[mode], "vocoder")
     for path, what in ((vae_path, "VAE checkpoint"), (sync_path, "Synchformer checkpoint"),
                        (vocoder_path, VOCODER_WHAT[mode])):
         if not path.exists():
             raise CheckpointError(f"{path}: {what} not found")
-    clip_path = _clip_file(default(clip, CLIP_DIR, "CLIP weights"))
+    clip_path = _clip_file(default(clip, CLIP_DIR, "CLIP weights", "clip"))
 
     parts = {
         "vae": load_vae(vae_path, mode=mode),

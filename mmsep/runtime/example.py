@@ -2,8 +2,9 @@
 
     python -m mmsep.runtime.example --out example
 
-writes ``example/clip.mp4``: a moving test pattern with a stereo audio track that mixes two tones
-with white noise, and ``example/mix.wav``, the same mixture as a separate file.
+writes ``example/clip.mp4``: a moving test pattern with a stereo audio track (a 330 Hz tone on
+the left, a 550 Hz tone on the right, each with faint white noise), and ``example/mix.wav``: both
+tones and another noise draw, mono.
 """
 
 from __future__ import annotations

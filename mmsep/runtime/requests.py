@@ -56,6 +56,12 @@ class BatchInputs:
 
 @dataclass
 class SeparationResult:
+    """What a request gave: ``audio`` (one row per text, ``length`` samples at ``sample_rate``;
+    ``duration`` in seconds), the ``mode`` it ran in, how many ``windows`` the input was cut
+    into, the (window, text) ``items`` and the ``batches`` they ran in, ``timings`` in seconds,
+    the final ``latents`` when asked for (``keep_latents``) and ``video_start``, where in the
+    video file the output begins."""
+
     audio: np.ndarray | None  # float32 (n_texts, length); None when a sink took it
     length: int  # output samples per text
     sample_rate: int

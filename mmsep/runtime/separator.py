@@ -50,11 +50,14 @@ _NEGATIVE_CACHE_SIZE = 16
 class Separator(Closing):
     """Loads a model directory once (sessions, tokenizer, empty features) and serves requests.
 
-    ``backend``: "auto" (ONNX Runtime CUDA when available, else CPU), "ort-cpu", "ort-cuda" or
-    "trt"; ``backend_name`` tells which one runs. ``max_batch`` bounds the items per batch
-    (default: the manifest's), ``overlap`` is the window overlap in seconds (default: the
-    manifest's, 1 s). ``threads`` sets ONNX Runtime's intra-op threads (0: its default);
-    ``precision`` its graphs ("auto": fp16 on CUDA, fp32 on the CPU; backends/factory.py).
+    ``backend``: "auto" (the first that can run here of TensorRT, ONNX Runtime CUDA and ONNX
+    Runtime CPU), "trt", "ort-cuda" or "ort-cpu"; ``backend_name`` tells which one runs.
+    ``max_batch`` bounds the items per batch (default: the manifest's), ``overlap`` is the window
+    overlap in seconds (default: the manifest's, 1 s). ``threads`` sets ONNX Runtime's intra-op
+    threads (0: its default); ``precision`` its graphs ("auto": fp16 on CUDA, fp32 on the CPU;
+    backends/factory.py). ``verify=False`` skips hashing the model's files at start (their sizes
+    are still checked; a file that then fails to load is hashed and reported), as
+    ``mmsep-run --no-verify``.
     """
 
     def __init__(self, model_dir: str | os.PathLike = "models/tiny", backend: str = "auto", *,

@@ -56,9 +56,9 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--log-every", type=click.IntRange(1), default=TrainOptions.log_every,
               show_default=True, help="Progress line and metrics row every N steps.")
 @click.option("--init-input-proj", type=click.Choice(recipe.INIT_INPUT_PROJ), default=None,
-              show_default=recipe.INIT_INPUT_PROJ[0],
               help="For a generation --init: reinit: fresh audio input projection (the "
-              "authors); zero-mix: pretrained weights, zeros for the mixture channels.")
+              "authors); zero-mix: pretrained weights, zeros for the mixture channels "
+              f"(default: {recipe.INIT_INPUT_PROJ[0]}).")
 @click.option("--train-fused", is_flag=True,
               help="Also train the fused blocks and the final layer (the authors freeze them).")
 @click.option("--duration", type=click.FloatRange(2.0, 60.0), default=8.0, show_default=True,

@@ -251,6 +251,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(tiny_weights, tmp_path):
         (("--checkpoint", tiny_weights / "sep/weights/mmaudiosep_tiny.pth",
           "--weights-dir", tmp_path / "empty"),
          str(tmp_path / "empty" / "ext_weights" / "v1-44.pth") + ": VAE checkpoint not found"),
+        (("--checkpoint", tiny_weights / "sep/weights/mmaudiosep_tiny.pth"),
+         "no VAE checkpoint given: pass its path (--vae, vae=) or a release weights directory"),
+        (("--weights-dir", tiny_weights / "sep", "--vocoder", tmp_path),
+         "--weights-dir, --vocoder name weights to export: give --checkpoint or --variant"),
         (("--preset", "nonesuch"), "nonesuch"),
         (("--preset", "tiny", "--checkpoint", text_file), "either --checkpoint or --preset"),
     ]

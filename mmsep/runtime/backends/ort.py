@@ -129,7 +129,7 @@ class OrtBackend(Closing):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         refusal = cuda_refusal() if device == "cuda" else None
         if refusal is not None:
-            raise BackendUnavailable(f"{refusal}; or use --backend ort-cpu")
+            raise BackendUnavailable(f"{refusal}; or use the ort-cpu backend")
         self._ort = import_ort()
         self.model = model
         self.device = device

@@ -22,13 +22,13 @@ def import_gpu_stack():
     try:
         import tensorrt
     except ImportError as exc:
-        raise BackendUnavailable(f"TensorRT is not installed ({exc}); use --backend ort-cuda "
-                                 "or ort-cpu") from None
+        raise BackendUnavailable(f"TensorRT is not installed ({exc}); use the ort-cuda or "
+                                 "ort-cpu backend") from None
     try:
         import pycuda.driver as cuda
     except ImportError as exc:
         raise BackendUnavailable(f"pycuda is not installed ({exc}); pip install pycuda, or use "
-                                 "--backend ort-cuda or ort-cpu") from None
+                                 "the ort-cuda or ort-cpu backend") from None
     return tensorrt, cuda
 
 

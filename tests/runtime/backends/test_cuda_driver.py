@@ -92,6 +92,6 @@ def test_auto_takes_the_cpu_quietly(model_dir, gpu_provider_without_gpu, monkeyp
 
 
 def test_ort_cuda_says_why(model_dir, gpu_provider_without_gpu):
-    want = f"ONNX Runtime CUDA needs a GPU: {gpu_provider_without_gpu}; or use --backend ort-cpu"
+    want = f"ONNX Runtime CUDA needs a GPU: {gpu_provider_without_gpu}; or use the ort-cpu backend"
     with pytest.raises(BackendUnavailable, match=re.escape(want)):
         create_backend(ModelDir(model_dir), "ort-cuda")
