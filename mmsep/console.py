@@ -45,6 +45,29 @@ def terminate_as_interrupt():
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def interrupts_held(prog: str):
+    """Ctrl-C, SIGTERM and SIGHUP (unless ignored) wait until the block ends, for a step that
+    must not stop half-way (renaming a request's outputs into place: all or none); one that came
+    is then reported and the program goes on to its end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    signums = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
+               if s is not None and signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        click.echo(f"{prog}: interrupted while the outputs were being put in place; they were "
+                   "all written", err=True)
+
+
 def _during_interrupt(exc: BaseException) -> bool:
     """Whether ``exc`` was raised while an interrupt unwound (a second Ctrl-C cut a clean-up
     short, and the clean-up failed): it is reported as the interrupt, not as a bug."""

@@ -93,3 +93,22 @@ def test_every_console_script_is_launched_through_mmsep_console():
                if e.name.startswith("mmsep-")}
     assert scripts == {f"mmsep-{name}": f"mmsep.console:{name}_main"
                        for name in ("export", "run", "batch", "serve", "finetune")}
+
+
+def test_interrupts_wait_for_a_step_that_must_not_stop_half_way(capsys):
+    from mmsep.console import interrupts_held
+
+    finished = []
+
+    def body():
+        with interrupts_held("prog"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append(True)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    code, err = run(body, capsys)
+    assert (code, finished) == (0, [True])
+    assert err == ["prog: interrupted while the outputs were being put in place; they were all "
+                   "written"]
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from ..console import console_main, quiet_option
+from ..console import console_main, interrupts_held, quiet_option
 from .audio import MAX_GENERATED_SECONDS, MIN_SECONDS
 from .audio_writer import FORMATS, SUBTYPES, open_audio_outputs, output_format
 from .backend_options import backend_options
@@ -91,14 +91,14 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
     """Separate the sound of a video / text query from a mixture (or generate it) with an
     exported MMAudioSep model, without PyTorch."""
     _check_default_model(model_dir)
+    if mix is not None and video is None and not texts and not generate:
+        warnings.warn("no --video or --text: nothing told the model which source to separate",
+                      stacklevel=2)
     summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
                   negative_text=negative_text, generate=generate, duration=duration,
                   output=output, fmt=fmt, subtype=subtype, steps=steps, cfg=cfg, seed=seed,
                   overlap=overlap, max_batch=max_batch, **backend_options.separator_kwargs(),
                   mux_path=mux, show_progress=not (quiet or as_json))
-    if mix is not None and video is None and not texts and not generate:
-        warnings.warn("no --video or --text: nothing told the model which source to separate",
-                      stacklevel=2)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -123,13 +123,15 @@ def _check_default_model(model_dir: Path) -> None:
 def run(*, model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
         steps, cfg, seed, overlap, max_batch, backend, threads, precision="auto", verify=True,
         mux_path=None, show_progress=True) -> dict:
-    from .atomic import atomic_output
+    from .atomic import atomic_output, remove_stale_partials
     from .requests import Timings
     from .separator import Separator
 
     total_started = time.perf_counter()
     paths, fmt = _plan_outputs(output, fmt, subtype, len(texts), mix, video, model_dir,
                                mux_path)
+    for folder in {Path(p).parent for p in [*paths, *([mux_path] if mux_path else [])]}:
+        remove_stale_partials(folder)  # what a killed run (SIGKILL, out of memory) left there
     clock = Timings(("load", "write", "mux"))
     with clock.measure("load"):
         sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap,
@@ -153,6 +155,8 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
                 tmp = outputs.enter_context(atomic_output(mux_path))
                 mux(video, [w.path for w in writers], result.sample_rate, tmp, titles=texts,
                     atomic=False, name=mux_path, start=result.video_start)
+        with interrupts_held(PROG):  # the renames into place: a signal cannot cut them short
+            outputs.pop_all().close()
     total_s = time.perf_counter() - total_started
     audio_seconds = frames / result.sample_rate
     timings = {"load": clock["load"], **result.timings, "write": clock["write"],

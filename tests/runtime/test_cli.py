@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import av
 import numpy as np
@@ -280,3 +281,49 @@ def test_the_default_model_directory_is_named_when_it_is_missing(tmp_path, capsy
     assert (code, stderr.strip()) == (2, "mmsep-run: error: no --model given, and the default "
                                          "model directory models/tiny does not exist; pass "
                                          "--model with a directory mmsep-export wrote")
+
+
+def test_an_interrupt_while_outputs_are_renamed_waits_for_all_of_them(model_dir, tmp_path,
+                                                                      capsys, monkeypatch):
+    """SIGTERM arriving between two renames into place: both outputs are the new ones (it
+    left one new and one old, saying nothing was written)."""
+    import os
+    import signal
+
+    from mmsep.runtime import atomic
+
+    old = tmp_path / "old.wav"
+    sf.write(old, tones(0.5, 44100), 44100)
+    outputs = [tmp_path / "out_0.wav", tmp_path / "out_1.wav"]
+    for path in outputs:
+        shutil.copy(old, path)
+    real_replace, calls = os.replace, []
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_interrupt)
+    code, _, err = run_cli(["--model", model_dir, "--text", "a", "--text", "b", "--generate",
+                            "--duration", 0.5, "--steps", 1, "-q", "-o", tmp_path / "out.wav"],
+                           capsys)
+    assert code == 0, err
+    assert "interrupted while the outputs were being put in place; they were all written" in err
+    assert sorted(Path(p) for p in calls) == outputs
+    assert all(path.read_bytes() != old.read_bytes() for path in outputs)
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next(model_dir, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f".out.partial-{gone.pid}-{'0' * 12}.wav"
+    stale.write_bytes(b"half an output")
+    code, _, err = run_cli(["--model", model_dir, "--text", "a", "--generate", "--duration", 0.5,
+                            "--steps", 1, "-q", "-o", tmp_path / "out.wav"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.wav"]
