@@ -7,13 +7,14 @@ TensorRT engines, timing cache). Torch-free.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -174,6 +175,19 @@ def remove_stale_partials(directory: str | os.PathLike, wait_s: float = 0.0) -> 
     deadline = time.monotonic() + wait_s
     while _remove_stale_once(Path(directory)) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def remove_stale_partials_of(paths: Iterable[str | os.PathLike]) -> None:
+    """Remove the temporaries that killed writers of these very files left (their names carry
+    the file's stem and suffix), and no others: on a shared file system another machine's live
+    writer cannot be told from a dead one by its process id."""
+    for path in map(Path, paths):
+        for candidate in path.parent.glob(glob.escape(f".{path.stem}.partial-") + "*"):
+            match = _PARTIAL.match(candidate.name)
+            if (match and candidate.name.endswith(path.suffix) and candidate.is_file()
+                    and not _alive(int(match.group(1)))):
+                with contextlib.suppress(OSError):
+                    candidate.unlink()
 
 
 def _remove_stale_once(directory: Path) -> bool:

@@ -123,15 +123,14 @@ def _check_default_model(model_dir: Path) -> None:
 def run(*, model_dir, video, mix, texts, negative_text, generate, duration, output, fmt, subtype,
         steps, cfg, seed, overlap, max_batch, backend, threads, precision="auto", verify=True,
         mux_path=None, show_progress=True) -> dict:
-    from .atomic import atomic_output, remove_stale_partials
+    from .atomic import atomic_output, remove_stale_partials_of
     from .requests import Timings
     from .separator import Separator
 
     total_started = time.perf_counter()
     paths, fmt = _plan_outputs(output, fmt, subtype, len(texts), mix, video, model_dir,
                                mux_path)
-    for folder in {Path(p).parent for p in [*paths, *([mux_path] if mux_path else [])]}:
-        remove_stale_partials(folder)  # what a killed run (SIGKILL, out of memory) left there
+    remove_stale_partials_of([*paths, *([mux_path] if mux_path else [])])  # a killed run left
     clock = Timings(("load", "write", "mux"))
     with clock.measure("load"):
         sep = Separator(model_dir, backend, max_batch=max_batch, overlap=overlap,

@@ -323,7 +323,9 @@ def test_what_a_killed_run_left_is_removed_by_the_next(model_dir, tmp_path, caps
     gone.wait()
     stale = tmp_path / f".out.partial-{gone.pid}-{'0' * 12}.wav"
     stale.write_bytes(b"half an output")
+    other = tmp_path / f".other.partial-{gone.pid}-{'0' * 12}.wav"  # another program's, if
+    other.write_bytes(b"maybe running on another machine")  # the folder is shared: kept
     code, _, err = run_cli(["--model", model_dir, "--text", "a", "--generate", "--duration", 0.5,
                             "--steps", 1, "-q", "-o", tmp_path / "out.wav"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.wav"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "out.wav"]
