@@ -91,14 +91,14 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
     """Separate the sound of a video / text query from a mixture (or generate it) with an
     exported MMAudioSep model, without PyTorch."""
     _check_default_model(model_dir)
-    if mix is not None and video is None and not texts and not generate:
-        warnings.warn("no --video or --text: nothing told the model which source to separate",
-                      stacklevel=2)
     summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
                   negative_text=negative_text, generate=generate, duration=duration,
                   output=output, fmt=fmt, subtype=subtype, steps=steps, cfg=cfg, seed=seed,
                   overlap=overlap, max_batch=max_batch, **backend_options.separator_kwargs(),
                   mux_path=mux, show_progress=not (quiet or as_json))
+    if mix is not None and video is None and not texts and not generate:
+        warnings.warn("no --video or --text: nothing told the model which source to separate",
+                      stacklevel=2)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
