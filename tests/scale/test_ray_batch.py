@@ -119,10 +119,12 @@ def test_room_for_workers_and_replicas_in_the_cluster(capsys):
         _check_fits(cluster, 1.0, 0.0, 3)
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_fails_its_group_and_the_rest_goes_on(local_ray, model_dir,
                                                                    job_inputs, tmp_path):
     """An actor killed mid-group (as by the kernel's OOM killer): that group's requests are
-    recorded as failed, the other actor's are written."""
+    recorded as failed, the other group's are written. Slow: it depends on catching a worker
+    busy, which on a loaded machine can take long."""
     import os
     import signal
     import threading
@@ -146,11 +148,10 @@ def test_a_worker_that_dies_fails_its_group_and_the_rest_goes_on(local_ray, mode
         while time.monotonic() < deadline and not killed:
             busy = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
                     if b"_RayWorker.run" in _read(p)]
-            if len(busy) == 2:
-                time.sleep(0.5)
+            if busy:
                 os.kill(busy[0], signal.SIGKILL)
                 killed.append(busy[0])
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     killer = threading.Thread(target=kill_one_busy_worker)
     killer.start()
