@@ -193,34 +193,26 @@ def _value(field: str, text):
 
 
 def media_seconds(path: str) -> float | None:
-    """Duration of a media file from its container, else from its packets' timestamps (a
-    recording written to a pipe states none); None when it does not open or has no timestamps:
-    the runtime then answers with its own message."""
+    """Duration of a media file from its container, else its video (or audio) stream's, found
+    from its packets where the header states none (a recording written to a pipe); None when it
+    does not open: the runtime then answers with its own message."""
     import av
+
+    from mmsep.runtime.media_tracks import stream_duration, stream_start
 
     try:
         with av.open(path) as container:
             if container.duration is not None:
                 return container.duration / av.time_base
-            streams = [s for s in container.streams if s.duration and s.time_base]
-            if streams:
-                return max(float(s.duration * s.time_base) for s in streams)
-            return _packets_end(container)
+            stated = [s for s in container.streams if s.duration and s.time_base]
+            if stated:
+                return max(float(s.duration * s.time_base) for s in stated)
+            streams = [*container.streams.video, *container.streams.audio]
+            if not streams:
+                return None
+            return stream_duration(container, streams[0], stream_start(container, streams[0]))
     except (av.FFmpegError, OSError, ValueError):
         return None
-
-
-def _packets_end(container) -> float | None:
-    """Seconds from the earliest packet to the end of the last one, reading packets only."""
-    first = last = None
-    for packet in container.demux():
-        if packet.pts is None or packet.time_base is None:
-            continue
-        start = float(packet.pts * packet.time_base)
-        end = start + float((packet.duration or 0) * packet.time_base)
-        first = start if first is None else min(first, start)
-        last = end if last is None else max(last, end)
-    return None if first is None else last - first
 
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
