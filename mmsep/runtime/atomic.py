@@ -183,11 +183,8 @@ def remove_stale_partials_of(paths: Iterable[str | os.PathLike]) -> None:
     writer cannot be told from a dead one by its process id."""
     for path in map(Path, paths):
         for candidate in path.parent.glob(glob.escape(f".{path.stem}.partial-") + "*"):
-            match = _PARTIAL.match(candidate.name)
-            if (match and candidate.name.endswith(path.suffix) and candidate.is_file()
-                    and not _alive(int(match.group(1)))):
-                with contextlib.suppress(OSError):
-                    candidate.unlink()
+            if candidate.name.endswith(path.suffix) and candidate.is_file():
+                _remove_dead_partial(candidate)
 
 
 def _remove_stale_once(directory: Path) -> bool:
@@ -201,15 +198,24 @@ def _remove_stale_once(directory: Path) -> bool:
                 os.replace(kept, name)
             shutil.rmtree(path, ignore_errors=True)
             continue
-        match = _PARTIAL.match(path.name)
-        if match and _alive(int(match.group(1))):
-            live = True
-        elif match and path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif match:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        live = _remove_dead_partial(path) or live
     return live
+
+
+def _remove_dead_partial(path: Path) -> bool:
+    """Remove ``path`` if it is a temporary of ``_create_unique`` whose process no longer runs;
+    whether it is one of a running process."""
+    match = _PARTIAL.match(path.name)
+    if match is None:
+        return False
+    if _alive(int(match.group(1))):
+        return True
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return False
 
 
 def _alive(pid: int) -> bool:
