@@ -16,7 +16,6 @@ Layout of a model directory:
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..models.components import Components
-from ..runtime.atomic import fsync_directory, remove_stale_partials, replace_directory
+from ..runtime.atomic import (fsync_directory, remove_stale_partials, replace_directory,
+                              temporary_name)
 from ..runtime.resize_engine import ENGINE_NAMES
 from ..model_files import MANIFEST, VOCAB_FILE, ManifestError, manifest_files, read_manifest, \
     sha256_file
@@ -96,8 +96,7 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
 
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent)  # what killed exports (SIGKILL, power loss) left there
-    # unique per run, named as atomic_output names its temporaries (the process id included)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(6)}"
+    tmp = out.parent / temporary_name(out.name)  # unique per run, as atomic_output's temporaries
     tmp.mkdir()  # exclusive, with the usual permissions (mkdtemp's 0700 would stay on the model)
     try:
         plans = {name: _plan_stage(name, modules[name], specs[name], tmp, previous,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,11 +24,12 @@ from pathlib import Path
 def atomic_output(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
     """Yield a new, empty temporary file in ``path``'s directory; on success it replaces ``path``.
 
-    - The temporary name is unique (``.<stem>.partial-<pid>-<random><suffix>``, created
-      exclusively), so concurrent writers of one ``path`` never share a file: each renames a
-      complete file into place and the last one to finish wins. The suffix is kept for writers
-      that pick a container from the extension (soundfile, PyAV); the writer's process id lets
-      ``remove_stale_partials`` tell a killed writer's leftovers from a live one's.
+    - The temporary name is unique (``.<stem>.partial-<machine>-<pid>-<random><suffix>``,
+      created exclusively), so concurrent writers of one ``path`` never share a file: each
+      renames a complete file into place and the last one to finish wins. The suffix is kept for
+      writers that pick a container from the extension (soundfile, PyAV); the writer's machine
+      and process id let ``remove_stale_partials`` tell a killed writer's leftovers from a live
+      one's (``temporary_name``).
     - ``durable``: the file's data is fsynced before the rename and the directory after it, so
       a crash or power loss leaves the old file or the new one, never a truncated one.
     - On any exception, KeyboardInterrupt included, the temporary file is removed and ``path``
@@ -125,8 +128,7 @@ def check_not_special(path: str | os.PathLike, label: str | None = None) -> None
 
 def _create_unique(path: Path) -> Path:
     while True:
-        tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}-{secrets.token_hex(6)}"
-                             f"{path.suffix}")
+        tmp = path.with_name(temporary_name(path.stem, suffix=path.suffix))
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -142,16 +144,37 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
-_PARTIAL = re.compile(r"^\..+\.partial-(\d+)-[0-9a-f]{12}(\.[^.]+)?$")  # _create_unique's names
-_HOLDER = re.compile(r"^\.(.+)\.old-(\d+)-[0-9a-f]{12}$")  # replace_directory's
+def _machine_tag() -> str:
+    """Eight hex digits naming this machine and its process-id namespace (a container has its
+    own): a process id in a temporary's name means something only there."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha1(f"{socket.gethostname()}:{namespace}".encode()).hexdigest()[:8]
+
+
+MACHINE = _machine_tag()
+
+
+def temporary_name(name: str, kind: str = "partial", suffix: str = "") -> str:
+    """``.<name>.<kind>-<machine>-<pid>-<random><suffix>``: the name of a temporary this process
+    owns (a file or directory being written, "partial"; a directory moved aside, "old"). On a
+    shared file system only the machine that made it judges whether its writer still runs."""
+    return f".{name}.{kind}-{MACHINE}-{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+
+
+_OWNER = r"([0-9a-f]{8})-(\d+)-[0-9a-f]{12}"  # temporary_name's machine, pid and random part
+_PARTIAL = re.compile(rf"^\..+\.partial-{_OWNER}(\.[^.]+)?$")
+_HOLDER = re.compile(rf"^\.(.+)\.old-{_OWNER}$")
 
 
 def replace_directory(tmp: Path, out: Path) -> None:
     """Rename the complete directory ``tmp`` to ``out`` and delete what ``out`` held. The old
-    directory is first moved into a holder beside it (``.<name>.old-<pid>-<random>``): an
+    directory is first moved into a holder beside it (``temporary_name(name, "old")``): an
     interrupt between the two renames puts it back, and where the process was killed there
     (SIGKILL, power loss) ``remove_stale_partials`` does."""
-    holder = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(6)}"
+    holder = out.parent / temporary_name(out.name, "old")
     holder.mkdir()
     old = holder / out.name
     try:
@@ -168,19 +191,19 @@ def replace_directory(tmp: Path, out: Path) -> None:
 
 def remove_stale_partials(directory: str | os.PathLike, wait_s: float = 0.0) -> None:
     """Remove the temporaries ``atomic_output`` (and the exporter's model directories, named
-    alike) left in ``directory`` when their process was killed (SIGKILL, power loss); those of
-    running processes are kept, or, with ``wait_s``, waited for that long to end (processes
-    being stopped). A directory that ``replace_directory`` had moved aside when it was killed
-    goes back to its name when nothing took that name since."""
+    alike) left in ``directory`` when their process on this machine was killed (SIGKILL, power
+    loss); those of running processes are kept, or, with ``wait_s``, waited for that long to end
+    (processes being stopped), and those another machine or container made are left to it. A
+    directory that ``replace_directory`` had moved aside when it was killed goes back to its
+    name when nothing took that name since."""
     deadline = time.monotonic() + wait_s
     while _remove_stale_once(Path(directory)) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
 def remove_stale_partials_of(paths: Iterable[str | os.PathLike]) -> None:
-    """Remove the temporaries that killed writers of these very files left (their names carry
-    the file's stem and suffix), and no others: on a shared file system another machine's live
-    writer cannot be told from a dead one by its process id."""
+    """Remove the temporaries that killed writers of these very files left on this machine
+    (their names carry the file's stem and suffix), and no others."""
     for path in map(Path, paths):
         for candidate in path.parent.glob(glob.escape(f".{path.stem}.partial-") + "*"):
             if candidate.name.endswith(path.suffix) and candidate.is_file():
@@ -192,7 +215,7 @@ def _remove_stale_once(directory: Path) -> bool:
     live = False
     for path in directory.iterdir():
         held = _HOLDER.match(path.name)
-        if held and path.is_dir() and not _alive(int(held.group(2))):
+        if held and path.is_dir() and _dead(*held.group(2, 3)):
             kept, name = path / held.group(1), Path(directory) / held.group(1)
             if kept.is_dir() and not name.exists():
                 os.replace(kept, name)
@@ -203,12 +226,12 @@ def _remove_stale_once(directory: Path) -> bool:
 
 
 def _remove_dead_partial(path: Path) -> bool:
-    """Remove ``path`` if it is a temporary of ``_create_unique`` whose process no longer runs;
-    whether it is one of a running process."""
+    """Remove ``path`` if it is a temporary of ``_create_unique`` whose process on this machine
+    no longer runs; whether it is one of a running process here."""
     match = _PARTIAL.match(path.name)
-    if match is None:
+    if match is None or match.group(1) != MACHINE:
         return False
-    if _alive(int(match.group(1))):
+    if _alive(int(match.group(2))):
         return True
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -216,6 +239,12 @@ def _remove_dead_partial(path: Path) -> bool:
         with contextlib.suppress(OSError):
             path.unlink()
     return False
+
+
+def _dead(machine: str, pid: str) -> bool:
+    """Whether the process that named a temporary (``temporary_name``) is known to have ended:
+    only this machine's can be."""
+    return machine == MACHINE and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from mmsep.runtime.atomic import MACHINE
 from mmsep.runtime.cli import main
 from mmsep.runtime.example import tones
 from tests.helpers import without_fp16_copies
@@ -321,10 +322,10 @@ def test_what_a_killed_run_left_is_removed_by_the_next(model_dir, tmp_path, caps
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    stale = tmp_path / f".out.partial-{gone.pid}-{'0' * 12}.wav"
+    stale = tmp_path / f".out.partial-{MACHINE}-{gone.pid}-{'0' * 12}.wav"
     stale.write_bytes(b"half an output")
-    other = tmp_path / f".other.partial-{gone.pid}-{'0' * 12}.wav"  # another program's, if
-    other.write_bytes(b"maybe running on another machine")  # the folder is shared: kept
+    other = tmp_path / f".other.partial-{MACHINE}-{gone.pid}-{'0' * 12}.wav"  # not its output:
+    other.write_bytes(b"another program's")  # left to the program that writes other.wav
     code, _, err = run_cli(["--model", model_dir, "--text", "a", "--generate", "--duration", 0.5,
                             "--steps", 1, "-q", "-o", tmp_path / "out.wav"], capsys)
     assert code == 0, err

@@ -3,6 +3,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from mmsep.runtime.atomic import MACHINE
 from mmsep.train.cli import main
 
 torch = pytest.importorskip("torch")
@@ -21,7 +22,7 @@ def test_a_short_run_writes_a_loadable_ft_pt(corpus, weights_dir, tables, tmp_pa
 
     out = tmp_path / "run"
     out.mkdir()
-    stale = out / ".checkpoint.partial-4194305-0123456789ab.pt"  # a killed run's (no such pid)
+    stale = out / f".checkpoint.partial-{MACHINE}-4194305-0123456789ab.pt"  # a killed run's
     stale.write_bytes(b"half")
     result = CliRunner().invoke(main, _args(corpus, weights_dir, tables, out, "--steps", "2"))
     assert result.exit_code == 0, result.output
