@@ -54,6 +54,8 @@ def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
 def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str) -> np.ndarray:
     """Downmixed (``samples`` (L,) or (L, channels)), checked, clipped and resampled audio."""
     samples = np.asarray(samples)
+    if samples.ndim == 2 and samples.shape[1] == 0:
+        raise InputError(f"{name}: audio of shape {samples.shape} has no channels")
     if samples.ndim == 2 and 0 < samples.shape[0] < samples.shape[1]:
         raise InputError(f"{name}: audio of shape {samples.shape} has more channels than "
                          "samples; give (samples, channels), e.g. the array's .T")

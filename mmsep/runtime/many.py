@@ -121,6 +121,9 @@ def run_requests(sep: Separator, requests: Sequence[Mapping], *,
 
 # -- plan windows ------------------------------------------------------------------------------
 def _settings(sep: Separator, options: Mapping) -> _Settings:
+    if not isinstance(options, Mapping):
+        raise TypeError(f"a request must be a dict of process() options, got "
+                        f"{type(options).__name__}")
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"unknown request options: {', '.join(sorted(unknown))}")

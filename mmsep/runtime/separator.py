@@ -23,6 +23,7 @@ and stacked after the conditional branch for the denoiser.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,7 +40,7 @@ from .media_tracks import audio_track_start
 from .model_dir import ModelDir
 from .prefetch import PrefetchedWindows
 from .requests import NUMBER, BatchInputs, SeparationResult, Timings
-from .tokenizer import ClipTokenizer
+from .tokenizer import CONTEXT_LENGTH, ClipTokenizer
 from .video import VideoSource, WindowFrames
 from .windows import WindowPlan
 
@@ -57,19 +58,18 @@ class Separator(Closing):
     threads (0: its default); ``precision`` its graphs ("auto": fp16 on CUDA, fp32 on the CPU;
     backends/factory.py). ``verify=False`` skips hashing the model's files at start (their sizes
     are still checked; a file that then fails to load is hashed and reported), as
-    ``mmsep-run --no-verify``.
+    ``mmsep-run --no-verify``. One request runs at a time: threads sharing a Separator take
+    turns (its caches and device buffers are not guarded), or each holds its own.
     """
 
     def __init__(self, model_dir: str | os.PathLike = "models/tiny", backend: str = "auto", *,
                  max_batch: int | None = None, overlap: float | None = None, threads: int = 0,
                  precision: str = "auto", verify: bool = True):
-        _check_arguments(model_dir, overlap, threads)
+        _check_arguments(model_dir, max_batch, overlap, threads, verify)
         self._closed = False
         self.model = ModelDir(model_dir, verify=verify)
         self.info = info = self.model.info
-        self.max_batch = info.max_batch if max_batch is None else max_batch
-        if not isinstance(self.max_batch, int) or self.max_batch < 1:
-            raise InputError(f"max batch must be a positive integer, got {max_batch!r}")
+        self.max_batch = info.max_batch if max_batch is None else int(max_batch)
         self.overlap = info.default_overlap_seconds if overlap is None else float(overlap)
         limit = info.window_seconds / 2
         if not 0.0 <= self.overlap <= limit:
@@ -177,6 +177,8 @@ class Separator(Closing):
 
     def _text_batch(self, texts: list[str | None]) -> list[np.ndarray]:
         missing = list(dict.fromkeys(t for t in texts if t is not None and t not in self._texts))
+        for text in missing:
+            _warn_if_cut(text, self._tokenizer.length(text))
         for chunk in range(0, len(missing), self.max_batch):
             group = missing[chunk:chunk + self.max_batch]
             features = self.backend.run(Stage.CLIP_TEXT, {Tensor.TOKENS: self._tokenizer(group)})
@@ -324,11 +326,24 @@ class Separator(Closing):
         return run_requests(self, requests)
 
 
-def _check_arguments(model_dir, overlap, threads) -> None:
+def _warn_if_cut(text: str, tokens: int) -> None:
+    if tokens > CONTEXT_LENGTH:
+        shown = text if len(text) <= 40 else f"{text[:40]}..."
+        warnings.warn(f"text {shown!r} takes {tokens} CLIP tokens; the model reads "
+                      f"{CONTEXT_LENGTH} (start, the first {CONTEXT_LENGTH - 2}, end) and ignores "
+                      "the rest", stacklevel=4)
+
+
+def _check_arguments(model_dir, max_batch, overlap, threads, verify) -> None:
     """InputError for arguments of the wrong kind, before anything is loaded (ONNX Runtime
     would otherwise blame the model file for a bad thread count)."""
     if not isinstance(model_dir, (str, os.PathLike)):
         raise InputError(f"model_dir must be a path, got {type(model_dir).__name__}")
+    if max_batch is not None and (isinstance(max_batch, bool) or
+                                  not isinstance(max_batch, (int, np.integer)) or max_batch < 1):
+        raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+    if not isinstance(verify, (bool, np.bool_)):
+        raise InputError(f"verify must be True or False, got {verify!r}")
     if overlap is not None and (isinstance(overlap, bool) or
                                 not isinstance(overlap, NUMBER)):
         raise InputError(f"overlap must be a number of seconds, got {overlap!r}")

@@ -128,6 +128,11 @@ class ClipTokenizer:
             ids.extend(self._word_ids(word))
         return ids
 
+    def length(self, text: str) -> int:
+        """Tokens of ``text`` with its start and end tokens; past the context length the text
+        is cut (``__call__``)."""
+        return len(self.encode(text)) + 2
+
     def __call__(self, texts: str | Sequence[str],
                  context_length: int = CONTEXT_LENGTH) -> np.ndarray:
         """(B, context_length) int64 ids: start, text, end, zeros; long texts keep the end token."""

@@ -1,5 +1,7 @@
 """Separator end to end on the tiny model (ORT CPU), and against the PyTorch reference sampler."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -122,6 +124,7 @@ def test_unconditional_branch_is_computed_once_per_load(model_dir):
      r"H and W positive, got uint8 \(4, 0, 8, 3\)"),
     (dict(mix=np.stack([tones(1.0, SR)] * 2)), r"audio of shape \(2, 44100\) has more channels "
                                                  r"than samples; give \(samples, channels\)"),
+    (dict(mix=np.zeros((SR, 0), np.float32)), r"audio of shape \(44100, 0\) has no channels"),
     (dict(video=np.zeros((10, 8, 8, 3), np.uint8), video_fps=1e-4, generate=True),
      "video is 100000.000 s long; generated audio takes 0.1 to 36000 s"),
     (dict(generate="no"), "generate must be True or False, got 'no'"),
@@ -141,15 +144,28 @@ def test_video_without_audio_needs_a_mixture(separator, media):
 def test_bad_options(model_dir):
     with pytest.raises(InputError, match=r"overlap must be between 0 and 1 s"):
         Separator(model_dir, "ort-cpu", overlap=1.5)
-    with pytest.raises(InputError, match="max batch"):
-        Separator(model_dir, "ort-cpu", max_batch=0)
-    for kwargs, message in ((dict(overlap="1"), "overlap must be a number of seconds"),
+    for kwargs, message in ((dict(max_batch=0), "max_batch must be a positive integer, got 0"),
+                            (dict(max_batch=True), "max_batch must be a positive integer"),
+                            (dict(max_batch=2.0), "max_batch must be a positive integer"),
+                            (dict(verify="no"), "verify must be True or False, got 'no'"),
+                            (dict(overlap="1"), "overlap must be a number of seconds"),
                             (dict(threads="4"), "threads must be a non-negative integer"),
                             (dict(precision="bf17"), "precision must be one of auto, fp16")):
         with pytest.raises(InputError, match=message):
             Separator(model_dir, "ort-cpu", **kwargs)
     with pytest.raises(InputError, match="model_dir must be a path, got int"):
         Separator(5)
+
+
+def test_a_text_longer_than_clip_reads_is_warned_about_once(separator):
+    long = " ".join(["rain"] * 80)  # 80 tokens and start and end: 82
+    with pytest.warns(UserWarning, match=r"text 'rain rain .*\.\.\.' takes 82 CLIP tokens; the "
+                                         r"model reads 77 \(start, the first 75, end\)"):
+        separator.text_features(long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        separator.text_features(long)  # cached: said once
+        separator.text_features(" ".join(["rain"] * 75))  # 77 exactly: nothing cut
 
 
 def test_numpy_scalars_are_numbers(separator):
@@ -166,6 +182,10 @@ def test_callbacks_and_request_lists_are_checked_before_any_work(separator):
     for requests in ({"duration": 1.0}, None):
         with pytest.raises(TypeError, match="requests must be a list of dicts"):
             separator.process_many(requests)
+    refused, done = separator.process_many(["duration=1", dict(duration=1.0, steps=1)])
+    assert isinstance(refused, TypeError) and str(refused) == (
+        "a request must be a dict of process() options, got str")
+    assert done.audio.shape == (1, SR)
 
 
 def test_a_closed_separator_refuses_work_and_loads_nothing_again(model_dir):

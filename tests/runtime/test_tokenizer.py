@@ -105,6 +105,13 @@ def test_matches_open_clip_at_other_context_lengths(open_clip_tokenizer):
                                       open_clip_tokenizer(texts, context_length=length).numpy())
 
 
+def test_length_counts_what_open_clip_would_write_without_a_limit(open_clip_tokenizer):
+    texts = CASES + _random_texts(50, seed=2)
+    mine = ClipTokenizer()
+    wide = open_clip_tokenizer(texts, context_length=1000).numpy()  # nothing cut
+    assert [mine.length(t) for t in texts] == np.count_nonzero(wide, axis=1).tolist()
+
+
 def test_truncation_keeps_the_end_token():
     ids = tokenize(" ".join(["word"] * 200))[0]
     assert ids[0] == 49406 and ids[76] == 49407
