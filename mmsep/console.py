@@ -8,6 +8,7 @@ import contextlib
 import signal
 import sys
 import threading
+import warnings
 
 import click
 
@@ -79,14 +80,17 @@ def _during_interrupt(exc: BaseException) -> bool:
     return False
 
 
-def console_main(command, prog: str, args, *, interrupted: str | None,
+def console_main(command, prog: str, args=None, *, interrupted: str | None,
                  interrupted_code: int = EXIT_INTERRUPTED) -> None:
     """Run a click ``command`` as a console program: exit 0 (or the int the command returns),
     2 bad usage or input, 1 internal failure, ``interrupted_code`` on Ctrl-C, SIGTERM or SIGHUP
     (saying ``interrupted`` unless the command said it itself). A command may end with its own
-    ``sys.exit`` after printing its own line."""
+    ``sys.exit`` after printing its own line. Warnings are one line each
+    (``_warnings_as_lines``)."""
     from .runtime.errors import BackendError, InputError
 
+    args = sys.argv[1:] if args is None else list(args)
+    _warnings_as_lines(prog, quiet="--quiet" in args or "-q" in args)
     try:
         with terminate_as_interrupt():
             code = command.main(args=args, prog_name=prog, standalone_mode=False)
@@ -110,6 +114,16 @@ def console_main(command, prog: str, args, *, interrupted: str | None,
                    f"{' '.join(str(exc).split())}", err=True)
         sys.exit(EXIT_INTERNAL)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _warnings_as_lines(prog: str, quiet: bool) -> None:
+    """Show Python warnings as ``<prog>: warning: <message>`` lines on stderr (not Python's
+    source-file format), or not at all with ``--quiet``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not quiet:
+            click.echo(f"{prog}: warning: {message}", err=True)
+
+    warnings.showwarning = show
 
 
 def _launch(prog: str, target: str) -> None:

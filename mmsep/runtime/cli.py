@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -90,15 +89,13 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
         steps, cfg, seed, overlap, max_batch, backend_options, mux, as_json, quiet):
     """Separate the sound of a video / text query from a mixture (or generate it) with an
     exported MMAudioSep model, without PyTorch."""
+    _check_flag_combinations(mix, texts, negative_text, generate, duration)
     _check_default_model(model_dir)
     summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
                   negative_text=negative_text, generate=generate, duration=duration,
                   output=output, fmt=fmt, subtype=subtype, steps=steps, cfg=cfg, seed=seed,
                   overlap=overlap, max_batch=max_batch, **backend_options.separator_kwargs(),
                   mux_path=mux, show_progress=not (quiet or as_json))
-    if mix is not None and video is None and not texts and not generate:
-        warnings.warn("no --video or --text: nothing told the model which source to separate",
-                      stacklevel=2)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -107,6 +104,21 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
                    f"{summary['mode']}, {summary['backend']}; real-time factor "
                    f"{summary['real_time_factor']:.3f}: processing seconds per second of audio, "
                    "below 1 is faster than real time)", err=True)
+
+
+def _check_flag_combinations(mix, texts, negative_text, generate, duration) -> None:
+    """Refusals in the words of the command line (the Python API names its arguments)."""
+    from .errors import InputError
+
+    if mix is not None and generate:
+        raise InputError("--mix and --generate: --generate makes audio from a noise mixture and "
+                         "would ignore --mix; drop one of them")
+    if mix is not None and duration is not None:
+        raise InputError("--duration sets the length of generated audio; with --mix the output "
+                         "has the mixture's length")
+    for flag, text in [*(("--text", t) for t in texts), ("--negative-text", negative_text)]:
+        if text is not None and not text.strip():
+            raise InputError(f"{flag} is empty")
 
 
 def _check_default_model(model_dir: Path) -> None:
@@ -140,7 +152,9 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     # or Ctrl-C anywhere leaves none of them behind
     with sep, contextlib.ExitStack() as outputs:
         writers = open_audio_outputs(outputs, paths, sep.sample_rate, fmt, subtype)
-        result = _separate(sep, writers, clock, show_progress, mix=mix, video=video,
+        unguided = mix is not None and video is None and not texts and not generate
+        result = _separate(sep, writers, clock, show_progress,
+                           NO_QUERY_WARNING if unguided else None, mix=mix, video=video,
                            text=texts or None, negative_text=negative_text, steps=steps,
                            cfg=cfg, seed=seed, generate=generate, duration=duration)
         with clock.measure("write"):
@@ -174,9 +188,13 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     }
 
 
-def _separate(sep, writers: list, clock, show_progress: bool, **request):
+NO_QUERY_WARNING = "no --video or --text: nothing told the model which source to separate"
+
+
+def _separate(sep, writers: list, clock, show_progress: bool, warning: str | None, **request):
     """``sep.process(**request)`` with its output streamed into ``writers`` (the time spent
-    writing added to ``clock["write"]``) and a progress bar over the batches."""
+    writing added to ``clock["write"]``) and a progress bar over the batches. ``warning`` is
+    given once the first batch has run: after every input check, so never before a refusal."""
     from ..progress import Progress
 
     def sink(k, samples):
@@ -186,7 +204,10 @@ def _separate(sep, writers: list, clock, show_progress: bool, **request):
     bar = None
 
     def progress(done, total):
-        nonlocal bar
+        nonlocal bar, warning
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
+            warning = None
         if not show_progress or total < 2:
             return
         if bar is None:
@@ -285,16 +306,9 @@ def _check_suffix(output: Path, fmt: str | None) -> None:
 
 
 def main(argv=None) -> None:
-    """Console entry point: one-line errors, exit codes 0/1/2/130, never a traceback."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    quiet = "--quiet" in args or "-q" in args
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if not quiet:
-            click.echo(f"{PROG}: warning: {message}", err=True)
-
-    warnings.showwarning = show
-    console_main(cli, PROG, args, interrupted="interrupted; nothing was written")
+    """Console entry point: one-line errors and warnings, exit codes 0/1/2/130, never a
+    traceback."""
+    console_main(cli, PROG, argv, interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

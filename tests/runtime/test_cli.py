@@ -136,7 +136,14 @@ BAD = {
     "no audio track": (lambda t, m: ["--video", m["silent_video"]], "no audio track"),
     "missing mix": (lambda t, m: ["--mix", t / "nope.wav"], "nope.wav: file not found"),
     "empty text": (lambda t, m: ["--mix", _wav(t, "a.wav", tones(1, SR)), "--text", " "],
-                   "text is empty"),
+                   "--text is empty"),
+    "empty negative text": (lambda t, m: ["--text", "x", "--negative-text", ""],
+                            "--negative-text is empty"),
+    "mix and generate": (lambda t, m: ["--mix", _wav(t, "a.wav", tones(1, SR)), "--generate"],
+                         "--mix and --generate: --generate makes audio from a noise mixture"),
+    "mix and duration": (lambda t, m: ["--mix", _wav(t, "a.wav", tones(1, SR)), "--duration",
+                                       2], "--duration sets the length of generated audio; "
+                                           "with --mix the output"),
     "nan mix": (lambda t, m: ["--mix", _wav(t, "n.wav", np.full(SR, np.nan, np.float32))],
                 "NaN or infinite"),
     "silent mix": (lambda t, m: ["--mix", _wav(t, "s.wav", np.zeros(SR, np.float32))],
@@ -274,6 +281,22 @@ def test_a_mixture_without_a_query_is_warned_about(model_dir, tmp_path, capsys):
     assert code == 0 and (tmp_path / "o.wav").is_file()
     assert stderr.startswith("mmsep-run: warning: no --video or --text: nothing told the model "
                              "which source to separate\n")
+
+
+def test_the_no_query_warning_comes_after_the_checks_and_before_the_progress(model_dir, tmp_path,
+                                                                            capsys):
+    mix = _wav(tmp_path, "m.wav", tones(16, SR))  # three 8 s windows: three batches of one
+    code, _, stderr = run_cli(["--model", model_dir, "--mix", mix, "-o", tmp_path / "o.wav",
+                               "--steps", "1", "--max-batch", "1"], capsys)
+    lines = stderr.splitlines()
+    assert code == 0 and lines[0] == ("mmsep-run: warning: no --video or --text: nothing told "
+                                      "the model which source to separate"), stderr
+    assert "batch" in lines[1] and lines[-1].startswith("wrote ")
+    silent = _wav(tmp_path, "s.wav", np.zeros(SR, np.float32))
+    code, _, stderr = run_cli(["--model", model_dir, "--mix", silent, "-o", tmp_path / "s_.wav",
+                               "--steps", "1"], capsys)
+    lines = stderr.strip().splitlines()  # a refusal is the one line it was, no warning first
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("mmsep-run: error: "), stderr
 
 
 def test_the_default_model_directory_is_named_when_it_is_missing(tmp_path, capsys, monkeypatch):

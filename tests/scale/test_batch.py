@@ -238,6 +238,20 @@ def test_progress_and_summary(model_dir, job_inputs, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "o" / "1_other_separated.wav")
 
 
+def test_warnings_are_one_line_each_and_quiet_hides_them(model_dir, tmp_path, capsys):
+    loud = tmp_path / "loud.wav"
+    sf.write(loud, 1.5 * np.sin(np.linspace(0, 900, 44100, dtype=np.float32)), 44100,
+             subtype="FLOAT")
+    jobs = write_jobs(tmp_path / "j.jsonl", [{"mix": "loud.wav", "text": "a", "steps": 1}])
+    assert run_batch(jobs, "--model", model_dir, "--out", tmp_path / "o", "--backend",
+                     "ort-cpu") == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "clipped" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"mmsep-batch: warning: {loud}: "), warned
+    assert run_batch(jobs, "--model", model_dir, "--out", tmp_path / "q", "--backend",
+                     "ort-cpu", "-q") == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_an_output_that_is_an_input_by_another_name_fails_its_line(model_dir, job_inputs,
                                                                    tmp_path):
     """A hard link in --out to a line's mixture is the same file: refused, the input intact."""
