@@ -89,7 +89,7 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
         steps, cfg, seed, overlap, max_batch, backend_options, mux, as_json, quiet):
     """Separate the sound of a video / text query from a mixture (or generate it) with an
     exported MMAudioSep model, without PyTorch."""
-    _check_flag_combinations(mix, texts, negative_text, generate, duration)
+    _check_flag_combinations(video, mix, texts, negative_text, generate, duration)
     _check_default_model(model_dir)
     summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
                   negative_text=negative_text, generate=generate, duration=duration,
@@ -106,7 +106,8 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
                    "below 1 is faster than real time)", err=True)
 
 
-def _check_flag_combinations(mix, texts, negative_text, generate, duration) -> None:
+def _check_flag_combinations(video, mix, texts, negative_text, generate, duration
+                             ) -> None:
     """Refusals in the words of the command line (the Python API names its arguments)."""
     from .errors import InputError
 
@@ -116,6 +117,10 @@ def _check_flag_combinations(mix, texts, negative_text, generate, duration) -> N
     if mix is not None and duration is not None:
         raise InputError("--duration sets the length of generated audio; with --mix the output "
                          "has the mixture's length")
+    if video is not None and duration is not None and not generate:
+        raise InputError("--duration sets the length of generated audio; with --video alone the "
+                         "video's audio track is the mixture and sets the output's length "
+                         "(--generate makes new audio for the video)")
     for flag, text in [*(("--text", t) for t in texts), ("--negative-text", negative_text)]:
         if text is not None and not text.strip():
             raise InputError(f"{flag} is empty")

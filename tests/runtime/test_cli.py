@@ -144,6 +144,8 @@ BAD = {
     "mix and duration": (lambda t, m: ["--mix", _wav(t, "a.wav", tones(1, SR)), "--duration",
                                        2], "--duration sets the length of generated audio; "
                                            "with --mix the output"),
+    "video and duration": (lambda t, m: ["--video", m["av"], "--duration", 2],
+                           "with --video alone the video's audio track is the mixture"),
     "nan mix": (lambda t, m: ["--mix", _wav(t, "n.wav", np.full(SR, np.nan, np.float32))],
                 "NaN or infinite"),
     "silent mix": (lambda t, m: ["--mix", _wav(t, "s.wav", np.zeros(SR, np.float32))],
