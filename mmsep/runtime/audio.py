@@ -37,10 +37,12 @@ BLOCK_FRAMES = 1 << 16  # source frames decoded at a time by MixtureStream
 QUALITY = "VHQ"
 
 
-def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+def read_audio(path: str | os.PathLike, sample_rate: int, *,
+               peak: float | None = None) -> np.ndarray:
     """Mono float32 samples of the audio file (or a media file's first audio track) at
     ``sample_rate``. Values outside [-1, 1] are clipped with a warning; NaN/Inf are rejected.
-    The whole file is held in memory: for long files use ``MixtureStream``."""
+    ``peak``: scale the whole file to this peak first (``prepare``). The whole file is held in
+    memory: for long files use ``MixtureStream``."""
     path = _existing_file(path)
     decoded = _read_soundfile(path)
     if decoded is None:
@@ -48,11 +50,14 @@ def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
         if decoded is None:
             raise InputError(f"{path}: has no audio track")
     samples, rate = decoded
-    return prepare(samples, rate, sample_rate, name=str(path))
+    return prepare(samples, rate, sample_rate, name=str(path), peak=peak)
 
 
-def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str) -> np.ndarray:
-    """Downmixed (``samples`` (L,) or (L, channels)), checked, clipped and resampled audio."""
+def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str,
+            peak: float | None = None) -> np.ndarray:
+    """Downmixed (``samples`` (L,) or (L, channels)), checked, clipped and resampled audio.
+    With ``peak`` the downmix is scaled to that peak before resampling instead of clipped (as
+    training sources are; a silent one is refused)."""
     samples = np.asarray(samples)
     if samples.ndim == 2 and samples.shape[1] == 0:
         raise InputError(f"{name}: audio of shape {samples.shape} has no channels")
@@ -70,8 +75,11 @@ def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str) -> n
     samples = samples.astype(np.float32, copy=False)
     if not np.all(np.isfinite(samples)):
         _reject_nonfinite(int(np.count_nonzero(~np.isfinite(samples))), name)
-    _warn_clipped(int(np.count_nonzero(np.abs(samples) > 1.0)), name, stacklevel=4)
-    samples = np.clip(samples, -1.0, 1.0)
+    if peak is not None:
+        samples = _scaled_to_peak(samples, peak, name)
+    else:
+        _warn_clipped(int(np.count_nonzero(np.abs(samples) > 1.0)), name, stacklevel=4)
+        samples = np.clip(samples, -1.0, 1.0)
     if rate != sample_rate and samples.size:
         import soxr
 
@@ -262,6 +270,16 @@ def _warn_clipped(count: int, name: str, *, stacklevel: int) -> None:
     if count:
         warnings.warn(f"{name}: {count} samples outside [-1, 1] were clipped",
                       stacklevel=stacklevel)
+
+
+def _scaled_to_peak(samples: np.ndarray, peak: float, name: str) -> np.ndarray:
+    if samples.size == 0:
+        return samples  # the caller says what an empty file means to it
+    found = float(np.max(np.abs(samples)))
+    if found <= SILENCE_PEAK:
+        raise InputError(f"{name}: silent (peak {found:.1e}, at most {SILENCE_PEAK:.0e}); "
+                         f"there is no sound to scale to peak {peak}")
+    return samples * np.float32(peak / found)
 
 
 def _downmix(samples: np.ndarray) -> np.ndarray:

@@ -197,7 +197,7 @@ def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> 
     built."""
     import mmsep.models as mm
 
-    from .data import class_ids, read_clips
+    from .data import SOURCE_PEAK, class_ids, read_clips
     from .features import build_cache, load_encoders, load_table
 
     log = (lambda msg: None) if kw["quiet"] or not ranks.main else click.echo
@@ -218,16 +218,19 @@ def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> 
     encoders = load_encoders(kw["weights_dir"], net.config.mode)
     lengths = net.config.lengths
     cache = kw["cache"] or kw["out"] / "cache"
+    peaks = {"data": SOURCE_PEAK, "val": None}  # validation clips keep their level
     if ranks.main:  # the other processes wait, then find every entry in place
         for split, items in clips.items():
-            build_cache(items, encoders, lengths, cache, _cache_progress(log, split))
+            build_cache(items, encoders, lengths, cache, source_peak=peaks[split],
+                        progress=_cache_progress(log, split))
     if ranks.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     empty = tuple(e[0] for e in net.empty_conditions(1))
-    tables = {split: load_table(build_cache(items, encoders, lengths, cache), class_ids(items),
-                                empty) for split, items in clips.items()}
+    tables = {split: load_table(build_cache(items, encoders, lengths, cache,
+                                            source_peak=peaks[split]), class_ids(items), empty)
+              for split, items in clips.items()}
     trainer = Trainer(net, encoders, tables["data"], tables["val"], options, kw["out"],
                       ranks=ranks, device=device, log=log, setup=setup)
     if state is not None:

@@ -4,6 +4,11 @@ One JSON object per line: ``video`` and/or ``audio`` (paths, relative to the JSO
 absolute), ``text`` (the label a user would query with; optional when there is a video) and an
 optional ``class``. The source audio is ``audio`` when given, else the video's audio track.
 
+Training sources are scaled to a peak of ``SOURCE_PEAK`` over the whole file before resampling,
+and a silent one is refused, as the authors' feature extraction does for its training split
+(``normalize_audio``; validation clips keep their level). A clip shorter than a window is padded
+with silence (the authors skip it).
+
 Mixtures follow the authors' training data (mmaudiosep/data/extracted_audio_sep.py): an
 interfering clip is scaled so that the target-to-interferer power ratio is an SNR drawn
 uniformly from [-15, 15] dB, added, and when the mixture's peak exceeds 1 both the target and the
@@ -25,6 +30,7 @@ from pathlib import Path
 import torch
 
 SNR_RANGE_DB = (-15.0, 15.0)
+SOURCE_PEAK = 0.95  # every training source's peak (the authors' normalize_audio; not validation's)
 INTERFERER_SPAN_WINDOWS = 2  # windows of each clip's audio kept for drawing interferers from
 _EPS = 1e-6  # as the authors: in the power ratio and the peak
 

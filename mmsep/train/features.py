@@ -1,11 +1,12 @@
 """The frozen encoders and the feature cache that training reads.
 
 Every clip's query features (CLIP image features of its video at 8 fps, Synchformer features at 25
-fps, CLIP text features of its label) and its source waveform (mono, at the model rate, the first
-``INTERFERER_SPAN_WINDOWS`` windows at most: the first window is its target, the rest is where the
-clip's interferer windows may start from) are computed once through mmsep's own encoders and written
-to one file per clip. A file's name is a hash of the clip (its files' absolute paths, sizes and
-modification times, its text), the encoders' weights and the window length, so a changed clip or
+fps, CLIP text features of its label) and its source waveform (mono, at the model rate, scaled
+to ``SOURCE_PEAK`` in the training split, the first ``INTERFERER_SPAN_WINDOWS`` windows at most:
+the first window is its target, the rest is where the clip's interferer windows may start from)
+are computed once through mmsep's own encoders and written to one file per clip. A file's name is
+a hash of the clip (its files' absolute paths, sizes and modification times, its text), the
+encoders' weights, the window length and the source peak, so a changed clip or
 encoder is recomputed instead of reused, an interrupted run resumes where it stopped, and several
 runs can share one cache directory. Files are written atomically.
 
@@ -33,7 +34,8 @@ from mmsep.runtime.atomic import atomic_output
 
 from .data import INTERFERER_SPAN_WINDOWS, Clip, DataError
 
-CACHE_FORMAT = 3  # 2: clips keyed by their files' identity; 3: audio beyond the first window
+CACHE_FORMAT = 4  # 2: clips keyed by their files' identity; 3: audio beyond the first window;
+# 4: training sources scaled to SOURCE_PEAK
 
 
 @dataclass
@@ -75,9 +77,11 @@ def load_encoders(weights_dir: str | os.PathLike, mode: str) -> Encoders:
                     fingerprint=digest.hexdigest())
 
 
-def cache_key(clip: Clip, encoders: Encoders, lengths: SequenceLengths) -> str:
+def cache_key(clip: Clip, encoders: Encoders, lengths: SequenceLengths,
+              source_peak: float | None) -> str:
     blob = json.dumps({"format": CACHE_FORMAT, "clip": clip.key(), "weights": encoders.fingerprint,
-                       "duration": lengths.duration, "mode": lengths.mode.name}, sort_keys=True)
+                       "duration": lengths.duration, "mode": lengths.mode.name,
+                       "peak": source_peak}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -96,17 +100,18 @@ def _decoded_frames(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def clip_features(clip: Clip, encoders: Encoders,
-                  lengths: SequenceLengths) -> dict[str, torch.Tensor | None]:
-    """One clip's cache entry: ``audio`` (at least one window, L, and at most
-    ``INTERFERER_SPAN_WINDOWS`` windows; a shorter clip padded with silence to L) and
+def clip_features(clip: Clip, encoders: Encoders, lengths: SequenceLengths, *,
+                  source_peak: float | None) -> dict[str, torch.Tensor | None]:
+    """One clip's cache entry: ``audio`` (the whole file scaled to ``source_peak`` unless None,
+    then at least one window, L, and at most ``INTERFERER_SPAN_WINDOWS`` windows; a shorter clip
+    padded with silence to L) and
     ``clip_f``/``sync_f``/``text_f`` (None when the clip has no video / no text)."""
     from mmsep.runtime import tokenize
     from mmsep.runtime.audio import read_audio
     from mmsep.runtime.errors import InputError
 
     try:
-        audio = read_audio(clip.source, lengths.mode.sample_rate)
+        audio = read_audio(clip.source, lengths.mode.sample_rate, peak=source_peak)
         audio = audio[:INTERFERER_SPAN_WINDOWS * lengths.audio_samples]
     except InputError as exc:
         raise DataError(str(exc)) from None
@@ -127,15 +132,16 @@ def clip_features(clip: Clip, encoders: Encoders,
 
 
 def build_cache(clips: list[Clip], encoders: Encoders, lengths: SequenceLengths,
-                cache_dir: str | os.PathLike,
+                cache_dir: str | os.PathLike, *, source_peak: float | None,
                 progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Compute the entries that are not in ``cache_dir`` yet; returns every clip's file."""
+    """Compute the entries that are not in ``cache_dir`` yet; returns every clip's file.
+    ``source_peak``: ``SOURCE_PEAK`` for training clips, None for validation ones."""
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    paths = [root / f"{cache_key(c, encoders, lengths)}.pt" for c in clips]
+    paths = [root / f"{cache_key(c, encoders, lengths, source_peak)}.pt" for c in clips]
     for done, (clip, path) in enumerate(zip(clips, paths), start=1):
         if not path.exists():
-            entry = clip_features(clip, encoders, lengths)
+            entry = clip_features(clip, encoders, lengths, source_peak=source_peak)
             with atomic_output(path) as tmp:
                 torch.save(entry, tmp)
         if progress is not None:

@@ -20,12 +20,14 @@ Facts from the authors' code (github sony/mmaudiosep) and MMAudio (github hkchen
 - Query dropout: with probability 0.1 the video (clip and sync together) is replaced by the
   learned empty features, independently with probability 0.1 the text
   (``null_condition_probability``); the mixture is never dropped.
-- EMA: the authors keep a post-hoc EMA (``sigma_rels`` 0.05 and 0.1, every step from step 0) and
-  ship the one synthesised at sigma_rel 0.05; here one power-function EMA at sigma_rel 0.05
-  (Karras et al., EDM2) is kept online, which is what that synthesis approximates.
+- EMA: the authors keep a post-hoc EMA (``sigma_rels`` 0.05 and 0.1, every step from step 0,
+  ``step_size_correction``) and ship the one synthesised at sigma_rel 0.05; here the online
+  power-function EMA at sigma_rel 0.05 (Karras et al., EDM2) is kept with the same per-update
+  decay as theirs (``PowerEMA``), which is what that synthesis approximates.
 - Optimiser: AdamW, lr 1e-4, betas (0.9, 0.95), weight decay 1e-6, eps 1e-8 (1e-6 with bf16),
-  gradient norm clipped at 1; linear warm-up, then x0.1 at 80 % and x0.01 at 90 % of the steps
-  (the authors' 240k / 270k of 300k).
+  gradient norm clipped at 1; linear warm-up over W steps, then x0.1 and x0.01 once 80 % and
+  90 % of the steps have run after it (the authors' ``SequentialLR``: their step milestones,
+  240k and 270k of 300k, count from the end of the warm-up).
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     """Learning-rate multiplier at optimiser step ``step`` (0-based)."""
     drop = 1.0
     for fraction, factor in LR_DROPS:
-        if step >= fraction * total:
+        if step - warmup >= fraction * total:
             drop = factor
     return min(1.0, (step + 1) / (warmup + 1)) * drop
 
@@ -132,7 +134,10 @@ def ema_gamma(sigma_rel: float) -> float:
 
 
 class PowerEMA:
-    """EMA of the trainable parameters with decay ``(1 - 1/n)^(gamma + 1)`` after n updates."""
+    """EMA of the trainable parameters. The first update copies them; the n-th (n >= 2) decays
+    by ``sqrt(b(n + 1) b(n + 2))`` with ``b(k) = (1 - 1/k)^(gamma + 1)``: the authors' EMA
+    (nitrous_ema's KarrasEMA with ``step_size_correction``, one update per step, which counts
+    its steps from 1 and first copies the network)."""
 
     def __init__(self, net: nn.Module, sigma_rel: float = EMA_SIGMA_REL):
         self.gamma = ema_gamma(sigma_rel)
@@ -143,7 +148,8 @@ class PowerEMA:
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         self.updates += 1
-        beta = (1 - 1 / self.updates) ** (self.gamma + 1)
+        n, power = self.updates, self.gamma + 1
+        beta = 0.0 if n == 1 else ((1 - 1 / (n + 1)) * (1 - 1 / (n + 2))) ** (power / 2)
         for name, param in net.named_parameters():
             if name in self.shadow:
                 self.shadow[name].lerp_(param.detach().float(), 1 - beta)

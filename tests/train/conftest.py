@@ -49,7 +49,7 @@ def generator_net(weights_dir):
 @pytest.fixture(scope="session")
 def tables(corpus, encoders, generator_net, tmp_path_factory):
     """The corpus's cached features as ClipTables, {"train": ..., "val": ...}."""
-    from mmsep.train.data import class_ids, read_clips
+    from mmsep.train.data import SOURCE_PEAK, class_ids, read_clips
     from mmsep.train.features import build_cache, load_table
 
     cache = tmp_path_factory.mktemp("cache")
@@ -58,7 +58,8 @@ def tables(corpus, encoders, generator_net, tmp_path_factory):
     result = {}
     for split in ("train", "val"):
         clips = read_clips(corpus[split])
-        paths = build_cache(clips, encoders, lengths, cache)
+        paths = build_cache(clips, encoders, lengths, cache,
+                            source_peak=SOURCE_PEAK if split == "train" else None)
         result[split] = load_table(paths, class_ids(clips), empty)
     result["cache"] = cache
     return result

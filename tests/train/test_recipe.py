@@ -77,26 +77,41 @@ def test_cfm_loss_is_the_flow_matching_objective():
     assert abs(logit.mean()) < 0.02 and abs(logit.std() - 1) < 0.02
 
 
-def test_power_ema():
+def test_power_ema_follows_the_authors_update():
     gamma = recipe.ema_gamma(0.05)
     assert math.isclose(math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))), 0.05,
                         rel_tol=1e-9)
     net = torch.nn.Linear(2, 1, bias=False)
     ema = recipe.PowerEMA(net)
-    values = [3.0, -1.0, 2.0]
-    expected = net.weight.detach().clone()
+    expected = None
     with torch.no_grad():
-        for n, v in enumerate(values, start=1):
+        for step, v in enumerate([3.0, -1.0, 2.0, 5.0, 0.5], start=1):
             net.weight.fill_(v)
             ema.update(net)
-            beta = (1 - 1 / n) ** (gamma + 1)
-            expected = beta * expected + (1 - beta) * v
-    assert torch.allclose(ema.shadow["weight"], expected)
+            # nitrous_ema KarrasEMA(step_size_correction=True, update_every=1): its counter is
+            # ``step`` after the update; the first update copies the network
+            beta = ((1 - 1 / (step + 1)) ** (1 + gamma)
+                    * (1 - 1 / (step + 2)) ** (1 + gamma)) ** 0.5
+            expected = torch.full_like(net.weight, v) if expected is None else \
+                expected + (1 - beta) * (v - expected)
+            assert torch.allclose(ema.shadow["weight"], expected, rtol=1e-6)
     assert torch.equal(ema.copy_to(torch.nn.Linear(2, 1, bias=False)).weight, ema.shadow["weight"])
 
 
-def test_learning_rate_schedule():
-    factors = [recipe.lr_factor(s, warmup=4, total=100) for s in range(100)]
-    assert factors[0] == pytest.approx(0.2) and factors[3] == pytest.approx(0.8)
-    assert factors[4:80] == [1.0] * 76
-    assert factors[80] == pytest.approx(0.1) and factors[99] == pytest.approx(0.01)
+def test_learning_rate_schedule_matches_the_authors_schedulers():
+    """Warm-up, then MultiStepLR at 80 % / 90 % of the steps chained by SequentialLR (whose
+    second scheduler counts from the end of the warm-up), as the authors' runner builds it."""
+    warmup, total = 4, 100
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    chain = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1)),
+        torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.8 * total), int(0.9 * total)], 0.1),
+    ], [warmup])
+    reference = []
+    for _ in range(total + warmup):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        chain.step()
+    factors = [recipe.lr_factor(s, warmup=warmup, total=total) for s in range(total + warmup)]
+    assert factors == pytest.approx(reference, rel=1e-12)
+    assert factors[warmup + 79] == 1.0 and factors[warmup + 80] == pytest.approx(0.1)
