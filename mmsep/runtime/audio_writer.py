@@ -124,6 +124,16 @@ class AudioWriter(Closing):
         if self._sink.error is not None:
             raise self._failure(self._sink.error)
 
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """On an exception only release the file: what failed is already being raised (a
+        failed write raising again here would replace it, and end a whole batch job)."""
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):
+            self._file.close()
+        self._sink.close()
+
     def _failure(self, exc: BaseException) -> BaseException:
         if isinstance(self._sink.error, KeyboardInterrupt):
             return self._sink.error  # the interrupt, not a write error

@@ -65,6 +65,9 @@ def cli(jobs, model_dir, out_dir, subtype, backend_options, use_ray, ray_address
     except OSError as exc:
         raise OutputError(f"--out {out_dir}: cannot write ({exc.strerror or exc})") from None
     check_writable(out_dir / RESULTS, label=f"--out {out_dir}")
+    if (out_dir / RESULTS).exists() and (out_dir / RESULTS).samefile(jobs):
+        raise InputError(f"{jobs}: the job file is --out's {RESULTS}, where the results are "
+                         "added; give another --out or rename the job file")
     remove_stale_partials(out_dir)
     results = Results(out_dir)
     plan = _plan(jobs, out_dir, results, manifest_salt(model_dir, subtype))

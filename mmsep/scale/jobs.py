@@ -26,7 +26,7 @@ from pathlib import Path
 from mmsep.model_files import sha256_file
 from mmsep.runtime.cli import output_paths
 from mmsep.runtime.paths import check_outputs as check_paths, identities
-from mmsep.runtime.errors import InputError, one_line
+from mmsep.runtime.errors import InputError, OutputError, one_line
 
 RESULTS = "results.jsonl"
 FIELDS = ("video", "mix", "text", "negative_text", "generate", "duration", "seed", "steps", "cfg",
@@ -99,7 +99,9 @@ def check_outputs(job: Job, out_dir: Path, taken: dict[str, int],
     """Outputs must not overwrite an input of this line or of another (``all_inputs``, from
     ``job_inputs``; compared as files by the runtime's ``check_outputs``), the results file,
     another line's output, or a directory."""
-    check_paths({f"output {name}": out_dir / name for name in job.outputs},
+    labels = ["output"] if len(job.outputs) == 1 else \
+        [f"output (text {k})" for k in range(len(job.outputs))]  # as mmsep-run's
+    check_paths({label: out_dir / name for label, name in zip(labels, job.outputs)},
                 job.inputs, others=all_inputs)
     for name in job.outputs:
         if name == RESULTS:
@@ -152,15 +154,19 @@ class Results:
         return True
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a+b") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell():
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # finish a line torn by a killed run
-                    f.write(b"\n")
-            f.write((json.dumps(record) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
+        """Add ``record`` durably; OutputError naming the file when it cannot be written."""
+        try:
+            with open(self.path, "a+b") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":  # finish a line torn by a killed run
+                        f.write(b"\n")
+                f.write((json.dumps(record) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write ({one_line(exc)})") from None
 
 
 def failed_record(line: int, key: str | None, exc: BaseException) -> dict:

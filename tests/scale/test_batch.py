@@ -119,6 +119,29 @@ def test_usage_errors_exit_2(model_dir, tmp_path, capsys):
         f"mmsep-batch: error: model directory {tmp_path / 'nope'} does not exist (create one "
         "with mmsep-export)")
     assert run_batch(jobs, "--model", model_dir, "--out", tmp_path / "o", "--workers", "0") == 2
+    capsys.readouterr()
+    (tmp_path / "o").mkdir(exist_ok=True)
+    own = write_jobs(tmp_path / "o" / "results.jsonl", [{"text": "x"}])
+    assert run_batch(own, "--model", model_dir, "--out", tmp_path / "o", "-q") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mmsep-batch: error: {own}: the job file is --out's results.jsonl, where the results "
+        "are added; give another --out or rename the job file")
+    assert own.read_text() == '{"text": "x"}\n'
+
+
+def test_results_that_cannot_be_written_are_exit_2(model_dir, tmp_path, capsys):
+    import resource
+
+    jobs = write_jobs(tmp_path / "j.jsonl", ["not json"])
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, limits[1]))  # as a full disk
+    try:
+        code = run_batch(jobs, "--model", model_dir, "--out", tmp_path / "o", "-q")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mmsep-batch: error: {tmp_path / 'o' / 'results.jsonl'}: cannot write (File too large)")
 
 
 def test_bad_fields_fail_their_line_only(model_dir, job_inputs, tmp_path):
@@ -166,7 +189,7 @@ def test_no_line_writes_over_another_lines_input(model_dir, job_inputs, tmp_path
         {"mix": str(job_inputs["mix"]), "text": "a", "steps": 1, "output": "precious.wav"}])
     assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu", "-q") == 3
     errors = {r["line"]: r["error"] for r in records(out)}
-    assert errors == {1: None, 2: f"output precious.wav {precious} is the same file as line 1's "
+    assert errors == {1: None, 2: f"output {precious} is the same file as line 1's "
                                   f"mix {precious}; choose another path"}
     assert precious.read_bytes() == before
 
@@ -265,7 +288,7 @@ def test_an_output_that_is_an_input_by_another_name_fails_its_line(model_dir, jo
                                               "output": "linked.wav"}])
     assert run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu", "-q") == 3
     [record] = records(out)
-    assert record["error"] == (f"output linked.wav {out / 'linked.wav'} is the same file as mix "
+    assert record["error"] == (f"output {out / 'linked.wav'} is the same file as mix "
                                f"{mix}; choose another path")
     assert mix.read_bytes() == before
 
@@ -295,3 +318,29 @@ def test_an_output_name_taken_by_a_directory_fails_only_its_line(model_dir, job_
     assert got[1]["status"] == "failed"
     assert got[1]["error"] == "output taken.wav is a directory in --out; give another name"
     assert got[2]["status"] == "ok" and (out / "free.wav").is_file()
+
+
+def test_an_output_that_cannot_be_written_fails_only_its_line(model_dir, job_inputs, tmp_path):
+    """A write refused by the system (here the file size limit, as a full disk) fails that
+    request; the others of its group are written and recorded, exit 3."""
+    import resource
+
+    sf.write(tmp_path / "long.wav", np.tile(sf.read(job_inputs["mix"])[0], 4), 44100)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"mix": str(tmp_path / "long.wav"), "text": "a tone", "steps": 1, "output": "big.wav"},
+        {"mix": "mix.wav", "text": "a tone", "steps": 1, "output": "small.wav"},
+        {"mix": "other.wav", "text": "a tone", "steps": 1, "output": "other.wav"}])
+    shutil.copy(job_inputs["mix"], tmp_path / "mix.wav")
+    shutil.copy(job_inputs["other"], tmp_path / "other.wav")
+    out = tmp_path / "out"
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, limits[1]))  # big.wav takes 882 kB
+    try:
+        code = run_batch(jobs, "--model", model_dir, "--out", out, "--backend", "ort-cpu", "-q")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert code == 3
+    got = {r["line"]: r for r in records(out)}
+    assert got[1]["status"] == "failed" and got[1]["error"].startswith("big.wav: cannot write (")
+    assert got[2]["status"] == got[3]["status"] == "ok"
+    assert sorted(p.name for p in out.iterdir()) == ["other.wav", "results.jsonl", "small.wav"]
