@@ -5,6 +5,7 @@ terminal) unwind like Ctrl-C, so that temporary outputs are removed on the way o
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -12,7 +13,7 @@ import warnings
 
 import click
 
-from .exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from .exit_codes import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 
 # a seed option of the torch programs: what torch's generators take (larger ones failed with
@@ -114,6 +115,23 @@ def console_main(command, prog: str, args=None, *, interrupted: str | None,
                    f"{' '.join(str(exc).split())}", err=True)
         sys.exit(EXIT_INTERNAL)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def echo_result(text: str) -> None:
+    """Print a program's result on standard output. A reader that went away (``| head``) ends
+    the program quietly with EXIT_BROKEN_PIPE, as other tools; a failed write (a full disk
+    behind a redirection) is an OutputError that says so."""
+    from .runtime.errors import OutputError, one_line
+
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(EXIT_BROKEN_PIPE)
+    except OSError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputError(f"standard output: cannot write ({one_line(exc)})") from None
 
 
 def _warnings_as_lines(prog: str, quiet: bool) -> None:

@@ -10,6 +10,7 @@ EXIT_INTERNAL = 1  # internal failure (a bug, the backend, the environment); gpu
 EXIT_USAGE = 2  # bad usage or input, or an output that cannot be written; one line names it
 EXIT_SOME_FAILED = 3  # mmsep-batch: some requests failed, the others' outputs are written
 EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP (128 + SIGINT); nothing was written
+EXIT_BROKEN_PIPE = 141  # the reader of standard output went away (128 + SIGPIPE, as other tools)
 
 # a full disk or quota, or a file size limit: the user's to fix (EXIT_USAGE), not a bug
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..console import SEED, quiet_option
+from ..console import SEED, echo_result, quiet_option
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, full_disk_errno
 from ..models.io import CheckpointError
 from ..models.presets import RELEASED_VARIANTS
@@ -129,7 +129,7 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
                    "MMSEP_TRACEBACK=1 to see where)", err=True)
         sys.exit(EXIT_INTERNAL)
     if as_json:
-        click.echo(json.dumps(_summary(result), indent=2))
+        echo_result(json.dumps(_summary(result), indent=2))
     elif not quiet:
         _print_summary(result)
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
 
 import click
 
-from ..console import console_main, interrupts_held, quiet_option
+from ..console import console_main, echo_result, interrupts_held, quiet_option
 from .audio import MAX_GENERATED_SECONDS, MIN_SECONDS
 from .audio_writer import FORMATS, SUBTYPES, open_audio_outputs, output_format
 from .backend_options import backend_options
@@ -48,7 +49,7 @@ PROG = "mmsep-run"
 @click.option("--duration", type=click.FloatRange(MIN_SECONDS, MAX_GENERATED_SECONDS),
               help="Length in seconds of generated audio (default: the video's length, else "
                    "one window); not with a mixture.")
-@click.option("--output", "-o", type=click.Path(path_type=Path),
+@click.option("--output", "-o", type=click.Path(),
               help="Output audio file; its extension picks the format ("
                    f"{', '.join('.' + f for f in FORMATS)}; ogg is Vorbis); no extension: "
                    "--format's. An existing directory means the default "
@@ -90,6 +91,7 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
     """Separate the sound of a video / text query from a mixture (or generate it) with an
     exported MMAudioSep model, without PyTorch."""
     _check_flag_combinations(video, mix, texts, negative_text, generate, duration)
+    output = _output_option(output)
     _check_default_model(model_dir)
     summary = run(model_dir=model_dir, video=video, mix=mix, texts=list(texts),
                   negative_text=negative_text, generate=generate, duration=duration,
@@ -97,7 +99,7 @@ def cli(model_dir, video, mix, texts, negative_text, generate, duration, output,
                   overlap=overlap, max_batch=max_batch, **backend_options.separator_kwargs(),
                   mux_path=mux, show_progress=not (quiet or as_json))
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        echo_result(json.dumps(summary, indent=2))
     elif not quiet:
         outs = ", ".join(summary["outputs"] + ([summary["mux"]] if summary.get("mux") else []))
         click.echo(f"wrote {outs} ({summary['audio_seconds']:.2f} s of audio, "
@@ -124,6 +126,17 @@ def _check_flag_combinations(video, mix, texts, negative_text, generate, duratio
     for flag, text in [*(("--text", t) for t in texts), ("--negative-text", negative_text)]:
         if text is not None and not text.strip():
             raise InputError(f"{flag} is empty")
+
+
+def _output_option(output: str | None) -> Path | None:
+    """--output as a path; a name ending in a separator must be an existing directory (a Path
+    would drop the separator and write ``<name>.wav`` beside it)."""
+    from .errors import InputError
+
+    if output is not None and output.endswith(("/", os.sep)) and not Path(output).is_dir():
+        raise InputError(f"--output {output}: directory does not exist (make it first, or give "
+                         "a file name)")
+    return None if output is None else Path(output)
 
 
 def _check_default_model(model_dir: Path) -> None:

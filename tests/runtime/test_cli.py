@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import av
@@ -171,6 +172,8 @@ BAD = {
     "missing out dir": (lambda t, m: ["--text", "x", "-o", t / "no" / "o.wav"],
                         "does not exist"),
     "stdout": (lambda t, m: ["--text", "x", "-o", "-"], "--output -: outputs go to files"),
+    "missing out dir/": (lambda t, m: ["--text", "x", "-o", f"{t / 'stems'}/"],
+                         "stems/: directory does not exist"),
 }
 
 
@@ -355,3 +358,27 @@ def test_what_a_killed_run_left_is_removed_by_the_next(model_dir, tmp_path, caps
                             "--steps", 1, "-q", "-o", tmp_path / "out.wav"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "out.wav"]
+
+
+@pytest.mark.parametrize("reader", ["full disk", "gone"])
+def test_a_json_summary_that_cannot_be_printed(model_dir, tmp_path, reader):
+    """The outputs are in place; a full disk behind the redirection is exit 2 naming standard
+    output, a reader that went away (| head) exit 141 without a word, as other tools."""
+    import subprocess
+
+    if reader == "full disk" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    command = [sys.executable, "-m", "mmsep.runtime.cli", "--model", str(model_dir), "--text",
+               "x", "--steps", "1", "--duration", "0.5", "--json", "-o", str(tmp_path / "a.wav")]
+    if reader == "full disk":
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True)
+        assert done.returncode == 2
+        assert done.stderr.strip() == ("mmsep-run: error: standard output: cannot write (No "
+                                       "space left on device)")
+    else:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()
+        assert proc.wait(timeout=300) == 141
+        assert proc.stderr.read() == ""
+    assert sf.info(tmp_path / "a.wav").duration == pytest.approx(0.5, abs=0.01)

@@ -160,9 +160,9 @@ def test_the_extension_picks_the_format(suffix, fmt, subtype, model_dir, tmp_pat
     (["-o", "{t}/.flac"], "--output {t}/.flac: give a file name before the extension"),
     (["-o", "{t}/out.wav", "--format", "flac"], "--format flac does not match --output"),
     (["-o", "{t}/out.ogg", "--subtype", "PCM_24"], "OGG output is Vorbis-encoded"),
-    (["--video", "{v}", "-o", "{t}/o.wav", "--mux", "{t}/o.avi"],
+    (["--video", "{v}", "--generate", "-o", "{t}/o.wav", "--mux", "{t}/o.avi"],
      "--mux {t}/o.avi: unsupported extension; use one of .mp4, .m4v, .mov, .mkv"),
-    (["--video", "{v}", "-o", "{t}/o.wav", "--mux", "{t}"], "{t}: is a directory"),
+    (["--video", "{v}", "--generate", "-o", "{t}/o.wav", "--mux", "{t}"], "{t}: is a directory"),
 ])
 def test_unknown_or_mismatched_formats_are_refused_up_front(args, message, model_dir, media,
                                                             tmp_path, capsys):
