@@ -153,7 +153,8 @@ def request_length(info, mixture, source, duration) -> int:
         if not _generated_length(source.duration):
             low, high = GENERATED_SECONDS
             raise InputError(f"{source.name}: video is {source.duration:.3f} s long; generated "
-                             f"audio takes {low} to {high:g} s (give duration= to choose)")
+                             f"audio takes {low} to {high:g} s; choose its length (duration, "
+                             "--duration)")
         return round(source.duration * sr)
     return info.window_samples
 

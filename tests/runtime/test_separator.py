@@ -126,7 +126,8 @@ def test_unconditional_branch_is_computed_once_per_load(model_dir):
                                                  r"than samples; give \(samples, channels\)"),
     (dict(mix=np.zeros((SR, 0), np.float32)), r"audio of shape \(44100, 0\) has no channels"),
     (dict(video=np.zeros((10, 8, 8, 3), np.uint8), video_fps=1e-4, generate=True),
-     "video is 100000.000 s long; generated audio takes 0.1 to 36000 s"),
+     "video is 100000.000 s long; generated audio takes 0.1 to 36000 s; choose its length "
+     r"\(duration, --duration\)"),
     (dict(generate="no"), "generate must be True or False, got 'no'"),
     (dict(mix=tones(1.0, SR), video_fps=25), "video_fps is the frame rate of a video given as "
                                              "a frame array"),
