@@ -76,6 +76,18 @@ def check_directory_path(path: PathLike, label: str) -> None:
             return
 
 
+def check_directory_writable(path: PathLike, label: str) -> None:
+    """``check_directory_path``, and the directory (or its nearest existing ancestor, where it
+    will be made) takes a new file: OutputError before any work otherwise (no permission, a
+    read-only or pseudo file system)."""
+    from .atomic import check_writable
+
+    path = Path(path)
+    check_directory_path(path, label)
+    existing = next(c for c in (path, *path.parents) if c.exists())
+    check_writable(existing / "probe", label=f"{label} {path}")
+
+
 def model_files(model_dir: PathLike) -> dict[str, Path]:
     """The files of a model directory, labelled for ``check_outputs`` (empty if it is none)."""
     model_dir = Path(model_dir)

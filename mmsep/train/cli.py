@@ -89,9 +89,8 @@ def main(**kw) -> None:
         device = _device(kw["device"])
         state = read_checkpoint(out / CHECKPOINT) if kw["resume"] else None
         ranks = _init_distributed()
-        trainer = build_trainer(kw, ranks, device, state)
-        with _one_run_at_a_time(out, ranks.main):
-            trainer.fit()
+        with _one_run_at_a_time(out, ranks.main):  # before anything in OUT is touched
+            build_trainer(kw, ranks, device, state).fit()
     except (DataError, CheckpointError, ValueError, InputError) as exc:
         _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
@@ -138,15 +137,15 @@ def console(argv=None) -> None:
 
 def _check_paths(kw: dict) -> None:
     """Before any work: no file the run writes is one of its inputs, and --out and --cache can
-    be directories (InputError otherwise)."""
-    from mmsep.runtime.paths import check_directory_path, check_outputs
+    be directories that take new files (InputError otherwise)."""
+    from mmsep.runtime.paths import check_directory_writable, check_outputs
 
     out = kw["out"]
     check_outputs({f"--out's {name}": out / name for name in (CHECKPOINT, WEIGHTS, METRICS)},
                   {"--init": kw["init"], "--data": kw["data"], "--val": kw["val"]})
-    check_directory_path(out, "--out")
+    check_directory_writable(out, "--out")
     if kw["cache"] is not None:
-        check_directory_path(kw["cache"], "--cache")
+        check_directory_writable(kw["cache"], "--cache")
 
 
 def _fail(code: int, message: str) -> None:

@@ -337,6 +337,7 @@ def check_resumable(state: dict, path: Path, options: TrainOptions, world: int, 
     if int(state["step"]) >= options.steps:
         raise ValueError(f"{path}: the run is already at step {int(state['step'])}; give "
                          "--steps above that to train on")
+    _metrics_kept(path.parent / METRICS, int(state["step"]))  # what load_state will keep
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -344,17 +345,29 @@ def _truncate_metrics(path: Path, step: int) -> None:
     short by an interruption."""
     if not path.exists():
         return
+    rows = _metrics_kept(path, step)
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+
+
+def _metrics_kept(path: Path, step: int) -> list[str]:
+    """The lines of metrics file ``path`` (if any) up to ``step``, a torn last line left out;
+    ValueError naming any other line that is not a metrics row (checked before a resume does
+    any work)."""
+    if not path.exists():
+        return []
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = []
+    kept = []
     for number, line in enumerate(lines, start=1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            raise ValueError(f"{path}:{number}: not a metrics row; repair or remove the "
-                             "file to resume") from None
+            row = None
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            raise ValueError(f"{path}:{number}: not a metrics row; repair or remove the file to "
+                             "resume")
         if row["step"] <= step:
-            rows.append(line)
-    with atomic_output(path) as tmp:
-        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+            kept.append(line)
+    return kept

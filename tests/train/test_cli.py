@@ -1,10 +1,11 @@
+import fcntl
 import json
 
 import pytest
 from click.testing import CliRunner
 
 from mmsep.runtime.atomic import MACHINE
-from mmsep.train.cli import main
+from mmsep.train.cli import RUN_LOCK, main
 
 torch = pytest.importorskip("torch")
 
@@ -67,6 +68,20 @@ def resume_refusals(corpus, weights_dir, tables, out):
     longer = resume("--steps", "4", "--duration", "3")
     assert longer.exit_code == 2 and "cannot resume with other settings (duration 2.0 -> 3.0)" \
         in longer.output
+    metrics = (out / "metrics.jsonl").read_text()
+    first, *rest = metrics.splitlines()
+    for damage in ("garbage", '{"loss": 1.0}'):
+        (out / "metrics.jsonl").write_text("\n".join([first, damage, *rest]) + "\n")
+        bad = resume("--steps", "4")
+        assert bad.exit_code == 2 and "metrics.jsonl:2: not a metrics row" in bad.output
+    live = metrics + '{"step": 4, "loss": 1.0}\n'  # a run training there, past its last save
+    (out / "metrics.jsonl").write_text(live)
+    with open(out / RUN_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        locked = resume("--steps", "5")
+    assert locked.exit_code == 2 and "another mmsep-finetune is training" in locked.output
+    assert (out / "metrics.jsonl").read_text() == live
+    (out / "metrics.jsonl").write_text(metrics)
     assert sorted(tables["cache"].iterdir()) == cached
     with open(out / "metrics.jsonl", "a") as metrics:
         metrics.write('{"step": 4, "lo')  # a crash mid-line
@@ -88,12 +103,15 @@ def resume_refusals(corpus, weights_dir, tables, out):
     ({"--device": "foo"}, "--device foo: not usable here"),
     ({"--out": "under_file"}, "which is not a directory"),
     ({"--cache": "under_file"}, "--cache"),
+    ({"--out": "proc"}, "--out /proc/mmsep-test/run: cannot write ("),
+    ({"--cache": "proc"}, "--cache /proc/mmsep-test/run: cannot write ("),
 ])
 def test_bad_usage_exits_2(corpus, weights_dir, tables, tmp_path, change, message):
     (tmp_path / "bad.jsonl").write_text("{oops\n{}\n")
     (tmp_path / "afile").write_text("mine")
     files = {"list": str(corpus["train"]), "bad": str(tmp_path / "bad.jsonl"),
-             "missing": str(tmp_path / "nothing.pt"), "under_file": str(tmp_path / "afile/sub")}
+             "missing": str(tmp_path / "nothing.pt"), "under_file": str(tmp_path / "afile/sub"),
+             "proc": "/proc/mmsep-test/run"}  # a pseudo file system: no new file, even for root
     args = _args(corpus, weights_dir, tables, tmp_path / "run", "--steps", "1")
     for key, value in change.items():
         if value is None:
@@ -124,10 +142,6 @@ def test_a_damaged_cache_entry_is_named(corpus, weights_dir, tables, tmp_path):
 
 
 def test_a_second_run_on_the_same_out_is_refused(corpus, weights_dir, tables, tmp_path):
-    import fcntl
-
-    from mmsep.train.cli import RUN_LOCK
-
     out = tmp_path / "run"
     out.mkdir()
     with open(out / RUN_LOCK, "a") as held:  # a run training there, not yet at its first save
