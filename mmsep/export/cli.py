@@ -204,10 +204,10 @@ def _check_out(out: Path, inputs: dict) -> None:
     """--out is never an input, never holds one and never lies inside an input directory: the
     exporter replaces the whole directory."""
     from ..runtime.errors import InputError
-    from ..runtime.paths import check_directory_path, check_output_dir
+    from ..runtime.paths import check_directory_writable, check_output_dir
 
     try:
-        check_directory_path(out, "--out")
+        check_directory_writable(out, "--out")
         check_output_dir(out, inputs)
     except InputError as exc:
         raise UsageError(str(exc)) from None
@@ -305,7 +305,8 @@ def _engines_only(directory: Path, *, precision, timing_cache, quiet):
                                          timing_cache=timing_cache, progress=_log(quiet),
                                          previous=previous)
     write_manifest(directory, manifest)
-    return ExportResult(directory, manifest, [], list(manifest["stages"]))
+    return ExportResult(directory, manifest, [], list(manifest["stages"]),
+                        changed=bool(manifest["tensorrt"].get("rebuilt")))
 
 
 def _weights_file(path: Path) -> Path:

@@ -56,12 +56,13 @@ Progress = Callable[[str], None]
 class ExportResult:
     directory: Path
     manifest: dict
-    rebuilt: list[str]  # stages exported in this run (empty: the run was a no-op)
+    rebuilt: list[str]  # stages exported in this run
     reused: list[str]
+    changed: bool  # whether the directory changed (a precision or engine change rebuilds none)
 
     @property
     def unchanged(self) -> bool:
-        return not self.rebuilt
+        return not self.changed
 
 
 def export_model(components: Components, out: Path, *, max_batch: int = 4,
@@ -115,10 +116,10 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
                 and _same_payload(previous, manifest):
             shutil.rmtree(tmp)
             previous.pop("_dir")
-            return ExportResult(out, previous, [], reused)
+            return ExportResult(out, previous, [], reused, changed=False)
         mf.write_manifest(tmp, manifest)
         _swap_into_place(tmp, out)
-        return ExportResult(out, manifest, rebuilt, reused)
+        return ExportResult(out, manifest, rebuilt, reused, changed=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

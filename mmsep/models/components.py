@@ -197,6 +197,9 @@ def save_components(components: Components, weights_dir: str | os.PathLike) -> d
 
     save_file({k: v.contiguous() for k, v in release_state_dict(components.clip).items()},
               str(paths["clip"]))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(paths["clip"], 0o666 & ~umask)  # safetensors creates it 0600, unlike torch.save
     _save_vocoder(components.vocoder, paths["vocoder"])
     return paths
 

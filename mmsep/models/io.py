@@ -33,6 +33,8 @@ def read_state_dict(path: str | os.PathLike, *, what: str = "checkpoint",
         raise CheckpointError(f"{path}: {what} not found")
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: expected a {what} file, found a directory")
+    if not os.access(path, os.R_OK):  # safetensors would call it "not found"
+        raise CheckpointError(f"{path}: cannot read the {what} (permission denied)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

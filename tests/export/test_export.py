@@ -177,7 +177,7 @@ def test_rerun_is_a_noop_and_changed_weights_rebuild_only_their_stages(tiny_mode
     assert not list(tmp_path.glob(".tiny.*"))
 
     result = export_model(components, out, sources=SOURCES, onnx_precisions=(), **SILENT)
-    assert result.rebuilt == []  # the graphs are reused ...
+    assert result.rebuilt == [] and not result.unchanged  # the graphs are reused ...
     manifest = _manifest(out)  # ... and the fp16 copies dropped
     assert not any(stage["reduced"] for stage in manifest["stages"].values())
     assert not list(out.glob("*.fp16.onnx"))
@@ -237,6 +237,14 @@ def tiny_weights(tmp_path_factory):
     save_components(build_components("tiny", seed=3), root / "sep")
     save_components(build_components("tiny", separation=False, seed=4), root / "gen")
     return root
+
+
+def test_saved_weights_all_have_the_usual_permissions(tiny_weights):
+    """Every file save_components writes takes the umask's mode (safetensors alone made 0600,
+    which another user of a shared weights folder could not read)."""
+    modes = {p.relative_to(tiny_weights): p.stat().st_mode & 0o777
+             for p in (tiny_weights / "sep").rglob("*") if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tiny_weights, tmp_path):

@@ -1,6 +1,7 @@
 """mmsep-export --out never replaces, holds or lies inside what the model is made from."""
 
 import dataclasses
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -125,6 +126,15 @@ def run_console(argv, capsys):
     with pytest.raises(SystemExit) as done:
         console(argv)
     return done.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_out_that_takes_no_file_is_refused_before_any_work(capsys):
+    """Where no file can be made (here /proc, which even root cannot write; elsewhere a
+    directory without write permission), before the model is built."""
+    code, lines = run_console(["--preset", "tiny", "--out", "/proc/mmsep-test/model"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("mmsep-export: error: --out /proc/mmsep-test/model: cannot write (")
 
 
 def test_an_out_under_a_file_is_refused_before_any_work(tmp_path, capsys):
