@@ -126,11 +126,12 @@ def echo_result(text: str) -> None:
     try:
         click.echo(text)
         sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        sys.exit(EXIT_BROKEN_PIPE)
     except OSError as exc:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        os.close(devnull)
+        if isinstance(exc, BrokenPipeError):
+            sys.exit(EXIT_BROKEN_PIPE)
         raise OutputError(f"standard output: cannot write ({one_line(exc)})") from None
 
 

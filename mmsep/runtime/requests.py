@@ -86,14 +86,18 @@ class SeparationResult:
 NUMBER = (int, float, np.integer, np.floating)  # what a numeric option may be given as
 
 
+def is_integer(value) -> bool:
+    """An int or numpy integer, not a bool (to Python True is 1; never a count here)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_options(steps, cfg, seed) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not \
-            1 <= steps <= 1000:
+    if not is_integer(steps) or not 1 <= steps <= 1000:
         raise InputError(f"steps must be an integer between 1 and 1000, got {steps!r}")
     if isinstance(cfg, bool) or not isinstance(cfg, NUMBER) or \
             not math.isfinite(cfg) or not 0.0 <= cfg <= 100.0:
         raise InputError(f"cfg must be a number between 0 and 100, got {cfg!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
 
 

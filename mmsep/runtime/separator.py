@@ -39,7 +39,7 @@ from .many import run_requests
 from .media_tracks import audio_track_start
 from .model_dir import ModelDir
 from .prefetch import PrefetchedWindows
-from .requests import NUMBER, BatchInputs, SeparationResult, Timings
+from .requests import NUMBER, BatchInputs, SeparationResult, Timings, is_integer
 from .tokenizer import CONTEXT_LENGTH, ClipTokenizer
 from .video import VideoSource, WindowFrames
 from .windows import WindowPlan
@@ -339,13 +339,12 @@ def _check_arguments(model_dir, max_batch, overlap, threads, verify) -> None:
     would otherwise blame the model file for a bad thread count)."""
     if not isinstance(model_dir, (str, os.PathLike)):
         raise InputError(f"model_dir must be a path, got {type(model_dir).__name__}")
-    if max_batch is not None and (isinstance(max_batch, bool) or
-                                  not isinstance(max_batch, (int, np.integer)) or max_batch < 1):
+    if max_batch is not None and (not is_integer(max_batch) or max_batch < 1):
         raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
     if not isinstance(verify, (bool, np.bool_)):
         raise InputError(f"verify must be True or False, got {verify!r}")
     if overlap is not None and (isinstance(overlap, bool) or
                                 not isinstance(overlap, NUMBER)):
         raise InputError(f"overlap must be a number of seconds, got {overlap!r}")
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+    if not is_integer(threads) or threads < 0:
         raise InputError(f"threads must be a non-negative integer, got {threads!r}")
