@@ -96,7 +96,8 @@ class SeparationService:
                 check_form_complete(request.headers.get("content-type"), body)
                 form = await _form(request, body)
                 try:
-                    options = await request_options(form, upload, self.limits)
+                    options = await request_options(form, upload, self.limits,
+                                                    self.facts["window_seconds"])
                 finally:
                     await form.close()
                 result, batch, batch_seconds = await self.run_batch(options)

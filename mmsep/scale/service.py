@@ -4,9 +4,9 @@
 ``text`` (repeatable), ``negative_text``, ``seed``, ``steps``, ``cfg``, ``generate``,
 ``duration``. Answers: ``audio/wav`` for one text, a zip of ``<k>.wav`` for several; 400 for bad
 media or parameters (the runtime's one-line message), 408 for a body that stalls, 413 for a body
-over the upload limit or media over the duration limit, 415 for a body that is not a form, 503
-when the replica already holds its queue limit. Uploads live
-in a per-request temporary folder that is removed whatever the answer.
+over the upload limit or media (or generated audio) over the duration limit, 415 for a body that
+is not a form, 503 when the replica already holds its queue limit. Uploads live in a per-request
+temporary folder that is removed whatever the answer.
 """
 
 from __future__ import annotations
@@ -128,8 +128,9 @@ def _mb(n: int) -> str:
     return f"{n / 2 ** 20:g} MB"
 
 
-async def request_options(form, upload: Upload, limits: Limits) -> dict:
-    """The form as ``Separator.process`` keyword arguments; 400/413 for what cannot be run."""
+async def request_options(form, upload: Upload, limits: Limits, window_seconds: float) -> dict:
+    """The form as ``Separator.process`` keyword arguments; 400/413 for what cannot be run.
+    ``window_seconds``: the model's window, the length generated without media or duration."""
     known = {*FILE_FIELDS, *VALUE_FIELDS, "text"}
     unknown = sorted(set(form.keys()) - known)
     if unknown:
@@ -158,11 +159,20 @@ async def request_options(form, upload: Upload, limits: Limits) -> dict:
         value = form.get(field)
         if value is not None:
             options[field] = _value(field, value)
+    _check_generated_length(options, limits, window_seconds)
+    return options
+
+
+def _check_generated_length(options: dict, limits: Limits, window_seconds: float) -> None:
     duration = options.get("duration")
     if isinstance(duration, float) and duration > limits.max_seconds:
         raise HttpError(413, f"duration {duration:g} s is over the limit of "
                              f"{limits.max_seconds:g} s")
-    return options
+    media = any(field in options for field in FILE_FIELDS)
+    if duration is None and not media and window_seconds > limits.max_seconds:
+        raise HttpError(413, f"without media or duration the output is one window "
+                             f"({window_seconds:g} s), over the limit of {limits.max_seconds:g} "
+                             "s; give a duration")
 
 
 def _value(field: str, text):

@@ -5,8 +5,9 @@ import asyncio
 import pytest
 
 from mmsep.runtime.errors import InputError
-from mmsep.scale.service import (HttpError, check_form_complete, check_form_request,
-                                 media_seconds, read_limited_body)
+from mmsep.scale.service import (HttpError, Limits, Upload, check_form_complete,
+                                 check_form_request, media_seconds, read_limited_body,
+                                 request_options)
 
 
 @pytest.mark.parametrize("content_type, query, status", [
@@ -107,3 +108,28 @@ def test_media_without_a_stated_duration_is_timed_by_its_packets(tmp_path):
     assert media_seconds(str(path)) == pytest.approx(5.0)
     path.write_bytes(b"not media")
     assert media_seconds(str(path)) is None
+
+
+@pytest.mark.parametrize("fields, status, message", [
+    ({"text": "x"}, 413, "without media or duration the output is one window (8 s), over the "
+                         "limit of 5 s; give a duration"),
+    ({"text": "x", "generate": "true"}, 413, "without media or duration the output is one "
+                                             "window (8 s)"),
+    ({"text": "x", "duration": "6"}, 413, "duration 6 s is over the limit of 5 s"),
+    ({"text": "x", "duration": "4"}, None, None),
+])
+def test_generated_audio_is_held_to_the_duration_limit(tmp_path, fields, status, message):
+    """A text-only request generates one window unless it says how long: that length counts."""
+    import re
+
+    FormData = pytest.importorskip("starlette.datastructures",
+                                   reason="the ray extra is not installed").FormData
+    form = FormData(list(fields.items()))
+    with Upload(str(tmp_path)) as upload:
+        run = request_options(form, upload, Limits(2 ** 20, 5.0, 4), window_seconds=8.0)
+        if status is None:
+            assert asyncio.run(run)["duration"] == 4.0
+            return
+        with pytest.raises(HttpError, match=re.escape(message)) as refused:
+            asyncio.run(run)
+    assert refused.value.status == status
