@@ -169,4 +169,6 @@ class PowerEMA:
                                                                          self.gamma):
             raise ValueError("the EMA state does not match the trainable parameters")
         self.updates = int(state["updates"])
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        # on the network's device: a checkpoint is read to the CPU, the network may be on a GPU
+        self.shadow = {k: v.to(self.shadow[k].device, torch.float32, copy=True)
+                       for k, v in state["shadow"].items()}

@@ -98,6 +98,20 @@ def test_power_ema_follows_the_authors_update():
     assert torch.equal(ema.copy_to(torch.nn.Linear(2, 1, bias=False)).weight, ema.shadow["weight"])
 
 
+def test_power_ema_resumes_on_the_networks_device():
+    """A checkpoint is read to the CPU; the EMA must stay where the network is (the meta device
+    stands in for a GPU here), and a loaded state owns its tensors."""
+    saved = recipe.PowerEMA(torch.nn.Linear(2, 1))
+    saved.update(torch.nn.Linear(2, 1))
+    elsewhere = recipe.PowerEMA(torch.nn.Linear(2, 1).to("meta"))
+    elsewhere.load_state_dict(saved.state_dict())
+    assert {v.device.type for v in elsewhere.shadow.values()} == {"meta"}
+    here = recipe.PowerEMA(torch.nn.Linear(2, 1))
+    here.load_state_dict(saved.state_dict())
+    assert here.updates == 1 and torch.equal(here.shadow["weight"], saved.shadow["weight"])
+    assert here.shadow["weight"].data_ptr() != saved.shadow["weight"].data_ptr()
+
+
 def test_learning_rate_schedule_matches_the_authors_schedulers():
     """Warm-up, then MultiStepLR at 80 % / 90 % of the steps chained by SequentialLR (whose
     second scheduler counts from the end of the warm-up), as the authors' runner builds it."""
