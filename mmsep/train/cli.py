@@ -197,7 +197,7 @@ def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> 
     import mmsep.models as mm
 
     from .data import SOURCE_PEAK, class_ids, read_clips
-    from .features import build_cache, load_encoders, load_table
+    from .features import build_cache, encoder_fingerprint, load_encoders, load_table
 
     log = (lambda msg: None) if kw["quiet"] or not ranks.main else click.echo
     clips = {split: read_clips(kw[split]) for split in ("data", "val")}
@@ -211,10 +211,11 @@ def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> 
     options = TrainOptions(**{k: kw[k] for k in ("steps", "batch_size", "lr", "warmup",
                                                   "val_every", "save_every", "log_every",
                                                   "seed", "val_seed", "train_fused")})
-    setup = run_setup(kw)
+    fingerprint = encoder_fingerprint(kw["weights_dir"], net.config.mode)
+    setup = run_setup(kw, fingerprint)
     if state is not None:
         check_resumable(state, kw["out"] / CHECKPOINT, options, ranks.world, setup, net)
-    encoders = load_encoders(kw["weights_dir"], net.config.mode)
+    encoders = load_encoders(kw["weights_dir"], net.config.mode, fingerprint)
     lengths = net.config.lengths
     cache = kw["cache"] or kw["out"] / "cache"
     peaks = {"data": SOURCE_PEAK, "val": None}  # validation clips keep their level
@@ -237,13 +238,14 @@ def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> 
     return trainer
 
 
-def run_setup(kw: dict) -> dict:
-    """What a resumed run must share with the saved one beyond TrainOptions: the window length
-    and the clip lists' contents."""
+def run_setup(kw: dict, encoder_fingerprint: str) -> dict:
+    """What a resumed run must share with the saved one beyond TrainOptions: the window length,
+    the clip lists' contents and the encoders' weights (which made its features)."""
     from mmsep.model_files import sha256_file
 
     return {"duration": kw["duration"], "data_sha256": sha256_file(kw["data"])[:16],
-            "val_sha256": sha256_file(kw["val"])[:16]}
+            "val_sha256": sha256_file(kw["val"])[:16],
+            "weights_sha256": encoder_fingerprint[:16]}
 
 
 PROGRESS_SECONDS = 10.0  # the longest silence while features are computed

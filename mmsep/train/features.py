@@ -55,10 +55,32 @@ class Encoders:
         return mean.transpose(1, 2), std.transpose(1, 2)
 
 
-def load_encoders(weights_dir: str | os.PathLike, mode: str) -> Encoders:
-    """The VAE, CLIP and Synchformer of the release layout under ``weights_dir``."""
-    from mmsep.model_files import sha256_file
+def load_encoders(weights_dir: str | os.PathLike, mode: str,
+                  fingerprint: str | None = None) -> Encoders:
+    """The VAE, CLIP and Synchformer of the release layout under ``weights_dir``;
+    ``fingerprint``: their ``encoder_fingerprint`` when the caller already has it."""
     from mmsep.models import MelSpectrogram, load_clip, load_synchformer, load_vae
+
+    vae_path, clip_path, sync_path = _encoder_files(weights_dir, mode)
+    return Encoders(mel=MelSpectrogram(mode).eval(), vae=load_vae(vae_path, mode=mode).eval(),
+                    clip=load_clip(clip_path).eval(),
+                    synchformer=load_synchformer(sync_path).eval(),
+                    fingerprint=fingerprint or encoder_fingerprint(weights_dir, mode))
+
+
+def encoder_fingerprint(weights_dir: str | os.PathLike, mode: str) -> str:
+    """Identifies the encoders' weights under ``weights_dir`` (a digest of their files)."""
+    from mmsep.model_files import sha256_file
+
+    digest = hashlib.sha256()
+    for path in _encoder_files(weights_dir, mode):
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _encoder_files(weights_dir: str | os.PathLike, mode: str) -> tuple[Path, Path, Path]:
+    """The VAE, CLIP and Synchformer files of the release layout; CheckpointError for a missing
+    one."""
     from mmsep.models.components import CLIP_DIR, SYNCHFORMER_FILE, VAE_FILES, _clip_file
     from mmsep.models.io import CheckpointError
 
@@ -67,14 +89,7 @@ def load_encoders(weights_dir: str | os.PathLike, mode: str) -> Encoders:
     for path, what in ((vae_path, "VAE checkpoint"), (sync_path, "Synchformer checkpoint")):
         if not path.is_file():
             raise CheckpointError(f"{path}: {what} not found")
-    clip_path = _clip_file(root / CLIP_DIR)
-    digest = hashlib.sha256()
-    for path in (vae_path, clip_path, sync_path):
-        digest.update(sha256_file(path).encode())
-    return Encoders(mel=MelSpectrogram(mode).eval(), vae=load_vae(vae_path, mode=mode).eval(),
-                    clip=load_clip(clip_path).eval(),
-                    synchformer=load_synchformer(sync_path).eval(),
-                    fingerprint=digest.hexdigest())
+    return vae_path, _clip_file(root / CLIP_DIR), sync_path
 
 
 def cache_key(clip: Clip, encoders: Encoders, lengths: SequenceLengths,

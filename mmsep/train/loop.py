@@ -246,22 +246,23 @@ class Trainer:
             val = self._validate_and_record()
             if val is not None:
                 self.log(f"step 0/{o.steps}  val_loss {val:.4f}")
-        losses, started = [], time.perf_counter()
+        losses, training_seconds = [], 0.0  # rates count training steps, not validation or saves
         while self.step < o.steps:
+            started = time.perf_counter()
             losses.append(self.train_step())
+            training_seconds += time.perf_counter() - started
             val = None
             if self.step % o.val_every == 0 or self.step == o.steps:
                 val = self._validate_and_record()
             if self.step % o.log_every == 0 or self.step == o.steps:
-                elapsed = time.perf_counter() - started
                 row = {"step": self.step, "loss": sum(losses) / len(losses),
                        "lr": self.learning_rate(self.step - 1),
-                       "steps_per_s": len(losses) / elapsed,
-                       "clips_per_s": len(losses) * o.batch_size / elapsed}
+                       "steps_per_s": len(losses) / training_seconds,
+                       "clips_per_s": len(losses) * o.batch_size / training_seconds}
                 self._record(row)
                 if self.ranks.main:
                     self.log(_progress(row, o.steps, val))
-                losses, started = [], time.perf_counter()
+                losses, training_seconds = [], 0.0
             if self.step % o.save_every == 0 or self.step == o.steps:
                 self.save()
 

@@ -68,6 +68,10 @@ def resume_refusals(corpus, weights_dir, tables, out):
     longer = resume("--steps", "4", "--duration", "3")
     assert longer.exit_code == 2 and "cannot resume with other settings (duration 2.0 -> 3.0)" \
         in longer.output
+    other = _other_encoder_weights(weights_dir, out.parent / "other_weights")
+    switched = resume("--steps", "4", "--weights-dir", str(other))
+    assert switched.exit_code == 2
+    assert "cannot resume with other settings (weights_sha256 '" in switched.output
     metrics = (out / "metrics.jsonl").read_text()
     first, *rest = metrics.splitlines()
     for damage in ("garbage", '{"loss": 1.0}'):
@@ -92,6 +96,18 @@ def resume_refusals(corpus, weights_dir, tables, out):
     (out / "checkpoint.pt").write_bytes((out / "ft.pt").read_bytes())
     wrong = resume("--steps", "5")
     assert wrong.exit_code == 2 and "not a mmsep-finetune checkpoint.pt (an ft.pt" in wrong.output
+
+
+def _other_encoder_weights(weights_dir, root):
+    """A copy of ``weights_dir`` whose Synchformer file differs by one trailing byte."""
+    import shutil
+
+    from mmsep.models.components import SYNCHFORMER_FILE
+
+    shutil.copytree(weights_dir, root)
+    with open(root / SYNCHFORMER_FILE, "ab") as fh:
+        fh.write(b"\0")
+    return root
 
 
 @pytest.mark.parametrize("change, message", [
