@@ -5,6 +5,7 @@ terminal) unwind like Ctrl-C, so that temporary outputs are removed on the way o
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -19,6 +20,17 @@ from .exit_codes import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_
 # a seed option of the torch programs: what torch's generators take (larger ones failed with
 # "Overflow when unpacking long long")
 SEED = click.IntRange(0, 2**63 - 1)
+
+
+class FiniteRange(click.FloatRange):
+    """A FloatRange of finite numbers: click's own lets NaN through every bound, and infinity
+    through an open end."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def quiet_option(help_text: str):

@@ -112,3 +112,21 @@ def test_interrupts_wait_for_a_step_that_must_not_stop_half_way(capsys):
     assert err == ["prog: interrupted while the outputs were being put in place; they were all "
                    "written"]
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("module, name", [
+    ("mmsep.export.cli", "main"), ("mmsep.train.cli", "main"), ("mmsep.runtime.cli", "cli"),
+    ("mmsep.scale.batch", "cli"), ("mmsep.scale.serve_cli", "cli"),
+    ("mmsep.runtime.example", "main"), ("mmsep.train.synthetic", "main")])
+def test_every_number_option_refuses_nan_and_infinity(module, name):
+    """click's FloatRange lets NaN through every bound (a NaN --cfg wrote NaN audio, a NaN --lr
+    trained until it diverged); every program's number options are finite ranges."""
+    import importlib
+
+    command = getattr(importlib.import_module(module), name)
+    numbers = [p for p in command.params if isinstance(p.type, click.FloatRange)]
+    for param in numbers:
+        for text in ("nan", "inf", "-inf"):
+            with pytest.raises(click.BadParameter, match="is not a finite number|not in the"):
+                param.type.convert(text, param, None)
+    assert numbers, f"{module}: no number options"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..console import SEED, echo_result, quiet_option
+from ..console import SEED, FiniteRange, echo_result, quiet_option
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, full_disk_errno
 from ..models.io import CheckpointError
 from ..models.presets import RELEASED_VARIANTS
@@ -48,7 +48,7 @@ PROG = "mmsep-export"
               help="Model directory to write (default: models/<variant or preset>); never the "
                    "checkpoint's or weights' own paths, nor a directory holding them or inside "
                    "them.")
-@click.option("--duration", type=click.FloatRange(2.0, 60.0), default=8.0, show_default=True,
+@click.option("--duration", type=FiniteRange(2.0, 60.0), default=8.0, show_default=True,
               help="Window length in seconds; fixes the per-window sequence lengths.")
 @click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Largest batch (windows x requests) of the graphs' optimisation profiles.")

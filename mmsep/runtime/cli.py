@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from ..console import console_main, echo_result, interrupts_held, quiet_option
+from ..console import FiniteRange, console_main, echo_result, interrupts_held, quiet_option
 from .audio import MAX_GENERATED_SECONDS, MIN_SECONDS
 from .audio_writer import FORMATS, SUBTYPES, open_audio_outputs, output_format
 from .backend_options import backend_options
@@ -46,7 +46,7 @@ PROG = "mmsep-run"
 @click.option("--generate", is_flag=True,
               help="Ignore any audio track and generate audio for the query from a noise "
                    "mixture (also the mode when there is no mixture and no video).")
-@click.option("--duration", type=click.FloatRange(MIN_SECONDS, MAX_GENERATED_SECONDS),
+@click.option("--duration", type=FiniteRange(MIN_SECONDS, MAX_GENERATED_SECONDS),
               help="Length in seconds of generated audio (default: the video's length, else "
                    "one window); not with a mixture.")
 @click.option("--output", "-o", type=click.Path(),
@@ -64,7 +64,7 @@ PROG = "mmsep-run"
                    "wav; ogg is always Vorbis).")
 @click.option("--steps", type=click.IntRange(1, 1000),
               help="Euler steps (default: the model's, 25).")
-@click.option("--cfg", type=click.FloatRange(0.0, 100.0),
+@click.option("--cfg", type=FiniteRange(0.0, 100.0),
               help="Classifier-free guidance strength (default: the model's, 4.5); below 1 the "
                    "conditional branch alone, as at 1.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True,

@@ -16,6 +16,7 @@ import av
 import click
 import numpy as np
 
+from ..console import FiniteRange
 from .atomic import atomic_output
 
 
@@ -91,7 +92,7 @@ def _encode(container, stream, frame) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("example"),
               show_default=True, help="Directory to write clip.mp4 and mix.wav into.")
-@click.option("--seconds", type=click.FloatRange(1.0, 600.0), default=10.0, show_default=True,
+@click.option("--seconds", type=FiniteRange(1.0, 600.0), default=10.0, show_default=True,
               help="Length of the example clip.")
 def main(out: Path, seconds: float) -> None:
     """Write a synthetic example video (with a mixture audio track) and a mixture wav."""

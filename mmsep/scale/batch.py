@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from mmsep.console import console_main, quiet_option
+from mmsep.console import FiniteRange, console_main, quiet_option
 from mmsep.exit_codes import EXIT_OK, EXIT_SOME_FAILED
 from mmsep.progress import Progress
 from mmsep.runtime.atomic import check_writable, remove_stale_partials
@@ -45,7 +45,7 @@ PROG = "mmsep-batch"
                                     "made); implies --ray.")
 @click.option("--workers", type=click.IntRange(1, 4096), default=1, show_default=True,
               help="With Ray: actors in the pool, each holding one Separator.")
-@click.option("--cpus-per-worker", type=click.FloatRange(0.01), default=1.0, show_default=True,
+@click.option("--cpus-per-worker", type=FiniteRange(0.01), default=1.0, show_default=True,
               help="With Ray on machines without GPUs: CPUs reserved per actor (with GPUs "
                    "each actor takes one GPU).")
 @quiet_option("No progress bar or summary.")

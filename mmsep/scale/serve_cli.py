@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from mmsep.console import console_main, terminate_as_interrupt
+from mmsep.console import FiniteRange, console_main, terminate_as_interrupt
 from mmsep.exit_codes import EXIT_OK
 from mmsep.runtime.atomic import check_writable
 from mmsep.runtime.backend_options import backend_options
@@ -35,11 +35,11 @@ PROG = "mmsep-serve"
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
               help="Port to listen on.")
 @backend_options("replica")
-@click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=20.0,
+@click.option("--batch-wait-ms", type=FiniteRange(0, 10000), default=20.0,
               show_default=True, help="How long a request waits for others to share its batch.")
-@click.option("--max-upload-mb", type=click.FloatRange(0.001), default=100.0, show_default=True,
+@click.option("--max-upload-mb", type=FiniteRange(0.001), default=100.0, show_default=True,
               help="Largest request body; larger ones get 413.")
-@click.option("--max-seconds", type=click.FloatRange(0.1), default=600.0, show_default=True,
+@click.option("--max-seconds", type=FiniteRange(0.1), default=600.0, show_default=True,
               help="Longest media (or generated duration); longer gets 413.")
 @click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="Requests a replica holds at once (read, waiting or running); more get 503.")
@@ -49,11 +49,11 @@ PROG = "mmsep-serve"
               help="Autoscaling: fewest replicas.")
 @click.option("--max-replicas", type=click.IntRange(1),
               help="Autoscaling: most replicas (turns Ray Serve's autoscaling on).")
-@click.option("--target-ongoing-requests", type=click.FloatRange(0.1), default=8.0,
+@click.option("--target-ongoing-requests", type=FiniteRange(0.1), default=8.0,
               show_default=True, help="Autoscaling: requests per replica to aim for.")
-@click.option("--cpus-per-replica", type=click.FloatRange(0.01), default=1.0, show_default=True,
+@click.option("--cpus-per-replica", type=FiniteRange(0.01), default=1.0, show_default=True,
               help="CPUs Ray reserves for each replica.")
-@click.option("--gpus-per-replica", type=click.FloatRange(0),
+@click.option("--gpus-per-replica", type=FiniteRange(0),
               help="GPUs per replica (default: 1 where the cluster has GPUs, else 0).")
 @click.option("--ray-address", help="Ray cluster to join ('auto': the one `ray start` made); "
                                     "default: start a local instance.")

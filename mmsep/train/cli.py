@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from ..console import SEED, quiet_option
+from ..console import SEED, FiniteRange, quiet_option
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, full_disk_errno
 from . import recipe
 from .loop import CHECKPOINT, METRICS, WEIGHTS, Ranks, TrainOptions, Trainer, \
@@ -45,7 +45,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Optimiser steps in all (a resumed run continues up to this).")
 @click.option("--batch-size", type=click.IntRange(1), default=TrainOptions.batch_size,
               show_default=True, help="Clips per step over all processes.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=recipe.LEARNING_RATE,
+@click.option("--lr", type=FiniteRange(0, min_open=True), default=recipe.LEARNING_RATE,
               show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--warmup", type=click.IntRange(0), default=TrainOptions.warmup,
               show_default=True, help="Linear learning-rate warm-up steps.")
@@ -61,7 +61,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               f"(default: {recipe.INIT_INPUT_PROJ[0]}).")
 @click.option("--train-fused", is_flag=True,
               help="Also train the fused blocks and the final layer (the authors freeze them).")
-@click.option("--duration", type=click.FloatRange(2.0, 60.0), default=8.0, show_default=True,
+@click.option("--duration", type=FiniteRange(2.0, 60.0), default=8.0, show_default=True,
               help="Training window in seconds.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Training seed.")
 @click.option("--val-seed", type=SEED, default=0, show_default=True,

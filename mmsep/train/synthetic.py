@@ -21,6 +21,7 @@ import av
 import click
 import numpy as np
 
+from mmsep.console import SEED, FiniteRange
 from mmsep.runtime.atomic import atomic_output
 
 SAMPLE_RATE = 44100
@@ -122,9 +123,9 @@ def write_split(root: Path, split: str, per_class: int, seconds: float, seed: in
               help="Training clips per class.")
 @click.option("--val-per-class", type=click.IntRange(1, 10000), default=4, show_default=True,
               help="Validation clips per class.")
-@click.option("--seconds", type=click.FloatRange(2.0, 60.0), default=2.0, show_default=True,
+@click.option("--seconds", type=FiniteRange(2.0, 60.0), default=2.0, show_default=True,
               help="Length of every clip (at least the training window).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Corpus seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Corpus seed.")
 def main(out: Path, clips_per_class: int, val_per_class: int, seconds: float, seed: int) -> None:
     """Write a synthetic labelled corpus (4 classes, audio + class-dependent video + text)."""
     try:
