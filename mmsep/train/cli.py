@@ -11,6 +11,7 @@ already holds a checkpoint without --resume), 1 internal failure, 130 interrupte
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from ..console import SEED, FiniteRange, quiet_option
 from ..exit_codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, full_disk_errno
 from . import recipe
 from .loop import CHECKPOINT, METRICS, WEIGHTS, Ranks, TrainOptions, Trainer, \
-    check_resumable, read_checkpoint
+    check_batch_split, check_resumable, read_checkpoint
 
 PROG = "mmsep-finetune"
 RUN_LOCK = ".mmsep-finetune.lock"  # in --out, held by the run training there
@@ -88,7 +89,7 @@ def main(**kw) -> None:
         _check_paths(kw)
         device = _device(kw["device"])
         state = read_checkpoint(out / CHECKPOINT) if kw["resume"] else None
-        ranks = _init_distributed()
+        ranks = _init_distributed(device)
         with _one_run_at_a_time(out, ranks.main):  # before anything in OUT is touched
             build_trainer(kw, ranks, device, state).fit()
     except (DataError, CheckpointError, ValueError, InputError) as exc:
@@ -97,10 +98,13 @@ def main(**kw) -> None:
         saved = (out / CHECKPOINT).is_file()
         _fail(EXIT_INTERRUPTED, "interrupted; " + ("--resume continues from the last saved step"
                                                    if saved else "no step was saved"))
+    except PermissionError as exc:  # an input or output the user may not read or write
+        _fail(EXIT_USAGE, f"{exc.filename or out}: permission denied")
     except Exception as exc:  # a one-line report instead of a traceback
         full = full_disk_errno(exc)
         if full is not None:
-            _fail(EXIT_USAGE, f"{out}: cannot write ({os.strerror(full)})")
+            _fail(EXIT_USAGE, f"{getattr(exc, 'filename', None) or out}: cannot write "
+                              f"({os.strerror(full)})")
         _fail(EXIT_INTERNAL, f"{type(exc).__name__}: {exc}")
     if ranks.main and not kw["quiet"]:
         click.echo(f"wrote {out / WEIGHTS}")
@@ -156,14 +160,17 @@ def _fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def _init_distributed() -> Ranks:
+def _init_distributed(device) -> Ranks:
+    """Ranks under torchrun: NCCL for processes on GPUs (each bound to its own), else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks()
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Ranks(dist.get_rank(), world)
 
 
@@ -196,8 +203,8 @@ def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> 
     built."""
     import mmsep.models as mm
 
-    from .data import SOURCE_PEAK, class_ids, read_clips
-    from .features import build_cache, encoder_fingerprint, load_encoders, load_table
+    from .data import read_clips
+    from .features import encoder_fingerprint, load_encoders
 
     log = (lambda msg: None) if kw["quiet"] or not ranks.main else click.echo
     clips = {split: read_clips(kw[split]) for split in ("data", "val")}
@@ -211,31 +218,47 @@ def build_trainer(kw: dict, ranks: Ranks, device, state: dict | None = None) -> 
     options = TrainOptions(**{k: kw[k] for k in ("steps", "batch_size", "lr", "warmup",
                                                   "val_every", "save_every", "log_every",
                                                   "seed", "val_seed", "train_fused")})
+    check_batch_split(options, ranks.world)
     fingerprint = encoder_fingerprint(kw["weights_dir"], net.config.mode)
     setup = run_setup(kw, fingerprint)
     if state is not None:
         check_resumable(state, kw["out"] / CHECKPOINT, options, ranks.world, setup, net)
     encoders = load_encoders(kw["weights_dir"], net.config.mode, fingerprint)
-    lengths = net.config.lengths
-    cache = kw["cache"] or kw["out"] / "cache"
-    peaks = {"data": SOURCE_PEAK, "val": None}  # validation clips keep their level
-    if ranks.main:  # the other processes wait, then find every entry in place
-        for split, items in clips.items():
-            build_cache(items, encoders, lengths, cache, source_peak=peaks[split],
-                        progress=_cache_progress(log, split))
-    if ranks.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    empty = tuple(e[0] for e in net.empty_conditions(1))
-    tables = {split: load_table(build_cache(items, encoders, lengths, cache,
-                                            source_peak=peaks[split]), class_ids(items), empty)
-              for split, items in clips.items()}
+    tables = _feature_tables(kw, clips, encoders, net, ranks, device, log)
     trainer = Trainer(net, encoders, tables["data"], tables["val"], options, kw["out"],
                       ranks=ranks, device=device, log=log, setup=setup)
     if state is not None:
         trainer.load_state(state)  # checked above, before the features
     return trainer
+
+
+def _feature_tables(kw: dict, clips: dict, encoders, net, ranks: Ranks, device, log) -> dict:
+    """{"data": ClipTable, "val": ClipTable}. Each process computes its share of the missing
+    cache entries with the query encoders on its device and waits for the others' (however long
+    that takes: the default group's collectives would time out), then stacks the whole cache."""
+    from mmsep.runtime.atomic import remove_stale_partials
+
+    from .data import SOURCE_PEAK, class_ids
+    from .features import build_cache, load_table
+
+    cache = kw["cache"] or kw["out"] / "cache"
+    lengths = net.config.lengths
+    peaks = {"data": SOURCE_PEAK, "val": None}  # validation clips keep their level
+    if ranks.main and Path(cache).is_dir():
+        remove_stale_partials(cache)  # those of a killed extraction on this machine
+    encoders.place_query_encoders(device)
+    for split, items in clips.items():
+        build_cache(items[ranks.rank::ranks.world], encoders, lengths, cache,
+                    source_peak=peaks[split], progress=_cache_progress(log, split, ranks.world))
+    encoders.place_query_encoders("cpu")  # training needs only the VAE: free the device
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier(group=dist.new_group(backend="gloo", timeout=FEATURE_WAIT))
+    empty = tuple(e[0] for e in net.empty_conditions(1))
+    return {split: load_table(build_cache(items, encoders, lengths, cache,
+                                          source_peak=peaks[split]), class_ids(items), empty)
+            for split, items in clips.items()}
 
 
 def run_setup(kw: dict, encoder_fingerprint: str) -> dict:
@@ -249,18 +272,21 @@ def run_setup(kw: dict, encoder_fingerprint: str) -> dict:
 
 
 PROGRESS_SECONDS = 10.0  # the longest silence while features are computed
+FEATURE_WAIT = datetime.timedelta(days=3)  # how long a process waits for the others' features
 
 
-def _cache_progress(log, split: str, clock=time.monotonic):
+def _cache_progress(log, split: str, processes: int = 1, clock=time.monotonic):
     """A progress line for the first clip, then at least every PROGRESS_SECONDS, and at the
     end (real clips take seconds each: a fixed count of clips could mean minutes of silence)."""
     last = [None]
+    name = "train" if split == "data" else "val"
+    share = f", this process's share of {processes}" if processes > 1 else ""
 
     def report(done: int, total: int) -> None:
         now = clock()
         if done == total or last[0] is None or now - last[0] >= PROGRESS_SECONDS:
             last[0] = now
-            log(f"features ({'train' if split == 'data' else 'val'}): {done}/{total} clips")
+            log(f"features ({name}{share}): {done}/{total} clips")
     return report
 
 

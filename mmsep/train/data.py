@@ -73,7 +73,9 @@ def read_clips(path: str | os.PathLike) -> list[Clip]:
     """Parse and check a clip list; every problem is a DataError naming ``path:line``."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # only "\n" ends a line: splitlines() would also cut at U+2028, U+0085, ..., which
+        # JSON writers leave unescaped inside strings
+        lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the clip list ({exc})") from None
     clips = [_clip(path, n, line) for n, line in enumerate(lines, start=1) if line.strip()]

@@ -30,9 +30,9 @@ from torch import nn
 
 from mmsep.models import video_reference
 from mmsep.models.presets import SequenceLengths
-from mmsep.runtime.atomic import atomic_output
 
 from .data import INTERFERER_SPAN_WINDOWS, Clip, DataError
+from .torch_files import save_atomically
 
 CACHE_FORMAT = 4  # 2: clips keyed by their files' identity; 3: audio beyond the first window;
 # 4: training sources scaled to SOURCE_PEAK
@@ -47,6 +47,11 @@ class Encoders:
     clip: nn.Module
     synchformer: nn.Module
     fingerprint: str  # identifies the weights (part of every cache key)
+
+    def place_query_encoders(self, device: str | torch.device) -> None:
+        """Move CLIP and Synchformer (used only to compute the feature cache) to ``device``."""
+        self.clip.to(device)
+        self.synchformer.to(device)
 
     @torch.no_grad()
     def posterior(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,14 +140,16 @@ def clip_features(clip: Clip, encoders: Encoders, lengths: SequenceLengths, *,
     audio = np.pad(audio, (0, max(0, lengths.audio_samples - audio.size)))
     entry: dict[str, torch.Tensor | None] = {"audio": torch.from_numpy(audio.copy()),
                                              "clip_f": None, "sync_f": None, "text_f": None}
+    device = next(encoders.clip.parameters()).device
     if clip.video is not None:
         frames, times = _decoded_frames(clip.video)
         images = video_reference.clip_frames(frames, times, lengths.duration)
-        entry["clip_f"] = encoders.clip.encode_image(images)
+        entry["clip_f"] = encoders.clip.encode_image(images.to(device)).cpu()
         sync = video_reference.sync_frames(frames, times, lengths.duration)
-        entry["sync_f"] = encoders.synchformer.encode_video(sync[None])[0]
+        entry["sync_f"] = encoders.synchformer.encode_video(sync[None].to(device))[0].cpu()
     if clip.text is not None:
-        entry["text_f"] = encoders.clip.encode_text(torch.from_numpy(tokenize([clip.text])))[0]
+        tokens = torch.from_numpy(tokenize([clip.text])).to(device)
+        entry["text_f"] = encoders.clip.encode_text(tokens)[0].cpu()
     return entry
 
 
@@ -156,9 +163,8 @@ def build_cache(clips: list[Clip], encoders: Encoders, lengths: SequenceLengths,
     paths = [root / f"{cache_key(c, encoders, lengths, source_peak)}.pt" for c in clips]
     for done, (clip, path) in enumerate(zip(clips, paths), start=1):
         if not path.exists():
-            entry = clip_features(clip, encoders, lengths, source_peak=source_peak)
-            with atomic_output(path) as tmp:
-                torch.save(entry, tmp)
+            save_atomically(clip_features(clip, encoders, lengths, source_peak=source_peak),
+                            path)
         if progress is not None:
             progress(done, len(clips))
     return paths

@@ -33,6 +33,7 @@ from mmsep.runtime.atomic import atomic_output, remove_stale_partials
 from . import recipe
 from .data import draw_interferers, draw_snr, draw_window_starts, mix_at_snr
 from .features import ClipTable, Encoders
+from .torch_files import save_atomically
 
 CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "ft.pt", "metrics.jsonl"
 
@@ -61,6 +62,13 @@ class Ranks:
         return self.rank == 0
 
 
+def check_batch_split(options: TrainOptions, world: int) -> None:
+    """ValueError unless the batch splits evenly over ``world`` processes."""
+    if options.batch_size % world:
+        raise ValueError(f"batch size {options.batch_size} is not a multiple of the {world} "
+                         "processes")
+
+
 def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
 
@@ -72,9 +80,7 @@ class Trainer:
                  setup: dict | None = None):
         """``setup``: what else a resumed run must share with the saved one (the command line's
         window length and clip lists), saved with every checkpoint and compared on resume."""
-        if options.batch_size % ranks.world:
-            raise ValueError(f"batch size {options.batch_size} is not a multiple of the "
-                             f"{ranks.world} processes")
+        check_batch_split(options, ranks.world)
         self.options, self.ranks, self.log = options, ranks, log
         self.setup = dict(setup or {})
         self.device = torch.device(device)
@@ -254,7 +260,10 @@ class Trainer:
             val = None
             if self.step % o.val_every == 0 or self.step == o.steps:
                 val = self._validate_and_record()
-            if self.step % o.log_every == 0 or self.step == o.steps:
+            logged = self.step % o.log_every == 0 or self.step == o.steps
+            if val is not None and not logged:
+                self.log(f"step {self.step}/{o.steps}  val_loss {val:.4f}")
+            if logged:
                 row = {"step": self.step, "loss": sum(losses) / len(losses),
                        "lr": self.learning_rate(self.step - 1),
                        "steps_per_s": len(losses) / training_seconds,
@@ -271,36 +280,6 @@ def _progress(row: dict, steps: int, val: float | None) -> str:
     text = (f"step {row['step']}/{steps}  loss {row['loss']:.4f}  "
             f"{row['steps_per_s']:.2f} steps/s  {row['clips_per_s']:.1f} clips/s")
     return text + (f"  val_loss {val:.4f}" if val is not None else "")
-
-
-def save_atomically(obj, path: Path) -> None:
-    """``torch.save`` through ``atomic_output``. A write that fails (a full disk, a size limit)
-    raises its OSError: torch's zip writer would report it as a bare RuntimeError."""
-    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-        writer = _WriteErrors(fh)
-        try:
-            torch.save(obj, writer)
-        except RuntimeError:
-            if writer.error is not None:
-                raise writer.error from None
-            raise
-
-
-class _WriteErrors:
-    """A file's ``write`` and ``flush`` that keep the OSError a write raised."""
-
-    def __init__(self, fh):
-        self.fh, self.error = fh, None
-
-    def write(self, data) -> int:
-        try:
-            return self.fh.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.fh.flush()
 
 
 def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:

@@ -98,6 +98,40 @@ def resume_refusals(corpus, weights_dir, tables, out):
     assert wrong.exit_code == 2 and "not a mmsep-finetune checkpoint.pt (an ft.pt" in wrong.output
 
 
+def test_an_unreadable_input_is_one_line_exit_2(corpus, weights_dir, tables, tmp_path,
+                                                monkeypatch):
+    """(Tests run as root, where no file is unreadable: the read fails as it would.)"""
+    import mmsep.model_files
+
+    real = mmsep.model_files.sha256_file
+
+    def denied(path):
+        if "synchformer" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(mmsep.model_files, "sha256_file", denied)
+    result = CliRunner().invoke(main, _args(corpus, weights_dir, tables, tmp_path / "run",
+                                            "--steps", "1"))
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("synchformer_state_dict.pth: permission denied")
+
+
+def test_a_killed_extractions_temporaries_are_removed(corpus, weights_dir, tables, tmp_path):
+    import shutil
+
+    from mmsep.runtime.atomic import MACHINE
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tables["cache"], cache)  # every entry there: nothing is computed
+    stale = cache / f".0123abcd.partial-{MACHINE}-4194305-0123456789ab.pt"  # no such process
+    stale.write_bytes(b"half")
+    result = CliRunner().invoke(main, _args(corpus, weights_dir, tables, tmp_path / "run",
+                                            "--steps", "1", "--cache", str(cache)))
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and len(list(cache.glob("*.pt"))) == 12
+
+
 def _other_encoder_weights(weights_dir, root):
     """A copy of ``weights_dir`` whose Synchformer file differs by one trailing byte."""
     import shutil

@@ -33,6 +33,15 @@ def test_read_clips(corpus):
     assert class_ids(clips).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+def test_texts_may_hold_any_character_that_json_leaves_unescaped(tmp_path):
+    soundfile.write(tmp_path / "a.wav", np.zeros(100, np.float32), 44100)
+    texts = ["dog\u2028barking", "a\x85b\x0bc\x1cd"]
+    lines = [json.dumps({"audio": "a.wav", "text": t}, ensure_ascii=False) for t in texts]
+    path = tmp_path / "list.jsonl"
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")  # Windows line ends too
+    assert [c.text for c in read_clips(path)] == texts
+
+
 @pytest.mark.parametrize("lines, message", [
     (['{"audio": "a.wav", "text": "x"}', "not json"], ":2: not valid JSON"),
     (['{"audio": "missing.wav", "text": "x"}', '{"audio": "a.wav", "text": "y"}'],

@@ -95,6 +95,18 @@ def test_validation_does_not_depend_on_the_training_seed(generator_net, encoders
     assert sum(len(v["x1"]) for v in a.val_batches()) == len(tables["val"])
 
 
+def test_every_validation_reaches_the_console(generator_net, encoders, tables, tmp_path):
+    """Also one that falls between progress lines (it went only to metrics.jsonl)."""
+    trainer = make_trainer(generator_net, encoders, tables, tmp_path, steps=3, val_every=1,
+                           log_every=2, save_every=3)
+    lines = []
+    trainer.log = lines.append
+    trainer.fit()
+    assert [line.split()[1] for line in lines] == ["0/3", "1/3", "2/3", "3/3"]
+    assert all("val_loss" in line for line in lines)
+    assert "loss" not in lines[1].replace("val_loss", "")
+
+
 def test_resume_continues_exactly(generator_net, encoders, tables, tmp_path):
     straight = make_trainer(generator_net, encoders, tables, tmp_path / "straight")
     straight.fit()
@@ -183,13 +195,13 @@ def test_a_full_disk_while_saving_is_the_oserror_and_leaves_nothing(tmp_path):
 
     script = ("import resource, sys, torch\n"
               "from pathlib import Path\n"
-              "from mmsep.train.loop import save_atomically\n"
+              "from mmsep.train.torch_files import save_atomically\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
               "try:\n"
               "    save_atomically({'w': torch.zeros(1 << 20)}, Path(sys.argv[1]))\n"
               "except OSError as exc:\n"
-              "    print(exc.errno, exc.strerror)\n")
+              "    print(exc.errno, exc.strerror, exc.filename)\n")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ft.pt")],
                           capture_output=True, text=True, timeout=300)
-    assert done.stdout.strip() == "27 File too large", done.stderr
+    assert done.stdout.strip() == f"27 File too large {tmp_path / 'ft.pt'}", done.stderr
     assert list(tmp_path.iterdir()) == []
