@@ -36,6 +36,22 @@ def _first_audio_stream(container):
     return next((s for s in container.streams if s.type == "audio"), None)
 
 
+ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC: a cover image, not a video
+
+
+def first_video_stream(container):
+    """The first stream of moving pictures, None when there is none: the cover image that MP3,
+    M4A and some MP4 files carry is a video stream of one picture, and is passed over."""
+    return next((s for s in container.streams if s.type == "video"
+                 and not int(getattr(s, "disposition", 0)) & ATTACHED_PIC), None)
+
+
+def check_video_decodable(path, stream) -> None:
+    """InputError when FFmpeg has no decoder for ``stream`` (PyAV then gives no codec context)."""
+    if stream.codec_context is None:
+        raise InputError(f"{path}: unsupported video codec (FFmpeg cannot decode it)")
+
+
 def audio_track_start(path: Path) -> float:
     """Seconds in ``path``'s own time line of the first decoded sample of its first audio
     stream (the stream's start time where no frame has one; 0 where neither is known)."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from .atomic import atomic_output
 from .errors import InputError, OutputError, one_line
+from .media_tracks import check_video_decodable, first_video_stream
 
 # containers --mux writes, by suffix (each verified with an H.264 stream + AAC in the tests)
 MUX_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
@@ -70,9 +71,10 @@ def check_muxable(video: str | os.PathLike, out: str | os.PathLike) -> None:
     except (av.FFmpegError, OSError):
         return  # the video's own check reports it
     with source:
-        vin = next((s for s in source.streams if s.type == "video"), None)
+        vin = first_video_stream(source)
         if fmt is None or vin is None:
             return
+        check_video_decodable(video, vin)
         try:
             with av.open(io.BytesIO(), "w", format=fmt) as sink:
                 sink.add_stream_from_template(vin)
@@ -107,7 +109,7 @@ def _mux(video, tracks, audio: _AudioOptions, path: Path, target: Path) -> None:
     except (av.FFmpegError, OSError) as exc:
         raise InputError(f"{video}: unreadable video ({exc})") from None
     with source:
-        vin = next((s for s in source.streams if s.type == "video"), None)
+        vin = first_video_stream(source)
         if vin is None:
             raise InputError(f"{video}: has no video stream to mux")
         try:

@@ -202,7 +202,17 @@ class FrameResizer:
                 "sync_frames": sync_frames.astype(np.int64),
                 "segment_index": segment_index.reshape(np.shape(sync_index)).astype(np.int64)}
 
-    def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray):
+    @staticmethod
+    def open_lane() -> int:
+        """Lanes keep the outputs of different videos apart where a resizer reuses its output
+        memory (TensorRT's); here every run's outputs are new values: one lane serves all."""
+        return 0
+
+    @staticmethod
+    def close_lane(lane: int) -> None:
+        pass
+
+    def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray, lane: int = 0):
         if not isinstance(frames, YuvFrames):
             frames = np.asarray(frames, np.uint8)  # a list of frames is stacked here
         inputs = self.graph_inputs(frames, clip_index, sync_index)

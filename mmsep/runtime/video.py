@@ -44,7 +44,7 @@ import numpy as np
 from ..closing import Closing
 from ..stages import Geometry
 from .errors import InputError, one_line
-from .media_tracks import stream_duration, stream_start
+from .media_tracks import check_video_decodable, first_video_stream, stream_duration, stream_start
 from .pixels import YuvFrame, YuvFrames, rgb, yuv_frame
 from .requests import NUMBER
 from .resize import centre_crop, short_side
@@ -73,10 +73,11 @@ class VideoSource:
             raise InputError(f"{self.path}: not a file")
         try:
             with av.open(str(self.path)) as container:
-                video = next((s for s in container.streams if s.type == "video"), None)
+                video = first_video_stream(container)
                 self.has_audio = any(s.type == "audio" for s in container.streams)
                 if video is None:
                     raise InputError(f"{self.path}: has no video stream")
+                check_video_decodable(self.path, video)
                 _check_aspect(self.name, video.codec_context.height, video.codec_context.width)
                 self.start = stream_start(container, video)
                 self.duration = stream_duration(container, video, self.start)
@@ -123,7 +124,7 @@ class VideoSource:
 
         try:
             with av.open(str(self.path)) as container:
-                stream = next(s for s in container.streams if s.type == "video")
+                stream = first_video_stream(container)
                 stream.thread_type = "AUTO"  # FFmpeg frame/slice threads
                 rate = float(stream.average_rate or stream.guessed_rate or 25)
                 for index, frame in enumerate(container.decode(stream)):
@@ -221,6 +222,7 @@ class WindowFrames(Closing):
         self._frames = source.frames()
         self._name = source.name
         self._resizer = resizer
+        self._lane = resizer.open_lane() if resizer is not None else None
         self._reached = -np.inf
         self._last = None  # the most recent decoded frame, held past the end of the video
         self._window = 0
@@ -240,6 +242,8 @@ class WindowFrames(Closing):
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._frames.close()  # the decoder's file
+        if self._resizer is not None:
+            self._resizer.close_lane(self._lane)
 
     def __del__(self):
         pool = getattr(self, "_pool", None)
@@ -368,7 +372,7 @@ class WindowFrames(Closing):
         if len(kinds) == 1 and isinstance(frames[0], YuvFrame) and \
                 self._resizer.accepts(*frames[0].size):
             upload = YuvFrames.stack(frames, self._upload_buffers)
-            return self._resizer.run(upload, clip_index, sync_index)
+            return self._resizer.run(upload, clip_index, sync_index, self._lane)
         as_rgb = {id(p): p.rgb() if isinstance(p, YuvFrame) else p for p in frames}
         shapes = {p.shape for p in as_rgb.values()}
         if len(shapes) > 1 or not self._resizer.accepts(*next(iter(shapes))[:2]):
@@ -377,7 +381,7 @@ class WindowFrames(Closing):
             return ResizedImages(
                 self._resize_each_once(clip_image, clip_images, as_rgb, g.clip_image_size),
                 self._resize_each_once(sync_image, sync_images, as_rgb, g.sync_image_size))
-        return self._resizer.run(list(as_rgb.values()), clip_index, sync_index)
+        return self._resizer.run(list(as_rgb.values()), clip_index, sync_index, self._lane)
 
     def _resize_each_once(self, resize_fn, selected: list, as_rgb: dict, size: int) -> np.ndarray:
         """``resize_fn`` of each distinct frame of ``selected`` once, on the pool, stacked in

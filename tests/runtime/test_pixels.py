@@ -119,10 +119,11 @@ class RecordingResizer:
     def __init__(self, resizer):
         self.resizer, self.uploads = resizer, []
         self.takes_yuv, self.accepts = resizer.takes_yuv, resizer.accepts
+        self.open_lane, self.close_lane = resizer.open_lane, resizer.close_lane
 
-    def run(self, frames, clip_index, sync_index):
+    def run(self, frames, clip_index, sync_index, lane):
         self.uploads.append(type(frames).__name__)
-        return self.resizer.run(frames, clip_index, sync_index)
+        return self.resizer.run(frames, clip_index, sync_index, lane)
 
 
 class DecodedFrames:

@@ -157,6 +157,51 @@ def test_bad_videos(tmp_path, media):
         WindowFrames(source, [0.0], geometry()).next_window()
 
 
+def _write_stream(out, codec: str, size: int, frames: int, rate: int, pix_fmt: str):
+    stream = out.add_stream(codec, rate=rate)
+    stream.width = stream.height = size
+    stream.pix_fmt = pix_fmt
+    return stream, [av.VideoFrame.from_ndarray(np.full((size, size, 3), 25 * i, np.uint8),
+                                               format="rgb24").reformat(format=pix_fmt)
+                    for i in range(frames)]
+
+
+def test_a_cover_image_is_not_the_video(tmp_path):
+    """MP3/M4A files and some MP4s carry a cover image as a one-picture video stream."""
+    from av.stream import Disposition
+
+    with_cover = tmp_path / "with_cover.mp4"
+    with av.open(str(with_cover), "w") as out:
+        cover, pictures = _write_stream(out, "mjpeg", 32, 1, 1, "yuvj420p")
+        cover.disposition = Disposition.attached_pic
+        video, frames = _write_stream(out, "mpeg4", 48, 10, 5, "yuv420p")
+        for stream, items in ((cover, pictures), (video, frames)):
+            for item in items:
+                out.mux(stream.encode(item))
+            out.mux(stream.encode(None))
+    source = VideoSource(with_cover)
+    assert source.duration == pytest.approx(2.0) and len(list(source.frames())) == 10
+    only_cover = tmp_path / "song.m4a"
+    with av.open(str(only_cover), "w", format="mp4") as out:
+        cover, pictures = _write_stream(out, "mjpeg", 32, 1, 1, "yuvj420p")
+        cover.disposition = Disposition.attached_pic
+        out.mux(cover.encode(pictures[0]))
+        out.mux(cover.encode(None))
+    with pytest.raises(InputError, match="song.m4a: has no video stream"):
+        VideoSource(only_cover)
+
+
+def test_a_video_codec_ffmpeg_cannot_decode_is_refused(tmp_path, media):
+    from mmsep.runtime.example import make_video
+
+    path = make_video(tmp_path / "clip.mkv", 1.0, size=(48, 64), audio=None)
+    data = path.read_bytes()
+    assert data.count(b"V_MPEG4/ISO/AVC") == 1  # Matroska's codec id of H.264
+    path.write_bytes(data.replace(b"V_MPEG4/ISO/AVC", b"V_MPEG4/ISO/XYZ"))
+    with pytest.raises(InputError, match="clip.mkv: unsupported video codec"):
+        VideoSource(path)
+
+
 def producer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("mmsep-video")]
 

@@ -10,15 +10,21 @@ rewritten before the stream has read it).
 The Synchformer frames are resized once each; the overlapping segments are then assembled by
 device-to-device copies.
 
-``run`` is called from the video producer thread while the backend works on the previous window
+``run`` is called from the video producer threads while the backend works on the previous window
 on its own stream: the resizer has its own stream, execution contexts and memory, pushes the
-shared CUDA context for the call, and synchronises its stream before it returns. Its outputs are
-``DeviceArray`` views of a ring of ``RING`` output buffer sets: a window's inputs stay valid
-while the next ``RING - 1`` windows are resized, which covers the one window that
-``PrefetchedWindows`` makes ahead.
+shared CUDA context for the call, runs one call at a time (several requests' producers share it
+in ``process_many``) and synchronises its stream before it returns. Each video being read has a
+lane of its own (``open_lane``), and a lane's outputs are ``DeviceArray`` views of its own ring
+of ``RING`` output buffer sets: a window's inputs stay valid while the next ``RING - 1`` windows
+of the same video are resized, which covers the one window that ``PrefetchedWindows`` makes
+ahead, however many other videos are resized meanwhile. Lanes are reused (the lowest free one),
+so the output memory grows with the videos read at once, not with the videos read in all.
 """
 
 from __future__ import annotations
+
+import itertools
+import threading
 
 import numpy as np
 
@@ -51,18 +57,36 @@ class TrtFrameResizer:
                                                       "context (out of GPU memory?)")
         self.memory = CudaMemory(cuda)
         self._fixed: dict[tuple, dict[str, DeviceArray]] = {}  # bands, conversion tables
-        self._runs = 0
+        self._lock = threading.Lock()
+        self._lanes: dict[int, int] = {}  # open lane -> runs so far
+
+    def open_lane(self) -> int:
+        """A lane for one video's windows (see the module docstring); ``close_lane`` it."""
+        with self._lock:
+            lane = next(i for i in itertools.count() if i not in self._lanes)
+            self._lanes[lane] = 0
+            return lane
+
+    def close_lane(self, lane: int) -> None:
+        with self._lock:
+            self._lanes.pop(lane, None)
 
     def accepts(self, height: int, width: int) -> bool:
         """Whether the engine's profile takes frames of this size (else: resize on the host)."""
         return all(fits(stream, height, width, self.sizes[stream]) for stream in self.sizes)
 
     @in_context
-    def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray):
+    def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray, lane: int = 0):
         """(clip, segments) from a window's distinct frames and the rows of them that each
-        model input picks (see ``resize.FrameResizer``). ``frames``: ``pixels.YuvFrames``
-        (where ``takes_yuv``), or uint8 RGB, an array (U, H, W, 3) or a list of U frames (a list
-        is not stacked on the host)."""
+        model input picks (see ``resize.FrameResizer``), in ``lane``'s ring. ``frames``:
+        ``pixels.YuvFrames`` (where ``takes_yuv``), or uint8 RGB, an array (U, H, W, 3) or a
+        list of U frames (a list is not stacked on the host)."""
+        with self._lock:
+            runs = self._lanes.get(lane, 0)
+            self._lanes[lane] = runs + 1
+            return self._run(frames, clip_index, sync_index, (lane, runs % RING))
+
+    def _run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray, slot: tuple):
         pixels = _pixel_inputs(frames)
         tables = None
         if isinstance(frames, YuvFrames):
@@ -71,8 +95,6 @@ class TrtFrameResizer:
                                                        "engine")
             tables = self._upload(("tables", frames.conversion.key),
                                   lambda: table_inputs(frames.conversion))
-        slot = self._runs % RING
-        self._runs += 1
         sync_frames, segment_index = np.unique(sync_index, return_inverse=True)
         clip = self._resize("clip", pixels, tables, np.asarray(clip_index).reshape(-1), slot)
         sync = self._resize("sync", pixels, tables, sync_frames, slot)
@@ -93,7 +115,7 @@ class TrtFrameResizer:
         return uploaded
 
     def _resize(self, stream: str, pixels: dict, tables: dict | None, rows: np.ndarray,
-                slot: int) -> DeviceArray:
+                slot: tuple) -> DeviceArray:
         """The frames ``rows`` resized for one model input (every engine call uploads its frames'
         planes), into the ring slot's output buffer."""
         first_plane = next(iter(pixels.values()))[0]
@@ -136,7 +158,7 @@ class TrtFrameResizer:
         need(context.set_tensor_address(OUTPUT_NAME, out), "bind the output")
         need(context.execute_async_v3(self.memory.stream.handle), "enqueue the engine")
 
-    def _segments(self, sync: DeviceArray, index: np.ndarray, slot: int) -> DeviceArray:
+    def _segments(self, sync: DeviceArray, index: np.ndarray, slot: tuple) -> DeviceArray:
         """(segments, segment_frames, ...) from the resized Synchformer frames, one copy per run
         of consecutive frames."""
         item = sync.nbytes // max(sync.shape[0], 1)

@@ -177,6 +177,26 @@ def test_video_through_the_engines_gives_the_host_path_result(gpu, model_dir, me
     assert rel_l2(device.audio, host.audio) < 1e-4 and rel_l2(beyond.audio, host.audio) < 1e-4
 
 
+def test_videos_resized_together_keep_their_own_frames(gpu, model_dir, tmp_path):
+    """process_many reads several videos at once, each one window ahead on its own thread,
+    through the one resizer: calls run one at a time and every video's outputs have a ring of
+    their own (a shared ring gave the short video the long one's frames)."""
+    from mmsep.runtime.example import make_video
+
+    long = make_video(tmp_path / "long.mp4", 6.0, fps=25, size=(48, 64), audio=None)
+    short = make_video(tmp_path / "short.mp4", 2.0, fps=10, size=(48, 64), audio=None)
+    requests = [dict(video=str(long), duration=6.0, generate=True, steps=1, seed=0, text="x"),
+                dict(video=str(short), duration=2.0, generate=True, steps=1, seed=0, text="x")]
+    with Separator(with_engines(model_dir, tmp_path / "trt"), "trt", max_batch=4) as sep:
+        alone = [sep.process(**request) for request in requests]
+        together = sep.process_many(requests)
+        assert sep._resizer._lanes == {}  # every lane given back
+    assert [type(r).__name__ for r in together] == ["SeparationResult"] * 2, together
+    assert together[0].windows > 3 * together[1].windows
+    for one, many in zip(alone, together):
+        assert rel_l2(many.audio, one.audio) < 1e-5
+
+
 def test_engines_built_before_the_resize_engines_resize_on_the_host(gpu, model_dir, tmp_path):
     older = with_engines(model_dir, tmp_path / "older", frame_resize=())
     with create_backend(ModelDir(older), "trt") as backend:
