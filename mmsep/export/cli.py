@@ -353,8 +353,9 @@ def _print_summary(result) -> None:
     if trt.get("status") == "skipped":
         click.echo(f"TensorRT engines skipped: {trt.get('reason')}")
     elif trt.get("status") == "built":
+        kept = ", kept from the previous export" if trt.get("kept") else ""
         click.echo(f"TensorRT {trt['version']} {trt['precision']} engines for {trt['gpu']} "
-                   f"(sm{trt['compute_capability']}):")
+                   f"(sm{trt['compute_capability']}{kept}):")
         for name, engine in trt["engines"].items():
             parity = engine["parity"]
             click.echo(f"  {name:<13}{_size(engine['bytes']):>10}  "

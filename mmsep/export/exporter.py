@@ -111,7 +111,8 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
         if engine_builder is not None:
             manifest["tensorrt"] = engine_builder(tmp, manifest, modules, previous)
         else:
-            manifest["tensorrt"] = {"status": "skipped", "reason": engines_skipped}
+            manifest["tensorrt"] = _kept_engines(previous, manifest, tmp) or \
+                {"status": "skipped", "reason": engines_skipped}
         if previous is not None and not rebuilt and not manifest["tensorrt"].get("rebuilt") \
                 and _same_payload(previous, manifest):
             shutil.rmtree(tmp)
@@ -268,11 +269,15 @@ def _reuse_files(files: dict, tmp: Path, old_dir: str) -> bool:
                 or sha256_file(src) != meta["sha256"]:
             return False
     for name in files:
-        try:
-            os.link(Path(old_dir) / name, tmp / name)
-        except OSError:
-            shutil.copy2(Path(old_dir) / name, tmp / name)
+        _link(Path(old_dir) / name, tmp / name)
     return True
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _write_extras(components: Components, conditioner: StageSpec, tmp: Path) -> dict:
@@ -305,11 +310,35 @@ def _manifest(components: Components, g: Geometry, specs: dict[str, StageSpec], 
     return manifest
 
 
+def _kept_engines(previous: dict | None, manifest: dict, tmp: Path) -> dict | None:
+    """The previous export's TensorRT section, its files linked into ``tmp``, where no engine
+    can be built now but every stage graph the engines were built from is unchanged and their
+    files are intact (engines built on a GPU machine with --engines-only survive a re-export on
+    a machine without TensorRT); else None."""
+    old = (previous or {}).get("tensorrt") or {}
+    if old.get("status") != "built" or _stage_keys(previous) != _stage_keys(manifest):
+        return None
+    records = [*old.get("engines", {}).values(),
+               *(r for r in old.values() if isinstance(r, dict) and "file" in r)]
+    engines = {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in records}
+    graphs = {r["onnx"] for r in records if "onnx" in r} - {p.name for p in tmp.iterdir()}
+    old_dir = Path(previous["_dir"])
+    if not all((old_dir / graph).is_file() for graph in graphs) or \
+            not _reuse_files(engines, tmp, previous["_dir"]):
+        return None
+    for graph in graphs:  # a graph made for the engines alone (bf16): no hash of its own
+        _link(old_dir / graph, tmp / graph)
+    return {**old, "rebuilt": [], "kept": True}
+
+
+def _stage_keys(manifest: dict) -> dict:
+    return {n: s["key"] for n, s in manifest["stages"].items()}
+
+
 def _same_payload(previous: dict, manifest: dict) -> bool:
     keys = ("model", "geometry", "sources", "stage_order", "files")
     return all(previous.get(k) == manifest.get(k) for k in keys) and \
-        {n: s["key"] for n, s in previous["stages"].items()} == \
-        {n: s["key"] for n, s in manifest["stages"].items()} and \
+        _stage_keys(previous) == _stage_keys(manifest) and \
         _reduced_keys(previous) == _reduced_keys(manifest) and \
         _engine_keys(previous) == _engine_keys(manifest)
 

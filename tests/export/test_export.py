@@ -183,6 +183,38 @@ def test_rerun_is_a_noop_and_changed_weights_rebuild_only_their_stages(tiny_mode
     assert not list(out.glob("*.fp16.onnx"))
 
 
+def test_engines_built_on_a_gpu_survive_a_rerun_where_none_can_be_built(tiny_model_dir,
+                                                                         tmp_path):
+    """Export here, --engines-only on the GPU machine, export here again: the engines stay
+    while the graphs they were built from do; a changed graph drops them."""
+    from tests.runtime.backends.fake_gpu import with_engines
+
+    out = with_engines(tiny_model_dir, tmp_path / "tiny")
+    manifest = _manifest(out)
+    for name, record in manifest["tensorrt"]["engines"].items():
+        record["key"] = f"engine key of {name}"
+    (out / "vocoder.bf16.onnx").write_bytes(b"a graph made for the engine")
+    manifest["tensorrt"]["engines"]["vocoder"]["onnx"] = "vocoder.bf16.onnx"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    components = _tiny()
+    result = export_model(components, out, sources=SOURCES, **SILENT)
+    assert result.unchanged and result.manifest["tensorrt"]["status"] == "built"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    (out / "denoiser.fp16.onnx").write_bytes(b"damaged")  # the directory is rebuilt ...
+    result = export_model(components, out, sources=SOURCES, **SILENT)
+    assert result.rebuilt == ["denoiser"] and result.manifest["tensorrt"]["kept"]
+    assert set(before) <= {p.name for p in out.iterdir()}  # ... keeping every engine
+    assert (out / "vocoder.bf16.onnx").read_bytes() == b"a graph made for the engine"
+
+    with torch.no_grad():
+        components.vocoder.conv_post.weight.mul_(1.5)
+    result = export_model(components, out, sources=SOURCES, **SILENT)
+    assert result.manifest["tensorrt"] == {"status": "skipped", "reason": "not requested"}
+    assert not list(out.glob("*.engine")) and not (out / "vocoder.bf16.onnx").exists()
+
+
 def test_convention_change_reexports_only_the_mix_encoder(tiny_model_dir, tmp_path):
     out = tmp_path / "tiny"
     shutil.copytree(tiny_model_dir, out)
