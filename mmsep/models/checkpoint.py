@@ -114,7 +114,7 @@ def load_flow(path: str | os.PathLike, *, duration: float = 8.0,
     (one CheckpointError names the file and every missing/unexpected/misshapen key) and returned
     in eval mode on ``device``.
     """
-    state = io.read_state_dict(path, what=WHAT)
+    state = io.read_state_dict(path, what=WHAT, fits=_is_flow_state)
     state = {k: v for k, v in state.items() if k not in DERIVED_KEYS}
     config = detect_flow_config(state, path, duration=duration)
     with torch.device("meta"):  # no allocation or random init for weights about to be replaced
@@ -123,6 +123,14 @@ def load_flow(path: str | os.PathLike, *, duration: float = 8.0,
     net = net.to_empty(device=device)  # the constant tables are rebuilt by MMAudioFlow._apply
     io.load_checked(net, state, path, what=f"{config.name} {_kind(config)} network")
     return net.eval()
+
+
+def _is_flow_state(state: Mapping[str, torch.Tensor]) -> bool:
+    try:
+        detect_flow_config(state)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _kind(config: FlowConfig) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -11,6 +11,8 @@ from torch import nn
 # Keys under which training scripts and releases nest the actual state dict.
 WRAPPER_KEYS = ("ema", "weights", "model", "state_dict", "generator", "module", "net", "params")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
+# ema_pytorch's EMA keeps the averaged network under this prefix, beside the online one
+EMA_PREFIXES = ("ema_model.",)
 
 
 class CheckpointError(ValueError):
@@ -22,10 +24,12 @@ TRAINING_CHECKPOINT_KEYS = frozenset({"step", "options", "world", "net", "ema", 
 
 
 def read_state_dict(path: str | os.PathLike, *, what: str = "checkpoint",
-                    wrapper_keys: Iterable[str] = WRAPPER_KEYS) -> dict[str, torch.Tensor]:
+                    wrapper_keys: Iterable[str] = WRAPPER_KEYS,
+                    fits: Callable[[dict], bool] | None = None) -> dict[str, torch.Tensor]:
     """Load a tensor dictionary from a .pth/.pt/.ckpt/.bin or .safetensors file.
 
-    Descends through the usual wrappers, strips ``module.`` / ``_orig_mod.`` prefixes and drops
+    Descends through the usual wrappers (``unwrap_state_dict``; ``fits`` tells the wanted
+    network's state dict from others), strips ``module.`` / ``_orig_mod.`` prefixes and drops
     non-tensor entries. Raises CheckpointError naming the file for anything unusable.
     """
     path = os.fspath(path)
@@ -56,21 +60,58 @@ def read_state_dict(path: str | os.PathLike, *, what: str = "checkpoint",
     if isinstance(obj, dict) and TRAINING_CHECKPOINT_KEYS <= obj.keys():
         raise CheckpointError(f"{path}: a mmsep-finetune training checkpoint (checkpoint.pt), "
                               f"not a {what}; give the ft.pt beside it")
-    state = unwrap_state_dict(obj, wrapper_keys)
+    state = unwrap_state_dict(obj, wrapper_keys, fits=fits, name=path)
     if not state:
         raise CheckpointError(f"{path}: no tensors found; this is not a {what}")
     return state
 
 
-def unwrap_state_dict(obj, wrapper_keys: Iterable[str] = WRAPPER_KEYS) -> dict[str, torch.Tensor]:
-    wrapper_keys = tuple(wrapper_keys)
-    while isinstance(obj, Mapping) and not _mostly_tensors(obj):
-        inner = next((obj[k] for k in wrapper_keys if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping):
+def unwrap_state_dict(obj, wrapper_keys: Iterable[str] = WRAPPER_KEYS, *,
+                      fits: Callable[[dict], bool] | None = None,
+                      name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict inside ``obj``: of the tensor dictionaries under its wrapper keys (depth
+    first, in ``wrapper_keys``' order, ``obj``'s own tensors last), the first that ``fits``
+    accepts, else the first that holds tensors. Training checkpoints keep other tensor
+    dictionaries beside the network's (an EMA library's own layout, an optimiser): a warning
+    names the entry used when an earlier one did not fit."""
+    found = [(where, state) for where, candidate in _candidates(obj, tuple(wrapper_keys), ())
+             if (state := _tensors(candidate))]
+    if not found:
         return {}
+    if fits is not None:
+        chosen = next((i for i, (_, state) in enumerate(found) if fits(state)), 0)
+        if chosen:
+            import warnings
+
+            warnings.warn(f"{name}: using its {_entry(found[chosen][0])} (its "
+                          f"{_entry(found[0][0])} is not this network's state dict)",
+                          stacklevel=2)
+        return found[chosen][1]
+    return found[0][1]
+
+
+def _entry(where: tuple[str, ...]) -> str:
+    return "".join(f"[{key!r}]" for key in where) or "top level"
+
+
+def _candidates(obj, wrapper_keys: tuple[str, ...], where: tuple[str, ...]):
+    """(keys to it, mapping) of every tensor dictionary ``unwrap_state_dict`` considers."""
+    if not isinstance(obj, Mapping):
+        return
+    if not _mostly_tensors(obj):
+        for key in wrapper_keys:
+            if isinstance(obj.get(key), Mapping):
+                yield from _candidates(obj[key], wrapper_keys, (*where, key))
+    for prefix in EMA_PREFIXES:
+        averaged = {k[len(prefix):]: v for k, v in obj.items()
+                    if isinstance(k, str) and k.startswith(prefix)}
+        if averaged:
+            yield (*where, prefix + "*"), averaged
+    yield where, obj
+
+
+def _tensors(obj: Mapping) -> dict[str, torch.Tensor]:
+    """``obj``'s tensor entries, their keys without ``STRIP_PREFIXES``."""
     state = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor) or not isinstance(key, str):

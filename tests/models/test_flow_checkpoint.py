@@ -176,6 +176,29 @@ def test_wrappers_prefixes_and_derived_keys(nets, tmp_path):
         assert torch.equal(loaded(**a, x_mix=mix), ref), name
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
     assert torch.equal(load_flow(tmp_path / "w.safetensors")(**a, x_mix=mix), ref)
+    training_checkpoints(sd, a, mix, ref, tmp_path)
+
+
+def training_checkpoints(sd, a, mix, ref, tmp_path):
+    """Training scripts' files, where an "ema" entry may hold another library's layout."""
+    other = {k: 2 * v for k, v in sd.items()}  # the network's values, wrongly taken
+    torch_ema = {"model": sd, "ema": {"decay": 0.999, "num_updates": 5,
+                                      "shadow_params": list(other.values())}}
+    ema_pytorch = {**{"ema_model." + k: v for k, v in sd.items()},
+                   **{"online_model." + k: v for k, v in other.items()},
+                   "initted": torch.tensor(True), "step": torch.tensor(3)}
+    for name, obj in (("torch_ema.pth", torch_ema), ("ema_pytorch.pth", ema_pytorch),
+                      ("nested.pth", {"ema": ema_pytorch, "step": 3})):
+        torch.save(obj, tmp_path / name)
+        assert torch.equal(load_flow(tmp_path / name)(**a, x_mix=mix), ref), name
+    # MMAudio's own <exp>_ckpt_last.pth: the network under "weights", its post-hoc EMA's
+    # state under "ema"
+    post_hoc = {f"ema_models.0.ema_model.{k}": v for k, v in other.items()}
+    torch.save({"it": 10, "weights": sd, "optimizer": {"state": {}}, "ema": post_hoc},
+               tmp_path / "ckpt_last.pth")
+    with pytest.warns(UserWarning, match=r"using its \['weights'\] \(its \['ema'\] is not"):
+        loaded = load_flow(tmp_path / "ckpt_last.pth")
+    assert torch.equal(loaded(**a, x_mix=mix), ref)
 
 
 @pytest.mark.parametrize("content", ["hello", "these are not weights\n"])
