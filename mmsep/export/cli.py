@@ -181,6 +181,9 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
         log(f"loading {checkpoint}")
         components = load_components(weights_dir, flow=checkpoint, vae=vae, vocoder=vocoder,
                                      clip=clip_path, synchformer=synchformer, duration=duration)
+        c = components.flow.config
+        log(f"a {c.name} {'separation' if c.separation else 'generation'} network "
+            f"({c.duration:g} s windows)")
         # absolute: benchmarks/rtf.py reloads them from wherever it runs
         sources = {name: {"path": os.path.abspath(path),
                           "sha256": sha256_file(_weights_file(Path(path)))}
@@ -208,6 +211,8 @@ def _check_out(out: Path, inputs: dict) -> None:
 
     try:
         check_directory_writable(out, "--out")
+        # the new directory is assembled beside --out, then renamed into place
+        check_directory_writable(out.absolute().parent, "the folder of --out")
         check_output_dir(out, inputs)
     except InputError as exc:
         raise UsageError(str(exc)) from None
@@ -310,18 +315,18 @@ def _engines_only(directory: Path, *, precision, timing_cache, quiet):
 
 
 def _weights_file(path: Path) -> Path:
-    """The file whose hash identifies a component (a vocoder is a directory)."""
-    if path.is_dir():
-        candidates = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".bin",
-                                                                       ".safetensors"))
-        return candidates[0] if candidates else path / "config.json"
-    return path
+    """The file whose hash identifies a component: a vocoder given as a directory (BigVGAN v2's
+    download, which also holds its discriminator and optimiser) by its generator's weights."""
+    from ..models.bigvgan import GENERATOR_FILE
+
+    return path / GENERATOR_FILE if path.is_dir() else path
 
 
 def _summary(result) -> dict:
     m = result.manifest
-    return {"directory": str(result.directory), "unchanged": result.unchanged,
-            "rebuilt": result.rebuilt, "reused": result.reused,
+    return {"directory": str(result.directory),
+            "model": {k: m["model"][k] for k in ("preset", "separation", "window_seconds")},
+            "unchanged": result.unchanged, "rebuilt": result.rebuilt, "reused": result.reused,
             "stages": {name: {"rel_l2": s["parity"]["onnxruntime"]["rel_l2"],
                               "checked_with": s["parity"]["onnxruntime"]["backend"],
                               "bytes": sum(f["bytes"] for f in s["files"].values()),
@@ -337,7 +342,9 @@ def _print_summary(result) -> None:
     m = result.manifest
     status = "unchanged (nothing to do)" if result.unchanged else \
         f"{len(result.rebuilt)} stage(s) exported, {len(result.reused)} reused"
-    click.echo(f"\n{result.directory}: {status}")
+    model = m["model"]
+    kind = "separation" if model["separation"] else "generation"
+    click.echo(f"\n{result.directory} ({model['preset']} {kind}): {status}")
     click.echo(f"{'stage':<13}{'size':>10}  {'ORT vs PyTorch (rel L2)':>24}  {'bound':>7}"
                f"  {'fp16 copy':>10}  {'bound':>7}  checked with")
     for name, s in m["stages"].items():

@@ -324,6 +324,7 @@ def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights,
                 "--weights-dir", tiny_weights / "gen", "--out", out, "--json", "--duration", 2)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
+    assert summary["model"] == {"preset": "tiny", "separation": False, "window_seconds": 2.0}
     assert set(summary["stages"]) == set(STAGE_ORDER) - {"mix_encoder"}
     assert all(0 < max(s["fp16_rel_l2"].values()) <= 1e-2 for s in summary["stages"].values())
     device = resolve_parity_device("auto")
@@ -342,6 +343,17 @@ def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights,
     if reason is not None:  # the ONNX part is complete and the manifest says why engines are not
         assert summary["tensorrt"] == {"status": "skipped", "reason": reason}
         assert manifest["tensorrt"] == summary["tensorrt"]
+
+
+def test_a_vocoder_directory_is_identified_by_its_generator(tmp_path):
+    """NVIDIA's BigVGAN v2 download also holds the discriminator and its optimiser's state,
+    which sort first."""
+    from mmsep.export.cli import _weights_file
+
+    for name in ("bigvgan_discriminator_optimizer.pt", "bigvgan_generator.pt", "config.json"):
+        (tmp_path / name).write_bytes(name.encode())
+    assert _weights_file(tmp_path) == tmp_path / "bigvgan_generator.pt"
+    assert _weights_file(tmp_path / "config.json") == tmp_path / "config.json"
 
 
 def test_cli_engines_only_needs_tensorrt_and_a_model_directory(tiny_model_dir, tmp_path):

@@ -137,6 +137,36 @@ def test_an_out_that_takes_no_file_is_refused_before_any_work(capsys):
     assert lines[0].startswith("mmsep-export: error: --out /proc/mmsep-test/model: cannot write (")
 
 
+@pytest.fixture
+def locked_folder(tmp_path):
+    """A folder that takes no new entry (immutable for root, read-only for other users) holding
+    an empty, writable ``model`` directory."""
+    import subprocess
+
+    folder = tmp_path / "locked"
+    (folder / "model").mkdir(parents=True)
+    if os.geteuid() == 0:
+        locked = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode
+        if locked != 0:
+            pytest.skip("chattr +i is not available here")
+        yield folder
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+def test_an_out_whose_folder_takes_no_file_is_refused_before_any_work(locked_folder, capsys):
+    """The new model directory is assembled beside --out: a writable --out in a folder that
+    takes no new entry would fail there (an internal error after the model was built)."""
+    code, lines = run_console(["--preset", "tiny", "--out", str(locked_folder / "model")],
+                              capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"mmsep-export: error: the folder of --out {locked_folder}: "
+                               "cannot write (")
+
+
 def test_an_out_under_a_file_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     code, lines = run_console(["--preset", "tiny", "--out", str(tmp_path / "afile" / "sub")],
