@@ -61,8 +61,14 @@ def manifest_files(manifest: dict) -> set[str]:
         for copy in stage.get("reduced", {}).values():
             names.update(copy.get("files", {}))
     names.update(entry["file"] for entry in manifest.get("files", {}).values())
-    tensorrt = manifest.get("tensorrt") or {}
-    records = [*(tensorrt.get("engines") or {}).values(),
-               *(r for r in tensorrt.values() if isinstance(r, dict) and "file" in r)]
-    names.update(record[k] for record in records for k in ("file", "onnx") if k in record)
+    names.update(record[k] for record in engine_records(manifest.get("tensorrt"))
+                 for k in ("file", "onnx") if k in record)
     return names
+
+
+def engine_records(section: dict | None) -> list[dict]:
+    """The records of every engine in a manifest's "tensorrt" section: the stages' and the
+    frame-resize engines'."""
+    section = section or {}
+    return [*(section.get("engines") or {}).values(),
+            *(r for r in section.values() if isinstance(r, dict) and "file" in r)]

@@ -86,7 +86,8 @@ PROG = "mmsep-export"
                    "each engine is checked against the directory's fp32 ONNX graph.")
 @click.option("--force", is_flag=True,
               help="Replace an existing --out that is not an mmsep model directory, or one that "
-                   "holds files the export did not write (they are deleted).")
+                   "(like an --engines-only directory) holds files the export did not write "
+                   "(they are deleted).")
 @quiet_option("No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, synchformer, out,
@@ -98,7 +99,10 @@ def main(checkpoint, preset, weights_dir, variant, vae, vocoder, clip_path, sync
     engine_options = dict(precision=precision, timing_cache=timing_cache, quiet=quiet)
     try:
         if engines_only is not None:
-            result = _engines_only(engines_only, **engine_options)
+            from .engines_only import build_engines_only
+
+            result = build_engines_only(engines_only, precision=precision,
+                                        timing_cache=timing_cache, force=force, log=_log(quiet))
         else:
             if variant is not None:
                 checkpoint = _variant_checkpoint(checkpoint, preset, weights_dir, variant)
@@ -255,63 +259,6 @@ def _engine_builder(options: dict | None, log):
                              previous=previous)
 
     return build, None
-
-
-class _OnnxReference:
-    """A stage's fp32 ONNX graph on ONNX Runtime (CPU), callable like its PyTorch module.
-
-    --engines-only has no checkpoint at hand: the fp32 graph, itself checked against PyTorch at
-    export time, is the reference for the engine parity check.
-    """
-
-    def __init__(self, path: Path, spec):
-        import onnxruntime as ort
-
-        self.spec = spec
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def parameters(self):
-        return iter(())
-
-    def eval(self):
-        return self
-
-    def to(self, device):
-        return self
-
-    def __call__(self, *inputs):
-        import torch
-
-        device = inputs[0].device
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.spec.input_names, inputs)}
-        outs = [torch.from_numpy(o).to(device) for o in self.session.run(None, feeds)]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-def _engines_only(directory: Path, *, precision, timing_cache, quiet):
-    from ..stages import StageSpec
-    from .exporter import ExportResult
-    from ..model_files import ManifestError, read_manifest
-    from .manifest import write_manifest
-    from .tensorrt_build import build_engines, unavailable_reason
-
-    try:
-        manifest = read_manifest(directory)
-    except ManifestError as exc:
-        raise UsageError(str(exc)) from None
-    reason = unavailable_reason()
-    if reason is not None:
-        raise UsageError(f"cannot build TensorRT engines on this machine: {reason}")
-    references = {name: _OnnxReference(directory / stage["onnx"],
-                                       StageSpec.from_json(stage["spec"]))
-                  for name, stage in manifest["stages"].items()}
-    previous = {**manifest, "_dir": str(directory)}
-    manifest["tensorrt"] = build_engines(directory, manifest, references, precision=precision,
-                                         timing_cache=timing_cache, progress=_log(quiet),
-                                         previous=previous)
-    write_manifest(directory, manifest)
-    return ExportResult(directory, manifest, [], list(manifest["stages"]),
-                        changed=bool(manifest["tensorrt"].get("rebuilt")))
 
 
 def _weights_file(path: Path) -> Path:

@@ -27,8 +27,8 @@ from ..models.components import Components
 from ..runtime.atomic import (fsync_directory, remove_stale_partials, replace_directory,
                               temporary_name)
 from ..runtime.resize_engine import ENGINE_NAMES
-from ..model_files import MANIFEST, VOCAB_FILE, ManifestError, manifest_files, read_manifest, \
-    sha256_file
+from ..model_files import MANIFEST, VOCAB_FILE, ManifestError, engine_records, manifest_files, \
+    read_manifest, sha256_file
 from ..stages import GENERATION_NOISE_SCALE, POSTERIOR_SAMPLE, Geometry, Stage, StageSpec, \
     build_stage_specs
 from . import manifest as mf
@@ -119,7 +119,7 @@ def export_model(components: Components, out: Path, *, max_batch: int = 4,
             previous.pop("_dir")
             return ExportResult(out, previous, [], reused, changed=False)
         mf.write_manifest(tmp, manifest)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
         return ExportResult(out, manifest, rebuilt, reused, changed=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,11 +269,11 @@ def _reuse_files(files: dict, tmp: Path, old_dir: str) -> bool:
                 or sha256_file(src) != meta["sha256"]:
             return False
     for name in files:
-        _link(Path(old_dir) / name, tmp / name)
+        link_file(Path(old_dir) / name, tmp / name)
     return True
 
 
-def _link(source: Path, target: Path) -> None:
+def link_file(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
@@ -318,8 +318,7 @@ def _kept_engines(previous: dict | None, manifest: dict, tmp: Path) -> dict | No
     old = (previous or {}).get("tensorrt") or {}
     if old.get("status") != "built" or _stage_keys(previous) != _stage_keys(manifest):
         return None
-    records = [*old.get("engines", {}).values(),
-               *(r for r in old.values() if isinstance(r, dict) and "file" in r)]
+    records = engine_records(old)
     engines = {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in records}
     graphs = {r["onnx"] for r in records if "onnx" in r} - {p.name for p in tmp.iterdir()}
     old_dir = Path(previous["_dir"])
@@ -327,7 +326,7 @@ def _kept_engines(previous: dict | None, manifest: dict, tmp: Path) -> dict | No
             not _reuse_files(engines, tmp, previous["_dir"]):
         return None
     for graph in graphs:  # a graph made for the engines alone (bf16): no hash of its own
-        _link(old_dir / graph, tmp / graph)
+        link_file(old_dir / graph, tmp / graph)
     return {**old, "rebuilt": [], "kept": True}
 
 
@@ -368,7 +367,7 @@ def _check_disk(out: Path, modules: dict, specs: dict, reduced_copies: int) -> N
                          f"{needed / 2**20:,.0f} MiB needed, {free / 2**20:,.0f} MiB free")
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the complete ``tmp`` to ``out`` and delete the previous ``out``
     (``atomic.replace_directory``). A run that loaded the previous directory keeps what it
     loaded (runtime/model_dir.py says what it does next)."""
