@@ -33,7 +33,8 @@ from .windows import WindowPlan
 MIN_SECONDS = 0.1
 MAX_GENERATED_SECONDS = 36000.0  # a generated output's longest duration (10 h)
 SILENCE_PEAK = 1e-5  # -100 dBFS: below the LSB of 16-bit audio
-BLOCK_FRAMES = 1 << 16  # source frames decoded at a time by MixtureStream
+BLOCK_FRAMES = 1 << 16  # model-rate samples a MixtureStream block makes, at most about
+MIN_SOURCE_RATE = 1000  # Hz: a file stating less is damaged (and would be upsampled enormously)
 QUALITY = "VHQ"
 
 
@@ -80,6 +81,7 @@ def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str,
     else:
         _warn_clipped(int(np.count_nonzero(np.abs(samples) > 1.0)), name, stacklevel=4)
         samples = np.clip(samples, -1.0, 1.0)
+    _check_source_rate(rate, name)
     if rate != sample_rate and samples.size:
         import soxr
 
@@ -87,6 +89,12 @@ def prepare(samples: np.ndarray, rate: int, sample_rate: int, *, name: str,
         # a resampler may overshoot full-scale content by a little; that is not clipping input
         samples = np.clip(samples, -1.0, 1.0)
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _check_source_rate(rate: int, name: str) -> None:
+    if rate < MIN_SOURCE_RATE:
+        raise InputError(f"{name}: a sample rate of {rate} Hz (below {MIN_SOURCE_RATE} Hz: a "
+                         "damaged file?)")
 
 
 def check_mixture(samples: np.ndarray, sample_rate: int, *, name: str) -> None:
@@ -139,7 +147,7 @@ class MixtureStream:
                  media: bool = False, block: int = BLOCK_FRAMES):
         self.path = _existing_file(path)
         self.name = str(self.path) if name is None else name
-        self.sample_rate, self.block = sample_rate, block
+        self.sample_rate = sample_rate
         self.max_held = 0
         self._info = None if media else _soundfile_info(self.path)
         if self._info is not None:
@@ -149,6 +157,9 @@ class MixtureStream:
             if rate is None:
                 raise InputError(f"{self.path}: has no audio track")
             self.source_rate = rate
+        _check_source_rate(self.source_rate, self.name)
+        # source frames per block: an upsampled block stays about ``block`` samples
+        self.block = max(1, block * min(self.source_rate, sample_rate) // sample_rate)
         frames = nonfinite = over = 0
         peak = 0.0
         for block_samples in self._blocks():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,8 @@ def open_audio_outputs(stack: contextlib.ExitStack, paths: list[Path], sample_ra
 
 
 class AudioWriter(Closing):
-    """A mono wav/flac/ogg file written piece by piece (``write``); PCM and Vorbis are clipped.
+    """A mono wav/flac/ogg file written piece by piece (``write``); PCM and Vorbis are clipped,
+    with one warning on close saying how many samples were.
 
     Not atomic by itself: open it on ``atomic_output``'s temporary path and close it before
     that renames the file. ``frames`` counts the samples written so far. A failed write (disk
@@ -90,7 +92,7 @@ class AudioWriter(Closing):
         self.name = name or self.path
         fmt, subtype = check_format(format, subtype)
         self._clip = subtype != "FLOAT"
-        self.frames = 0
+        self.frames = self.clipped = 0
         try:
             self._sink = _CheckedFile(open_output_file(self.path))
         except OSError as exc:
@@ -105,6 +107,7 @@ class AudioWriter(Closing):
     def write(self, samples: np.ndarray) -> None:
         samples = np.asarray(samples, np.float32)
         if self._clip:
+            self.clipped += int(np.count_nonzero(np.abs(samples) > 1.0))
             samples = np.clip(samples, -1.0, 1.0)
         try:
             self._file.write(samples)
@@ -123,6 +126,9 @@ class AudioWriter(Closing):
             self._sink.close()
         if self._sink.error is not None:
             raise self._failure(self._sink.error)
+        if self.clipped:
+            warnings.warn(f"{self.name}: {self.clipped} output samples outside [-1, 1] were "
+                          "clipped (the FLOAT subtype keeps them)", stacklevel=2)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """On an exception only release the file: what failed is already being raised (a

@@ -95,8 +95,9 @@ def audio_track_frames(path: Path) -> Iterator[np.ndarray]:
         if stream is None:
             return
         stream.thread_type = "AUTO"
-        # planar float at the source rate and layout; resampling is soxr's job, downmixing ours
-        converter = av.AudioResampler(format="fltp")
+        # planar float at the stream's rate; resampling to the model's rate is soxr's job,
+        # downmixing ours
+        converter = _PlanarFloat(stream.codec_context.sample_rate or None)
         try:
             last = None  # one frame behind: the codec's end padding is cut from the last one
             for frame in container.decode(stream):
@@ -110,6 +111,32 @@ def audio_track_frames(path: Path) -> Iterator[np.ndarray]:
             raise InputError(f"{path}: corrupt audio track ({one_line(exc)})") from None
 
 
+class _PlanarFloat:
+    """Decoded frames as planar float at ``rate`` (None: at their own). Frames at another rate
+    (a capture cut and joined, a broadcast stream) are resampled to it: PyAV's resampler keeps
+    the rate of the first frame it saw and passes others through, which would play them at the
+    wrong speed, so each run of frames at one rate gets a resampler of its own.
+    ``resample(None)`` flushes."""
+
+    def __init__(self, rate: int | None):
+        self.rate, self.input_rate, self._resampler = rate, None, None
+
+    def resample(self, frame) -> list:
+        import av
+
+        out = []
+        if frame is None or frame.sample_rate != self.input_rate:
+            if self._resampler is not None:
+                out += self._resampler.resample(None)
+            self._resampler = None
+        if frame is not None:
+            if self._resampler is None:
+                self.input_rate = frame.sample_rate
+                self._resampler = av.AudioResampler(format="fltp", rate=self.rate)
+            out += self._resampler.resample(frame)
+        return out
+
+
 def _downmixed(frames) -> list[np.ndarray]:
     return [frame.to_ndarray().mean(axis=0, dtype=np.float32) for frame in frames]
 
@@ -117,7 +144,8 @@ def _downmixed(frames) -> list[np.ndarray]:
 def _end_padding(frame) -> int:
     """Decoded samples of the last frame past its packet's duration (AAC's end padding, which
     the decoder does not drop; the track is that much shorter), else 0."""
-    if frame is None or not frame.duration or frame.time_base is None:
+    if frame is None or not frame.duration or frame.time_base is None or \
+            frame.time_base * frame.sample_rate > 1:  # too coarse to count samples (Matroska)
         return 0
     kept = round(float(frame.duration * frame.time_base) * frame.sample_rate)
     return frame.samples - kept if 0 < kept < frame.samples else 0

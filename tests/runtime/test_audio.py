@@ -88,6 +88,53 @@ def test_no_audio_track_and_corrupt_files(tmp_path, media):
         audio.read_audio(unknown, SR)
 
 
+def test_a_track_whose_rate_changes_keeps_its_length(tmp_path):
+    """Two ADTS AAC segments, 2 s at 44.1 kHz then 2 s at 22.05 kHz, joined as a capture that
+    was cut and concatenated would be: frames at the second rate were taken as the first's
+    (3.08 s, the second part at double speed)."""
+    import av
+
+    parts = []
+    for rate in (44100, 22050):
+        path = tmp_path / f"part{rate}.aac"
+        with av.open(str(path), "w", format="adts") as out:
+            stream = out.add_stream("aac", rate=rate, layout="mono")
+            tone = sine(440, 2.0, rate, 0.3)
+            for start in range(0, tone.size, 1024):
+                frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024].copy(),
+                                                   format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = rate, start
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+        parts.append(path.read_bytes())
+    joined = tmp_path / "joined.aac"
+    joined.write_bytes(b"".join(parts))
+    length = audio.MixtureStream(joined, SR).length / SR
+    assert 4.0 < length < 4.2  # each segment's AAC priming and padding: about 0.07 s
+
+
+def test_flac_in_matroska_keeps_its_last_samples(tmp_path):
+    """Matroska's millisecond time base cannot say how long the last frame is to the sample:
+    its rounding cut real samples off the end."""
+    import av
+
+    tone = sine(440, 2.0, SR)[:88323]
+    path = tmp_path / "tone.mka"
+    with av.open(str(path), "w", format="matroska") as out:
+        stream = out.add_stream("flac", rate=SR, layout="mono")
+        for start in range(0, tone.size, 4096):
+            frame = av.AudioFrame.from_ndarray(tone[None, start:start + 4096].copy(),
+                                               format="flt", layout="mono")
+            frame.sample_rate, frame.pts = SR, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    np.testing.assert_allclose(audio.read_audio(path, SR), tone, atol=1e-4)
+
+
 def test_clipping_warns_and_clips(tmp_path):
     data = sine(440, 0.5, SR, 1.5)
     path = tmp_path / "loud.wav"
@@ -145,7 +192,13 @@ def test_array_prepare():
 def test_write_atomic(tmp_path, fmt, subtype):
     data = sine(440, 0.3, SR, 1.2)
     path = tmp_path / f"out.{fmt}"
-    audio.write_audio(path, data, SR, format=fmt, subtype=subtype)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        audio.write_audio(path, data, SR, format=fmt, subtype=subtype)
+    over = int(np.count_nonzero(np.abs(data) > 1))
+    assert [str(w.message) for w in seen] == ([] if subtype == "FLOAT" else [
+        f"{path}: {over} output samples outside [-1, 1] were clipped (the FLOAT subtype keeps "
+        "them)"])
     back, rate = sf.read(path, dtype="float32")
     assert rate == SR and back.shape == data.shape
     if subtype == "FLOAT":
@@ -189,6 +242,7 @@ def test_resampled_length_is_what_soxr_makes(rate, target):
 
 
 @pytest.mark.parametrize("fmt,subtype", [("wav", "PCM_16"), ("flac", "PCM_24"), ("wav", "FLOAT")])
+@pytest.mark.filterwarnings("ignore:.*output samples outside")
 def test_writer_in_pieces_equals_one_write(tmp_path, fmt, subtype):
     data = sine(440, 0.7, SR, 1.3)
     audio.write_audio(tmp_path / f"whole.{fmt}", data, SR, format=fmt, subtype=subtype)

@@ -110,9 +110,18 @@ def test_memory_stays_bounded_on_a_long_file(tmp_path):
             np.testing.assert_array_equal(window, plan.cut(whole, w))
     finally:
         audio._soundfile_blocks = original
-    assert max(blocks) == block
-    assert plan.window <= stream.max_held <= plan.window + 2 * block * target / rate
+    assert max(blocks) == block * rate // target  # source frames that make ``block`` samples
+    assert plan.window <= stream.max_held <= plan.window + 2 * block
     assert stream.max_held * 50 < stream.length
+
+
+def test_a_file_stating_an_absurd_sample_rate_is_refused(tmp_path):
+    """Its blocks would be upsampled by thousands (a 1 Hz header: 44100 samples per frame)."""
+    sf.write(tmp_path / "one_hertz.wav", noise(0.5, 8000, channels=1)[:, 0], 1)
+    for read in (audio.MixtureStream, audio.read_audio):
+        with pytest.raises(InputError, match=r"one_hertz.wav: a sample rate of 1 Hz \(below "
+                                              r"1000 Hz: a damaged file\?\)"):
+            read(tmp_path / "one_hertz.wav", SR)
 
 
 def test_checks_happen_in_the_scan(tmp_path):
