@@ -73,13 +73,17 @@ class SerialWindows(Closing):
 
 class _UploadTaker:
     """What ``WindowFrames`` asks of a device resizer besides ``run``, as ONNX Runtime CUDA's
-    ``FrameResizer`` answers: it takes yuv420p planes, and every resolution."""
+    ``FrameResizer`` answers: it takes yuv420p planes and every resolution, and its outputs
+    need no lane of their own."""
 
     takes_yuv = True
 
     @staticmethod
     def accepts(height: int, width: int) -> bool:
         return True
+
+    open_lane = staticmethod(FrameResizer.open_lane)
+    close_lane = staticmethod(FrameResizer.close_lane)
 
 
 class _Recorder(_UploadTaker):
@@ -90,7 +94,7 @@ class _Recorder(_UploadTaker):
     def __init__(self):
         self.kinds = set()
 
-    def run(self, frames, clip_index, sync_index):
+    def run(self, frames, clip_index, sync_index, lane=0):
         self.kinds.add("yuv420p planes" if isinstance(frames, YuvFrames) else "rgb")
         return None, None
 
@@ -111,7 +115,7 @@ def first_upload(path: Path, starts, geometry, takes_yuv: bool = True) -> tuple:
     kept = []
 
     class Keeper(_UploadTaker):
-        def run(self, frames, clip_index, sync_index):
+        def run(self, frames, clip_index, sync_index, lane=0):
             kept.append((each_plane(frames, np.copy), clip_index, sync_index))
             return None, None
 

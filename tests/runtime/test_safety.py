@@ -342,7 +342,7 @@ def test_atomic_output_unique_durable_and_clean(tmp_path, monkeypatch):
 def test_a_loaded_separator_is_unaffected_when_its_model_is_re_exported(model_dir, media,
                                                                          tmp_path):
     pytest.importorskip("torch", reason="uses the exporter's directory swap")
-    from mmsep.export.exporter import _swap_into_place
+    from mmsep.export.exporter import swap_into_place
     from mmsep.runtime.errors import ModelDirError
 
     mix = tmp_path / "mix.wav"
@@ -355,7 +355,7 @@ def test_a_loaded_separator_is_unaffected_when_its_model_is_re_exported(model_di
         new = tmp_path / f".{directory.name}.partial"
         new.mkdir()
         (new / "manifest.json").write_text('{"format_version": 2}')  # would not even load
-        _swap_into_place(new, directory)
+        swap_into_place(new, directory)
         assert listing(directory) == ["manifest.json"]
 
     with Separator(tmp_path / "live", backend="ort-cpu") as sep:
