@@ -251,7 +251,7 @@ class Trainer:
         if self.step == 0:
             val = self._validate_and_record()
             if val is not None:
-                self.log(f"step 0/{o.steps}  val_loss {val:.4f}")
+                self.log(f"step 0/{o.steps}{_val_text(val)}")
         losses, training_seconds = [], 0.0  # rates count training steps, not validation or saves
         while self.step < o.steps:
             started = time.perf_counter()
@@ -262,7 +262,7 @@ class Trainer:
                 val = self._validate_and_record()
             logged = self.step % o.log_every == 0 or self.step == o.steps
             if val is not None and not logged:
-                self.log(f"step {self.step}/{o.steps}  val_loss {val:.4f}")
+                self.log(f"step {self.step}/{o.steps}{_val_text(val)}")
             if logged:
                 row = {"step": self.step, "loss": sum(losses) / len(losses),
                        "lr": self.learning_rate(self.step - 1),
@@ -279,7 +279,11 @@ class Trainer:
 def _progress(row: dict, steps: int, val: float | None) -> str:
     text = (f"step {row['step']}/{steps}  loss {row['loss']:.4f}  "
             f"{row['steps_per_s']:.2f} steps/s  {row['clips_per_s']:.1f} clips/s")
-    return text + (f"  val_loss {val:.4f}" if val is not None else "")
+    return text + _val_text(val)
+
+
+def _val_text(val: float | None) -> str:
+    return f"  val_loss {val:.4f}" if val is not None else ""
 
 
 def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:

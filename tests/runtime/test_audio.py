@@ -88,26 +88,32 @@ def test_no_audio_track_and_corrupt_files(tmp_path, media):
         audio.read_audio(unknown, SR)
 
 
+def encode_mono(path, tone, rate: int, codec: str, container: str, sample_format: str,
+                frame_samples: int):
+    """``tone`` encoded by PyAV as a mono ``codec`` track in a ``container`` file."""
+    import av
+
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        for start in range(0, tone.size, frame_samples):
+            frame = av.AudioFrame.from_ndarray(tone[None, start:start + frame_samples].copy(),
+                                               format=sample_format, layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
 def test_a_track_whose_rate_changes_keeps_its_length(tmp_path):
     """Two ADTS AAC segments, 2 s at 44.1 kHz then 2 s at 22.05 kHz, joined as a capture that
     was cut and concatenated would be: frames at the second rate were taken as the first's
     (3.08 s, the second part at double speed)."""
-    import av
-
     parts = []
     for rate in (44100, 22050):
-        path = tmp_path / f"part{rate}.aac"
-        with av.open(str(path), "w", format="adts") as out:
-            stream = out.add_stream("aac", rate=rate, layout="mono")
-            tone = sine(440, 2.0, rate, 0.3)
-            for start in range(0, tone.size, 1024):
-                frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024].copy(),
-                                                   format="fltp", layout="mono")
-                frame.sample_rate, frame.pts = rate, start
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-            for packet in stream.encode(None):
-                out.mux(packet)
+        path = encode_mono(tmp_path / f"part{rate}.aac", sine(440, 2.0, rate, 0.3), rate,
+                           "aac", "adts", "fltp", 1024)
         parts.append(path.read_bytes())
     joined = tmp_path / "joined.aac"
     joined.write_bytes(b"".join(parts))
@@ -118,20 +124,8 @@ def test_a_track_whose_rate_changes_keeps_its_length(tmp_path):
 def test_flac_in_matroska_keeps_its_last_samples(tmp_path):
     """Matroska's millisecond time base cannot say how long the last frame is to the sample:
     its rounding cut real samples off the end."""
-    import av
-
     tone = sine(440, 2.0, SR)[:88323]
-    path = tmp_path / "tone.mka"
-    with av.open(str(path), "w", format="matroska") as out:
-        stream = out.add_stream("flac", rate=SR, layout="mono")
-        for start in range(0, tone.size, 4096):
-            frame = av.AudioFrame.from_ndarray(tone[None, start:start + 4096].copy(),
-                                               format="flt", layout="mono")
-            frame.sample_rate, frame.pts = SR, start
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+    path = encode_mono(tmp_path / "tone.mka", tone, SR, "flac", "matroska", "flt", 4096)
     np.testing.assert_allclose(audio.read_audio(path, SR), tone, atol=1e-4)
 
 
