@@ -32,6 +32,11 @@ import numpy as np
 from .pixels import RGB_INPUT, YUV_PLANES, YuvFrames
 
 BICUBIC_A = -0.5
+# input pixels that one graph call resizes (the frames each stream picks, counted per pick):
+# its float intermediates take 12-16 bytes per such pixel (measured on ONNX Runtime's CPU
+# provider without its arena: 2.8 GB for the 64 + 48 picks of a 1080p window), so that a call
+# holds at most 32 1080p frames (about 0.5-1 GB)
+PIXELS_PER_CALL = 32 * 1920 * 1080
 BICUBIC_SUPPORT = 2.0
 PRECISION_BITS = 22  # PIL's fixed-point coefficients for 8-bit images
 
@@ -143,14 +148,17 @@ class FrameResizer:
     of ``frames``. Returns (clip, segments) as OrtValues on the device: float32 (clip_frames, 3,
     S, S) and (segments, segment_frames, 3, S', S'). Only the uint8 frames and the indices are
     uploaded; each stream resizes only the frames it uses (at most 64 + 200 per 8 s window). One
-    session per input resolution (and YUV conversion), kept.
+    session per input resolution (and YUV conversion), kept. A window whose picks hold more
+    pixels than ``pixels_per_call`` is resized in several calls that write into the outputs in
+    place, so that the device memory it needs does not grow with its frames' size.
     """
 
     takes_yuv = True  # yuv420p planes are converted on the device
 
     def __init__(self, ort, device: str, device_id: int, clip_size: int, sync_size: int, *,
-                 lock: threading.Lock | None = None):
+                 lock: threading.Lock | None = None, pixels_per_call: int = PIXELS_PER_CALL):
         self._ort = ort
+        self.pixels_per_call = pixels_per_call
         self._lock = lock or threading.Lock()  # the backend's: no upload during its graph capture
         self.device, self.device_id = device, device_id
         self.clip_size, self.sync_size = clip_size, sync_size
@@ -158,6 +166,7 @@ class FrameResizer:
 
         self._providers = session_providers(device, device_id)
         self._sessions: dict[tuple, object] = {}  # (height, width, YUV conversion key or None)
+        self._gather = None  # the segment-gathering session, made on first need
 
     @staticmethod
     def accepts(height: int, width: int) -> bool:
@@ -215,14 +224,92 @@ class FrameResizer:
     def run(self, frames, clip_index: np.ndarray, sync_index: np.ndarray, lane: int = 0):
         if not isinstance(frames, YuvFrames):
             frames = np.asarray(frames, np.uint8)  # a list of frames is stacked here
-        inputs = self.graph_inputs(frames, clip_index, sync_index)
+        count, height, width = frames.shape[:3]
+        parts = _parts(clip_index, np.unique(sync_index), count,
+                       max(1, self.pixels_per_call // (height * width)))
         with self._lock:
-            session = self._session(frames)
-            binding = session.io_binding()
-            for name, value in inputs.items():
-                binding.bind_cpu_input(name, value)
-            for name in ("clip", "segments"):
+            if len(parts) == 1 or np.any(np.diff(clip_index) < 0):
+                return tuple(self._outputs(frames, clip_index, sync_index))
+            return self._run_in_parts(frames, clip_index, sync_index, parts)
+
+    def _outputs(self, frames, clip_index, sync_index, places: dict | None = None) -> list:
+        """One graph call; ``places`` optionally maps an output to the (OrtValue, first row)
+        that it is written into on the device."""
+        session = self._session(frames)
+        binding = session.io_binding()
+        for name, value in self.graph_inputs(frames, clip_index, sync_index).items():
+            binding.bind_cpu_input(name, value)
+        for name in ("clip", "segments"):
+            target, row = (places or {}).get(name, (None, 0))
+            if target is None:
                 binding.bind_output(name, self.device, self.device_id)
-            session.run_with_iobinding(binding)
-            clip, segments = binding.get_outputs()
-        return clip, segments
+                continue
+            shape = target.shape()
+            rows = len(clip_index) if name == "clip" else sync_index.size
+            row_bytes = 4 * int(np.prod(shape[1:]))
+            binding.bind_output(name, self.device, self.device_id, np.float32,
+                                [rows, *shape[1:]] if name == "clip" else [1, rows, *shape[1:]],
+                                target.data_ptr() + row * row_bytes)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _run_in_parts(self, frames, clip_index, sync_index, parts: list[tuple[int, int]]):
+        """The window in one call per frame range of ``parts``, each writing its rows of the two
+        outputs in place, then the segments gathered on the device. ``clip_index`` is sorted
+        (time order), so each call's clip rows are consecutive; so are its distinct
+        Synchformer frames."""
+        sync_frames, segment_index = np.unique(sync_index, return_inverse=True)
+        clip = self._device_array((len(clip_index), 3, self.clip_size, self.clip_size))
+        sync_all = self._device_array((len(sync_frames), 3, self.sync_size, self.sync_size))
+        for first, stop in parts:
+            clip_rows = np.searchsorted(clip_index, [first, stop])
+            sync_rows = np.searchsorted(sync_frames, [first, stop])
+            local_clip = np.asarray(clip_index[slice(*clip_rows)]) - first
+            local_sync = (sync_frames[slice(*sync_rows)] - first).reshape(1, -1)
+            # a stream with no frame here resizes frame 0 into a discarded output (its graph's
+            # reshapes cannot take zero frames)
+            self._outputs(_frame_range(frames, first, stop),
+                          local_clip if local_clip.size else np.zeros(1, np.int64),
+                          local_sync if local_sync.size else np.zeros((1, 1), np.int64),
+                          {"clip": (clip if local_clip.size else None, clip_rows[0]),
+                           "segments": (sync_all if local_sync.size else None, sync_rows[0])})
+        if self._gather is None:
+            from .resize_graph import gather_graph
+
+            self._gather = self._ort.InferenceSession(gather_graph(), self._session_options(),
+                                                      providers=self._providers)
+        binding = self._gather.io_binding()
+        binding.bind_ortvalue_input("sync_all", sync_all)
+        binding.bind_cpu_input("segment_index",
+                               segment_index.reshape(np.shape(sync_index)).astype(np.int64))
+        binding.bind_output("segments", self.device, self.device_id)
+        self._gather.run_with_iobinding(binding)
+        return clip, binding.get_outputs()[0]
+
+    def _device_array(self, shape: tuple[int, ...]):
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32,
+                                                               self.device, self.device_id)
+
+
+def _parts(clip_index: np.ndarray, sync_frames: np.ndarray, count: int,
+           picks_per_call: int) -> list[tuple[int, int]]:
+    """Consecutive frame ranges (first, stop) covering ``count`` frames, each picked at most
+    ``picks_per_call`` times by the two streams together (clip rows, distinct Synchformer
+    frames), except a single frame picked more often, which is a range of its own."""
+    picks = (np.bincount(np.asarray(clip_index), minlength=count)
+             + np.bincount(sync_frames, minlength=count))
+    parts, first, total = [], 0, 0
+    for frame, frame_picks in enumerate(picks.tolist()):
+        if total + frame_picks > picks_per_call and frame > first:
+            parts.append((first, frame))
+            first, total = frame, 0
+        total += frame_picks
+    return parts + [(first, count)]
+
+
+def _frame_range(frames, first: int, stop: int):
+    """Frames ``first:stop`` of an RGB array or of ``YuvFrames``."""
+    if isinstance(frames, YuvFrames):
+        return frames._replace(luma=frames.luma[first:stop], cb=frames.cb[first:stop],
+                               cr=frames.cr[first:stop])
+    return frames[first:stop]

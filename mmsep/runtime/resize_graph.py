@@ -160,7 +160,6 @@ def _stream(g: GraphBuilder, name: str, plan: ResizePlan, pick: str, output: str
 def resize_graph(clip: ResizePlan, sync: ResizePlan, conversion=None) -> bytes:
     """The serialised graph for one input resolution; with a ``pixels.YuvConversion`` it takes
     yuv420p planes instead of RGB frames."""
-    import onnx
     from onnx import TensorProto, helper
 
     height, width = clip.rows.shape[1], clip.cols.shape[0]
@@ -185,7 +184,31 @@ def resize_graph(clip: ResizePlan, sync: ResizePlan, conversion=None) -> bytes:
                                              ["clip_frames", 3, *clip.out_size]),
                helper.make_tensor_value_info("segments", TensorProto.FLOAT,
                                              ["segments", "segment_frames", 3, *sync.out_size])]
-    graph = helper.make_graph(g.nodes, "mmsep_frame_resize", inputs, outputs, g.initializers)
+    return _serialised(g, "mmsep_frame_resize", inputs, outputs)
+
+
+def gather_graph() -> bytes:
+    """The graph that picks the Synchformer segments (``segment_index``, (segments,
+    segment_frames)) out of the resized frames ``sync_all`` (frames, 3, S, S), for a window
+    resized in several calls (``FrameResizer``), whose frames stay on the device."""
+    from onnx import TensorProto, helper
+
+    g = GraphBuilder()
+    g.node("Gather", ["sync_all", "segment_index"], "segments", axis=0)
+    inputs = [helper.make_tensor_value_info("sync_all", TensorProto.FLOAT,
+                                            ["sync_frames", 3, "size", "size"]),
+              helper.make_tensor_value_info("segment_index", TensorProto.INT64,
+                                            ["segments", "segment_frames"])]
+    outputs = [helper.make_tensor_value_info("segments", TensorProto.FLOAT,
+                                             ["segments", "segment_frames", 3, "size", "size"])]
+    return _serialised(g, "mmsep_segment_gather", inputs, outputs)
+
+
+def _serialised(g: GraphBuilder, name: str, inputs: list, outputs: list) -> bytes:
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="mmsep")
     model.ir_version = 8  # readable by every ONNX Runtime the runtime supports

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mmsep.runtime.example import pattern_frame
-from mmsep.runtime.pixels import rgb
+from mmsep.runtime.pixels import YuvFrames, rgb, yuv_frame
 from mmsep.runtime.resize import (FrameResizer, bicubic_weights, clip_plan, resize_frames,
                                   sync_plan)
 from mmsep.runtime.resize_graph import band, weight_parts
@@ -144,3 +144,41 @@ def test_window_frames_resized_by_the_graph_match_pil(fps):
         assert np.abs(grey_levels(d_segments.numpy(), segments, 2.0)).max() < 1e-3
     host.close()
     device.close()
+
+
+@pytest.mark.parametrize("yuv", [False, True])
+def test_window_resized_in_parts_equals_one_call(yuv):
+    """A window with more pixels than a call takes is resized in several calls writing their rows
+    in place: the same values as one call, including a part whose frames only Synchformer uses
+    and a last part shorter than the others."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    rng = np.random.default_rng(3)
+    height, width = 90, 124
+    colour = rng.integers(0, 256, (11, height, width, 3), dtype=np.uint8)
+    frames = colour
+    if yuv:
+        av = pytest.importorskip("av")
+        frames = YuvFrames.stack([
+            yuv_frame(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p"))
+            for f in colour])
+    clip_index = np.array([0, 0, 1, 2, 2, 9, 10])
+    sync_index = np.array([[0, 1, 3, 4], [3, 4, 5, 6], [5, 6, 7, 10]])
+    whole = FrameResizer(ort, "cpu", 0, CLIP, SYNC)
+    parts = FrameResizer(ort, "cpu", 0, CLIP, SYNC, pixels_per_call=3 * height * width)
+    want = [v.numpy() for v in whole.run(frames, clip_index, sync_index)]
+    got = [v.numpy() for v in parts.run(frames, clip_index, sync_index)]
+    assert parts._gather is not None and whole._gather is None  # the parts path ran
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+
+
+def test_parts_bound_the_picks_per_call():
+    """Frame ranges hold at most the budget's picks (clip rows and distinct Synchformer frames
+    together); a frame picked more often than that is a range of its own."""
+    from mmsep.runtime.resize import _parts
+
+    assert _parts(np.array([0, 0, 1, 2]), np.array([1, 2, 3]), 4, 3) == [(0, 1), (1, 2), (2, 4)]
+    assert _parts(np.array([0, 0, 0]), np.array([0, 1]), 2, 2) == [(0, 1), (1, 2)]
+    assert _parts(np.array([0, 1]), np.array([0, 1]), 2, 100) == [(0, 2)]
