@@ -19,7 +19,7 @@ from pathlib import Path
 from mmsep.runtime.atomic import remove_stale_partials
 from mmsep.runtime.errors import InputError
 
-from .cluster import actors_that_fit, describe
+from .cluster import actors_that_fit, describe, init_ray
 from .jobs import Job, failed_record
 from .worker import JobWorker, job_from_json, job_to_json
 
@@ -59,9 +59,8 @@ def run_on_ray(jobs: list[Job], model_dir, out_dir, worker_options: dict, *,
     if started_here:
         if quiet:  # Ray's own start-up warnings go through the "ray" logger, unconfigured here
             logging.getLogger("ray").setLevel(logging.ERROR)
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False,
-                 logging_level=logging.ERROR if quiet else logging.INFO)
+        init_ray(ray, address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, logging_level=logging.ERROR if quiet else logging.INFO)
     try:
         with terminate_as_interrupt():  # again: ray.init installed its own SIGTERM handler
             cluster = ray.cluster_resources()

@@ -8,6 +8,7 @@ Each replica holds one Separator. Requests that arrive within ``--batch-wait-ms`
 
 # no ``from __future__ import annotations``: FastAPI reads the route annotations at run time
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from ray import serve
 
 from mmsep.runtime import InputError, Separator
 from mmsep.runtime.backend_options import BackendOptions
+from mmsep.runtime.errors import one_line
 
 from .service import (HttpError, Limits, Upload, answer_body, check_form_complete,
-                      check_form_request, model_facts, read_limited_body, request_options)
+                      check_form_request, model_facts, read_limited_body, remove_stale_uploads,
+                      request_options)
 
 app = FastAPI(title="mmsep")
 DRAIN_SECONDS = 120.0  # on SIGTERM, how long requests already running may take to finish
@@ -48,6 +51,31 @@ async def _form(request, body: bytes):
         raise InputError(f"not a multipart form ({type(exc).__name__}: {exc})") from None
 
 
+class ReplicaStartError(RuntimeError):
+    """Why a replica's Separator did not load. Ray Serve reports a replica's failed constructor
+    only as a traceback in the deployment's status; ``replica_start_error`` finds this line in
+    it again for the command's one-line error and exit code."""
+
+    def __init__(self, exc: Exception):
+        kind = "input" if isinstance(exc, InputError) else "internal"
+        detail = one_line(exc) if kind == "input" else f"{type(exc).__name__}: {one_line(exc)}"
+        super().__init__(f"{kind}: {detail}")
+
+
+_REPLICA_START_ERROR = re.compile(rf"{ReplicaStartError.__name__}: (input|internal): (.*)")
+
+
+def replica_start_error(status_message: str) -> Exception | None:
+    """The exception a replica's ``ReplicaStartError`` in ``status_message`` stands for: an
+    InputError (bad model, backend unavailable) or a RuntimeError; None when there is none."""
+    found = _REPLICA_START_ERROR.findall(status_message or "")
+    if not found:
+        return None
+    kind, detail = found[-1]
+    return InputError(detail) if kind == "input" else RuntimeError(
+        f"a replica did not start: {detail}")
+
+
 # (the helpers above are defined before the class: serve.ingress captures it when decorating)
 
 
@@ -58,10 +86,14 @@ class SeparationService:
 
     def __init__(self, model_dir: str, backend_options: BackendOptions, batch_wait_ms: float,
                  limits: Limits, work_dir: str | None):
-        self.separator = Separator(model_dir, **backend_options.separator_kwargs())
+        try:
+            self.separator = Separator(model_dir, **backend_options.separator_kwargs())
+        except Exception as exc:  # noqa: BLE001 - to the command, through the status
+            raise ReplicaStartError(exc) from None
         self.facts = {**model_facts(model_dir), "backend": self.separator.backend_name,
                       "precision": self.separator.backend.precision}
         self.limits, self.work_dir = limits, work_dir
+        remove_stale_uploads(work_dir)
         self.held = 0  # requests in this replica: being read, waiting or running
         self.run_batch.set_max_batch_size(self.separator.max_batch)
         self.run_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)

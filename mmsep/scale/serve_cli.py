@@ -23,9 +23,10 @@ from mmsep.runtime.errors import InputError
 from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.paths import check_directory_path
 
-from .cluster import actors_that_fit, describe
+from .cluster import actors_that_fit, describe, init_ray
 
 PROG = "mmsep-serve"
+APP = "mmsep"  # the Ray Serve application's name
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +81,7 @@ def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
                          f"{exc}") from None
 
     stack = contextlib.ExitStack()
-    ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
+    init_ray(ray, ray_address, include_dashboard=False, configure_logging=False)
     try:
         stack.enter_context(terminate_as_interrupt())  # ray.init installed its own handler
         cluster = ray.cluster_resources()
@@ -99,8 +100,7 @@ def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
                                 replicas=replicas, autoscaling=autoscaling,
                                 cpus_per_replica=cpus_per_replica,
                                 gpus_per_replica=gpus_per_replica)
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(application, name="mmsep", route_prefix="/")
+        _deploy(serve, application, host, port)
         click.echo(f"{PROG}: listening on http://{host}:{port} (POST /v1/separate); Ctrl-C or "
                    "SIGTERM stops it", err=True)
         stack.close()  # from here on a signal ends the wait below
@@ -108,8 +108,9 @@ def cli(model_dir, host, port, backend_options, batch_wait_ms, max_upload_mb,
         click.echo(f"{PROG}: stopping; requests already running may finish (Ctrl-C again "
                    "stops at once)", err=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        serve.delete("mmsep")  # drains the replicas while the proxies still answer
-        serve.shutdown()
+        serve.delete(APP)  # drains the replicas while the proxies still answer
+        if not serve.status().applications:  # others deployed meanwhile keep their Serve
+            serve.shutdown()
     finally:
         stack.close()
         ray.shutdown()
@@ -146,6 +147,36 @@ def _check_fits(cluster: dict, cpus: float, gpus: float, replicas: int) -> None:
         raise InputError(f"{replicas} replica(s) of --cpus-per-replica {cpus:g} and "
                          f"--gpus-per-replica {gpus:g}: the Ray cluster has {describe(cluster)} "
                          f"in all, room for {room}")
+
+
+def _deploy(serve, application, host: str, port: int) -> None:
+    """Start Ray Serve on ``host``:``port`` and run the application; one line for what stops
+    it: a Serve that another program started (its HTTP address is fixed, and stopping would
+    shut it down), replicas that do not start."""
+    running = serve.status()
+    if running.applications or running.proxies:
+        names = ", ".join(running.applications) or "none"
+        raise InputError(f"Ray Serve already runs on this Ray cluster (applications: {names}) "
+                         "with its own HTTP address; mmsep-serve starts Serve on --host and "
+                         "--port and shuts it down when it stops: give a cluster where Serve "
+                         "is not running")
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(application, name=APP, route_prefix="/")
+    except Exception as exc:  # noqa: BLE001 - replaced by the replica's reason, if one
+        raise _replica_failure(serve) or exc from None
+
+
+def _replica_failure(serve) -> Exception | None:
+    """What stopped the replicas from starting (a model that fails its hash check, a backend
+    this machine lacks), from the deployment's status; None when it says nothing of it."""
+    from .serve import replica_start_error
+
+    try:
+        deployments = serve.status().applications[APP].deployments.values()
+    except Exception:  # noqa: BLE001 - no status to read: the original error stands
+        return None
+    return replica_start_error("\n".join(d.message or "" for d in deployments))
 
 
 def _wait_for_signal() -> None:

@@ -12,6 +12,7 @@ temporary folder that is removed whatever the answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import re
@@ -23,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mmsep.runtime.atomic import remove_stale_partials, temporary_name
 from mmsep.runtime.errors import InputError
 from mmsep.runtime.requests import check_duration
 
 FILE_FIELDS = ("mix", "video")
 VALUE_FIELDS = ("negative_text", "seed", "steps", "cfg", "generate", "duration")
+UPLOAD_NAME = "mmsep-serve-upload"
 
 
 class HttpError(Exception):
@@ -44,10 +47,13 @@ class Limits:
 
 
 class Upload:
-    """A request's uploaded files in their own temporary folder (removed on exit)."""
+    """A request's uploaded files in their own temporary folder (removed on exit), named as
+    ``atomic.temporary_name`` names a temporary: by machine and process, so that the folders a
+    killed replica left are found (``remove_stale_uploads``)."""
 
     def __init__(self, work_dir: str | None):
-        self.dir = Path(tempfile.mkdtemp(prefix="mmsep-serve-", dir=work_dir))
+        self.dir = Path(work_dir or tempfile.gettempdir()) / temporary_name(UPLOAD_NAME)
+        self.dir.mkdir(mode=0o700)
         self.names: dict[str, str] = {}  # saved path -> the client's file name
 
     def public(self, message: str) -> str:
@@ -70,6 +76,15 @@ class Upload:
                 f.write(chunk)
         self.names[str(path)] = f"{field} ({upload.filename or 'unnamed upload'})"
         return str(path)
+
+
+def remove_stale_uploads(work_dir: str | None) -> None:
+    """Remove the upload folders (and other temporaries) in ``work_dir`` whose process on this
+    machine has ended: a replica killed mid-request (out of memory, the drain at shutdown run
+    out) never removed its request's uploads. Those of running replicas are kept; what cannot
+    be removed is left (tidying up does not stop a replica from serving)."""
+    with contextlib.suppress(OSError):
+        remove_stale_partials(work_dir or tempfile.gettempdir())
 
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -203,13 +218,18 @@ def _value(field: str, text):
 
 
 def media_seconds(path: str) -> float | None:
-    """Duration of a media file from its container, else its video (or audio) stream's, found
-    from its packets where the header states none (a recording written to a pipe); None when it
-    does not open: the runtime then answers with its own message."""
+    """Duration of a media file as the runtime will read it: libsndfile's frame count where
+    libsndfile reads the file (the runtime tries it first, and it reads formats FFmpeg does not),
+    else from the container, else its video (or audio) stream's, found from its packets where
+    the header states none (a recording written to a pipe); None when it does not open: the
+    runtime then answers with its own message."""
     import av
 
     from mmsep.runtime.media_tracks import stream_duration, stream_start
 
+    seconds = _libsndfile_seconds(path)
+    if seconds is not None:
+        return seconds
     try:
         with av.open(path) as container:
             if container.duration is not None:
@@ -223,6 +243,16 @@ def media_seconds(path: str) -> float | None:
             return stream_duration(container, streams[0], stream_start(container, streams[0]))
     except (av.FFmpegError, OSError, ValueError):
         return None
+
+
+def _libsndfile_seconds(path: str) -> float | None:
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return None  # not a format libsndfile reads: FFmpeg's turn
+    return info.frames / info.samplerate if info.samplerate > 0 else None
 
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:

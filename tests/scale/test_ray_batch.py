@@ -173,3 +173,36 @@ def _read(path) -> bytes:
         return path.read_bytes()
     except OSError:  # a process that ended meanwhile
         return b""
+
+
+@pytest.mark.parametrize("program, address, says", [
+    ("batch", "ray://127.0.0.1:{port}", "--ray-address ray://127.0.0.1:{port}: no Ray cluster "
+                                        "to join (ray client connection timeout)"),
+    ("serve_cli", "127.0.0.1:notaport", "--ray-address 127.0.0.1:notaport: no Ray cluster to "
+                                        "join (Unable to parse port number"),
+])
+def test_a_ray_address_with_no_cluster_is_bad_usage(model_dir, job_inputs, tmp_path, program,
+                                                    address, says):
+    """("auto" is no test: it finds any Ray instance running on the machine.)"""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    jobs = write_jobs(job_inputs["root"] / "no-cluster.jsonl", six_requests(job_inputs)[:1])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free: nothing answers there
+    address, says = address.format(port=port), says.format(port=port)
+    args = {"batch": [str(jobs), "--out", str(tmp_path / "out"), "-q"],
+            "serve_cli": ["--port", str(port)]}[program]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"mmsep.scale.{program}", *args, "--model", str(model_dir),
+         "--ray-address", address], capture_output=True, text=True, env=env, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert err.startswith(f"mmsep-{program.split('_')[0]}: error: {says}")
+    assert len(err.splitlines()) == 1

@@ -227,6 +227,63 @@ def test_what_would_fail_under_ray_is_refused_before_it_starts(model_dir, tmp_pa
     assert says.format(tmp=tmp_path) in err
 
 
+def test_a_model_that_does_not_load_on_the_replicas_is_one_line_exit_2(model_dir, tmp_path):
+    """Only a replica's hash check finds this model's flaw (its sizes are right): the command
+    says what the replica said and exits 2, as for a model refused before Ray starts."""
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed")
+    model = tmp_path / "tampered"
+    shutil.copytree(model_dir, model)
+    data = bytearray((model / "vocoder.onnx").read_bytes())
+    data[100] ^= 1
+    (model / "vocoder.onnx").write_bytes(bytes(data))
+    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmsep.scale.serve_cli", "--model", str(model), "--port",
+         str(_free_port()), "--backend", "ort-cpu", "--cpus-per-replica", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last == (f"mmsep-serve: error: {model / 'vocoder.onnx'}: SHA-256 does not match the "
+                    "manifest (tampered or incomplete)")
+
+
+def test_a_cluster_where_serve_already_runs_is_refused_and_left_running(local_ray, model_dir):
+    """Joining a cluster whose Ray Serve another program started: its HTTP address cannot be
+    changed (mmsep-serve said it listened on --port, where nothing answered), and stopping
+    would shut that Serve down with everyone's applications; so it is refused, untouched."""
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Other:
+        def __call__(self, request):
+            return "other"
+
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    try:
+        serve.run(Other.bind(), name="other", route_prefix="/other")
+        env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmsep.scale.serve_cli", "--model", str(model_dir),
+             "--ray-address", local_ray.get_runtime_context().gcs_address, "--port",
+             str(_free_port()), "--backend", "ort-cpu", "--cpus-per-replica", "1"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            code = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:  # it serves: stop it as a user would
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=180)
+        err = proc.stderr.read().strip()
+        assert code == 2, err[-2000:]
+        assert err.splitlines()[-1] == (
+            "mmsep-serve: error: Ray Serve already runs on this Ray cluster (applications: "
+            "other) with its own HTTP address; mmsep-serve starts Serve on --host and --port "
+            "and shuts it down when it stops: give a cluster where Serve is not running")
+        assert list(serve.status().applications) == ["other"]
+    finally:
+        serve.shutdown()
+
+
 def test_sigterm_lets_the_running_request_finish(server):
     """Last in this module: it stops the module's server."""
     url, work, proc = server

@@ -133,3 +133,48 @@ def test_generated_audio_is_held_to_the_duration_limit(tmp_path, fields, status,
         with pytest.raises(HttpError, match=re.escape(message)) as refused:
             asyncio.run(run)
     assert refused.value.status == status
+
+
+@pytest.mark.parametrize("format, suffix", [("MAT5", ".mat"), ("HTK", ".htk"), ("WAV", ".wav")])
+def test_audio_only_libsndfile_reads_is_held_to_the_duration_limit(tmp_path, format, suffix):
+    """The runtime reads a mixture with libsndfile first; formats FFmpeg cannot open (MATLAB,
+    HTK) were not timed at all, and ran at any length."""
+    import io
+
+    import soundfile as sf
+
+    from mmsep.runtime.example import tones
+
+    datastructures = pytest.importorskip("starlette.datastructures",
+                                         reason="the ray extra is not installed")
+    data = io.BytesIO()
+    sf.write(data, tones(5.0, 16000, seed=1), 16000, format=format, subtype="PCM_16")
+    data.seek(0)
+    mix = datastructures.UploadFile(data, filename=f"long{suffix}")
+    form = datastructures.FormData([("mix", mix), ("text", "x")])
+    with Upload(str(tmp_path)) as upload:
+        with pytest.raises(HttpError) as refused:
+            asyncio.run(request_options(form, upload, Limits(2 ** 20, 3.0, 4), 8.0))
+        assert refused.value.status == 413
+        assert upload.public(str(refused.value)) == (
+            f"mix (long{suffix}): 5.0 s of media is over the limit of 3 s")
+
+
+def test_uploads_of_a_killed_replica_are_removed_when_a_replica_starts(tmp_path):
+    """A replica killed mid-request (out of memory, or when the drain at shutdown runs out)
+    leaves its request's uploads; the next replica to start on that folder removes them and
+    keeps those of replicas still running."""
+    import subprocess
+    import sys
+
+    from mmsep.scale.service import remove_stale_uploads
+
+    killed = ("import os, sys; from mmsep.scale.service import Upload; "
+              "upload = Upload(sys.argv[1]); (upload.dir / 'mix.wav').write_bytes(b'x'); "
+              "os._exit(9)")
+    subprocess.run([sys.executable, "-c", killed, str(tmp_path)], check=False)
+    assert len(list(tmp_path.iterdir())) == 1
+    with Upload(str(tmp_path)) as live:
+        remove_stale_uploads(str(tmp_path))
+        assert list(tmp_path.iterdir()) == [live.dir]
+    assert list(tmp_path.iterdir()) == []
