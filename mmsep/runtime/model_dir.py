@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 from ..model_files import MANIFEST, ManifestError, read_manifest, sha256_file
 from ..stages import MIXTURE_LATENTS, Geometry, Stage, StageSpec, stage_names
 from .errors import ModelDirError
+from .tokenizer import ClipTokenizer
 
 
 @dataclass(frozen=True)
@@ -119,19 +121,26 @@ class ModelDir:
     def _check_files(self, verify: bool) -> None:
         self.verified = verify
         for name, sha, size in self._listed_files():
-            path = self.path / name
-            if not path.is_file():
+            if not (self.path / name).is_file():
                 raise ModelDirError(f"{self.path}: missing file {name} (incomplete model "
                                     "directory; re-export or copy it again)")
-            if size is not None and path.stat().st_size != size:
-                raise ModelDirError(f"{path}: {path.stat().st_size} bytes, the manifest says "
-                                    f"{size} (tampered or incomplete)")
-            try:
-                digest = sha256_file(path) if verify else sha
-            except OSError as exc:  # no permission, an I/O error
-                raise ModelDirError(f"{path}: cannot read ({exc.strerror or exc})") from None
-            if digest != sha:
-                raise hash_mismatch(path)
+            self.check_file(name, sha, size)
+
+    def check_file(self, name: str, sha: str, size: int | None) -> Path:
+        """The path of the directory's file ``name`` after checking it against its record: its
+        size (when recorded) always, its SHA-256 unless the directory was opened with
+        ``verify=False``. Also for files outside the stage records (TensorRT engines)."""
+        path = self.path / name
+        if size is not None and path.stat().st_size != size:
+            raise ModelDirError(f"{path}: {path.stat().st_size} bytes, the manifest says "
+                                f"{size} (tampered or incomplete)")
+        try:
+            digest = sha256_file(path) if self.verified else sha
+        except OSError as exc:  # no permission, an I/O error
+            raise ModelDirError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if digest != sha:
+            raise hash_mismatch(path)
+        return path
 
     def check_damage(self, path: Path) -> None:
         """After ``path`` failed to load from a directory opened with ``verify=False``: raise
@@ -140,12 +149,22 @@ class ModelDir:
         if self.verified:
             return
         name = path.relative_to(self.path).as_posix()
-        for files in self._files.values():  # the graph and its external data, if any
-            if name not in files:
-                continue
+        groups = [files for files in self._files.values() if name in files]  # graph + data
+        groups += [{name: {"sha256": self.manifest["files"][role]["sha256"]}}
+                   for role, file in self._extras.items() if file == name]
+        for files in groups:
             for listed, meta in files.items():
                 if sha256_file(self.path / listed) != meta["sha256"]:
                     raise hash_mismatch(self.path / listed, skipped=True)
+
+    def tokenizer(self) -> ClipTokenizer:
+        """The CLIP tokenizer over the directory's vocabulary."""
+        path = self.tokenizer_vocab
+        try:
+            return ClipTokenizer(path)
+        except ValueError as exc:  # names the file
+            self.check_damage(path)
+            raise ModelDirError(str(exc)) from None
 
     def onnx_path(self, stage: str, precision: str = "fp32") -> Path:
         """The stage's graph: the fp32 export, or a reduced-precision copy it lists."""
@@ -167,7 +186,8 @@ class ModelDir:
                 with np.load(path, allow_pickle=False) as data:
                     empty = {key: np.ascontiguousarray(data[key], dtype=np.float32)
                              for key in self.specs[Stage.CONDITIONER].input_names}
-            except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+                self.check_damage(path)
                 raise ModelDirError(f"{path}: unreadable empty features ({exc})") from None
             spec = self.specs[Stage.CONDITIONER]
             for key, value in empty.items():

@@ -40,7 +40,7 @@ from .media_tracks import audio_track_start
 from .model_dir import ModelDir
 from .prefetch import PrefetchedWindows
 from .requests import NUMBER, BatchInputs, SeparationResult, Timings, is_integer
-from .tokenizer import CONTEXT_LENGTH, ClipTokenizer
+from .tokenizer import CONTEXT_LENGTH
 from .video import VideoSource, WindowFrames
 from .windows import WindowPlan
 
@@ -76,7 +76,7 @@ class Separator(Closing):
             raise InputError(f"overlap must be between 0 and {limit:g} s (half a window), "
                              f"got {overlap!r}")
         self._empty = self.model.empty_features()
-        self._tokenizer = ClipTokenizer(self.model.tokenizer_vocab)
+        self._tokenizer = self.model.tokenizer()
         self._texts: OrderedDict[str, np.ndarray] = OrderedDict()
         self.backend = create_backend(self.model, backend, threads=threads, precision=precision)
         self.backend_name = self.backend.name
@@ -238,10 +238,11 @@ class Separator(Closing):
     @staticmethod
     def _time_origin(source: VideoSource | None, mix, mixture) -> float:
         """Where the output begins in the video's own time line: the first sample of its audio
-        track when that track is the mixture, else the start of its video stream."""
+        track when that track is the mixture (no mix, or a mix naming the video file itself),
+        else the start of its video stream."""
         if source is None or source.path is None:
             return 0.0
-        if mix is None and mixture is not None:
+        if mixture is not None and (mix is None or _same_file(mix, source.path)):
             return audio_track_start(source.path)
         return source.start
 
@@ -324,6 +325,16 @@ class Separator(Closing):
             raise TypeError(f"requests must be a list of dicts of process() options, got "
                             f"{type(requests).__name__}")
         return run_requests(self, requests)
+
+
+def _same_file(mix, path: os.PathLike) -> bool:
+    """Whether ``mix`` is a path naming the file ``path`` (links and spellings included)."""
+    if not isinstance(mix, (str, os.PathLike)):
+        return False
+    try:
+        return os.path.samefile(mix, path)
+    except OSError:
+        return False
 
 
 def _warn_if_cut(text: str, tokens: int) -> None:

@@ -15,6 +15,7 @@ import functools
 import gzip
 import html
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,7 +64,7 @@ class ClipTokenizer:
         try:
             with gzip.open(vocab_file, "rt", encoding="utf-8") as fh:
                 lines = fh.read().split("\n")
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
             raise ValueError(f"{vocab_file}: cannot read the CLIP BPE vocabulary ({exc})") from exc
         # The first line is a version header; the merges follow, one "left right" pair per line.
         merges = [tuple(line.split()) for line in lines[1:1 + NUM_MERGES]]

@@ -133,5 +133,24 @@ def test_truncated_file(copy):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ModelDirError, match="empty_features.npz: SHA-256 does not match"):
         ModelDir(copy)
-    with pytest.raises(ModelDirError, match="empty_features.npz: unreadable empty features"):
-        ModelDir(copy, verify=False).empty_features()
+    with pytest.raises(ModelDirError, match=r"empty_features.npz: SHA-256 does not match the "
+                                            r"manifest \(tampered or incomplete; --no-verify"):
+        ModelDir(copy, verify=False).empty_features()  # hashed once it failed to load
+
+
+@pytest.mark.parametrize("name, at", [("bpe_simple_vocab_16e6.txt.gz", 5000),  # zlib.error
+                                      ("bpe_simple_vocab_16e6.txt.gz", None),  # CRC
+                                      ("empty_features.npz", None)])
+def test_a_damaged_extra_file_under_no_verify_is_reported_as_damaged(copy, name, at):
+    """--no-verify hashes a file that fails to load (README): the tokenizer's vocabulary and the
+    empty features too, not only the graphs; a damaged one is a ModelDirError naming it."""
+    from mmsep.runtime import Separator
+
+    path = copy / name
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if at is None else at
+    data[at:at + 8] = bytes(8)  # same size, different content
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match=rf"{name}: SHA-256 does not match the manifest "
+                                            r"\(tampered or incomplete; --no-verify skipped"):
+        Separator(copy, "ort-cpu", verify=False)

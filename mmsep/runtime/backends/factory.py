@@ -21,6 +21,7 @@ import warnings
 
 from ..errors import BackendError, BackendUnavailable
 from ..model_dir import ModelDir
+from .cuda_driver import cuda_device_problem
 from .ort import OrtBackend, cuda_available
 from .protocol import Backend
 
@@ -67,10 +68,13 @@ def _create_backend(model: ModelDir, name: str, *, threads: int, precision: str)
 
 def _auto_tensorrt(model: ModelDir) -> Backend | None:
     """The TensorRT backend when its software, a GPU and matching engines are all there; else
-    None, with a warning when the reason is worth knowing (engines present but unusable)."""
+    None, with a warning when the reason is worth knowing (engines present but unusable: not
+    when the driver sees no GPU, as for ort-cuda)."""
     from .tensorrt import TrtBackend, tensorrt_importable
 
     if not tensorrt_importable() or (model.manifest.get("tensorrt") or {}).get("status") != "built":
+        return None
+    if cuda_device_problem() is not None:
         return None
     try:
         return TrtBackend(model)

@@ -101,8 +101,7 @@ class TrtBackend(Closing):
 
     name = "trt"
 
-    def __init__(self, model: ModelDir, *, device_id: int = 0, cuda_graphs: bool = True,
-                 verify: bool = True):
+    def __init__(self, model: ModelDir, *, device_id: int = 0, cuda_graphs: bool = True):
         here = device_info(device_id)
         refusal = engine_refusal(model.manifest.get("tensorrt"), here)
         if refusal:
@@ -112,7 +111,6 @@ class TrtBackend(Closing):
         self.model = model
         self.device_info = here
         self._precision = model.manifest["tensorrt"].get("precision", "fp16")
-        self._verify = verify
         self._graphs = StepGraphs(import_cudart() if cuda_graphs else None, Stage.DENOISER)
         self._context = cuda.Device(device_id).retain_primary_context()
         self._stages: dict[str, _Stage] = {}
@@ -224,16 +222,16 @@ class TrtBackend(Closing):
         return loaded
 
     def _engine(self, name: str, record: dict):
-        """The deserialised engine of a manifest record, its file checked first."""
+        """The deserialised engine of a manifest record, its file checked first (its size, and
+        its SHA-256 unless the model directory was opened with verify=False)."""
         path = self.model.path / record["file"]
         if not path.is_file():
             raise ModelDirError(f"{self.model.path}: missing engine {record['file']} (re-run "
                                 "mmsep-export --engines-only)")
-        if self._verify and sha256_file(path) != record["sha256"]:
-            raise hash_mismatch(path)
+        self.model.check_file(record["file"], record["sha256"], record.get("bytes"))
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
-            if not self._verify and sha256_file(path) != record["sha256"]:
+            if not self.model.verified and sha256_file(path) != record["sha256"]:
                 raise hash_mismatch(path, skipped=True)
             raise BackendError(name, f"TensorRT could not deserialise {path.name} (built by "
                                      "another TensorRT version, or out of GPU memory)")

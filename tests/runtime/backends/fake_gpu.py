@@ -79,8 +79,9 @@ class LogicError(DriverError):
 class FakeGpu:
     def __init__(self, *, gpu: str = "NVIDIA H100 80GB HBM3", capability=(9, 0),
                  version: str = "10.13.0", with_cudart: bool = True,
-                 capture_fails: bool = False, cudart_api: str = "12"):
+                 capture_fails: bool = False, cudart_api: str = "12", devices: int = 1):
         self.gpu, self.capability, self.version = gpu, capability, version
+        self.devices = devices  # what the driver counts (cuDeviceGetCount, Device.count)
         self.with_cudart, self.capture_fails, self.cudart_api = with_cudart, capture_fails, \
             cudart_api
         self.sticky_error: str | None = None  # set to make every synchronize fail (e.g. 716)
@@ -155,6 +156,10 @@ class FakeGpu:
         monkeypatch.setitem(sys.modules, "pycuda", pycuda)
         monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
         monkeypatch.setitem(sys.modules, "tensorrt", self._tensorrt())
+        from mmsep.runtime.backends import factory
+
+        monkeypatch.setattr(factory, "cuda_device_problem",
+                            lambda: None if self.devices else "the NVIDIA driver sees no GPU")
         if self.with_cudart:
             runtime = self._cudart()
             cuda = types.ModuleType("cuda")
@@ -338,9 +343,9 @@ class Device:
     def __init__(self, index):
         self.index = index
 
-    @staticmethod
-    def count():
-        return 1
+    @classmethod
+    def count(cls):
+        return cls.gpu.devices
 
     def name(self):
         return self.gpu.gpu
