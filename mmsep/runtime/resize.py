@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ BICUBIC_A = -0.5
 # provider without its arena: 2.8 GB for the 64 + 48 picks of a 1080p window), so that a call
 # holds at most 32 1080p frames (about 0.5-1 GB)
 PIXELS_PER_CALL = 32 * 1920 * 1080
+MAX_SESSIONS = 3  # input resolutions whose resize sessions are kept (least recently used go)
 BICUBIC_SUPPORT = 2.0
 PRECISION_BITS = 22  # PIL's fixed-point coefficients for 8-bit images
 
@@ -148,7 +150,8 @@ class FrameResizer:
     of ``frames``. Returns (clip, segments) as OrtValues on the device: float32 (clip_frames, 3,
     S, S) and (segments, segment_frames, 3, S', S'). Only the uint8 frames and the indices are
     uploaded; each stream resizes only the frames it uses (at most 64 + 200 per 8 s window). One
-    session per input resolution (and YUV conversion), kept. A window whose picks hold more
+    session per input resolution (and YUV conversion), the last ``MAX_SESSIONS`` kept (a service
+    sees many; each session keeps its own device memory). A window whose picks hold more
     pixels than ``pixels_per_call`` is resized in several calls that write into the outputs in
     place, so that the device memory it needs does not grow with its frames' size.
     """
@@ -165,7 +168,8 @@ class FrameResizer:
         from .backends.ort import session_providers
 
         self._providers = session_providers(device, device_id)
-        self._sessions: dict[tuple, object] = {}  # (height, width, YUV conversion key or None)
+        # (height, width, YUV conversion key or None) -> session, most recently used last
+        self._sessions: OrderedDict[tuple, object] = OrderedDict()
         self._gather = None  # the segment-gathering session, made on first need
 
     @staticmethod
@@ -178,7 +182,9 @@ class FrameResizer:
         height, width = frames.shape[1:3]
         key = (height, width, frames.conversion.key if yuv else None)
         session = self._sessions.get(key)
-        if session is None:
+        if session is not None:
+            self._sessions.move_to_end(key)
+        else:
             from .resize_graph import resize_graph
 
             graph = resize_graph(clip_plan(height, width, self.clip_size),
@@ -187,7 +193,15 @@ class FrameResizer:
             session = self._ort.InferenceSession(graph, self._session_options(),
                                                  providers=self._providers)
             self._sessions[key] = session
+            if len(self._sessions) > MAX_SESSIONS:  # each holds its own device memory arena
+                self._sessions.popitem(last=False)
         return session
+
+    def close(self) -> None:
+        """Release the sessions (and their device memory); a later run makes them again."""
+        with self._lock:
+            self._sessions.clear()
+            self._gather = None
 
     def _session_options(self):
         options = self._ort.SessionOptions()

@@ -182,3 +182,27 @@ def test_parts_bound_the_picks_per_call():
     assert _parts(np.array([0, 0, 1, 2]), np.array([1, 2, 3]), 4, 3) == [(0, 1), (1, 2), (2, 4)]
     assert _parts(np.array([0, 0, 0]), np.array([0, 1]), 2, 2) == [(0, 1), (1, 2)]
     assert _parts(np.array([0, 1]), np.array([0, 1]), 2, 100) == [(0, 2)]
+
+
+def test_sessions_kept_for_the_last_resolutions_and_released_on_close(monkeypatch):
+    """A service sees many resolutions: only the most recently used MAX_SESSIONS sessions are
+    kept (each holds its own device memory), a resolution seen again after eviction still
+    resizes correctly, and close releases them all."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from mmsep.runtime import resize
+
+    monkeypatch.setattr(resize, "MAX_SESSIONS", 2)
+    resizer = FrameResizer(ort, "cpu", 0, CLIP, SYNC)
+    rng = np.random.default_rng(4)
+    one, index = np.zeros(1, np.int64), np.zeros((1, 1), np.int64)
+    sizes = [(40, 60), (50, 60), (40, 60), (60, 60), (50, 60)]
+    for height, width in sizes:
+        frames = rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8)
+        clip, _ = resizer.run(frames, one, index)
+        want = resize_frames(frames, clip_plan(height, width, CLIP))
+        np.testing.assert_array_equal(clip.numpy(), want)
+    # (40, 60) was used again before (60, 60) came, so (50, 60) went and came back
+    assert [key[:2] for key in resizer._sessions] == [(60, 60), (50, 60)]
+    resizer.close()
+    assert not resizer._sessions

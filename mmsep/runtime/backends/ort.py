@@ -136,6 +136,7 @@ class OrtBackend(Closing):
         self.device_id = device_id
         self._threads = threads
         self._sessions: dict[str, Any] = {}
+        self._resizers: list = []  # the frame resizers given out, released by close
         self._closed = False
         self.load_seconds: dict[str, float] = {}
         self._precision = graph_precision(model, device, precision)
@@ -177,6 +178,9 @@ class OrtBackend(Closing):
             self._graphs.close()
         self._closed = True  # a request still running does not load its sessions again
         self._sessions.clear()
+        for resizer in self._resizers:
+            resizer.close()
+        self._resizers.clear()
 
     # -- sessions ------------------------------------------------------------------------------
     def _providers(self) -> list:
@@ -284,8 +288,10 @@ class OrtBackend(Closing):
             return None
         from ..resize import FrameResizer
 
-        return FrameResizer(self._ort, self.device, self.device_id, clip_size, sync_size,
-                            lock=self.lock)
+        resizer = FrameResizer(self._ort, self.device, self.device_id, clip_size, sync_size,
+                               lock=self.lock)
+        self._resizers.append(resizer)
+        return resizer
 
     def condition(self, inputs: Mapping[str, np.ndarray],
                   uncond: Mapping[str, np.ndarray]) -> dict[str, Any]:

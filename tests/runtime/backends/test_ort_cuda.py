@@ -85,3 +85,5 @@ def test_capture_survives_resizing_on_another_thread(model):
             stop.set()
             worker.join()
         assert not errors and backend.cuda_graphs
+        assert resizer._sessions  # kept while the backend is open
+    assert not resizer._sessions  # closing the backend released them (and their GPU memory)
