@@ -285,7 +285,8 @@ def _write_extras(components: Components, conditioner: StageSpec, tmp: Path) -> 
     empty = (f[0].detach().float().numpy() for f in components.flow.empty_conditions(1))
     np.savez(tmp / EMPTY_FEATURES, **dict(zip(conditioner.input_names, empty, strict=True)))
     shutil.copyfile(VOCAB_FILE, tmp / VOCAB_FILE.name)
-    return {role: {"file": name, "sha256": sha256_file(tmp / name)}
+    return {role: {"file": name, "sha256": sha256_file(tmp / name),
+                   "bytes": (tmp / name).stat().st_size}
             for role, name in (("empty_features", EMPTY_FEATURES), ("tokenizer", VOCAB_FILE.name))}
 
 

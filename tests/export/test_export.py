@@ -100,6 +100,7 @@ def test_manifest_describes_the_model(tiny_model_dir):
     for role in ("empty_features", "tokenizer"):
         meta = manifest["files"][role]
         assert sha256_file(tiny_model_dir / meta["file"]) == meta["sha256"]
+        assert (tiny_model_dir / meta["file"]).stat().st_size == meta["bytes"]  # --no-verify's
     # the manifest's contracts are exactly the package's for these components
     components = _tiny()
     expected = stage_specs(components, max_batch=model["max_batch"])
