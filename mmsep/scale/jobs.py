@@ -136,8 +136,9 @@ class Results:
         """The last record of every line (a torn last line from a killed run is ignored)."""
         latest = {}
         if self.path.exists():
-            for raw in self.path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            # bytes that are not UTF-8 (a damaged file) spoil only their own line
+            for raw in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, ValueError):
                     record = json.loads(raw)
                     latest[int(record["line"])] = record
         return latest
@@ -145,9 +146,11 @@ class Results:
     def is_done(self, job: Job, record: dict | None) -> bool:
         if not record or record.get("status") != "ok" or record.get("key") != job.key:
             return False
-        if list(record.get("outputs", [])) != list(job.outputs):
-            return False
-        for name, digest in zip(job.outputs, record.get("sha256", [])):
+        digests = record.get("sha256")
+        if record.get("outputs") != list(job.outputs) or not isinstance(digests, list) \
+                or len(digests) != len(job.outputs):
+            return False  # another job's record, or a damaged one: the line is done again
+        for name, digest in zip(job.outputs, digests):
             path = self.out_dir / name
             if not path.is_file() or sha256_file(path) != digest:
                 return False

@@ -344,3 +344,26 @@ def test_an_output_that_cannot_be_written_fails_only_its_line(model_dir, job_inp
     assert got[1]["status"] == "failed" and got[1]["error"].startswith("big.wav: cannot write (")
     assert got[2]["status"] == got[3]["status"] == "ok"
     assert sorted(p.name for p in out.iterdir()) == ["other.wav", "results.jsonl", "small.wav"]
+
+
+def test_a_damaged_results_file_redoes_its_lines_without_failing(tmp_path):
+    """results.jsonl damaged by hand or by a disk (bytes that are not UTF-8, fields of the wrong
+    type): the damaged records count as not done and the others are kept (it was an internal
+    error, exit 1)."""
+    from mmsep.model_files import sha256_file
+    from mmsep.scale.jobs import Job, Results
+
+    (tmp_path / "0.wav").write_bytes(b"zero")
+    (tmp_path / "1.wav").write_bytes(b"one")
+    jobs = [Job(n, "k", {}, (f"{n}.wav",)) for n in range(4)]
+    good = {"line": 0, "key": "k", "status": "ok", "outputs": ["0.wav"],
+            "sha256": [sha256_file(tmp_path / "0.wav")]}
+    records = [json.dumps(good).encode(), b'{"line": 1, "key": "k", "status": "ok", "outputs": '
+               b'["1.wav"], "sha256": null}', b'{"line": 2, "outputs": null, "status": "ok"}',
+               b'{"line": "three"}', b'{"line": 3, "text": "\xff\xfe"}']
+    (tmp_path / "results.jsonl").write_bytes(b"\n".join(records) + b"\n")
+    results = Results(tmp_path)
+    latest = results.latest()
+    assert sorted(latest) == [0, 1, 2, 3]
+    assert [results.is_done(job, latest.get(job.line)) for job in jobs] == \
+        [True, False, False, False]
