@@ -306,6 +306,11 @@ def proof(out: Path, steps: int = 300, batch_size: int = 8, lr: float = 1e-3,
               help="Keep the corpus, weights and finished runs already in --out; redo the checks.")
 def main(out: Path, **options) -> None:
     """Fine-tune the tiny preset on the synthetic corpus and check the whole loop."""
+    try:  # the figure comes last: a missing matplotlib must not cost the whole run
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise click.UsageError("the figure needs matplotlib; install it with "
+                               "pip install -e \".[export,bench]\"") from None
     report = proof(out, **options)
     figure(out / "finetune_tiny.png", report["losses"], report["distances"])
     click.echo(json.dumps({k: report[k] for k in ("timing", "distances", "parity", "criteria")},

@@ -179,16 +179,27 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
     info = model.info
     durations = o["durations"] or [info.window_seconds]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    matrix, flops = _machine_limits(components, device, o["flops_presets"], log)
-    model_flops = flops["model"]
-
-    baseline = BaselinePipeline(components, device=device, overlap=info.default_overlap_seconds)
-    memory, gpu = machine.PeakRss(), machine.GpuMemory()
-    results, skipped, clip_micro = [], [], {}
+    skipped = []
+    # every backend is tried before anything is measured: one that cannot run here is refused
+    # (or, with --skip-unavailable, recorded) up front, not after the others' measurements
+    backends = _runnable(model_dir, o, info, skip_unavailable, skipped, log)
+    if not backends:
+        raise BenchError("no backend could run: "
+                         + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
     try:
-        for backend in o["backends"]:
-            candidate = _candidate(model_dir, backend, o, info, skip_unavailable, skipped, log)
+        matrix, flops = _machine_limits(components, device, o["flops_presets"], log)
+        baseline = BaselinePipeline(components, device=device,
+                                    overlap=info.default_overlap_seconds)
+    except BaseException:
+        backends[0][1].close()
+        raise
+    model_flops = flops["model"]
+    memory, gpu = machine.PeakRss(), machine.GpuMemory()
+    results, clip_micro = [], {}
+    try:
+        for backend, opened in backends:
+            candidate = opened or _candidate(model_dir, backend, o, info, skip_unavailable,
+                                             skipped, log)
             if candidate is None:
                 continue
             try:
@@ -234,6 +245,29 @@ def _machine_limits(components, device: str, flops_presets, log) -> tuple[dict, 
              "counter": "torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention; "
                         "2 FLOPs per multiply-add)"}
     return matrix, flops
+
+
+def _runnable(model_dir, o, info, skip_unavailable, skipped, log) -> list[tuple]:
+    """(backend, open Candidate or None) for each asked-for backend that starts here. The first
+    stays open for its measurement; the others are closed again (their sessions would weigh on
+    the first one's peak RSS) and reopened in turn. One that cannot start raises, or with
+    ``skip_unavailable`` is recorded in ``skipped`` and left out."""
+    log("checking the backends")
+    runnable = []
+    try:
+        for backend in o["backends"]:
+            candidate = _candidate(model_dir, backend, o, info, skip_unavailable, skipped, log)
+            if candidate is None:
+                continue
+            if runnable:
+                candidate.close()
+                candidate = None
+            runnable.append((backend, candidate))
+    except BaseException:
+        if runnable:
+            runnable[0][1].close()
+        raise
+    return runnable
 
 
 def _candidate(model_dir, backend, o, info, skip_unavailable, skipped, log):

@@ -140,3 +140,82 @@ def test_onnx_runtime_batches_what_was_asked_however_it_is_named(backend, tiny_m
         assert candidate.name == "ort-cpu" and candidate.sep.max_batch == info.max_batch + 3
     finally:
         candidate.close()
+
+
+def test_an_unavailable_backend_later_in_the_list_is_refused_before_measuring(tiny_model_dir,
+                                                                              tmp_path):
+    """BENCHMARKS: a GPU backend on a machine without one is refused before measuring, also
+    when it follows a backend that can run (whose results would otherwise be thrown away)."""
+    from mmsep.runtime.backends.ort import cuda_available
+
+    if cuda_available():
+        pytest.skip("ONNX Runtime's CUDA provider is usable here")
+    out = tmp_path / "out.json"
+    result = run_rtf("--model", tiny_model_dir, "--backend", "ort-cpu,ort-cuda", "--quick",
+                     "--no-video", "--repeats", "1", "--warmup", "0", "--cache-dir",
+                     tmp_path / "cache", "--json", out, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "ort-cuda" in result.stderr or "CUDA" in result.stderr
+    assert "measuring" not in result.stderr and "run 1/1" not in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_skip_unavailable_records_the_backend_and_measures_the_rest(tiny_model_dir, tmp_path):
+    from mmsep.runtime.backends.ort import cuda_available
+
+    if cuda_available():
+        pytest.skip("ONNX Runtime's CUDA provider is usable here")
+    out = tmp_path / "out.json"
+    result = run_rtf("--model", tiny_model_dir, "--backend", "ort-cuda,ort-cpu", "--quick",
+                     "--no-video", "--repeats", "1", "--warmup", "0", "--skip-unavailable",
+                     "--flops-presets", "tiny", "--cache-dir", tmp_path / "cache", "--json", out,
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [s["backend"] for s in report["skipped"]] == ["ort-cuda"]
+    assert [r["backend"] for r in report["results"]] == ["ort-cpu"]
+    assert "skipped backend ort-cuda" in result.stdout
+
+
+class _FakeCandidate:
+    def __init__(self, name):
+        self.name, self.closed = name, False
+
+    def close(self):
+        self.closed = True
+
+
+def _fake_candidates(monkeypatch, unavailable=(), failing=()):
+    from benchmarks import rtf
+
+    made = {}
+
+    def candidate(model_dir, backend, o, info, skip_unavailable, skipped, log):
+        if backend in failing:
+            raise rtf.BenchError(f"{backend} cannot run")
+        if backend in unavailable:
+            skipped.append({"backend": backend, "reason": "not here"})
+            return None
+        made.setdefault(backend, []).append(_FakeCandidate(backend))
+        return made[backend][-1]
+
+    monkeypatch.setattr(rtf, "_candidate", candidate)
+    return rtf, made
+
+
+def test_backends_are_started_up_front_and_only_the_first_stays_open(monkeypatch):
+    rtf, made = _fake_candidates(monkeypatch, unavailable=("b",))
+    skipped = []
+    runnable = rtf._runnable("dir", {"backends": ["a", "b", "c"]}, None, True, skipped,
+                             lambda msg: None)
+    assert [name for name, _ in runnable] == ["a", "c"]
+    assert runnable[0][1] is made["a"][0] and not made["a"][0].closed
+    assert runnable[1][1] is None and made["c"][0].closed
+    assert skipped == [{"backend": "b", "reason": "not here"}]
+
+
+def test_a_backend_that_cannot_start_closes_the_one_kept_open(monkeypatch):
+    rtf, made = _fake_candidates(monkeypatch, failing=("c",))
+    with pytest.raises(rtf.BenchError):
+        rtf._runnable("dir", {"backends": ["a", "c"]}, None, False, [], lambda msg: None)
+    assert made["a"][0].closed
