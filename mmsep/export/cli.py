@@ -168,6 +168,8 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
     if out is not None:  # before anything is loaded
         _check_out(out, given)
         existing_model(out, force)
+    if checkpoint is not None and not checkpoint.exists():
+        raise UsageError(f"{checkpoint}: checkpoint not found")
     log = _log(quiet)
     log(f"parity checks on {parity_device}")
     torch.set_grad_enabled(False)
@@ -180,8 +182,6 @@ def _run(checkpoint, preset, weights_dir, vae, vocoder, clip_path, synchformer, 
             raise UsageError(str(exc)) from exc
         sources = {"preset": preset, "seed": seed}
     else:
-        if not checkpoint.exists():
-            raise UsageError(f"{checkpoint}: checkpoint not found")
         log(f"loading {checkpoint}")
         components = load_components(weights_dir, flow=checkpoint, vae=vae, vocoder=vocoder,
                                      clip=clip_path, synchformer=synchformer, duration=duration)

@@ -308,6 +308,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(tiny_weights, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not out.exists()
         assert not list(tmp_path.glob(".out.*"))
+    proc = _cli("--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [  # before any progress
+        f"mmsep-export: error: {tmp_path / 'missing.pt'}: checkpoint not found"]
 
 
 def test_cli_foreign_out_needs_force(tmp_path):
