@@ -168,7 +168,6 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
 
     from benchmarks.baseline import BaselinePipeline
     from benchmarks.models import prepare_model
-    from mmsep.model_files import read_manifest
     from mmsep.runtime.model_dir import ModelDir
 
     torch.set_num_threads(o["threads"])
@@ -184,8 +183,7 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
     # (or, with --skip-unavailable, recorded) up front, not after the others' measurements
     backends = _runnable(model_dir, o, info, skip_unavailable, skipped, log)
     if not backends:
-        raise BenchError("no backend could run: "
-                         + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
+        raise _none_ran(skipped)
     try:
         matrix, flops = _machine_limits(components, device, o["flops_presets"], log)
         baseline = BaselinePipeline(components, device=device,
@@ -214,21 +212,34 @@ def run(o: dict, *, checkpoint, weights_dir, skip_unavailable: bool, cache_dir: 
     finally:
         memory.close()
     if not results:
-        raise BenchError("no backend could run: "
-                         + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
+        raise _none_ran(skipped)
+    return _report(model, o, device, results={"matrix_tflops": matrix, "flops": flops,
+                                              "clip_image": clip_micro, "results": results,
+                                              "skipped": skipped})
+
+
+def _none_ran(skipped: list[dict]) -> BenchError:
+    return BenchError("no backend could run: "
+                      + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
+
+
+def _report(model, o: dict, device: str, results: dict) -> dict:
+    """The JSON document: machine, versions, model, settings, then ``results``."""
+    from mmsep.model_files import read_manifest
+
+    info = model.info
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine.machine_info(), "versions": machine.versions(),
-            "model": {"dir": str(model_dir), "preset": info.preset,
+            "model": {"dir": str(model.path), "preset": info.preset,
                       "graph_precisions": [p for p in ("fp32", "fp16") if model.has_precision(p)],
                       "sample_rate": info.sample_rate, "window_seconds": info.window_seconds,
-                      "sources": read_manifest(model_dir).get("sources")},
+                      "sources": read_manifest(model.path).get("sources")},
             "settings": {"steps": o["steps"], "cfg": o["cfg"], "repeats": o["repeats"],
                          "warmup": o["warmup"], "threads": o["threads"], "seed": o["seed"],
                          "video_size": None if o["video_size"] is None
                          else "{}x{}".format(*o["video_size"]),
                          "quick": o["quick"], "baseline_device": device},
-            "matrix_tflops": matrix, "flops": flops, "clip_image": clip_micro,
-            "results": results, "skipped": skipped}
+            **results}
 
 
 def _machine_limits(components, device: str, flops_presets, log) -> tuple[dict, dict]:

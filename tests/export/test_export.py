@@ -11,8 +11,6 @@ import pytest
 import torch
 
 import mmsep
-from mmsep.export import exporter as exporter_module
-from mmsep.export.errors import UsageError
 from mmsep.export.exporter import export_model
 from mmsep.model_files import MANIFEST_FORMAT_VERSION as FORMAT_VERSION
 from mmsep.model_files import sha256_file
@@ -23,7 +21,7 @@ from mmsep.export.wrappers import geometry as wrapper_geometry
 from mmsep.export.wrappers import stage_specs
 from mmsep.models import build_components, save_components
 from mmsep.stages import NORMALIZED_MEAN, POSTERIOR_SAMPLE, STAGE_ORDER, Geometry, StageSpec
-from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS, interrupting
+from tests.helpers import TINY_SEED, TINY_WINDOW_SECONDS
 
 SILENT = dict(log=lambda msg: None)
 SOURCES = {"preset": "tiny", "seed": TINY_SEED}
@@ -226,33 +224,6 @@ def test_convention_change_reexports_only_the_mix_encoder(tiny_model_dir, tmp_pa
     spec = StageSpec.from_json(manifest["stages"]["mix_encoder"]["spec"])
     assert spec.input_names == ("waveform",)
     assert manifest["stages"]["mix_encoder"]["parity"]["onnxruntime"]["passed"]
-
-
-def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(exporter_module, "check_onnxruntime",
-                        interrupting(exporter_module.check_onnxruntime, on_call=3))
-    components = _tiny()
-    with pytest.raises(KeyboardInterrupt):
-        export_model(components, tmp_path / "tiny", **SILENT)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_refuses_foreign_nonempty_out(tmp_path):
-    out = tmp_path / "taken"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="not empty and is not an mmsep model directory"):
-        export_model(_tiny(), out, **SILENT)
-    assert (out / "notes.txt").read_text() == "mine"
-
-
-def test_insufficient_disk(tmp_path, monkeypatch):
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(exporter_module.shutil, "disk_usage",
-                        lambda path: usage._replace(free=1024))
-    with pytest.raises(UsageError, match="insufficient disk space"):
-        export_model(_tiny(), tmp_path / "tiny", **SILENT)
-    assert not (tmp_path / "tiny").exists()
 
 
 # ---- the command line --------------------------------------------------------------------

@@ -2,12 +2,18 @@
 
 import dataclasses
 import os
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
+from mmsep.export import exporter as exporter_module
 from mmsep.export.cli import main
+from mmsep.export.errors import UsageError
+from mmsep.export.exporter import export_model
 from mmsep.models import build_components, components as components_module
+from tests.export.test_export import SILENT, _tiny
+from tests.helpers import interrupting
 
 
 @pytest.fixture
@@ -237,3 +243,30 @@ def test_a_training_checkpoint_is_named_as_such(tmp_path, capsys):
     assert (code, lines) == (2, [f"mmsep-export: error: {ckpt}: a mmsep-finetune training "
                                  "checkpoint (checkpoint.pt), not a MMAudio flow checkpoint; "
                                  "give the ft.pt beside it"])
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(exporter_module, "check_onnxruntime",
+                        interrupting(exporter_module.check_onnxruntime, on_call=3))
+    components = _tiny()
+    with pytest.raises(KeyboardInterrupt):
+        export_model(components, tmp_path / "tiny", **SILENT)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_foreign_nonempty_out(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not empty and is not an mmsep model directory"):
+        export_model(_tiny(), out, **SILENT)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_insufficient_disk(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(exporter_module.shutil, "disk_usage",
+                        lambda path: usage._replace(free=1024))
+    with pytest.raises(UsageError, match="insufficient disk space"):
+        export_model(_tiny(), tmp_path / "tiny", **SILENT)
+    assert not (tmp_path / "tiny").exists()

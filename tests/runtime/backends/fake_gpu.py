@@ -31,10 +31,9 @@ what the real libraries refuse:
 - ``cudaGraphInstantiate`` has cuda-python 12.x/13.x's ``(graph, flags) -> (err, exec)`` or, with
   ``cudart_api="11"``, 11.x's ``(graph, log_buffer, size) -> (err, exec, error_node)``.
 
-An "engine" file holds an ONNX graph whose metadata ``fake.profile`` gives the optimisation
-profile (min and max shape per input); the fake execution context runs it with ONNX Runtime,
-reading its inputs from and writing its outputs to the bound addresses at execution time. Work
-enqueued on a capturing stream is recorded with the addresses bound at that moment and replayed by
+An "engine" file is an ONNX graph whose metadata ``fake.profile`` gives the optimisation profile
+(min and max shape per input), run with ONNX Runtime on the bound addresses at execution time. Work
+enqueued on a capturing stream is recorded with the addresses bound then and replayed by
 ``cudaGraphLaunch``. It is not TensorRT: numerics are those of the fp32 ONNX graphs.
 """
 
@@ -51,6 +50,7 @@ import numpy as np
 import onnx
 
 from mmsep.model_files import sha256_file
+from mmsep.runtime.backends import factory
 from mmsep.runtime.model_dir import ModelDir
 from mmsep.runtime.resize_engine import ENGINE_NAMES
 
@@ -80,14 +80,12 @@ class FakeGpu:
     def __init__(self, *, gpu: str = "NVIDIA H100 80GB HBM3", capability=(9, 0),
                  version: str = "10.13.0", with_cudart: bool = True,
                  capture_fails: bool = False, cudart_api: str = "12", devices: int = 1):
-        self.gpu, self.capability, self.version = gpu, capability, version
-        self.devices = devices  # what the driver counts (cuDeviceGetCount, Device.count)
-        self.with_cudart, self.capture_fails, self.cudart_api = with_cudart, capture_fails, \
-            cudart_api
+        self.gpu, self.capability, self.version, self.devices = gpu, capability, version, devices
+        self.with_cudart, self.capture_fails = with_cudart, capture_fails
+        self.cudart_api = cudart_api
         self.sticky_error: str | None = None  # set to make every synchronize fail (e.g. 716)
         self.pending_error = None  # cudart's "last error"
-        self._memory: list[np.ndarray] = []
-        self._pinned: list[np.ndarray] = []
+        self._memory, self._pinned = [], []  # np.ndarray allocations: device, page-locked
         self._capturing: dict[int, dict] = {}
         self._queued: dict[int, list] = {}  # stream handle -> work not run yet, in order
         self._stacks: dict[int, list] = {}
@@ -156,8 +154,6 @@ class FakeGpu:
         monkeypatch.setitem(sys.modules, "pycuda", pycuda)
         monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
         monkeypatch.setitem(sys.modules, "tensorrt", self._tensorrt())
-        from mmsep.runtime.backends import factory
-
         monkeypatch.setattr(factory, "cuda_device_problem",
                             lambda: None if self.devices else "the NVIDIA driver sees no GPU")
         if self.with_cudart:
