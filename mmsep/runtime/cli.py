@@ -119,13 +119,20 @@ def _check_flag_combinations(video, mix, texts, negative_text, generate, duratio
     if mix is not None and duration is not None:
         raise InputError("--duration sets the length of generated audio; with --mix the output "
                          "has the mixture's length")
-    if video is not None and duration is not None and not generate:
-        raise InputError("--duration sets the length of generated audio; with --video alone the "
-                         "video's audio track is the mixture and sets the output's length "
-                         "(--generate makes new audio for the video)")
     for flag, text in [*(("--text", t) for t in texts), ("--negative-text", negative_text)]:
         if text is not None and not text.strip():
             raise InputError(f"{flag} is empty")
+
+
+def _check_duration_for(info, video, generate: bool, duration) -> None:
+    """--video with --duration: the video's audio track is the mixture of a separation model
+    (and sets the output's length); a generation-only model generates ``duration`` seconds."""
+    from .errors import InputError
+
+    if video is not None and duration is not None and not generate and info.separation:
+        raise InputError("--duration sets the length of generated audio; with --video alone the "
+                         "video's audio track is the mixture and sets the output's length "
+                         "(--generate makes new audio for the video)")
 
 
 def _output_option(output: str | None) -> Path | None:
@@ -169,6 +176,7 @@ def run(*, model_dir, video, mix, texts, negative_text, generate, duration, outp
     # full-length copy is held); all are renamed into place together at the end, so a failure
     # or Ctrl-C anywhere leaves none of them behind
     with sep, contextlib.ExitStack() as outputs:
+        _check_duration_for(sep.info, video, generate, duration)
         writers = open_audio_outputs(outputs, paths, sep.sample_rate, fmt, subtype)
         unguided = mix is not None and video is None and not texts and not generate
         result = _separate(sep, writers, clock, show_progress,

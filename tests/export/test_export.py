@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import soundfile as sf
 import torch
 
 import mmsep
@@ -293,7 +294,8 @@ def test_cli_foreign_out_needs_force(tmp_path):
     assert (out / "x").exists()
 
 
-def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights, tmp_path):
+def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights, tmp_path,
+                                                                   media):
     out = tmp_path / "gen"
     proc = _cli("--checkpoint", tiny_weights / "gen/weights/mmaudio_tiny.pth",
                 "--weights-dir", tiny_weights / "gen", "--out", out, "--json", "--duration", 2)
@@ -314,6 +316,10 @@ def test_cli_generation_checkpoint_gives_generation_only_directory(tiny_weights,
     flow_file = tiny_weights / "gen/weights/mmaudio_tiny.pth"
     assert manifest["sources"]["flow"]["sha256"] == sha256_file(flow_file)
     assert all(s["parity"]["onnxruntime"]["passed"] for s in manifest["stages"].values())
+    run = subprocess.run([sys.executable, "-m", "mmsep.runtime.cli", "--model", out, "--video",
+                          media["av"], "--duration", "2.5", "--steps", "1", "-o",
+                          tmp_path / "gen.wav", "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 0 and sf.info(tmp_path / "gen.wav").duration == 2.5, run.stderr
     reason = unavailable_reason()
     if reason is not None:  # the ONNX part is complete and the manifest says why engines are not
         assert summary["tensorrt"] == {"status": "skipped", "reason": reason}
