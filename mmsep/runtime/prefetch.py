@@ -26,15 +26,20 @@ class PrefetchedWindows(Closing):
         self._remaining = len(frames.starts)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mmsep-video")
         self._pending: Future | None = None
-        self.work_s = self.wait_s = 0.0
+        # the producer thread adds to one, the caller to the other: no update is lost
+        self._produce_s = self._finish_s = self.wait_s = 0.0
         self._schedule()
+
+    @property
+    def work_s(self) -> float:
+        return self._produce_s + self._finish_s
 
     def _produce(self):
         started = time.perf_counter()
         try:
             return self._frames.next_images()
         finally:
-            self.work_s += time.perf_counter() - started
+            self._produce_s += time.perf_counter() - started
 
     def _schedule(self) -> None:
         self._pending = None
@@ -54,7 +59,7 @@ class PrefetchedWindows(Closing):
         started = time.perf_counter()
         window = self._frames.finish(images)  # the float inputs: one window's at a time
         spent = time.perf_counter() - started
-        self.work_s += spent
+        self._finish_s += spent
         self.wait_s += spent
         return window
 
