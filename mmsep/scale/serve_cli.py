@@ -180,9 +180,13 @@ def _replica_failure(serve) -> Exception | None:
 
 
 def _wait_for_signal() -> None:
+    """Until Ctrl-C, SIGTERM or SIGHUP (the terminal closed; unless ignored, as under nohup):
+    each lets running requests finish."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    hangup = getattr(signal, "SIGHUP", None)
+    for sig in (signal.SIGINT, signal.SIGTERM, hangup):
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
         pass
 

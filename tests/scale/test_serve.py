@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -296,3 +297,27 @@ def test_sigterm_lets_the_running_request_finish(server):
     assert sf.info(io.BytesIO(answer.result().content)).frames == 2 * 44100
     assert proc.wait(timeout=180) == 0
 
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_closed_terminal_stops_the_server_as_sigterm_does():
+    """SIGHUP ends the wait like SIGTERM, so that running requests are drained (the default
+    action killed the server at once)."""
+    from mmsep.scale.serve_cli import _wait_for_signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    guarded = []  # stands in for the default action, which would end this test run
+    signal.signal(signal.SIGHUP, lambda *_: guarded.append(True))
+    timers = [threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGHUP)),
+              threading.Timer(10, os.kill, (os.getpid(), signal.SIGINT))]  # ends it anyway
+    started = time.monotonic()
+    try:
+        for timer in timers:
+            timer.start()
+        _wait_for_signal()
+    finally:
+        for timer in timers:
+            timer.cancel()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert not guarded and time.monotonic() - started < 5
