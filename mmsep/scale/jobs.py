@@ -106,10 +106,11 @@ def check_outputs(job: Job, out_dir: Path, taken: dict[str, int],
     for name in job.outputs:
         if name == RESULTS:
             raise InputError(f"output {name} is the job's results file")
-        if taken.setdefault(name, job.line) != job.line:
+        if taken.get(name, job.line) != job.line:
             raise InputError(f"output {name} is already written by line {taken[name]}")
         if (out_dir / name).is_dir():
             raise InputError(f"output {name} is a directory in --out; give another name")
+    taken.update(dict.fromkeys(job.outputs, job.line))  # only a line that will write claims
 
 
 def job_inputs(jobs: list[Job]) -> dict:

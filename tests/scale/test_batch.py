@@ -367,3 +367,17 @@ def test_a_damaged_results_file_redoes_its_lines_without_failing(tmp_path):
     assert sorted(latest) == [0, 1, 2, 3]
     assert [results.is_done(job, latest.get(job.line)) for job in jobs] == \
         [True, False, False, False]
+
+
+def test_a_line_refused_for_one_output_claims_none(tmp_path):
+    """A line whose second output is refused writes nothing, so its first output's name stays
+    free for a later line (it was refused as 'already written by line 1')."""
+    from mmsep.runtime.errors import InputError
+    from mmsep.scale.jobs import Job, check_outputs
+
+    (tmp_path / "taken").mkdir()
+    taken: dict[str, int] = {}
+    with pytest.raises(InputError, match="output taken is a directory"):
+        check_outputs(Job(1, "k", {"text": ["a", "b"]}, ("a.wav", "taken")), tmp_path, taken)
+    check_outputs(Job(2, "k", {"text": "a"}, ("a.wav",)), tmp_path, taken)
+    assert taken == {"a.wav": 2}
