@@ -21,7 +21,7 @@ from mmsep.runtime.backend_options import BackendOptions
 from mmsep.runtime.errors import one_line
 
 from .service import (HttpError, Limits, Upload, answer_body, check_form_complete,
-                      check_form_request, model_facts, read_limited_body, remove_stale_uploads,
+                      check_form_request, model_facts, receive_body, remove_stale_uploads,
                       request_options)
 
 app = FastAPI(title="mmsep")
@@ -32,23 +32,24 @@ def _error(status: int, message: str):
     return JSONResponse({"error": " ".join(message.split())}, status_code=status)
 
 
-async def _form(request, body: bytes):
-    """Parse the already-read (size-checked) body as a form."""
+async def _form(request, body: Path):
+    """Parse the received (size-checked) body, the file ``body``, as a form, a block at a
+    time."""
     from starlette.requests import Request as StarletteRequest
 
-    sent = False
+    with open(body, "rb") as f:
+        async def replay():
+            if f.closed:
+                return {"type": "http.disconnect"}
+            block = f.read(1 << 20)
+            if not block:
+                f.close()
+            return {"type": "http.request", "body": block, "more_body": bool(block)}
 
-    async def replay():
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        return await StarletteRequest(request.scope, replay).form(max_files=4, max_fields=64)
-    except Exception as exc:  # noqa: BLE001 - a malformed form is bad input
-        raise InputError(f"not a multipart form ({type(exc).__name__}: {exc})") from None
+        try:
+            return await StarletteRequest(request.scope, replay).form(max_files=4, max_fields=64)
+        except Exception as exc:  # noqa: BLE001 - a malformed form is bad input
+            raise InputError(f"not a multipart form ({type(exc).__name__}: {exc})") from None
 
 
 class ReplicaStartError(RuntimeError):
@@ -124,9 +125,11 @@ class SeparationService:
             check_form_request(request.headers.get("content-type"), request.url.query)
             upload = Upload(self.work_dir)
             with upload:
-                body = await read_limited_body(request, self.limits.max_upload_bytes)
+                body = upload.dir / "body"
+                await receive_body(request, body, self.limits.max_upload_bytes)
                 check_form_complete(request.headers.get("content-type"), body)
                 form = await _form(request, body)
+                body.unlink()  # parsed: its parts are the form's files now
                 try:
                     options = await request_options(form, upload, self.limits,
                                                     self.facts["window_seconds"])

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import io
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -102,9 +103,10 @@ def check_form_request(content_type: str | None, query: str) -> None:
         raise HttpError(400, "parameters go in the form, not in the URL's query string")
 
 
-def check_form_complete(content_type: str | None, body: bytes) -> None:
-    """400 for a multipart body without its closing boundary (an upload cut short): the parser
-    would drop the unfinished part and run what is left as another request."""
+def check_form_complete(content_type: str | None, body: Path) -> None:
+    """400 for a multipart body (the file ``body``) without its closing boundary (an upload cut
+    short): the parser would drop the unfinished part and run what is left as another
+    request."""
     kind, _, params = (content_type or "").partition(";")
     if kind.strip().lower() != "multipart/form-data":
         return
@@ -112,31 +114,48 @@ def check_form_complete(content_type: str | None, body: bytes) -> None:
     if match is None:
         raise InputError("not a multipart form (its content type names no boundary)")
     closing = b"--" + match.group(1).strip().encode("latin-1") + b"--"
-    if not (body.startswith(closing) or b"\r\n" + closing in body):
-        raise InputError("the form ends before its closing boundary (an upload cut short); "
-                         "send it again")
+    with open(body, "rb") as f:
+        if f.read(len(closing)) == closing or _holds(f, b"\r\n" + closing):
+            return
+    raise InputError("the form ends before its closing boundary (an upload cut short); "
+                     "send it again")
 
 
-async def read_limited_body(request, limit: int, idle_seconds: float = BODY_IDLE_SECONDS
-                            ) -> bytes:
-    """The whole body, or 413 as soon as it passes ``limit`` bytes (declared or streamed),
+def _holds(f, marker: bytes, block: int = 1 << 20) -> bool:
+    """Whether the file ``f`` holds ``marker``, searched from its end (where a form closes)."""
+    end = f.seek(0, os.SEEK_END)
+    while end > 0:
+        start = max(0, end - block)
+        f.seek(start)
+        if marker in f.read(end - start + len(marker) - 1):
+            return True
+        end = start
+    return False
+
+
+async def receive_body(request, path: Path, limit: int,
+                       idle_seconds: float = BODY_IDLE_SECONDS) -> None:
+    """The whole body written to ``path`` (never held in memory: a replica holds up to
+    --max-queue requests), or 413 as soon as it passes ``limit`` bytes (declared or streamed),
     or 408 when no byte comes for ``idle_seconds``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(413, f"request body is over the upload limit ({_mb(limit)})")
-    body = bytearray()
+    size = 0
     chunks = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(chunks.__anext__(), idle_seconds)
-        except StopAsyncIteration:
-            return bytes(body)
-        except asyncio.TimeoutError:
-            raise HttpError(408, f"the request body stalled (nothing for {idle_seconds:g} s)"
-                            ) from None
-        body += chunk
-        if len(body) > limit:
-            raise HttpError(413, f"request body is over the upload limit ({_mb(limit)})")
+    with open(path, "wb") as f:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), idle_seconds)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise HttpError(408, f"the request body stalled (nothing for {idle_seconds:g} "
+                                     "s)") from None
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"request body is over the upload limit ({_mb(limit)})")
+            f.write(chunk)
 
 
 def _mb(n: int) -> str:

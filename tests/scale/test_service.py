@@ -1,12 +1,14 @@
 """The HTTP side of mmsep-serve without Ray: what is a form request, and a body that stalls."""
 
 import asyncio
+import functools
 
 import pytest
 
 from mmsep.runtime.errors import InputError
+from mmsep.scale import service
 from mmsep.scale.service import (HttpError, Limits, Upload, check_form_complete,
-                                 check_form_request, media_seconds, read_limited_body,
+                                 check_form_request, media_seconds, receive_body,
                                  request_options)
 
 
@@ -40,16 +42,17 @@ class _Request:
             yield chunk
 
 
-def test_a_body_is_read_whole_and_a_stalled_one_is_given_up():
-    whole = asyncio.run(read_limited_body(_Request([b"ab", b"cd"]), 10, idle_seconds=1.0))
-    assert whole == b"abcd"
+def test_a_body_is_written_whole_and_a_stalled_one_is_given_up(tmp_path):
+    body = tmp_path / "body"
+    asyncio.run(receive_body(_Request([b"ab", b"cd"]), body, 10, idle_seconds=1.0))
+    assert body.read_bytes() == b"abcd"
     with pytest.raises(HttpError) as stalled:
-        asyncio.run(read_limited_body(_Request([b"ab", b"cd"], stall_after=1), 10,
-                                      idle_seconds=0.05))
+        asyncio.run(receive_body(_Request([b"ab", b"cd"], stall_after=1), body, 10,
+                                 idle_seconds=0.05))
     assert stalled.value.status == 408 and "stalled" in str(stalled.value)
     with pytest.raises(HttpError) as large:
-        asyncio.run(read_limited_body(_Request([b"abcdef", b"ghijkl"]), 10))
-    assert large.value.status == 413
+        asyncio.run(receive_body(_Request([b"abcdef", b"ghijkl"]), body, 10))
+    assert large.value.status == 413 and body.stat().st_size <= 10  # not written past it
 
 
 def _multipart() -> tuple[str, bytes]:
@@ -61,18 +64,26 @@ def _multipart() -> tuple[str, bytes]:
     return prepared.headers["Content-Type"], prepared.body
 
 
-def test_a_form_cut_short_is_refused_not_run_without_its_last_part():
+def test_a_form_cut_short_is_refused_not_run_without_its_last_part(tmp_path, monkeypatch):
     content_type, body = _multipart()
-    check_form_complete(content_type, body)
-    check_form_complete(content_type, body + b"\r\nan epilogue, ignored")
-    quoted = content_type.replace("boundary=", 'boundary="') + '"'
-    check_form_complete(quoted, body)
+    saved = tmp_path / "body"
+
+    def check(kind: str, data: bytes) -> None:
+        saved.write_bytes(data)
+        check_form_complete(kind, saved)
+
+    check(content_type, body)
+    check(content_type, body + b"\r\nan epilogue, ignored")
+    check(content_type.replace("boundary=", 'boundary="') + '"', body)
+    # the search from the end crosses its blocks: a boundary split between two is found
+    monkeypatch.setattr(service, "_holds", functools.partial(service._holds, block=7))
+    check(content_type, body + b"\r\n" + b"x" * 30)
     for cut in (len(body) - 4, len(body) // 2, 10):
         with pytest.raises(InputError, match="ends before its closing boundary"):
-            check_form_complete(content_type, body[:cut])
+            check(content_type, body[:cut])
     with pytest.raises(InputError, match="names no boundary"):
-        check_form_complete("multipart/form-data", body)
-    check_form_complete("application/x-www-form-urlencoded", b"text=a+dog")
+        check("multipart/form-data", body)
+    check("application/x-www-form-urlencoded", b"text=a+dog")
 
 
 def test_media_without_a_stated_duration_is_timed_by_its_packets(tmp_path):
