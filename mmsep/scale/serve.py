@@ -138,7 +138,8 @@ class SeparationService:
                 result, batch, batch_seconds = await self.run_batch(options)
             if isinstance(result, BaseException):
                 raise result
-            content, media_type = answer_body(result, isinstance(options.get("text"), list))
+            content, media_type = await asyncio.to_thread(  # encoding: off the event loop
+                answer_body, result, isinstance(options.get("text"), list))
         except HttpError as exc:
             return _error(exc.status, upload.public(str(exc)) if upload else str(exc))
         except InputError as exc:

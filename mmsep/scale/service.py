@@ -182,7 +182,7 @@ async def request_options(form, upload: Upload, limits: Limits, window_seconds: 
         if isinstance(value, str):
             raise InputError(f"{field} must be an uploaded file")
         options[field] = await upload.save(field, value)
-        seconds = media_seconds(options[field])
+        seconds = await asyncio.to_thread(media_seconds, options[field])  # off the event loop
         if seconds is not None and seconds > limits.max_seconds:
             raise HttpError(413, f"{options[field]}: {seconds:.1f} s of media is over the limit of "
                                  f"{limits.max_seconds:g} s")
