@@ -119,13 +119,14 @@ def bench_batch(model: Path, root: Path, jobs: int, steps: int, seconds: float) 
     job_file.write_text("".join(json.dumps({"mix": "mix.wav", "text": "a tone", "seed": i,
                                             "steps": steps}) + "\n" for i in range(jobs)))
     rows = []
-    for label, extra in (("in process", []), ("ray, 1 worker", ["--ray", "--workers", "1"]),
-                         ("ray, 2 workers", ["--ray", "--workers", "2"])):
+    pool = ["--ray", "--cpus-per-worker", "1", "--workers"]
+    for label, extra in (("in process", []), ("ray, 1 worker", [*pool, "1"]),
+                         ("ray, 2 workers", [*pool, "2"])):
         out = root / f"out-{len(rows)}"
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "mmsep.scale.batch", str(job_file), "--model",
                         str(model), "--out", str(out), "--backend", "ort-cpu", "--threads", "1",
-                        "--cpus-per-worker", "1", "-q", *extra], check=True,
+                        "-q", *extra], check=True,
                        env={**os.environ, **RAY_ENV})
         wall = time.perf_counter() - started
         rows.append({"mode": label, "requests": jobs, "wall_s": wall,

@@ -57,6 +57,7 @@ def cli(jobs, model_dir, out_dir, subtype, backend_options, use_ray, ray_address
     so an interrupted or partly failed job is finished by running it again."""
     from mmsep.runtime.errors import InputError, OutputError
 
+    _check_ray_options(use_ray or bool(ray_address))
     if not jobs.is_file():
         raise InputError(f"{jobs}: job file not found")
     read_model_manifest(model_dir)  # a missing or foreign directory: a clear refusal first
@@ -93,6 +94,18 @@ def cli(jobs, model_dir, out_dir, subtype, backend_options, use_ray, ray_address
     if not quiet:
         click.echo(progress.summary(results.path), err=True)
     return EXIT_SOME_FAILED if progress.failed else EXIT_OK
+
+
+def _check_ray_options(with_ray: bool) -> None:
+    """--workers and --cpus-per-worker size the Ray pool: without --ray they would be ignored."""
+    from click.core import ParameterSource
+
+    context = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("workers", "cpus_per_worker")
+             if context.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if given and not with_ray:
+        raise click.UsageError(f"{' and '.join(given)} size the Ray pool and need --ray (or "
+                               "--ray-address); without it the job runs in this process")
 
 
 class _Plan:

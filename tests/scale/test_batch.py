@@ -120,6 +120,11 @@ def test_usage_errors_exit_2(model_dir, tmp_path, capsys):
         "with mmsep-export)")
     assert run_batch(jobs, "--model", model_dir, "--out", tmp_path / "o", "--workers", "0") == 2
     capsys.readouterr()
+    assert run_batch(jobs, "--model", model_dir, "--out", tmp_path / "o", "--workers", "4",
+                     "--cpus-per-worker", "2") == 2  # sizes of a Ray pool, without --ray
+    assert capsys.readouterr().err.strip() == (
+        "mmsep-batch: error: --workers and --cpus-per-worker size the Ray pool and need --ray (or "
+        "--ray-address); without it the job runs in this process")
     (tmp_path / "o").mkdir(exist_ok=True)
     own = write_jobs(tmp_path / "o" / "results.jsonl", [{"text": "x"}])
     assert run_batch(own, "--model", model_dir, "--out", tmp_path / "o", "-q") == 2
